@@ -1,0 +1,142 @@
+"""`spdkit` command line: parses, calls the API, prints. Errors a user can cause print one line
+per problem and exit with status 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from spdkit.config import ConfigError, bundled_config_names, load_config
+from spdkit.runs import RunDirError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Stochastic Parameter Decomposition")
+
+USER_ERRORS = (ConfigError, RunDirError, ValueError, FileExistsError, FileNotFoundError, OSError)
+
+
+def _fail(err: Exception) -> None:
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(2)
+
+
+def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
+    """The headline numbers of a run, then where everything else is."""
+    fl = summary["final_losses"]
+    typer.echo("\n== spdkit summary ==")
+    typer.echo("final losses: " + ", ".join(f"{k} {v:.4g}" for k, v in fl.items()))
+    typer.echo("output MSE vs target: " + ", ".join(f"{k} {v:.3g}" for k, v in summary["output_losses"].items()))
+    if "feature_match" in summary:
+        fm = summary["feature_match"]
+        typer.echo(f"feature match on {fm['module']}: MMCS {fm['mmcs']:.4f}  ML2R {fm['ml2r']:.4f}")
+    for name, m in summary["modules"].items():
+        l0 = summary["mean_ci_l0"].get(name, float("nan"))
+        typer.echo(
+            f"  {name:<20} C={m['C']:<4} non-negligible {m['n_non_negligible']:<4} "
+            f"active on one-hot {m['n_active_on_one_hot']:<4} mean CI-L0 {l0:.3f}"
+        )
+    if "timing" in summary:
+        t = summary["timing"]
+        typer.echo(f"training: {t['train_seconds']:.1f} s, {t['ms_per_step']:.2f} ms/step on {t['device']}")
+    typer.echo(f"run directory: {run_dir}  (summary.json, figures/)")
+
+
+def _parse_overrides(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+@app.command()
+def run(
+    config: str = typer.Argument(..., help="bundled config name (see `spdkit list`) or YAML path"),
+    seed: Optional[int] = typer.Option(None, min=0, help="overrides config.seed"),  # noqa: UP007
+    steps: Optional[int] = typer.Option(None, min=1, help="overrides config.steps"),  # noqa: UP007
+    out: Optional[Path] = typer.Option(None, help="run directory (default runs/<config>-seed<N>)"),  # noqa: UP007
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    target: Optional[Path] = typer.Option(None, help="reuse a trained target (run dir or .safetensors)"),  # noqa: UP007
+    set_: list[str] = typer.Option([], "--set", help="override any field: --set optimizer.lr=2e-3"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+) -> None:
+    """Train (or load) the target and decompose it."""
+    from spdkit.experiment import run_experiment
+
+    try:
+        overrides = _parse_overrides(set_)
+        if seed is not None:
+            overrides["seed"] = seed
+        if steps is not None:
+            overrides["steps"] = steps
+        cfg = load_config(config, overrides)
+        name = Path(config).stem if config.endswith((".yaml", ".yml")) else config
+        run_dir = out or Path("runs") / f"{name}-seed{cfg.seed}"
+        summary = run_experiment(cfg, run_dir, device, target, progress=not quiet)
+    except USER_ERRORS as err:
+        _fail(err)
+    _print_summary(summary, run_dir)
+
+
+@app.command()
+def resume(
+    run_dir: Path = typer.Argument(..., help="a run directory with a checkpoint"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+) -> None:
+    """Continue an interrupted run from its last checkpoint."""
+    from spdkit.experiment import resume_run
+
+    try:
+        summary = resume_run(run_dir, device, progress=not quiet)
+    except USER_ERRORS as err:
+        _fail(err)
+    _print_summary(summary, run_dir)
+
+
+@app.command(name="eval")
+def eval_(
+    run_dir: Path = typer.Argument(..., help="a finished run directory"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+) -> None:
+    """Recompute a run's metrics (summary.json) and figures."""
+    from spdkit.experiment import evaluate_run_dir
+
+    try:
+        summary = evaluate_run_dir(run_dir, device)
+    except USER_ERRORS as err:
+        _fail(err)
+    _print_summary(summary, run_dir)
+
+
+@app.command(name="list")
+def list_() -> None:
+    """The bundled configs."""
+    for name in bundled_config_names():
+        cfg = load_config(name)
+        t = cfg.target
+        mods = ", ".join(f"{m.pattern}(C={m.C})" for m in cfg.modules)
+        typer.echo(f"{name:<14} target {t.kind} {t.n_features}-{t.n_hidden}  steps {cfg.steps}  {mods}")
+
+
+@app.command()
+def check(config: str = typer.Argument(..., help="bundled config name or YAML path")) -> None:
+    """Validate a config without running it."""
+    try:
+        cfg = load_config(config)
+    except ConfigError as err:
+        _fail(err)
+    typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
+
+
+def main() -> None:  # pragma: no cover
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    app()

@@ -1,0 +1,87 @@
+"""Rank-one subcomponents of one weight matrix, per module kind.
+
+A module's weight W [d_out, d_in] is approximated by Σ_c U[:, c] V[c, :] (paper eq. 1). The
+masked forward never builds a per-sample weight: it computes the inner activations
+h = a @ Vᵀ [..., C], scales them by the mask, and maps back with Uᵀ. Supporting a new module kind
+(nn.Embedding, HF Conv1D) means writing one subclass of `Components` and registering it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class Components(nn.Module):
+    """V [C, d_in] and U [d_out, C] for one module; the module's bias stays frozen."""
+
+    def __init__(self, d_in: int, d_out: int, C: int, bias: Tensor | None) -> None:
+        super().__init__()
+        self.C, self.d_in, self.d_out = C, d_in, d_out
+        # Init (documented in the README): V ~ N(0, 1/d_in) keeps h = a @ Vᵀ at the scale of a;
+        # U ~ N(0, 1/C) keeps U h at that scale too. Nothing is taken from W: the faithfulness
+        # loss pulls U V to W within the first few hundred steps.
+        self.V = nn.Parameter(torch.randn(C, d_in) / math.sqrt(d_in))
+        self.U = nn.Parameter(torch.randn(d_out, C) / math.sqrt(C))
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def inner(self, x: Tensor) -> Tensor:
+        """Inner activations h [..., C] = a @ Vᵀ (the input of the CI functions)."""
+        raise NotImplementedError
+
+    def outer(self, h_masked: Tensor) -> Tensor:
+        """Module output from masked inner activations [..., C]."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """The masked module: ((x @ Vᵀ) * mask) @ Uᵀ (+ bias). mask broadcasts over [..., C]."""
+        return self.outer(self.inner(x) * mask)
+
+    def weight(self) -> Tensor:
+        """Σ_c U_c V_cᵀ in the target module's own weight layout."""
+        raise NotImplementedError
+
+    @staticmethod
+    def target_weight(module: nn.Module) -> Tensor:
+        """The target module's weight in the layout `weight()` returns."""
+        raise NotImplementedError
+
+
+class LinearComponents(Components):
+    """nn.Linear: W [d_out, d_in], y = x Wᵀ + b."""
+
+    @classmethod
+    def from_module(cls, module: nn.Linear, C: int) -> LinearComponents:
+        return cls(module.in_features, module.out_features, C, module.bias)
+
+    def inner(self, x: Tensor) -> Tensor:
+        return x @ self.V.T
+
+    def outer(self, h_masked: Tensor) -> Tensor:
+        y = h_masked @ self.U.T
+        return y if self.bias is None else y + self.bias
+
+    def weight(self) -> Tensor:
+        return self.U @ self.V
+
+    @staticmethod
+    def target_weight(module: nn.Module) -> Tensor:
+        return module.weight
+
+
+COMPONENT_CLASSES: dict[type[nn.Module], type[Components]] = {nn.Linear: LinearComponents}
+
+
+def is_decomposable(module: nn.Module) -> bool:
+    return type(module) in COMPONENT_CLASSES
+
+
+def make_components(module: nn.Module, C: int) -> Components:
+    """The Components subclass registered for this module's type."""
+    cls = COMPONENT_CLASSES.get(type(module))
+    if cls is None:
+        kinds = ", ".join(k.__name__ for k in COMPONENT_CLASSES)
+        raise ValueError(f"cannot decompose a {type(module).__name__} (decomposable: {kinds})")
+    return cls.from_module(module, C)

@@ -1,0 +1,220 @@
+"""Validated run configuration (pydantic v2, loaded from YAML).
+
+Every model forbids unknown keys, so a misspelt field is an error that names it instead of a
+setting silently dropped. Field names follow the paper's words; the paper's symbol is in each
+field's description.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+BUNDLED_CONFIG_PACKAGE = "spdkit.configs"
+
+
+class StrictModel(BaseModel):
+    """Base for every config model: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModuleSpec(StrictModel):
+    """Which modules of the target to decompose, and into how many subcomponents."""
+
+    pattern: str = Field(
+        min_length=1,
+        description="fnmatch pattern over the target's module names, e.g. 'layers.*.mlp_in'",
+    )
+    C: int = Field(ge=1, description="number of rank-one subcomponents per matched module (C)")
+
+
+class TMSTargetConfig(StrictModel):
+    """Toy Model of Superposition x̂ = ReLU(Wᵀ [I] W x + b), trained in-process (paper appendix)."""
+
+    kind: Literal["tms"] = "tms"
+    n_features: int = Field(ge=1, description="number of input features (m2)")
+    n_hidden: int = Field(ge=1, description="width of the bottleneck (m1)")
+    n_hidden_layers: int = Field(
+        default=0, ge=0, description="fixed identity matrices between W and Wᵀ (0 or 1 in the paper)"
+    )
+    feature_probability: float = Field(
+        default=0.05, gt=0, le=1, description="probability that a feature is active"
+    )
+    train_steps: int = Field(default=10_000, ge=1, description="target training steps")
+    train_batch_size: int = Field(default=1024, ge=1, description="target training batch size")
+    train_lr: float = Field(default=5e-3, gt=0, description="target AdamW learning rate")
+    train_weight_decay: float = Field(default=0.01, ge=0, description="target AdamW weight decay")
+    max_train_attempts: int = Field(
+        default=5, ge=1, description="seeds tried until every feature is represented"
+    )
+
+
+# One target kind so far; later kinds join this union with `Field(discriminator="kind")`.
+TargetConfig = TMSTargetConfig
+
+
+class OptimizerConfig(StrictModel):
+    lr: float = Field(gt=0, description="maximum learning rate")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        default="constant", description="decay after warm-up (to 0 for cosine and linear)"
+    )
+    warmup_frac: float = Field(
+        default=0.0, ge=0, lt=1, description="fraction of steps of linear warm-up from 0"
+    )
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay (0 = Adam)")
+
+
+class EvalConfig(StrictModel):
+    n_eval_samples: int = Field(default=4096, ge=1, description="batch used for end-of-run metrics")
+    norm_threshold: float = Field(
+        default=0.1,
+        ge=0,
+        lt=1,
+        description="a subcomponent is non-negligible if ‖U_c V_cᵀ‖_F ≥ this × the module's largest",
+    )
+    ci_threshold: float = Field(
+        default=0.1, ge=0, lt=1, description="CI above this counts as active (for L0)"
+    )
+    one_hot_value: float = Field(
+        default=1.0, description="feature value used for CI on one-hot inputs (1.0 TMS, 0.75 resid)"
+    )
+
+
+class SPDConfig(StrictModel):
+    """One decomposition run: target, what to decompose, the SPD losses, optimisation."""
+
+    seed: int = Field(default=0, ge=0, description="fixes target training, init, data and masks")
+    target: TargetConfig | None = Field(
+        default=None, description="bundled toy target to train or load (None for your own model)"
+    )
+    modules: list[ModuleSpec] = Field(min_length=1, description="modules to decompose")
+    ci_hidden_dim: int = Field(
+        default=16, ge=1, description="hidden GELU width of each causal-importance MLP (d_gate)"
+    )
+    faithfulness_coeff: float = Field(default=1.0, ge=0, description="weight of L_faithfulness")
+    stochastic_recon_coeff: float = Field(
+        default=1.0, ge=0, description="weight of L_stochastic-recon (β1)"
+    )
+    stochastic_recon_layerwise_coeff: float = Field(
+        default=1.0, ge=0, description="weight of L_stochastic-recon-layerwise (β2)"
+    )
+    importance_minimality_coeff: float = Field(
+        ge=0, description="weight of L_importance-minimality (β3)"
+    )
+    pnorm: float = Field(gt=0, description="p of the importance-minimality loss")
+    n_mask_samples: int = Field(default=1, ge=1, description="mask samples per step (S)")
+    output_loss: Literal["mse", "kl"] = Field(
+        default="mse", description="divergence D between masked and target outputs"
+    )
+    steps: int = Field(ge=1, description="training steps")
+    batch_size: int = Field(ge=1, description="training batch size")
+    optimizer: OptimizerConfig
+    log_every: int = Field(default=100, ge=1, description="steps between metric records")
+    checkpoint_every: int = Field(default=2000, ge=1, description="steps between checkpoints")
+    compile_ci: bool = Field(
+        default=False, description="torch.compile the causal-importance MLPs (faster, slow start)"
+    )
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _unique_patterns(self) -> SPDConfig:
+        patterns = [m.pattern for m in self.modules]
+        dupes = sorted({p for p in patterns if patterns.count(p) > 1})
+        if dupes:
+            raise ValueError(f"modules: pattern(s) listed twice: {dupes}")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message has one line per problem."""
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel] = SPDConfig) -> str:
+    """One line per problem, naming the field (dotted path) and what would be valid."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_fields(model, e["loc"][:-1])
+            hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+            lines.append(f"{loc}: unknown field{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"{loc}: required field is missing")
+        else:
+            lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the sub-model at `loc`, to list them next to an unknown key."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        annotation = fields[part].annotation
+        args = getattr(annotation, "__args__", ())
+        current = next((a for a in (annotation, *args) if hasattr(a, "model_fields")), None)
+        if current is None:
+            return []
+    return sorted(getattr(current, "model_fields", {}))
+
+
+def bundled_config_names() -> list[str]:
+    files = resources.files(BUNDLED_CONFIG_PACKAGE).iterdir()
+    return sorted(f.name[: -len(".yaml")] for f in files if f.name.endswith(".yaml"))
+
+
+def parse_config(data: dict[str, Any]) -> SPDConfig:
+    """Validate a dict; raise ConfigError with one line per problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config must be a mapping of fields, got {type(data).__name__}")
+    try:
+        return SPDConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> SPDConfig:
+    """Load a bundled config by name (`tms_5-2`) or a YAML file, apply dotted-key overrides."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        text = path.read_text()
+    else:
+        names = bundled_config_names()
+        if str(name_or_path) not in names:
+            raise ConfigError(
+                f"unknown config {str(name_or_path)!r}: not a file and not a bundled config "
+                f"(bundled: {', '.join(names)})"
+            )
+        text = resources.files(BUNDLED_CONFIG_PACKAGE).joinpath(f"{name_or_path}.yaml").read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{name_or_path}: not valid YAML: {err}") from None
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    return parse_config(data)
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def dump_config(config: SPDConfig) -> str:
+    """Fully resolved YAML (defaults included) for the run directory."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+

@@ -1,0 +1,114 @@
+"""The Python API: `decompose` any nn.Module, `load` a run directory, and `Decomposition`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from spdkit import runs
+from spdkit.config import SPDConfig
+from spdkit.metrics import causal_importance
+from spdkit.model import ComponentModel
+from spdkit.targets import DataSource, target_kind
+from spdkit.train import Trainer
+
+
+@dataclass
+class Decomposition:
+    """A trained decomposition: the component model, its config, and where it is stored."""
+
+    model: ComponentModel
+    config: SPDConfig
+    run_dir: Path | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def module_names(self) -> list[str]:
+        return self.model.module_names
+
+    def causal_importance(self, x: Tensor, upper: bool = True) -> dict[str, Tensor]:
+        """CI of every subcomponent on inputs x: {module: [..., C]}."""
+        return causal_importance(self.model, x, upper=upper)
+
+    def subcomponents(self, module: str) -> tuple[Tensor, Tensor]:
+        """(U [d_out, C], V [C, d_in]) of one decomposed module."""
+        if module not in self.model.decomposed:
+            raise KeyError(f"{module!r} is not decomposed (decomposed: {', '.join(self.module_names)})")
+        comps = self.model.components(module)
+        return comps.U.detach(), comps.V.detach()
+
+
+def build_trainer(
+    target: nn.Module, data: DataSource, config: SPDConfig, device: str
+) -> Trainer:
+    """Wrap the target and set up training; the component init is fixed by config.seed."""
+    torch.manual_seed(config.seed)
+    model = ComponentModel(target.to(device), config.modules, config.ci_hidden_dim).to(device)
+    return Trainer(model, data, config, device)
+
+
+def train_in_run_dir(trainer: Trainer, run_dir: Path | None, progress: bool = True) -> None:
+    """Run the loop, appending metrics and writing atomic checkpoints into run_dir if given."""
+    if run_dir is None:
+        trainer.run(progress=progress)
+        return
+
+    def on_log(step: int, record: dict[str, float]) -> None:
+        runs.append_metrics(run_dir, {"step": step, **record})
+
+    def on_checkpoint(t: Trainer) -> None:
+        tensors, meta = t.state_tensors()
+        runs.save_tensors(run_dir / runs.CHECKPOINT, tensors, meta)
+
+    trainer.run(on_log=on_log, on_checkpoint=on_checkpoint, progress=progress)
+    runs.save_tensors(run_dir / "components.safetensors", runs.component_tensors(trainer.model))
+
+
+def decompose(
+    model: nn.Module,
+    data: DataSource,
+    config: SPDConfig,
+    run_dir: str | Path | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Decomposition:
+    """Decompose the modules of `model` named by `config.modules` with SPD.
+
+    `data.sample(batch_size, generator)` gives input batches. The model is frozen and its
+    matched modules are wrapped in place. With `run_dir`, config, target weights, metrics,
+    checkpoints and components are written there.
+    """
+    trainer = build_trainer(model, data, config, device)
+    path = Path(run_dir) if run_dir is not None else None
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        runs.save_config(path, config)
+        runs.save_tensors(path / "target.safetensors", runs.target_state_dict(trainer.model))
+    train_in_run_dir(trainer, path, progress)
+    return Decomposition(trainer.model, config, path)
+
+
+def load(run_dir: str | Path, device: str = "cpu") -> Decomposition:
+    """Load a finished run directory (safetensors only; nothing is unpickled)."""
+    run_dir = Path(run_dir)
+    config = runs.load_run_config(run_dir)
+    target, _ = runs.load_target(run_dir, config.target)
+    model = ComponentModel(target, config.modules, config.ci_hidden_dim)
+    path = run_dir / "components.safetensors"
+    tensors, _ = runs.load_tensors(path)
+    runs.load_component_tensors(model, tensors, path)
+    summary_path = run_dir / "summary.json"
+    summary = {}
+    if summary_path.is_file():
+        import json
+
+        summary = json.loads(summary_path.read_text())
+    return Decomposition(model.to(device), config, run_dir, summary)
+
+
+def data_source(config: SPDConfig) -> DataSource:
+    return target_kind(config.target).data(config.target)

@@ -1,0 +1,186 @@
+"""A whole run of a bundled toy target: train (or load) the target, decompose it, evaluate, draw.
+
+This is what `spdkit run / resume / eval` call; the library API is in `decomposition.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spdkit import plots, runs
+from spdkit.config import SPDConfig
+from spdkit.decomposition import Decomposition, build_trainer, data_source, load, train_in_run_dir
+from spdkit.losses import DIVERGENCES
+from spdkit.metrics import (
+    causal_importance,
+    mean_l0,
+    mmcs_ml2r,
+    non_negligible,
+    one_hot_inputs,
+    output_losses,
+    subcomponent_norms,
+)
+from spdkit.train import LOSS_TERMS, spd_losses
+from spdkit.targets import target_kind
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> str:
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available on this machine")
+    return device
+
+
+def prepare_run_dir(out: Path) -> Path:
+    if (out / "config.yaml").exists():
+        raise FileExistsError(
+            f"{out} already holds a run; continue it with `spdkit resume {out}` or pick another --out"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"output directory {out} is not writable ({err.strerror})") from None
+    return out
+
+
+def run_experiment(
+    config: SPDConfig, out: Path, device: str = "cpu", target_path: Path | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Train or load the target, decompose it into `out`, then evaluate and draw figures."""
+    device = resolve_device(device)
+    if config.target is None:
+        raise ValueError("the config has no `target` section: `spdkit run` needs a bundled target kind")
+    out = prepare_run_dir(Path(out))
+    runs.save_config(out, config)
+    t0 = time.perf_counter()
+    if target_path is not None:
+        target, info = runs.load_target(target_path, config.target)
+        info = {**info, "loaded_from": str(target_path)}
+    else:
+        target, info = target_kind(config.target).train(config.target, config.seed, device)
+    target_seconds = time.perf_counter() - t0
+    trainer = build_trainer(target, data_source(config), config, device)
+    runs.save_target(out, trainer.model, config.target, {**info, "train_seconds": round(target_seconds, 2)})
+    return _train_and_finish(trainer, out, progress)
+
+
+def resume_run(run_dir: Path, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+    """Continue a killed or interrupted run from its last checkpoint, then finish it."""
+    device = resolve_device(device)
+    run_dir = Path(run_dir)
+    config = runs.load_run_config(run_dir)
+    target, _ = runs.load_target(run_dir, config.target)
+    trainer = build_trainer(target, data_source(config), config, device)
+    ckpt = run_dir / runs.CHECKPOINT
+    if ckpt.exists():
+        tensors, meta = runs.load_tensors(ckpt)
+        trainer.load_state(tensors, meta)
+        log.info("resuming %s from step %d", run_dir, trainer.step)
+    runs.truncate_metrics(run_dir, trainer.step)
+    return _train_and_finish(trainer, run_dir, progress)
+
+
+def _train_and_finish(trainer, run_dir: Path, progress: bool) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    start_step = trainer.step
+    train_in_run_dir(trainer, run_dir, progress)
+    seconds = time.perf_counter() - t0
+    decomp = Decomposition(trainer.model, trainer.config, run_dir)
+    timing = {
+        "train_seconds": round(seconds, 2),
+        "steps_this_session": trainer.step - start_step,
+        "ms_per_step": round(1000 * seconds / max(1, trainer.step - start_step), 3),
+        "device": trainer.device,
+    }
+    return evaluate(decomp, run_dir, timing)
+
+
+def evaluate(decomp: Decomposition, run_dir: Path, timing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """All end-of-run metrics into summary.json, and the figures into figures/."""
+    config, model = decomp.config, decomp.model
+    device = next(model.parameters()).device
+    ev = config.eval
+    gen = torch.Generator(device=device).manual_seed(config.seed + 3000)
+    x = data_source(config).sample(ev.n_eval_samples, gen)
+    with torch.no_grad():
+        terms, _ = spd_losses(model, x, config, gen)
+    ci_data = causal_importance(model, x)
+    summary: dict[str, Any] = {
+        "final_losses": {k: terms[k].item() for k in ("total", *LOSS_TERMS) if k in terms},
+        "output_losses": output_losses(model, x, DIVERGENCES[config.output_loss]),
+        "mean_ci_l0": mean_l0(ci_data, ev.ci_threshold),
+        "modules": {},
+    }
+    n_features = config.target.n_features
+    onehot = one_hot_inputs(n_features, ev.one_hot_value, device)
+    ci_onehot = causal_importance(model, onehot)
+    for name in model.module_names:
+        U, V = decomp.subcomponents(name)
+        norms = subcomponent_norms(U, V)
+        live = non_negligible(norms, ev.norm_threshold)
+        summary["modules"][name] = {
+            "C": U.shape[1],
+            "n_non_negligible": int(live.sum()),
+            "norms_sorted": [round(v, 5) for v in norms.sort(descending=True).values.tolist()],
+            "n_active_on_one_hot": int((ci_onehot[name].max(0).values > ev.ci_threshold).sum()),
+        }
+    feature_module = target_kind(config.target).feature_module
+    if feature_module in model.decomposed:
+        U, V = decomp.subcomponents(feature_module)
+        live = non_negligible(subcomponent_norms(U, V), ev.norm_threshold)
+        match = mmcs_ml2r(model.target_weight(feature_module), U, V, live)
+        summary["feature_match"] = {
+            "module": feature_module,
+            "mmcs": match.mmcs,
+            "ml2r": match.ml2r,
+            "matched_subcomponent": match.match,
+        }
+    summary["ci_one_hot"] = {
+        "input_value": ev.one_hot_value,
+        "ci": {n: [[round(v, 4) for v in row] for row in g.tolist()] for n, g in ci_onehot.items()},
+    }
+    if timing:
+        summary["timing"] = timing
+    runs.write_summary(run_dir, summary)
+    draw_figures(decomp, run_dir, ci_onehot)
+    return summary
+
+
+def draw_figures(decomp: Decomposition, run_dir: Path, ci_onehot: dict) -> None:
+    config, model = decomp.config, decomp.model
+    fig_dir = run_dir / "figures"
+    ev = config.eval
+    plots.plot_losses(runs.read_metrics(run_dir), fig_dir / "losses.png", ["total", *LOSS_TERMS])
+    plots.plot_ci_heatmaps(
+        ci_onehot, fig_dir / "ci_one_hot.png", ev.ci_threshold, f"input feature (value {ev.one_hot_value})"
+    )
+    feature_module = target_kind(config.target).feature_module
+    for name in model.module_names:
+        U, V = decomp.subcomponents(name)
+        W = model.target_weight(name)
+        n_live = int(non_negligible(subcomponent_norms(U, V), ev.norm_threshold).sum())
+        safe = name.replace(".", "_")
+        if name == feature_module and W.shape[0] == 2:
+            plots.plot_tms_vectors(W, U, V, fig_dir / f"vectors_{safe}.png", n_show=n_live + 1)
+        if W.shape[0] == W.shape[1] and W.shape[0] <= 64:
+            plots.plot_matrix_decomposition(
+                W, U, V, fig_dir / f"matrix_{safe}.png", n_show=min(n_live + 1, 6), title=name
+            )
+
+
+def evaluate_run_dir(run_dir: Path, device: str = "cpu") -> dict[str, Any]:
+    """`spdkit eval`: recompute the summary and figures of a finished run."""
+    decomp = load(run_dir, resolve_device(device))
+    previous = decomp.summary.get("timing")
+    return evaluate(decomp, Path(run_dir), previous)

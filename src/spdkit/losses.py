@@ -1,0 +1,74 @@
+"""The SPD losses (paper §2 and the appendix pseudocode), each one small pure function."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Divergence = Callable[[Tensor, Tensor], Tensor]
+
+
+def mse_divergence(y_masked: Tensor, y_target: Tensor) -> Tensor:
+    """D = mean over all elements of (y_masked − y_target)²: the toy models' divergence."""
+    return F.mse_loss(y_masked, y_target)
+
+
+def kl_divergence(logits_masked: Tensor, logits_target: Tensor) -> Tensor:
+    """D = KL(target ‖ masked) = Σ_v p_t (log p_t − log p_m), summed over the last (vocabulary)
+    dimension and averaged over every other position: the language-model divergence."""
+    logp_masked = F.log_softmax(logits_masked, dim=-1)
+    logp_target = F.log_softmax(logits_target, dim=-1)
+    kl = (logp_target.exp() * (logp_target - logp_masked)).sum(-1)
+    return kl.mean()
+
+
+DIVERGENCES: dict[str, Divergence] = {"mse": mse_divergence, "kl": kl_divergence}
+
+
+def faithfulness_loss(target_weights: Sequence[Tensor], component_weights: Sequence[Tensor]) -> Tensor:
+    """L_faithfulness = (1/N) Σ_l Σ_ij (W^l_ij − Σ_c U^l_ic V^l_cj)²   (paper §2.2).
+
+    N is the number of entries of the decomposed matrices (the paper's "parameters of the target
+    model"; the two differ only by the target's biases and undecomposed matrices).
+    """
+    sq = sum(((w - uv) ** 2).sum() for w, uv in zip(target_weights, component_weights, strict=True))
+    n = sum(w.numel() for w in target_weights)
+    return sq / n
+
+
+def importance_minimality_loss(ci_upper: Sequence[Tensor], pnorm: float, eps: float = 1e-12) -> Tensor:
+    """L_importance-minimality = (1/B) Σ_b Σ_l Σ_c |g⁺^l_{b,c}|^p   (paper §2.3, pseudocode step 4).
+
+    `ci_upper` holds σ_H,upper of the raw CI per module, each [..., C] with every leading dim a
+    batch dim (averaged). g⁺ ≥ 0, so |g⁺|^p = (g⁺ + eps)^p; eps keeps the gradient finite at 0
+    when p < 1.
+    """
+    total = sum(((g + eps) ** pnorm).sum(-1).mean() for g in ci_upper)
+    return torch.as_tensor(total)
+
+
+def stochastic_masks(ci_lower: Tensor, r: Tensor) -> Tensor:
+    """m = g + (1 − g) ⊙ r with r ~ U(0, 1): a reparametrised sample of U(g, 1)   (paper §2.3)."""
+    return ci_lower + (1.0 - ci_lower) * r
+
+
+def stochastic_recon_loss(y_masked: Sequence[Tensor], y_target: Tensor, divergence: Divergence) -> Tensor:
+    """L_stochastic-recon = (1/S) Σ_s D(f(x | W'(x, r^(s))), f(x | W))   (paper §2.3).
+
+    `y_masked` holds the S outputs where every decomposed module ran from its masked components.
+    """
+    return sum(divergence(y, y_target) for y in y_masked) / len(y_masked)
+
+
+def stochastic_recon_layerwise_loss(
+    y_masked_layerwise: Sequence[Tensor], y_target: Tensor, divergence: Divergence
+) -> Tensor:
+    """L_stochastic-recon-layerwise = (1/LS) Σ_l Σ_s D(f(x | W¹..W'^l(x, r^(l,s))..W^L), f(x | W)).
+
+    `y_masked_layerwise` holds the L·S outputs where one module at a time ran from masked
+    components and every other module from its original weights (paper §2.3).
+    """
+    return sum(divergence(y, y_target) for y in y_masked_layerwise) / len(y_masked_layerwise)

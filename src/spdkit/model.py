@@ -1,0 +1,155 @@
+"""ComponentModel: a frozen target whose chosen modules can run from masked subcomponents.
+
+Each decomposed module is swapped in place for a `DecomposedModule` that either runs the
+original module (and can record its input), or, when a mask is set, runs only the components:
+the original matmul is then never computed. One forward can mask any subset of modules, which
+gives the target forward, the all-layers masked forward and each layerwise forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from spdkit.components import Components, is_decomposable, make_components
+from spdkit.config import ModuleSpec
+from spdkit.importance import CausalImportance
+
+
+class DecomposedModule(nn.Module):
+    """Stands in for one target module; dispatches between the original and its components."""
+
+    def __init__(self, original: nn.Module, components: Components) -> None:
+        super().__init__()
+        self.original = original
+        self.components = components
+        self.mask: Tensor | None = None
+        self.record_input = False
+        self.recorded_input: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mask is not None:
+            return self.components(x, self.mask)
+        if self.record_input:
+            self.recorded_input = x
+        return self.original(x)
+
+
+def match_modules(model: nn.Module, specs: list[ModuleSpec]) -> dict[str, int]:
+    """Module name → C for every module matched by a pattern; clear errors otherwise."""
+    decomposable = [n for n, m in model.named_modules() if n and is_decomposable(m)]
+    modules = dict(model.named_modules())
+    matched: dict[str, int] = {}
+    for spec in specs:
+        names = [n for n in modules if n and fnmatch.fnmatchcase(n, spec.pattern)]
+        if not names:
+            raise ValueError(
+                f"module pattern {spec.pattern!r} matches nothing "
+                f"(decomposable modules: {', '.join(decomposable) or 'none'})"
+            )
+        for name in names:
+            if not is_decomposable(modules[name]):
+                raise ValueError(
+                    f"pattern {spec.pattern!r} matches {name!r}, a {type(modules[name]).__name__} "
+                    f"that cannot be decomposed (decomposable modules: {', '.join(decomposable)})"
+                )
+            if name in matched:
+                raise ValueError(f"module {name!r} is matched by more than one pattern")
+            matched[name] = spec.C
+    return matched
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+class ComponentModel(nn.Module):
+    """A frozen target plus, for each decomposed module, its Components and CI functions.
+
+    The target is modified in place (its decomposed modules are wrapped) and never copied.
+    """
+
+    def __init__(self, target: nn.Module, specs: list[ModuleSpec], ci_hidden_dim: int) -> None:
+        super().__init__()
+        matched = match_modules(target, specs)
+        target.requires_grad_(False)
+        target.eval()
+        self.target = target
+        self.module_names: list[str] = list(matched)
+        self.decomposed: dict[str, DecomposedModule] = {}
+        ci_fns = {}
+        for name, C in matched.items():
+            original = target.get_submodule(name)
+            wrapper = DecomposedModule(original, make_components(original, C))
+            _set_submodule(target, name, wrapper)
+            self.decomposed[name] = wrapper
+            ci_fns[_key(name)] = CausalImportance(C, ci_hidden_dim)
+        self.ci_fns = nn.ModuleDict(ci_fns)
+
+    # --- parts -----------------------------------------------------------------------------
+    def components(self, name: str) -> Components:
+        return self.decomposed[name].components
+
+    def ci_fn(self, name: str) -> CausalImportance:
+        return self.ci_fns[_key(name)]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """U, V of every module and the CI MLPs' weights (the target stays frozen)."""
+        params = [p for n in self.module_names for p in self.components(n).parameters()]
+        return params + list(self.ci_fns.parameters())
+
+    def target_weight(self, name: str) -> Tensor:
+        wrapper = self.decomposed[name]
+        return wrapper.components.target_weight(wrapper.original)
+
+    # --- forwards --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _masks(self, masks: Mapping[str, Tensor]) -> Iterator[None]:
+        for name, mask in masks.items():
+            self.decomposed[name].mask = mask
+        try:
+            yield
+        finally:
+            for name in masks:
+                self.decomposed[name].mask = None
+
+    def forward(self, x: Tensor, masks: Mapping[str, Tensor] | None = None) -> Tensor:
+        """Target forward where the modules named in `masks` run from masked components."""
+        with self._masks(masks or {}):
+            return self.target(x)
+
+    @torch.no_grad()
+    def target_forward_with_inputs(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """One no-grad target forward; returns the output and each decomposed module's input."""
+        for wrapper in self.decomposed.values():
+            wrapper.record_input = True
+        try:
+            y = self.target(x)
+            inputs = {n: self.decomposed[n].recorded_input for n in self.module_names}
+        finally:
+            for wrapper in self.decomposed.values():
+                wrapper.record_input = False
+                wrapper.recorded_input = None
+        return y, inputs  # type: ignore[return-value]
+
+    def inner_acts(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """h [..., C] = a @ Vᵀ for each module, from its (target) input."""
+        return {n: self.components(n).inner(inputs[n]) for n in self.module_names}
+
+    def ci_raw(self, inner: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Raw CI MLP outputs [..., C] (before either hard sigmoid)."""
+        return {n: self.ci_fn(n)(inner[n]) for n in self.module_names}
+
+    def ones_masks(self) -> dict[str, Tensor]:
+        """Masks of all ones [C] (broadcast over the batch): the unmasked sum of components."""
+        return {n: self.components(n).V.new_ones(self.components(n).C) for n in self.module_names}
+
+def _key(name: str) -> str:
+    """ModuleDict keys cannot contain '.'."""
+    return name.replace(".", "__")

@@ -1,0 +1,43 @@
+"""Toy target models: how to build, train and sample data for each `target.kind`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from spdkit.config import TargetConfig
+from spdkit.targets import tms
+
+
+class DataSource(Protocol):
+    """Batches drawn from an explicit generator, so a run's data is fixed by its seed and a
+    resumed run draws exactly the batches the uninterrupted one would."""
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class TargetKind:
+    build: Callable[[Any], nn.Module]
+    train: Callable[[Any, int, str], tuple[nn.Module, dict]]
+    data: Callable[[Any], DataSource]
+    # module whose weight columns are the ground-truth feature directions (MMCS / ML2R)
+    feature_module: str | None
+
+
+TARGET_KINDS: dict[str, TargetKind] = {
+    "tms": TargetKind(
+        build=tms.build_tms,
+        train=tms.train_tms,
+        data=lambda c: tms.SparseFeatureData(c.n_features, c.feature_probability),
+        feature_module="linear1",
+    ),
+}
+
+
+def target_kind(config: TargetConfig) -> TargetKind:
+    return TARGET_KINDS[config.kind]

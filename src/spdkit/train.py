@@ -1,0 +1,213 @@
+"""The decomposition loop: the paper's pseudocode (appendix), step by step.
+
+`spd_losses` is one training step's forward, in the pseudocode's order; `Trainer` adds the
+optimiser, the LR schedule, seeded generators for data and masks, and the state a checkpoint
+needs to resume bit-exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from spdkit.config import OptimizerConfig, SPDConfig
+from spdkit.importance import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
+from spdkit.losses import (
+    DIVERGENCES,
+    faithfulness_loss,
+    importance_minimality_loss,
+    stochastic_masks,
+    stochastic_recon_layerwise_loss,
+    stochastic_recon_loss,
+)
+from spdkit.model import ComponentModel
+from spdkit.targets import DataSource
+
+LOSS_TERMS = (
+    "faithfulness",
+    "stochastic_recon",
+    "stochastic_recon_layerwise",
+    "importance_minimality",
+)
+
+
+def spd_losses(
+    model: ComponentModel, x: Tensor, config: SPDConfig, mask_generator: torch.Generator
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """All SPD loss terms for one batch; returns (terms incl. "total", lower-leaky CI per module)."""
+    divergence = DIVERGENCES[config.output_loss]
+    names = model.module_names
+
+    # Target outputs and the pre-weight activations a^l of every decomposed module (no grad).
+    y_target, inputs = model.target_forward_with_inputs(x)
+
+    # L_faithfulness = (1/N) Σ_l ‖W^l − U^l V^l‖²
+    terms: dict[str, Tensor] = {
+        "faithfulness": faithfulness_loss(
+            [model.target_weight(n) for n in names], [model.components(n).weight() for n in names]
+        )
+    }
+
+    # h^l = V^l a^l, then the CI MLPs; g (lower-leaky) for masks, g⁺ (upper-leaky) for the penalty
+    ci_raw = model.ci_raw(model.inner_acts(inputs))
+    ci_lower = {n: lower_leaky_hard_sigmoid(g) for n, g in ci_raw.items()}
+    ci_upper = [upper_leaky_hard_sigmoid(g) for g in ci_raw.values()]
+    terms["importance_minimality"] = importance_minimality_loss(ci_upper, config.pnorm)
+
+    # S mask samples: m = g + (1 − g) r; every layer masked at once, then each layer alone.
+    full_outputs, layerwise_outputs = [], []
+    for _ in range(config.n_mask_samples):
+        masks = {
+            n: stochastic_masks(
+                g, torch.rand(g.shape, generator=mask_generator, device=g.device, dtype=g.dtype)
+            )
+            for n, g in ci_lower.items()
+        }
+        if config.stochastic_recon_coeff > 0:
+            full_outputs.append(model(x, masks))
+        if config.stochastic_recon_layerwise_coeff > 0:
+            layerwise_outputs += [model(x, {n: masks[n]}) for n in names]
+    if full_outputs:
+        terms["stochastic_recon"] = stochastic_recon_loss(full_outputs, y_target, divergence)
+    if layerwise_outputs:
+        terms["stochastic_recon_layerwise"] = stochastic_recon_layerwise_loss(
+            layerwise_outputs, y_target, divergence
+        )
+
+    coeffs = loss_coefficients(config)
+    terms["total"] = sum(coeffs[k] * v for k, v in terms.items())  # type: ignore[assignment]
+    return terms, ci_lower
+
+
+def loss_coefficients(config: SPDConfig) -> dict[str, float]:
+    return {
+        "faithfulness": config.faithfulness_coeff,
+        "stochastic_recon": config.stochastic_recon_coeff,
+        "stochastic_recon_layerwise": config.stochastic_recon_layerwise_coeff,
+        "importance_minimality": config.importance_minimality_coeff,
+    }
+
+
+def lr_at(step: int, total_steps: int, opt: OptimizerConfig) -> float:
+    """Learning rate at `step` (0-based): linear warm-up from 0, then constant / cosine / linear
+    decay to 0 at `total_steps`. A pure function of the step, so resuming needs only the step."""
+    warmup = int(opt.warmup_frac * total_steps)
+    if step < warmup:
+        return opt.lr * (step + 1) / warmup
+    if opt.lr_schedule == "constant":
+        return opt.lr
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    if opt.lr_schedule == "cosine":
+        return opt.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return opt.lr * (1.0 - progress)
+
+
+class Trainer:
+    """Optimises a ComponentModel; owns every piece of state a bit-exact resume needs."""
+
+    def __init__(self, model: ComponentModel, data: DataSource, config: SPDConfig, device: str):
+        self.model, self.data, self.config, self.device = model, data, config, device
+        self.optimizer = torch.optim.AdamW(
+            model.trainable_parameters(),
+            lr=config.optimizer.lr,
+            weight_decay=config.optimizer.weight_decay,
+        )
+        self.data_generator = torch.Generator(device=device).manual_seed(config.seed + 1000)
+        self.mask_generator = torch.Generator(device=device).manual_seed(config.seed + 2000)
+        self.step = 0
+        if config.compile_ci:
+            for ci in model.ci_fns.values():
+                ci.compile()
+
+    def train_step(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        lr = lr_at(self.step, self.config.steps, self.config.optimizer)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x = self.data.sample(self.config.batch_size, self.data_generator)
+        terms, ci_lower = spd_losses(self.model, x, self.config, self.mask_generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        self.optimizer.step()
+        self.step += 1
+        return terms, ci_lower
+
+    def run(
+        self,
+        on_log: Callable[[int, dict[str, float]], None] | None = None,
+        on_checkpoint: Callable[[Trainer], None] | None = None,
+        progress: bool = True,
+    ) -> None:
+        """Train from the current step to config.steps; log and checkpoint on the way.
+
+        On Ctrl-C a checkpoint is written before the interrupt propagates, so nothing is lost.
+        """
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        bar = tqdm(
+            total=cfg.steps, initial=self.step, disable=not progress, dynamic_ncols=True, desc="spd"
+        )
+        try:
+            while self.step < cfg.steps:
+                terms, ci_lower = self.train_step()
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    record = step_record(self, terms, ci_lower)
+                    bar.set_postfix({k: f"{record[k]:.3g}" for k in ("total", *LOSS_TERMS) if k in record})
+                    if on_log:
+                        on_log(self.step, record)
+                if on_checkpoint and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
+                    on_checkpoint(self)
+        except KeyboardInterrupt:
+            if on_checkpoint:
+                on_checkpoint(self)
+            raise
+        finally:
+            bar.close()
+
+    # --- checkpoint state ------------------------------------------------------------------
+    def state_tensors(self) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """Everything needed to resume: parameters, Adam moments, generator states (tensors)
+        and step, LR-group settings (string metadata)."""
+        tensors = {f"param.{i}": p.detach() for i, p in enumerate(self.model.trainable_parameters())}
+        opt_state = self.optimizer.state_dict()
+        for i, state in opt_state["state"].items():
+            for key, value in state.items():
+                tensors[f"optim.{i}.{key}"] = value
+        tensors["rng.data"] = self.data_generator.get_state()
+        tensors["rng.mask"] = self.mask_generator.get_state()
+        tensors["rng.torch"] = torch.get_rng_state()
+        meta = {"step": str(self.step), "param_groups": json.dumps(opt_state["param_groups"])}
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
+        params = self.model.trainable_parameters()
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.copy_(tensors[f"param.{i}"])
+        state: dict[int, dict[str, Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, i, name = key.split(".", 2)
+                state.setdefault(int(i), {})[name] = value.to(self.device) if name != "step" else value
+        self.optimizer.load_state_dict(
+            {"state": state, "param_groups": json.loads(meta["param_groups"])}
+        )
+        self.data_generator.set_state(tensors["rng.data"])
+        self.mask_generator.set_state(tensors["rng.mask"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.step = int(meta["step"])
+
+
+def step_record(trainer: Trainer, terms: dict[str, Tensor], ci_lower: dict[str, Tensor]) -> dict[str, float]:
+    """One metrics.jsonl row: loss terms, LR, and mean CI-L0 per module on this batch."""
+    record = {k: v.item() for k, v in terms.items()}
+    record["lr"] = trainer.optimizer.param_groups[0]["lr"]
+    threshold = trainer.config.eval.ci_threshold
+    for name, g in ci_lower.items():
+        record[f"l0/{name}"] = (g.detach() > threshold).float().sum(-1).mean().item()
+    return record
