@@ -1,7 +1,7 @@
 """Milliseconds per SPD training step for bundled configs (a benchmark, not a test).
 
     python benchmarks/bench_step.py [--configs tms_5-2 tms_40-10] [--steps 30] [--threads 2]
-        [--compile-ci] [--json out.json]
+        [--ci-backend auto|eager|compiled|fused] [--json out.json]
 
 The target is built untrained (step time does not depend on its weights). Prints a table of
 median / min / max ms per step over `--steps` timed steps after `--warmup` steps.
@@ -22,8 +22,8 @@ from spdkit.decomposition import build_trainer, data_source
 from spdkit.targets import target_kind
 
 
-def time_config(name: str, steps: int, warmup: int, compile_ci: bool, device: str) -> dict:
-    overrides = {"compile_ci": True} if compile_ci else {}
+def time_config(name: str, steps: int, warmup: int, ci_backend: str, device: str) -> dict:
+    overrides = {"ci_backend": ci_backend}
     config = load_config(name, overrides)
     target = target_kind(config.target).build(config.target)
     trainer = build_trainer(target, data_source(config), config, device)
@@ -45,7 +45,7 @@ def time_config(name: str, steps: int, warmup: int, compile_ci: bool, device: st
         "ms_min": round(min(times), 3),
         "ms_max": round(max(times), 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "compile_ci": compile_ci,
+        "ci_backend": trainer.ci_backend,
     }
 
 
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--compile-ci", action="store_true")
+    parser.add_argument("--ci-backend", default="auto", choices=["auto", "eager", "compiled", "fused"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -65,7 +65,7 @@ def main() -> None:
     print(f"{'config':<14}{'batch':>7}{'ms/step':>10}{'min':>9}{'max':>9}{'RSS MB':>9}")
     rows = []
     for name in args.configs:
-        row = time_config(name, args.steps, args.warmup, args.compile_ci, args.device)
+        row = time_config(name, args.steps, args.warmup, args.ci_backend, args.device)
         rows.append(row)
         print(
             f"{name:<14}{row['batch_size']:>7}{row['ms_median']:>10.2f}{row['ms_min']:>9.2f}"

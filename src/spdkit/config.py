@@ -116,8 +116,10 @@ class SPDConfig(StrictModel):
     optimizer: OptimizerConfig
     log_every: int = Field(default=100, ge=1, description="steps between metric records")
     checkpoint_every: int = Field(default=2000, ge=1, description="steps between checkpoints")
-    compile_ci: bool = Field(
-        default=False, description="torch.compile the causal-importance MLPs (faster, slow start)"
+    ci_backend: Literal["auto", "eager", "compiled", "fused"] = Field(
+        default="auto",
+        description="how the CI MLPs run: fused C++ kernel (CPU), torch.compile, or eager; "
+        "auto = fused on CPU when it builds, else eager",
     )
     eval: EvalConfig = Field(default_factory=EvalConfig)
 

@@ -42,6 +42,14 @@ def ci_mlp(h: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor) 
     return (hidden * w_out).sum(-1) + b_out
 
 
+def causal_importance_pair(
+    h: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(g, g⁺) = (σ_H,lower, σ_H,upper) of the raw CI: the masks' g and the penalised g⁺."""
+    raw = ci_mlp(h, w_in, b_in, w_out, b_out)
+    return lower_leaky_hard_sigmoid(raw), upper_leaky_hard_sigmoid(raw)
+
+
 class CausalImportance(nn.Module):
     """The C causal-importance MLPs of one module, as batched parameters."""
 
@@ -53,16 +61,25 @@ class CausalImportance(nn.Module):
         self.b_in = nn.Parameter(torch.zeros(C, d_gate))
         self.w_out = nn.Parameter(torch.randn(C, d_gate) / math.sqrt(d_gate))
         self.b_out = nn.Parameter(torch.zeros(C))
-        self.mlp = ci_mlp
+        self.mlp = causal_importance_pair
 
-    def compile(self) -> None:  # type: ignore[override]
-        """Fuse the MLP into one kernel (forward and backward) with torch.compile.
+    def set_backend(self, backend: str, device: torch.device | str) -> str:
+        """Choose how the MLPs run; returns the backend actually used.
 
-        Exact up to float rounding: the same arithmetic, without materialising [..., C, d_gate]
-        in memory between ops, which is where eager time goes.
+        "fused": the C++ kernel of `spdkit.kernels` (CPU, float32), one pass for forward and one
+        for backward. "compiled": torch.compile of `ci_mlp`. Both are the same arithmetic as
+        "eager" up to float rounding (tests/test_kernels.py).
         """
-        self.mlp = torch.compile(ci_mlp, dynamic=False)
+        from spdkit.kernels import fused_available, fused_causal_importance
 
-    def forward(self, h: Tensor) -> Tensor:
-        """Raw (pre-sigmoid) causal importances [..., C] from inner activations h [..., C]."""
+        if backend in ("auto", "fused") and fused_available(device):
+            self.mlp, used = fused_causal_importance, "fused"
+        elif backend == "compiled":
+            self.mlp, used = torch.compile(causal_importance_pair, dynamic=False), "compiled"
+        else:
+            self.mlp, used = causal_importance_pair, "eager"
+        return used
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """(g, g⁺), each [..., C], from inner activations h [..., C]."""
         return self.mlp(h, self.w_in, self.b_in, self.w_out, self.b_out)

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from spdkit.importance import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
 from spdkit.losses import Divergence
 from spdkit.model import ComponentModel
 
@@ -70,9 +69,8 @@ def causal_importance(model: ComponentModel, x: Tensor, upper: bool = True) -> d
     """CI per module [..., C] on inputs x: σ_H,upper (the penalised, plotted value) by default,
     σ_H,lower (the masks' g) otherwise."""
     _, inputs = model.target_forward_with_inputs(x)
-    raw = model.ci_raw(model.inner_acts(inputs))
-    sigmoid = upper_leaky_hard_sigmoid if upper else lower_leaky_hard_sigmoid
-    return {n: sigmoid(g) for n, g in raw.items()}
+    g_lower, g_upper = model.causal_importances(model.inner_acts(inputs))
+    return g_upper if upper else g_lower
 
 
 def one_hot_inputs(n_features: int, value: float, device: str | torch.device = "cpu") -> Tensor:

@@ -28,13 +28,21 @@ class DecomposedModule(nn.Module):
         self.original = original
         self.components = components
         self.mask: Tensor | None = None
+        self.inner: Tensor | None = None  # precomputed x @ Vᵀ for this forward's input
         self.record_input = False
         self.recorded_input: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mask is not None:
+            if self.inner is not None:
+                return self.components.outer(self.inner * self.mask)
             return self.components(x, self.mask)
         if self.record_input:
+            if self.recorded_input is not None:
+                raise ValueError(
+                    "a decomposed module ran twice in one forward (shared weights); "
+                    "decompose a module that is called once per forward"
+                )
             self.recorded_input = x
         return self.original(x)
 
@@ -110,18 +118,32 @@ class ComponentModel(nn.Module):
 
     # --- forwards --------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _masks(self, masks: Mapping[str, Tensor]) -> Iterator[None]:
+    def _masks(
+        self, masks: Mapping[str, Tensor], inner: Mapping[str, Tensor]
+    ) -> Iterator[None]:
         for name, mask in masks.items():
             self.decomposed[name].mask = mask
+            self.decomposed[name].inner = inner.get(name)
         try:
             yield
         finally:
             for name in masks:
                 self.decomposed[name].mask = None
+                self.decomposed[name].inner = None
 
-    def forward(self, x: Tensor, masks: Mapping[str, Tensor] | None = None) -> Tensor:
-        """Target forward where the modules named in `masks` run from masked components."""
-        with self._masks(masks or {}):
+    def forward(
+        self,
+        x: Tensor,
+        masks: Mapping[str, Tensor] | None = None,
+        inner: Mapping[str, Tensor] | None = None,
+    ) -> Tensor:
+        """Target forward where the modules named in `masks` run from masked components.
+
+        `inner` may give a module's inner activations x @ Vᵀ when its input in this forward is
+        known to equal the target's (a layerwise pass: every earlier module is the original),
+        which saves recomputing that matmul; the result is identical.
+        """
+        with self._masks(masks or {}, inner or {}):
             return self.target(x)
 
     @torch.no_grad()
@@ -142,9 +164,13 @@ class ComponentModel(nn.Module):
         """h [..., C] = a @ Vᵀ for each module, from its (target) input."""
         return {n: self.components(n).inner(inputs[n]) for n in self.module_names}
 
-    def ci_raw(self, inner: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Raw CI MLP outputs [..., C] (before either hard sigmoid)."""
-        return {n: self.ci_fn(n)(inner[n]) for n in self.module_names}
+    def causal_importances(
+        self, inner: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Per module (g, g⁺) [..., C]: σ_H,lower (for masks) and σ_H,upper (penalised) of the
+        CI MLP outputs."""
+        pairs = {n: self.ci_fn(n)(inner[n]) for n in self.module_names}
+        return {n: p[0] for n, p in pairs.items()}, {n: p[1] for n, p in pairs.items()}
 
     def ones_masks(self) -> dict[str, Tensor]:
         """Masks of all ones [C] (broadcast over the batch): the unmasked sum of components."""

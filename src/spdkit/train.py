@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 
 from spdkit.config import OptimizerConfig, SPDConfig
-from spdkit.importance import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
 from spdkit.losses import (
     DIVERGENCES,
     faithfulness_loss,
@@ -53,10 +52,9 @@ def spd_losses(
     }
 
     # h^l = V^l a^l, then the CI MLPs; g (lower-leaky) for masks, g⁺ (upper-leaky) for the penalty
-    ci_raw = model.ci_raw(model.inner_acts(inputs))
-    ci_lower = {n: lower_leaky_hard_sigmoid(g) for n, g in ci_raw.items()}
-    ci_upper = [upper_leaky_hard_sigmoid(g) for g in ci_raw.values()]
-    terms["importance_minimality"] = importance_minimality_loss(ci_upper, config.pnorm)
+    inner = model.inner_acts(inputs)
+    ci_lower, ci_upper = model.causal_importances(inner)
+    terms["importance_minimality"] = importance_minimality_loss(list(ci_upper.values()), config.pnorm)
 
     # S mask samples: m = g + (1 − g) r; every layer masked at once, then each layer alone.
     full_outputs, layerwise_outputs = [], []
@@ -70,7 +68,8 @@ def spd_losses(
         if config.stochastic_recon_coeff > 0:
             full_outputs.append(model(x, masks))
         if config.stochastic_recon_layerwise_coeff > 0:
-            layerwise_outputs += [model(x, {n: masks[n]}) for n in names]
+            # only module n is masked, so its input is the target's: reuse its inner activations
+            layerwise_outputs += [model(x, {n: masks[n]}, inner={n: inner[n]}) for n in names]
     if full_outputs:
         terms["stochastic_recon"] = stochastic_recon_loss(full_outputs, y_target, divergence)
     if layerwise_outputs:
@@ -119,9 +118,7 @@ class Trainer:
         self.data_generator = torch.Generator(device=device).manual_seed(config.seed + 1000)
         self.mask_generator = torch.Generator(device=device).manual_seed(config.seed + 2000)
         self.step = 0
-        if config.compile_ci:
-            for ci in model.ci_fns.values():
-                ci.compile()
+        self.ci_backend = {ci.set_backend(config.ci_backend, device) for ci in model.ci_fns.values()}.pop()
 
     def train_step(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         lr = lr_at(self.step, self.config.steps, self.config.optimizer)
