@@ -7,9 +7,12 @@ needs to resume bit-exactly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -140,7 +143,8 @@ class Trainer:
     ) -> None:
         """Train from the current step to config.steps; log and checkpoint on the way.
 
-        On Ctrl-C a checkpoint is written before the interrupt propagates, so nothing is lost.
+        On Ctrl-C or SIGTERM a checkpoint is written before the interrupt propagates, so
+        nothing is lost and `spdkit resume` continues exactly.
         """
         from tqdm.auto import tqdm
 
@@ -148,23 +152,24 @@ class Trainer:
         bar = tqdm(
             total=cfg.steps, initial=self.step, disable=not progress, dynamic_ncols=True, desc="spd"
         )
-        try:
-            while self.step < cfg.steps:
-                terms, ci_lower = self.train_step()
-                bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    record = step_record(self, terms, ci_lower)
-                    bar.set_postfix({k: f"{record[k]:.3g}" for k in ("total", *LOSS_TERMS) if k in record})
-                    if on_log:
-                        on_log(self.step, record)
-                if on_checkpoint and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
-                    on_checkpoint(self)
-        except KeyboardInterrupt:
-            if on_checkpoint:
-                on_checkpoint(self)
-            raise
-        finally:
-            bar.close()
+        with _stop_requests() as stop:
+            try:
+                while self.step < cfg.steps:
+                    terms, ci_lower = self.train_step()
+                    bar.update(1)
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        record = step_record(self, terms, ci_lower)
+                        shown = ("total", *LOSS_TERMS)
+                        bar.set_postfix({k: f"{record[k]:.3g}" for k in shown if k in record})
+                        if on_log:
+                            on_log(self.step, record)
+                    due = self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps
+                    if on_checkpoint and (due or stop.is_set()):
+                        on_checkpoint(self)
+                    if stop.is_set():
+                        raise KeyboardInterrupt("stopped by signal; checkpoint written")
+            finally:
+                bar.close()
 
     # --- checkpoint state ------------------------------------------------------------------
     def state_tensors(self) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -198,6 +203,29 @@ class Trainer:
         self.mask_generator.set_state(tensors["rng.mask"])
         torch.set_rng_state(tensors["rng.torch"])
         self.step = int(meta["step"])
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[threading.Event]:
+    """SIGINT (Ctrl-C) and SIGTERM set an event that the loop checks between steps, so a stop
+    never lands inside an optimiser update: the loop writes a checkpoint and exits. A second
+    signal interrupts at once."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        if stop.is_set():
+            raise KeyboardInterrupt(f"signal {signum}")
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def step_record(trainer: Trainer, terms: dict[str, Tensor], ci_lower: dict[str, Tensor]) -> dict[str, float]:

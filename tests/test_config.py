@@ -1,0 +1,85 @@
+"""Config validation: bundled configs load; every bad field is a one-line error naming it."""
+
+import pytest
+import yaml
+
+from spdkit.config import ConfigError, bundled_config_names, load_config, parse_config
+from tests.conftest import tiny_tms_dict
+
+
+def test_bundled_tms_configs_have_the_paper_hyperparameters():
+    names = bundled_config_names()
+    assert {"tms_5-2", "tms_40-10", "tms_5-2-id", "tms_40-10-id"} <= set(names)
+    for name, C, coeff, p in [("tms_5-2", 20, 3e-3, 1), ("tms_40-10-id", 200, 1e-4, 2)]:
+        cfg = load_config(name)
+        assert (cfg.steps, cfg.batch_size, cfg.ci_hidden_dim, cfg.n_mask_samples) == (40000, 4096, 16, 1)
+        assert all(m.C == C for m in cfg.modules)
+        assert (cfg.importance_minimality_coeff, cfg.pnorm) == (coeff, p)
+        assert (cfg.optimizer.lr, cfg.optimizer.lr_schedule) == (1e-3, "cosine")
+    assert load_config("tms_40-10").target.train_batch_size == 8192
+
+
+BAD_FIELDS = [
+    ({"steps": 0}, "steps"),
+    ({"batch_size": -1}, "batch_size"),
+    ({"pnorm": 0}, "pnorm"),
+    ({"importance_minimality_coeff": -1}, "importance_minimality_coeff"),
+    ({"n_mask_samples": 0}, "n_mask_samples"),
+    ({"ci_hidden_dim": 0}, "ci_hidden_dim"),
+    ({"output_loss": "l1"}, "output_loss"),
+    ({"modules": []}, "modules"),
+    ({"modules": [{"pattern": "linear1", "C": 0}]}, "modules.0.C"),
+    ({"modules": [{"pattern": "linear1"}]}, "modules.0.C"),
+    ({"optimizer": {"lr": 1e-3, "lr_schedule": "cosin"}}, "optimizer.lr_schedule"),
+    ({"optimizer": {"lr": 0}}, "optimizer.lr"),
+    ({"optimizer": {"lr": 1e-3, "warmup_frac": 1.5}}, "optimizer.warmup_frac"),
+    ({"target": {"kind": "tms", "n_features": 5, "n_hidden": 2, "feature_probability": 1.5}}, "target.feature_probability"),
+    ({"target": {"kind": "tms", "n_features": 0, "n_hidden": 2}}, "target.n_features"),
+    ({"seed": "abc"}, "seed"),
+    ({"ci_backend": "gpu"}, "ci_backend"),
+]
+
+
+@pytest.mark.parametrize(("override", "field"), BAD_FIELDS)
+def test_invalid_field_names_the_field(override, field):
+    with pytest.raises(ConfigError) as err:
+        parse_config(tiny_tms_dict(**override))
+    msg = str(err.value)
+    assert msg.splitlines()[0].startswith(field + ":"), msg
+    assert "Traceback" not in msg
+
+
+def test_invalid_literal_lists_allowed_values():
+    with pytest.raises(ConfigError, match="'constant', 'cosine' or 'linear'"):
+        parse_config(tiny_tms_dict(optimizer={"lr": 1e-3, "lr_schedule": "step"}))
+
+
+def test_unknown_key_is_an_error_listing_allowed_keys():
+    with pytest.raises(ConfigError) as err:
+        parse_config(tiny_tms_dict(importance_coeff=1e-3))
+    assert "importance_coeff: unknown field" in str(err.value)
+    assert "importance_minimality_coeff" in str(err.value)
+    with pytest.raises(ConfigError, match=r"optimizer\.beta: unknown field \(allowed: lr, lr_schedule"):
+        parse_config(tiny_tms_dict(optimizer={"lr": 1e-3, "beta": 0.9}))
+
+
+def test_duplicate_patterns_rejected():
+    with pytest.raises(ConfigError, match="listed twice"):
+        parse_config(tiny_tms_dict(modules=[{"pattern": "a", "C": 1}, {"pattern": "a", "C": 2}]))
+
+
+def test_yaml_file_overrides_and_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_tms_dict()))
+    cfg = load_config(path, {"optimizer.lr": 5e-4, "seed": 3})
+    assert (cfg.optimizer.lr, cfg.seed) == (5e-4, 3)
+    with pytest.raises(ConfigError, match="unknown config 'nope'.*tms_5-2"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    path.write_text("steps: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    path.write_text("- just a list")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(path)

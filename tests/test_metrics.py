@@ -1,0 +1,62 @@
+"""MMCS / ML2R, norms and the non-negligible rule on hand-built decompositions."""
+
+import pytest
+import torch
+
+from spdkit.metrics import mmcs_ml2r, non_negligible, subcomponent_norms
+
+
+def columnwise(W: torch.Tensor, scale: float = 1.0):
+    """The ground-truth decomposition: subcomponent j = column j of W (U = W, V = I)."""
+    n = W.shape[1]
+    return W.clone(), scale * torch.eye(n)
+
+
+def test_perfect_decomposition_scores_one():
+    W = torch.randn(2, 5)
+    U, V = columnwise(W)
+    m = mmcs_ml2r(W, U, V, torch.ones(5, dtype=torch.bool))
+    assert m.mmcs == pytest.approx(1.0, abs=1e-6)
+    assert m.ml2r == pytest.approx(1.0, abs=1e-6)
+    assert m.match == [0, 1, 2, 3, 4]
+
+
+def test_shrinkage_shows_in_ml2r_not_mmcs():
+    W = torch.randn(3, 4)
+    U, V = columnwise(W, scale=0.9)
+    m = mmcs_ml2r(W, U, V, torch.ones(4, dtype=torch.bool))
+    assert m.mmcs == pytest.approx(1.0, abs=1e-6)
+    assert m.ml2r == pytest.approx(0.9, abs=1e-6)
+
+
+def test_sign_of_v_counts():
+    """A subcomponent pointing the opposite way has cosine −1, not +1."""
+    W = torch.tensor([[1.0], [0.0]])
+    m = mmcs_ml2r(W, torch.tensor([[1.0], [0.0]]), torch.tensor([[-1.0]]), torch.ones(1, dtype=torch.bool))
+    assert m.mmcs == pytest.approx(-1.0)
+
+
+def test_negligible_subcomponents_cannot_win_the_match():
+    """A tiny subcomponent aligned by accident must not be matched (it would wreck ML2R)."""
+    W = torch.eye(2)
+    U = torch.tensor([[0.9, 1e-4, 0.0], [0.3, 0.0, 1.0]])  # comp 0 slightly off, comp 1 tiny but exact
+    V = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    norms = subcomponent_norms(U, V)
+    live = non_negligible(norms, 0.1)
+    assert live.tolist() == [True, False, True]
+    fair = mmcs_ml2r(W, U, V, live)
+    assert fair.match == [0, 2]
+    assert fair.ml2r == pytest.approx((0.9**2 + 0.3**2) ** 0.5 / 2 + 0.5, abs=1e-6)
+    naive = mmcs_ml2r(W, U, V, torch.ones(3, dtype=torch.bool))
+    assert naive.match[0] == 1 and naive.ml2r < 0.6
+
+
+def test_norms_are_frobenius_norms_of_rank_one_matrices():
+    U, V = torch.randn(4, 3), torch.randn(3, 6)
+    expected = torch.stack([torch.outer(U[:, c], V[c]).norm() for c in range(3)])
+    torch.testing.assert_close(subcomponent_norms(U, V), expected)
+
+
+def test_no_candidates_is_a_clear_error():
+    with pytest.raises(ValueError, match="no candidate"):
+        mmcs_ml2r(torch.eye(2), torch.eye(2), torch.eye(2), torch.zeros(2, dtype=torch.bool))

@@ -1,0 +1,103 @@
+"""ComponentModel: exact reconstruction, which modules are replaced, pattern errors."""
+
+import pytest
+import torch
+from torch import nn
+
+from spdkit.config import ModuleSpec
+from spdkit.model import ComponentModel
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.ModuleDict({"mlp_in": nn.Linear(6, 5), "mlp_out": nn.Linear(5, 6)}) for _ in range(2)
+        )
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer["mlp_out"](torch.relu(layer["mlp_in"](x)))
+        return self.head(x)
+
+
+def exact_components(model: ComponentModel) -> None:
+    """Set U V = W exactly, via the SVD padded with zero subcomponents."""
+    with torch.no_grad():
+        for name in model.module_names:
+            comps = model.components(name)
+            W = model.target_weight(name)
+            Uf, S, Vh = torch.linalg.svd(W, full_matrices=False)
+            k = S.numel()
+            comps.U.zero_()
+            comps.V.zero_()
+            comps.U[:, :k] = Uf * S
+            comps.V[:k] = Vh
+
+
+def test_masks_of_ones_with_exact_components_reproduce_the_target():
+    net = Net()
+    x = torch.randn(7, 6)
+    y_ref = net(x).detach()
+    model = ComponentModel(net, [ModuleSpec(pattern="layers.*.mlp_*", C=9)], ci_hidden_dim=4)
+    exact_components(model)
+    torch.testing.assert_close(model(x), y_ref)  # no masks: the original modules
+    torch.testing.assert_close(model(x, model.ones_masks()), y_ref, rtol=1e-5, atol=1e-5)
+    for name in model.module_names:  # each layer alone
+        torch.testing.assert_close(model(x, {name: model.ones_masks()[name]}), y_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_only_matched_modules_are_replaced_and_target_is_frozen():
+    net = Net()
+    model = ComponentModel(net, [ModuleSpec(pattern="layers.0.mlp_in", C=4)], ci_hidden_dim=2)
+    assert model.module_names == ["layers.0.mlp_in"]
+    assert type(net.layers[0]["mlp_in"]).__name__ == "DecomposedModule"
+    assert isinstance(net.layers[1]["mlp_in"], nn.Linear)
+    assert isinstance(net.head, nn.Linear)
+    assert not any(p.requires_grad for p in model.target.parameters() if p not in set(model.trainable_parameters()))
+    # zero masks change only the output path through layers.0.mlp_in
+    x = torch.randn(3, 6)
+    zero = {"layers.0.mlp_in": torch.zeros(4)}
+    bias = net.layers[0]["mlp_in"].original.bias
+    h0 = torch.relu(bias.expand(3, 5))  # masked module outputs only its bias
+    x1 = x + net.layers[0]["mlp_out"](h0)
+    expected = net.head(x1 + net.layers[1]["mlp_out"](torch.relu(net.layers[1]["mlp_in"](x1))))
+    torch.testing.assert_close(model(x, zero), expected)
+
+
+def test_masked_forward_does_not_run_the_original_module():
+    net = Net()
+    model = ComponentModel(net, [ModuleSpec(pattern="head", C=3)], ci_hidden_dim=2)
+    calls = []
+    model.decomposed["head"].original.register_forward_hook(lambda *a: calls.append(1))
+    model(torch.randn(2, 6), model.ones_masks())
+    assert calls == []
+    model(torch.randn(2, 6))
+    assert calls == [1]
+
+
+def test_target_forward_records_each_module_input():
+    net = Net()
+    model = ComponentModel(net, [ModuleSpec(pattern="head", C=3), ModuleSpec(pattern="layers.0.mlp_in", C=2)], 2)
+    x = torch.randn(4, 6)
+    y, inputs = model.target_forward_with_inputs(x)
+    torch.testing.assert_close(inputs["layers.0.mlp_in"], x)
+    assert inputs["head"].shape == (4, 6)
+    assert not y.requires_grad
+
+
+def test_pattern_matching_nothing_lists_decomposable_modules():
+    with pytest.raises(ValueError, match=r"matches nothing.*layers\.0\.mlp_in"):
+        ComponentModel(Net(), [ModuleSpec(pattern="mlp_in", C=2)], 2)
+
+
+def test_pattern_matching_an_undecomposable_module():
+    with pytest.raises(ValueError, match="ModuleList.*cannot be decomposed"):
+        ComponentModel(Net(), [ModuleSpec(pattern="layers", C=2)], 2)
+
+
+def test_module_matched_twice_is_an_error():
+    specs = [ModuleSpec(pattern="head", C=2), ModuleSpec(pattern="h*", C=3)]
+    with pytest.raises(ValueError, match="more than one pattern"):
+        ComponentModel(Net(), specs, 2)
