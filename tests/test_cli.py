@@ -1,0 +1,76 @@
+"""The command line: runs, lists, evaluates; user errors are one line and exit status 2."""
+
+import json
+
+import yaml
+from typer.testing import CliRunner
+
+from spdkit.cli import app
+from tests.conftest import tiny_tms_dict
+
+runner = CliRunner()
+
+
+def write_config(tmp_path, **overrides):
+    data = tiny_tms_dict(steps=20, **overrides)
+    data["target"]["train_steps"] = 100
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_run_then_eval_then_resume_finished(tmp_path):
+    cfg = write_config(tmp_path)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(cfg), "--out", str(out), "--quiet", "--steps", "12"])
+    assert result.exit_code == 0, result.output
+    assert "MMCS" in result.output and "run directory" in result.output
+    assert yaml.safe_load((out / "config.yaml").read_text())["steps"] == 12
+    summary = json.loads((out / "summary.json").read_text())
+    (out / "summary.json").unlink()
+    result = runner.invoke(app, ["eval", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "summary.json").read_text())["final_losses"] == summary["final_losses"]
+    result = runner.invoke(app, ["resume", str(out), "--quiet"])  # already finished: re-evaluates
+    assert result.exit_code == 0, result.output
+
+
+def test_list_shows_bundled_configs():
+    result = runner.invoke(app, ["list"])
+    assert result.exit_code == 0
+    for name in ["tms_5-2", "tms_40-10", "tms_5-2-id", "tms_40-10-id"]:
+        assert name in result.output
+
+
+def test_check_prints_resolved_config_or_errors(tmp_path):
+    result = runner.invoke(app, ["check", "tms_5-2"])
+    assert result.exit_code == 0 and '"ci_hidden_dim": 16' in result.output
+    bad = write_config(tmp_path, pnorm=-1, stepz=3)
+    result = runner.invoke(app, ["check", str(bad)])
+    assert result.exit_code == 2
+    assert "pnorm: Input should be greater than 0" in result.output
+    assert "stepz: unknown field" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_user_errors_are_one_line_and_exit_2(tmp_path):
+    cases = [
+        (["run", "no_such_config"], "unknown config 'no_such_config'"),
+        (["run", "tms_5-2", "--set", "optimizer.lr_schedule=step"], "optimizer.lr_schedule"),
+        (["run", "tms_5-2", "--set", "oops"], "--set expects key=value"),
+        (["run", "tms_5-2", "--device", "tpu"], "--device must be cpu or cuda"),
+        (["run", "tms_5-2", "--target", str(tmp_path / "missing")], "target file not found"),
+        (["eval", str(tmp_path)], "not a run directory"),
+        (["resume", str(tmp_path / "nothing")], "not a run directory"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, [*args, "--out", str(tmp_path / "o")] if args[0] == "run" else args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output, (args, result.output)
+        assert "Traceback" not in result.output
+
+
+def test_out_of_range_cli_values_are_rejected():
+    result = runner.invoke(app, ["run", "tms_5-2", "--steps", "0"])
+    assert result.exit_code == 2
+    assert "steps" in result.output
