@@ -50,12 +50,18 @@ def time_config(name: str, steps: int, warmup: int, ci_backend: str, device: str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="*", default=[n for n in bundled_config_names() if n.startswith("tms")])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--configs", nargs="*", default=[n for n in bundled_config_names() if n.startswith("tms")]
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--ci-backend", default="auto", choices=["auto", "eager", "compiled", "fused"])
+    parser.add_argument(
+        "--ci-backend", default="auto", choices=["auto", "eager", "compiled", "fused"]
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()

@@ -64,7 +64,9 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path):
         (["resume", str(tmp_path / "nothing")], "not a run directory"),
     ]
     for args, message in cases:
-        result = runner.invoke(app, [*args, "--out", str(tmp_path / "o")] if args[0] == "run" else args)
+        result = runner.invoke(
+            app, [*args, "--out", str(tmp_path / "o")] if args[0] == "run" else args
+        )
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output, (args, result.output)
         assert "Traceback" not in result.output

@@ -12,7 +12,12 @@ def test_bundled_tms_configs_have_the_paper_hyperparameters():
     assert {"tms_5-2", "tms_40-10", "tms_5-2-id", "tms_40-10-id"} <= set(names)
     for name, C, coeff, p in [("tms_5-2", 20, 3e-3, 1), ("tms_40-10-id", 200, 1e-4, 2)]:
         cfg = load_config(name)
-        assert (cfg.steps, cfg.batch_size, cfg.ci_hidden_dim, cfg.n_mask_samples) == (40000, 4096, 16, 1)
+        assert (cfg.steps, cfg.batch_size, cfg.ci_hidden_dim, cfg.n_mask_samples) == (
+            40000,
+            4096,
+            16,
+            1,
+        )
         assert all(m.C == C for m in cfg.modules)
         assert (cfg.importance_minimality_coeff, cfg.pnorm) == (coeff, p)
         assert (cfg.optimizer.lr, cfg.optimizer.lr_schedule) == (1e-3, "cosine")
@@ -33,7 +38,10 @@ BAD_FIELDS = [
     ({"optimizer": {"lr": 1e-3, "lr_schedule": "cosin"}}, "optimizer.lr_schedule"),
     ({"optimizer": {"lr": 0}}, "optimizer.lr"),
     ({"optimizer": {"lr": 1e-3, "warmup_frac": 1.5}}, "optimizer.warmup_frac"),
-    ({"target": {"kind": "tms", "n_features": 5, "n_hidden": 2, "feature_probability": 1.5}}, "target.feature_probability"),
+    (
+        {"target": {"kind": "tms", "n_features": 5, "n_hidden": 2, "feature_probability": 1.5}},
+        "target.feature_probability",
+    ),
     ({"target": {"kind": "tms", "n_features": 0, "n_hidden": 2}}, "target.n_features"),
     ({"seed": "abc"}, "seed"),
     ({"ci_backend": "gpu"}, "ci_backend"),
@@ -59,7 +67,9 @@ def test_unknown_key_is_an_error_listing_allowed_keys():
         parse_config(tiny_tms_dict(importance_coeff=1e-3))
     assert "importance_coeff: unknown field" in str(err.value)
     assert "importance_minimality_coeff" in str(err.value)
-    with pytest.raises(ConfigError, match=r"optimizer\.beta: unknown field \(allowed: lr, lr_schedule"):
+    with pytest.raises(
+        ConfigError, match=r"optimizer\.beta: unknown field \(allowed: lr, lr_schedule"
+    ):
         parse_config(tiny_tms_dict(optimizer={"lr": 1e-3, "beta": 0.9}))
 
 

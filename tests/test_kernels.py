@@ -6,7 +6,9 @@ import torch
 from spdkit.importance import CausalImportance
 from spdkit.kernels import fused_available
 
-pytestmark = pytest.mark.skipif(not fused_available("cpu"), reason="fused kernel not buildable here")
+pytestmark = pytest.mark.skipif(
+    not fused_available("cpu"), reason="fused kernel not buildable here"
+)
 
 
 @pytest.mark.parametrize("shape", [(37, 5), (4, 3, 7), (300, 50)])

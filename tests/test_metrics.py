@@ -32,14 +32,18 @@ def test_shrinkage_shows_in_ml2r_not_mmcs():
 def test_sign_of_v_counts():
     """A subcomponent pointing the opposite way has cosine −1, not +1."""
     W = torch.tensor([[1.0], [0.0]])
-    m = mmcs_ml2r(W, torch.tensor([[1.0], [0.0]]), torch.tensor([[-1.0]]), torch.ones(1, dtype=torch.bool))
+    m = mmcs_ml2r(
+        W, torch.tensor([[1.0], [0.0]]), torch.tensor([[-1.0]]), torch.ones(1, dtype=torch.bool)
+    )
     assert m.mmcs == pytest.approx(-1.0)
 
 
 def test_negligible_subcomponents_cannot_win_the_match():
     """A tiny subcomponent aligned by accident must not be matched (it would wreck ML2R)."""
     W = torch.eye(2)
-    U = torch.tensor([[0.9, 1e-4, 0.0], [0.3, 0.0, 1.0]])  # comp 0 slightly off, comp 1 tiny but exact
+    U = torch.tensor(
+        [[0.9, 1e-4, 0.0], [0.3, 0.0, 1.0]]
+    )  # comp 0 slightly off, comp 1 tiny but exact
     V = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     norms = subcomponent_norms(U, V)
     live = non_negligible(norms, 0.1)

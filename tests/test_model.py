@@ -45,7 +45,9 @@ def test_masks_of_ones_with_exact_components_reproduce_the_target():
     torch.testing.assert_close(model(x), y_ref)  # no masks: the original modules
     torch.testing.assert_close(model(x, model.ones_masks()), y_ref, rtol=1e-5, atol=1e-5)
     for name in model.module_names:  # each layer alone
-        torch.testing.assert_close(model(x, {name: model.ones_masks()[name]}), y_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            model(x, {name: model.ones_masks()[name]}), y_ref, rtol=1e-5, atol=1e-5
+        )
 
 
 def test_only_matched_modules_are_replaced_and_target_is_frozen():
@@ -55,7 +57,11 @@ def test_only_matched_modules_are_replaced_and_target_is_frozen():
     assert type(net.layers[0]["mlp_in"]).__name__ == "DecomposedModule"
     assert isinstance(net.layers[1]["mlp_in"], nn.Linear)
     assert isinstance(net.head, nn.Linear)
-    assert not any(p.requires_grad for p in model.target.parameters() if p not in set(model.trainable_parameters()))
+    assert not any(
+        p.requires_grad
+        for p in model.target.parameters()
+        if p not in set(model.trainable_parameters())
+    )
     # zero masks change only the output path through layers.0.mlp_in
     x = torch.randn(3, 6)
     zero = {"layers.0.mlp_in": torch.zeros(4)}
@@ -79,7 +85,9 @@ def test_masked_forward_does_not_run_the_original_module():
 
 def test_target_forward_records_each_module_input():
     net = Net()
-    model = ComponentModel(net, [ModuleSpec(pattern="head", C=3), ModuleSpec(pattern="layers.0.mlp_in", C=2)], 2)
+    model = ComponentModel(
+        net, [ModuleSpec(pattern="head", C=3), ModuleSpec(pattern="layers.0.mlp_in", C=2)], 2
+    )
     x = torch.randn(4, 6)
     y, inputs = model.target_forward_with_inputs(x)
     torch.testing.assert_close(inputs["layers.0.mlp_in"], x)

@@ -30,9 +30,18 @@ def finished_run(tmp_path_factory):
 
 def test_run_directory_contract(finished_run):
     out, summary = finished_run
-    for name in ["config.yaml", "target.safetensors", "target.json", "components.safetensors",
-                 "metrics.jsonl", "summary.json", "checkpoint/latest.safetensors",
-                 "figures/losses.png", "figures/ci_one_hot.png", "figures/vectors_linear1.png"]:
+    for name in [
+        "config.yaml",
+        "target.safetensors",
+        "target.json",
+        "components.safetensors",
+        "metrics.jsonl",
+        "summary.json",
+        "checkpoint/latest.safetensors",
+        "figures/losses.png",
+        "figures/ci_one_hot.png",
+        "figures/vectors_linear1.png",
+    ]:
         assert (out / name).is_file(), name
     comps, _ = runs.load_tensors(out / "components.safetensors")
     assert comps["linear1.U"].shape == (2, 8) and comps["linear1.V"].shape == (8, 5)
@@ -44,7 +53,13 @@ def test_run_directory_contract(finished_run):
     assert meta["kind"] == "tms" and meta["config"]["n_features"] == 5
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [10, 20, 30, 40]
-    assert {"total", "faithfulness", "stochastic_recon", "importance_minimality", "l0/linear1"} <= set(rows[0])
+    assert {
+        "total",
+        "faithfulness",
+        "stochastic_recon",
+        "importance_minimality",
+        "l0/linear1",
+    } <= set(rows[0])
     assert 0 <= summary["feature_match"]["mmcs"] <= 1
 
 
@@ -65,7 +80,7 @@ def test_save_load_round_trip(finished_run):
 def test_same_seed_same_numbers_and_other_seed_differs(tmp_path):
     a = run_experiment(small_config(steps=15), tmp_path / "a", progress=False)
     b = run_experiment(small_config(steps=15), tmp_path / "b", progress=False)
-    c = run_experiment(small_config(steps=15, seed=1), tmp_path / "c", progress=False)
+    run_experiment(small_config(steps=15, seed=1), tmp_path / "c", progress=False)
     assert a["final_losses"] == b["final_losses"]
     ta, _ = runs.load_tensors(tmp_path / "a" / "components.safetensors")
     tb, _ = runs.load_tensors(tmp_path / "b" / "components.safetensors")
@@ -128,7 +143,9 @@ def test_target_architecture_mismatch_is_clear(finished_run, tmp_path):
         run_experiment(cfg, tmp_path / "r3", target_path=out, progress=False)
 
 
-@pytest.mark.parametrize("victim", ["components.safetensors", "target.safetensors", "config.yaml", "target.json"])
+@pytest.mark.parametrize(
+    "victim", ["components.safetensors", "target.safetensors", "config.yaml", "target.json"]
+)
 def test_damaged_run_directory_is_a_clear_error(finished_run, tmp_path, victim):
     import shutil
 
@@ -148,7 +165,7 @@ def test_a_pickle_checkpoint_is_refused_without_running_it(tmp_path):
 
     class Boom:
         def __reduce__(self):
-            return (exec, ("open(%r, 'w').write('pwned')" % str(tmp_path / "pwned"),))
+            return (exec, (f"open({str(tmp_path / 'pwned')!r}, 'w').write('pwned')",))
 
     path = tmp_path / "latest.safetensors"
     path.write_bytes(pickle.dumps(Boom()))
@@ -167,5 +184,7 @@ def test_components_with_wrong_shape_are_named(finished_run, tmp_path):
     tensors["linear1.U"] = torch.zeros(3, 8)
     del tensors["linear2.V"]
     runs.save_tensors(copy / "components.safetensors", tensors)
-    with pytest.raises(runs.RunDirError, match=r"missing tensor 'linear2\.V'.*'linear1\.U' has shape \[3, 8\]"):
+    with pytest.raises(
+        runs.RunDirError, match=r"missing tensor 'linear2\.V'.*'linear1\.U' has shape \[3, 8\]"
+    ):
         load(copy)

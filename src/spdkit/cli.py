@@ -7,14 +7,16 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
 from spdkit.config import ConfigError, bundled_config_names, load_config
 from spdkit.runs import RunDirError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Stochastic Parameter Decomposition")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Stochastic Parameter Decomposition"
+)
 
 USER_ERRORS = (ConfigError, RunDirError, ValueError, FileExistsError, FileNotFoundError, OSError)
 
@@ -29,7 +31,10 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     fl = summary["final_losses"]
     typer.echo("\n== spdkit summary ==")
     typer.echo("final losses: " + ", ".join(f"{k} {v:.4g}" for k, v in fl.items()))
-    typer.echo("output MSE vs target: " + ", ".join(f"{k} {v:.3g}" for k, v in summary["output_losses"].items()))
+    typer.echo(
+        "output MSE vs target: "
+        + ", ".join(f"{k} {v:.3g}" for k, v in summary["output_losses"].items())
+    )
     if "feature_match" in summary:
         fm = summary["feature_match"]
         typer.echo(f"feature match on {fm['module']}: MMCS {fm['mmcs']:.4f}  ML2R {fm['ml2r']:.4f}")
@@ -41,7 +46,9 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
         )
     if "timing" in summary:
         t = summary["timing"]
-        typer.echo(f"training: {t['train_seconds']:.1f} s, {t['ms_per_step']:.2f} ms/step on {t['device']}")
+        typer.echo(
+            f"training: {t['train_seconds']:.1f} s, {t['ms_per_step']:.2f} ms/step on {t['device']}"
+        )
     typer.echo(f"run directory: {run_dir}  (summary.json, figures/)")
 
 
@@ -60,11 +67,13 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
 @app.command()
 def run(
     config: str = typer.Argument(..., help="bundled config name (see `spdkit list`) or YAML path"),
-    seed: Optional[int] = typer.Option(None, min=0, help="overrides config.seed"),  # noqa: UP007
-    steps: Optional[int] = typer.Option(None, min=1, help="overrides config.steps"),  # noqa: UP007
-    out: Optional[Path] = typer.Option(None, help="run directory (default runs/<config>-seed<N>)"),  # noqa: UP007
+    seed: int | None = typer.Option(None, min=0, help="overrides config.seed"),  # noqa: UP007
+    steps: int | None = typer.Option(None, min=1, help="overrides config.steps"),  # noqa: UP007
+    out: Path | None = typer.Option(None, help="run directory (default runs/<config>-seed<N>)"),  # noqa: UP007
     device: str = typer.Option("cpu", help="cpu or cuda"),
-    target: Optional[Path] = typer.Option(None, help="reuse a trained target (run dir or .safetensors)"),  # noqa: UP007
+    target: Path | None = typer.Option(
+        None, help="reuse a trained target (run dir or .safetensors)"
+    ),  # noqa: UP007
     set_: list[str] = typer.Option([], "--set", help="override any field: --set optimizer.lr=2e-3"),
     quiet: bool = typer.Option(False, help="no progress bar"),
 ) -> None:
@@ -124,7 +133,9 @@ def list_() -> None:
         cfg = load_config(name)
         t = cfg.target
         mods = ", ".join(f"{m.pattern}(C={m.C})" for m in cfg.modules)
-        typer.echo(f"{name:<14} target {t.kind} {t.n_features}-{t.n_hidden}  steps {cfg.steps}  {mods}")
+        typer.echo(
+            f"{name:<14} target {t.kind} {t.n_features}-{t.n_hidden}  steps {cfg.steps}  {mods}"
+        )
 
 
 @app.command()

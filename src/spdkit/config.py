@@ -40,7 +40,9 @@ class TMSTargetConfig(StrictModel):
     n_features: int = Field(ge=1, description="number of input features (m2)")
     n_hidden: int = Field(ge=1, description="width of the bottleneck (m1)")
     n_hidden_layers: int = Field(
-        default=0, ge=0, description="fixed identity matrices between W and Wᵀ (0 or 1 in the paper)"
+        default=0,
+        ge=0,
+        description="fixed identity matrices between W and Wᵀ (0 or 1 in the paper)",
     )
     feature_probability: float = Field(
         default=0.05, gt=0, le=1, description="probability that a feature is active"
@@ -219,4 +221,3 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 def dump_config(config: SPDConfig) -> str:
     """Fully resolved YAML (defaults included) for the run directory."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-

@@ -37,14 +37,14 @@ class Decomposition:
     def subcomponents(self, module: str) -> tuple[Tensor, Tensor]:
         """(U [d_out, C], V [C, d_in]) of one decomposed module."""
         if module not in self.model.decomposed:
-            raise KeyError(f"{module!r} is not decomposed (decomposed: {', '.join(self.module_names)})")
+            raise KeyError(
+                f"{module!r} is not decomposed (decomposed: {', '.join(self.module_names)})"
+            )
         comps = self.model.components(module)
         return comps.U.detach(), comps.V.detach()
 
 
-def build_trainer(
-    target: nn.Module, data: DataSource, config: SPDConfig, device: str
-) -> Trainer:
+def build_trainer(target: nn.Module, data: DataSource, config: SPDConfig, device: str) -> Trainer:
     """Wrap the target and set up training; the component init is fixed by config.seed."""
     torch.manual_seed(config.seed)
     model = ComponentModel(target.to(device), config.modules, config.ci_hidden_dim).to(device)

@@ -25,8 +25,8 @@ from spdkit.metrics import (
     output_losses,
     subcomponent_norms,
 )
-from spdkit.train import LOSS_TERMS, spd_losses
 from spdkit.targets import target_kind
+from spdkit.train import LOSS_TERMS, spd_losses
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,18 @@ def prepare_run_dir(out: Path) -> Path:
 
 
 def run_experiment(
-    config: SPDConfig, out: Path, device: str = "cpu", target_path: Path | None = None, progress: bool = True
+    config: SPDConfig,
+    out: Path,
+    device: str = "cpu",
+    target_path: Path | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Train or load the target, decompose it into `out`, then evaluate and draw figures."""
     device = resolve_device(device)
     if config.target is None:
-        raise ValueError("the config has no `target` section: `spdkit run` needs a bundled target kind")
+        raise ValueError(
+            "the config has no `target` section: `spdkit run` needs a bundled target kind"
+        )
     out = prepare_run_dir(Path(out))
     runs.save_config(out, config)
     t0 = time.perf_counter()
@@ -71,7 +77,9 @@ def run_experiment(
         target, info = target_kind(config.target).train(config.target, config.seed, device)
     target_seconds = time.perf_counter() - t0
     trainer = build_trainer(target, data_source(config), config, device)
-    runs.save_target(out, trainer.model, config.target, {**info, "train_seconds": round(target_seconds, 2)})
+    runs.save_target(
+        out, trainer.model, config.target, {**info, "train_seconds": round(target_seconds, 2)}
+    )
     return _train_and_finish(trainer, out, progress)
 
 
@@ -106,7 +114,9 @@ def _train_and_finish(trainer, run_dir: Path, progress: bool) -> dict[str, Any]:
     return evaluate(decomp, run_dir, timing)
 
 
-def evaluate(decomp: Decomposition, run_dir: Path, timing: dict[str, Any] | None = None) -> dict[str, Any]:
+def evaluate(
+    decomp: Decomposition, run_dir: Path, timing: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """All end-of-run metrics into summary.json, and the figures into figures/."""
     config, model = decomp.config, decomp.model
     device = next(model.parameters()).device
@@ -163,7 +173,10 @@ def draw_figures(decomp: Decomposition, run_dir: Path, ci_onehot: dict) -> None:
     ev = config.eval
     plots.plot_losses(runs.read_metrics(run_dir), fig_dir / "losses.png", ["total", *LOSS_TERMS])
     plots.plot_ci_heatmaps(
-        ci_onehot, fig_dir / "ci_one_hot.png", ev.ci_threshold, f"input feature (value {ev.one_hot_value})"
+        ci_onehot,
+        fig_dir / "ci_one_hot.png",
+        ev.ci_threshold,
+        f"input feature (value {ev.one_hot_value})",
     )
     feature_module = target_kind(config.target).feature_module
     for name in model.module_names:

@@ -27,7 +27,9 @@ def _cpu_tag() -> str:
     """Builds use -march=native; key the build cache by the CPU's flags."""
     try:
         flags = next(
-            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+            line
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
         )
     except (OSError, StopIteration):
         flags = "unknown"

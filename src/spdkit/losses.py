@@ -28,7 +28,9 @@ def kl_divergence(logits_masked: Tensor, logits_target: Tensor) -> Tensor:
 DIVERGENCES: dict[str, Divergence] = {"mse": mse_divergence, "kl": kl_divergence}
 
 
-def faithfulness_loss(target_weights: Sequence[Tensor], component_weights: Sequence[Tensor]) -> Tensor:
+def faithfulness_loss(
+    target_weights: Sequence[Tensor], component_weights: Sequence[Tensor]
+) -> Tensor:
     """L_faithfulness = (1/N) Σ_l Σ_ij (W^l_ij − Σ_c U^l_ic V^l_cj)²   (paper §2.2).
 
     N is the number of entries of the decomposed matrices (the paper's "parameters of the target
@@ -39,7 +41,9 @@ def faithfulness_loss(target_weights: Sequence[Tensor], component_weights: Seque
     return sq / n
 
 
-def importance_minimality_loss(ci_upper: Sequence[Tensor], pnorm: float, eps: float = 1e-12) -> Tensor:
+def importance_minimality_loss(
+    ci_upper: Sequence[Tensor], pnorm: float, eps: float = 1e-12
+) -> Tensor:
     """L_importance-minimality = (1/B) Σ_b Σ_l Σ_c |g⁺^l_{b,c}|^p   (paper §2.3, pseudocode step 4).
 
     `ci_upper` holds σ_H,upper of the raw CI per module, each [..., C] with every leading dim a
@@ -55,7 +59,9 @@ def stochastic_masks(ci_lower: Tensor, r: Tensor) -> Tensor:
     return ci_lower + (1.0 - ci_lower) * r
 
 
-def stochastic_recon_loss(y_masked: Sequence[Tensor], y_target: Tensor, divergence: Divergence) -> Tensor:
+def stochastic_recon_loss(
+    y_masked: Sequence[Tensor], y_target: Tensor, divergence: Divergence
+) -> Tensor:
     """L_stochastic-recon = (1/S) Σ_s D(f(x | W'(x, r^(s))), f(x | W))   (paper §2.3).
 
     `y_masked` holds the S outputs where every decomposed module ran from its masked components.

@@ -118,9 +118,7 @@ class ComponentModel(nn.Module):
 
     # --- forwards --------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _masks(
-        self, masks: Mapping[str, Tensor], inner: Mapping[str, Tensor]
-    ) -> Iterator[None]:
+    def _masks(self, masks: Mapping[str, Tensor], inner: Mapping[str, Tensor]) -> Iterator[None]:
         for name, mask in masks.items():
             self.decomposed[name].mask = mask
             self.decomposed[name].inner = inner.get(name)
@@ -175,6 +173,7 @@ class ComponentModel(nn.Module):
     def ones_masks(self) -> dict[str, Tensor]:
         """Masks of all ones [C] (broadcast over the batch): the unmasked sum of components."""
         return {n: self.components(n).V.new_ones(self.components(n).C) for n in self.module_names}
+
 
 def _key(name: str) -> str:
     """ModuleDict keys cannot contain '.'."""

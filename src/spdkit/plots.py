@@ -26,7 +26,12 @@ def _arrows(ax: plt.Axes, cols: np.ndarray, lim: float, title: str) -> None:
     for j in range(cols.shape[1]):
         x, y = cols[:, j]
         if np.hypot(x, y) > 1e-3 * lim:
-            ax.annotate("", xy=(x, y), xytext=(0, 0), arrowprops={"arrowstyle": "->", "color": colors[j], "lw": 2})
+            ax.annotate(
+                "",
+                xy=(x, y),
+                xytext=(0, 0),
+                arrowprops={"arrowstyle": "->", "color": colors[j], "lw": 2},
+            )
     ax.set_xlim(-lim, lim)
     ax.set_ylim(-lim, lim)
     ax.set_aspect("equal")
@@ -44,7 +49,9 @@ def plot_tms_vectors(W: Tensor, U: Tensor, V: Tensor, path: Path, n_show: int) -
     norms = (U.norm(dim=0) * V.norm(dim=1)).numpy()
     order = np.argsort(-norms)[:n_show]
     panels = [("target W", W.numpy()), ("sum of subcomponents", (U @ V).numpy())]
-    panels += [(f"subcomp {c} (‖·‖={norms[c]:.2f})", np.outer(U[:, c], V[c]).reshape(2, -1)) for c in order]
+    panels += [
+        (f"subcomp {c} (‖·‖={norms[c]:.2f})", np.outer(U[:, c], V[c]).reshape(2, -1)) for c in order
+    ]
     lim = 1.15 * max(float(np.abs(W.numpy()).max()), 1e-6)
     fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.5))
     for ax, (title, cols) in zip(np.atleast_1d(axes), panels, strict=True):
@@ -93,7 +100,9 @@ def plot_ci_heatmaps(ci: dict[str, Tensor], path: Path, threshold: float, input_
     """CI on one-hot inputs, one panel per module: rows = input feature, columns = the
     subcomponents that are ever active (CI > threshold), ordered to show the diagonal."""
     names = list(ci)
-    fig, axes = plt.subplots(1, len(names), figsize=(max(3.5, 0.9 + 0.12 * 40) * len(names), 4), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(names), figsize=(max(3.5, 0.9 + 0.12 * 40) * len(names), 4), squeeze=False
+    )
     for ax, name in zip(axes[0], names, strict=True):
         mat = ci[name].detach().cpu().float().numpy()
         order = order_by_feature(mat, threshold)

@@ -62,7 +62,9 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_tensors(
+    path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None
+) -> None:
     cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     atomic_write_bytes(path, st_save(cpu, metadata=metadata))
 
@@ -112,7 +114,9 @@ def load_target(path: Path, config: TargetConfig) -> tuple[nn.Module, dict]:
         raise RunDirError(f"{json_path}: not valid JSON ({err})") from None
     saved = meta.get("config", {})
     arch_keys = [k for k in ("kind", "n_features", "n_hidden", "n_hidden_layers") if k in saved]
-    mismatch = {k: (saved[k], getattr(config, k)) for k in arch_keys if saved[k] != getattr(config, k)}
+    mismatch = {
+        k: (saved[k], getattr(config, k)) for k in arch_keys if saved[k] != getattr(config, k)
+    }
     if mismatch:
         detail = ", ".join(f"{k}: file {a!r} vs config {b!r}" for k, (a, b) in mismatch.items())
         raise RunDirError(f"target {st_path} does not match the config's target ({detail})")

@@ -57,7 +57,9 @@ def spd_losses(
     # h^l = V^l a^l, then the CI MLPs; g (lower-leaky) for masks, g⁺ (upper-leaky) for the penalty
     inner = model.inner_acts(inputs)
     ci_lower, ci_upper = model.causal_importances(inner)
-    terms["importance_minimality"] = importance_minimality_loss(list(ci_upper.values()), config.pnorm)
+    terms["importance_minimality"] = importance_minimality_loss(
+        list(ci_upper.values()), config.pnorm
+    )
 
     # S mask samples: m = g + (1 − g) r; every layer masked at once, then each layer alone.
     full_outputs, layerwise_outputs = [], []
@@ -121,7 +123,9 @@ class Trainer:
         self.data_generator = torch.Generator(device=device).manual_seed(config.seed + 1000)
         self.mask_generator = torch.Generator(device=device).manual_seed(config.seed + 2000)
         self.step = 0
-        self.ci_backend = {ci.set_backend(config.ci_backend, device) for ci in model.ci_fns.values()}.pop()
+        self.ci_backend = {
+            ci.set_backend(config.ci_backend, device) for ci in model.ci_fns.values()
+        }.pop()
 
     def train_step(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         lr = lr_at(self.step, self.config.steps, self.config.optimizer)
@@ -175,7 +179,9 @@ class Trainer:
     def state_tensors(self) -> tuple[dict[str, Tensor], dict[str, str]]:
         """Everything needed to resume: parameters, Adam moments, generator states (tensors)
         and step, LR-group settings (string metadata)."""
-        tensors = {f"param.{i}": p.detach() for i, p in enumerate(self.model.trainable_parameters())}
+        tensors = {
+            f"param.{i}": p.detach() for i, p in enumerate(self.model.trainable_parameters())
+        }
         opt_state = self.optimizer.state_dict()
         for i, state in opt_state["state"].items():
             for key, value in state.items():
@@ -195,7 +201,9 @@ class Trainer:
         for key, value in tensors.items():
             if key.startswith("optim."):
                 _, i, name = key.split(".", 2)
-                state.setdefault(int(i), {})[name] = value.to(self.device) if name != "step" else value
+                state.setdefault(int(i), {})[name] = (
+                    value.to(self.device) if name != "step" else value
+                )
         self.optimizer.load_state_dict(
             {"state": state, "param_groups": json.loads(meta["param_groups"])}
         )
@@ -228,7 +236,9 @@ def _stop_requests() -> Iterator[threading.Event]:
             signal.signal(sig, old)
 
 
-def step_record(trainer: Trainer, terms: dict[str, Tensor], ci_lower: dict[str, Tensor]) -> dict[str, float]:
+def step_record(
+    trainer: Trainer, terms: dict[str, Tensor], ci_lower: dict[str, Tensor]
+) -> dict[str, float]:
     """One metrics.jsonl row: loss terms, LR, and mean CI-L0 per module on this batch."""
     record = {k: v.item() for k, v in terms.items()}
     record["lr"] = trainer.optimizer.param_groups[0]["lr"]
