@@ -20,12 +20,23 @@ class Components(nn.Module):
     def __init__(self, d_in: int, d_out: int, C: int, bias: Tensor | None) -> None:
         super().__init__()
         self.C, self.d_in, self.d_out = C, d_in, d_out
-        # Init (documented in the README): V ~ N(0, 1/d_in) keeps h = a @ Vᵀ at the scale of a;
-        # U ~ N(0, 1/C) keeps U h at that scale too. Nothing is taken from W: the faithfulness
-        # loss pulls U V to W within the first few hundred steps.
+        # "normal" init: V ~ N(0, 1/d_in) keeps h = a @ Vᵀ at the scale of a; U ~ N(0, 1/C)
+        # keeps U h at that scale too. `init_from_target` replaces it (the default).
         self.V = nn.Parameter(torch.randn(C, d_in) / math.sqrt(d_in))
         self.U = nn.Parameter(torch.randn(d_out, C) / math.sqrt(C))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @torch.no_grad()
+    def init_from_target(self, W: Tensor) -> None:
+        """Random unit directions u_c, v_c, each rank-one term scaled by its overlap with W:
+        U_c V_cᵀ = ⟨u_c v_cᵀ, W⟩_F u_c v_cᵀ. The sum starts as a noisy multiple of W instead of
+        an unrelated matrix of W's size; in short TMS runs this avoided the local minimum where
+        one subcomponent serves two features through opposite signs of V (README)."""
+        W = W.detach().to(self.U.dtype)
+        self.U.copy_(torch.nn.functional.normalize(torch.randn_like(self.U), dim=0))
+        self.V.copy_(torch.nn.functional.normalize(torch.randn_like(self.V), dim=1))
+        overlap = torch.einsum("oc,ci,oi->c", self.U, self.V, W)  # [C]
+        self.U.mul_(overlap)
 
     def inner(self, x: Tensor) -> Tensor:
         """Inner activations h [..., C] = a @ Vᵀ (the input of the CI functions)."""

@@ -98,6 +98,11 @@ class SPDConfig(StrictModel):
     ci_hidden_dim: int = Field(
         default=16, ge=1, description="hidden GELU width of each causal-importance MLP (d_gate)"
     )
+    component_init: Literal["target_projection", "normal"] = Field(
+        default="target_projection",
+        description="U, V init: random rank-one terms scaled by their overlap with W, or "
+        "V ~ N(0, 1/d_in), U ~ N(0, 1/C)",
+    )
     faithfulness_coeff: float = Field(default=1.0, ge=0, description="weight of L_faithfulness")
     stochastic_recon_coeff: float = Field(
         default=1.0, ge=0, description="weight of L_stochastic-recon (β1)"

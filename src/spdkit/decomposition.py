@@ -47,7 +47,9 @@ class Decomposition:
 def build_trainer(target: nn.Module, data: DataSource, config: SPDConfig, device: str) -> Trainer:
     """Wrap the target and set up training; the component init is fixed by config.seed."""
     torch.manual_seed(config.seed)
-    model = ComponentModel(target.to(device), config.modules, config.ci_hidden_dim).to(device)
+    model = ComponentModel(
+        target.to(device), config.modules, config.ci_hidden_dim, config.component_init
+    ).to(device)
     return Trainer(model, data, config, device)
 
 
@@ -97,7 +99,7 @@ def load(run_dir: str | Path, device: str = "cpu") -> Decomposition:
     run_dir = Path(run_dir)
     config = runs.load_run_config(run_dir)
     target, _ = runs.load_target(run_dir, config.target)
-    model = ComponentModel(target, config.modules, config.ci_hidden_dim)
+    model = ComponentModel(target, config.modules, config.ci_hidden_dim, config.component_init)
     path = run_dir / "components.safetensors"
     tensors, _ = runs.load_tensors(path)
     runs.load_component_tensors(model, tensors, path)

@@ -185,7 +185,9 @@ def draw_figures(decomp: Decomposition, run_dir: Path, ci_onehot: dict) -> None:
         n_live = int(non_negligible(subcomponent_norms(U, V), ev.norm_threshold).sum())
         safe = name.replace(".", "_")
         if name == feature_module and W.shape[0] == 2:
-            plots.plot_tms_vectors(W, U, V, fig_dir / f"vectors_{safe}.png", n_show=n_live + 1)
+            plots.plot_tms_vectors(
+                W, U, V, fig_dir / f"vectors_{safe}.png", n_show=min(n_live + 1, 8)
+            )
         if W.shape[0] == W.shape[1] and W.shape[0] <= 64:
             plots.plot_matrix_decomposition(
                 W, U, V, fig_dir / f"matrix_{safe}.png", n_show=min(n_live + 1, 6), title=name

@@ -83,7 +83,13 @@ class ComponentModel(nn.Module):
     The target is modified in place (its decomposed modules are wrapped) and never copied.
     """
 
-    def __init__(self, target: nn.Module, specs: list[ModuleSpec], ci_hidden_dim: int) -> None:
+    def __init__(
+        self,
+        target: nn.Module,
+        specs: list[ModuleSpec],
+        ci_hidden_dim: int,
+        component_init: str = "target_projection",
+    ) -> None:
         super().__init__()
         matched = match_modules(target, specs)
         target.requires_grad_(False)
@@ -94,7 +100,10 @@ class ComponentModel(nn.Module):
         ci_fns = {}
         for name, C in matched.items():
             original = target.get_submodule(name)
-            wrapper = DecomposedModule(original, make_components(original, C))
+            components = make_components(original, C)
+            if component_init == "target_projection":
+                components.init_from_target(components.target_weight(original))
+            wrapper = DecomposedModule(original, components)
             _set_submodule(target, name, wrapper)
             self.decomposed[name] = wrapper
             ci_fns[_key(name)] = CausalImportance(C, ci_hidden_dim)
