@@ -188,3 +188,32 @@ def test_components_with_wrong_shape_are_named(finished_run, tmp_path):
         runs.RunDirError, match=r"missing tensor 'linear2\.V'.*'linear1\.U' has shape \[3, 8\]"
     ):
         load(copy)
+
+
+def test_decompose_and_load_a_user_model(tmp_path):
+    """The API on a model that is not a bundled target."""
+    from torch import nn
+
+    import spdkit
+
+    class Data:
+        def sample(self, batch_size, generator):
+            return torch.randn(batch_size, 4, generator=generator)
+
+    def make():
+        torch.manual_seed(5)
+        return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    data = tiny_tms_dict(modules=[{"pattern": "0", "C": 6}, {"pattern": "2", "C": 5}], steps=10)
+    del data["target"]
+    config = parse_config(data)
+    decomp = spdkit.decompose(make(), Data(), config, run_dir=tmp_path / "mine", progress=False)
+    assert decomp.subcomponents("0")[0].shape == (8, 6)
+    with pytest.raises(runs.RunDirError, match="pass load"):
+        load(tmp_path / "mine")
+    again = load(tmp_path / "mine", target=make())
+    for name in ("0", "2"):
+        for a, b in zip(decomp.subcomponents(name), again.subcomponents(name), strict=True):
+            assert torch.equal(a, b)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(again.causal_importance(x)["2"], decomp.causal_importance(x)["2"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,21 +95,31 @@ def decompose(
     return Decomposition(trainer.model, config, path)
 
 
-def load(run_dir: str | Path, device: str = "cpu") -> Decomposition:
-    """Load a finished run directory (safetensors only; nothing is unpickled)."""
+def load(
+    run_dir: str | Path, device: str = "cpu", target: nn.Module | None = None
+) -> Decomposition:
+    """Load a finished run directory (safetensors only; nothing is unpickled).
+
+    Bundled targets are rebuilt from target.json + target.safetensors; for your own model pass
+    a fresh instance as `target` (its weights are replaced by the saved ones).
+    """
     run_dir = Path(run_dir)
     config = runs.load_run_config(run_dir)
-    target, _ = runs.load_target(run_dir, config.target)
+    if target is None:
+        if config.target is None:
+            raise runs.RunDirError(
+                f"{run_dir}: the config names no bundled target; pass load(..., target=model)"
+            )
+        target, _ = runs.load_target(run_dir, config.target)
+    else:
+        tensors, _ = runs.load_tensors(run_dir / "target.safetensors")
+        runs.load_state_checked(target, tensors, run_dir / "target.safetensors")
     model = ComponentModel(target, config.modules, config.ci_hidden_dim, config.component_init)
     path = run_dir / "components.safetensors"
     tensors, _ = runs.load_tensors(path)
     runs.load_component_tensors(model, tensors, path)
     summary_path = run_dir / "summary.json"
-    summary = {}
-    if summary_path.is_file():
-        import json
-
-        summary = json.loads(summary_path.read_text())
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     return Decomposition(model.to(device), config, run_dir, summary)
 
 

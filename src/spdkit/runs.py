@@ -122,11 +122,11 @@ def load_target(path: Path, config: TargetConfig) -> tuple[nn.Module, dict]:
         raise RunDirError(f"target {st_path} does not match the config's target ({detail})")
     model = target_kind(config).build(config)
     tensors, _ = load_tensors(st_path)
-    _load_state_checked(model, tensors, st_path)
+    load_state_checked(model, tensors, st_path)
     return model.eval(), meta.get("info", {})
 
 
-def _load_state_checked(model: nn.Module, tensors: dict[str, Tensor], path: Path) -> None:
+def load_state_checked(model: nn.Module, tensors: dict[str, Tensor], path: Path) -> None:
     expected = model.state_dict()
     problems = [f"missing tensor {k!r}" for k in expected if k not in tensors]
     problems += [f"unexpected tensor {k!r}" for k in tensors if k not in expected]
