@@ -64,31 +64,38 @@ def run_experiment(
     """Train or load the target, decompose it into `out`, then evaluate and draw figures."""
     device = resolve_device(device)
     if config.target is None:
-        raise ValueError(
-            "the config has no `target` section: `spdkit run` needs a bundled target kind"
-        )
+        raise ValueError("the config has no `target` section: `spdkit run` needs a bundled target")
     out = prepare_run_dir(Path(out))
     runs.save_config(out, config)
-    t0 = time.perf_counter()
     if target_path is not None:
         target, info = runs.load_target(target_path, config.target)
         info = {**info, "loaded_from": str(target_path)}
-    else:
-        target, info = target_kind(config.target).train(config.target, config.seed, device)
-    target_seconds = time.perf_counter() - t0
-    trainer = build_trainer(target, data_source(config), config, device)
-    runs.save_target(
-        out, trainer.model, config.target, {**info, "train_seconds": round(target_seconds, 2)}
-    )
-    return _train_and_finish(trainer, out, progress)
+        runs.save_target(out, target, config.target, info)
+    return _decompose_into(out, config, device, progress)
 
 
 def resume_run(run_dir: Path, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
-    """Continue a killed or interrupted run from its last checkpoint, then finish it."""
+    """Continue a killed or interrupted run from its last checkpoint, then finish it.
+
+    A run killed before its target was saved trains the target again (same seed, same target).
+    """
     device = resolve_device(device)
     run_dir = Path(run_dir)
     config = runs.load_run_config(run_dir)
-    target, _ = runs.load_target(run_dir, config.target)
+    if config.target is None:
+        raise runs.RunDirError(f"{run_dir}: `spdkit resume` needs a bundled target in config.yaml")
+    return _decompose_into(run_dir, config, device, progress)
+
+
+def _decompose_into(run_dir: Path, config: SPDConfig, device: str, progress: bool) -> dict:
+    """Target (saved one, else trained and saved), then training from the last checkpoint."""
+    if (run_dir / "target.safetensors").exists():
+        target, _ = runs.load_target(run_dir, config.target)
+    else:
+        t0 = time.perf_counter()
+        target, info = target_kind(config.target).train(config.target, config.seed, device)
+        info["train_seconds"] = round(time.perf_counter() - t0, 2)
+        runs.save_target(run_dir, target, config.target, info)
     trainer = build_trainer(target, data_source(config), config, device)
     ckpt = run_dir / runs.CHECKPOINT
     if ckpt.exists():

@@ -83,20 +83,22 @@ def load_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 
 # --- the target ------------------------------------------------------------------------------
-def target_state_dict(model: ComponentModel) -> dict[str, Tensor]:
-    """The target's own state dict, as before its modules were wrapped."""
+def target_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The target's own state dict, as before any of its modules were wrapped."""
+    target = model.target if isinstance(model, ComponentModel) else model
     out = {}
-    for key, value in model.target.state_dict().items():
+    for key, value in target.state_dict().items():
         if ".components." in f".{key}":
             continue
         out[key.replace(".original.", ".").removeprefix("original.")] = value
     return out
 
 
-def save_target(run_dir: Path, model: ComponentModel, config: TargetConfig, info: dict) -> None:
-    save_tensors(run_dir / "target.safetensors", target_state_dict(model))
+def save_target(run_dir: Path, model: nn.Module, config: TargetConfig, info: dict) -> None:
+    """target.json first: a run killed in between has no target.safetensors and retrains."""
     meta = {"kind": config.kind, "config": config.model_dump(mode="json"), "info": info}
     atomic_write_text(run_dir / "target.json", json.dumps(meta, indent=2))
+    save_tensors(run_dir / "target.safetensors", target_state_dict(model))
 
 
 def load_target(path: Path, config: TargetConfig) -> tuple[nn.Module, dict]:

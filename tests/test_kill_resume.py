@@ -1,0 +1,67 @@
+"""SIGKILL a real `spdkit run` at random moments, `spdkit resume`, compare bit for bit."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from spdkit import runs
+from tests.conftest import tiny_tms_dict
+
+SPDKIT = [sys.executable, "-c", "from spdkit.cli import main; main()"]
+
+
+def write_config(path):
+    data = tiny_tms_dict(steps=150, checkpoint_every=7, log_every=5)
+    data["target"]["train_steps"] = 300
+    path.write_text(yaml.safe_dump(data))
+
+
+def spdkit(*args, env):
+    return subprocess.run([*SPDKIT, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    write_config(tmp / "c.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = spdkit("run", str(tmp / "c.yaml"), "--out", str(tmp / "run"), "--quiet", env=env)
+    assert result.returncode == 0, result.stderr
+    tensors, _ = runs.load_tensors(tmp / "run" / "components.safetensors")
+    return tmp / "c.yaml", tensors, env
+
+
+@pytest.mark.parametrize("kill_point", range(5))
+def test_sigkill_then_resume_is_bit_identical(reference, tmp_path, kill_point):
+    config, expected, env = reference
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [*SPDKIT, "run", str(config), "--out", str(out), "--quiet"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while not (out / "config.yaml").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    # from "target training" through "training + checkpoints" to "evaluation"
+    time.sleep(random.Random(kill_point).uniform(0.0, 4.0))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    result = spdkit("resume", str(out), "--quiet", env=env)
+    assert result.returncode == 0, result.stderr
+    got, _ = runs.load_tensors(out / "components.safetensors")
+    assert set(got) == set(expected)
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    steps = [
+        yaml.safe_load(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == list(range(5, 151, 5))
