@@ -76,3 +76,12 @@ def test_out_of_range_cli_values_are_rejected():
     result = runner.invoke(app, ["run", "tms_5-2", "--steps", "0"])
     assert result.exit_code == 2
     assert "steps" in result.output
+
+
+def test_schema_is_json_with_every_field_described():
+    result = runner.invoke(app, ["schema"])
+    assert result.exit_code == 0
+    schema = json.loads(result.output)
+    props = schema["properties"]
+    assert {"importance_minimality_coeff", "pnorm", "modules", "optimizer"} <= set(props)
+    assert "β3" in props["importance_minimality_coeff"]["description"]

@@ -13,17 +13,26 @@ import typer
 
 from spdkit.config import ConfigError, bundled_config_names, load_config
 from spdkit.runs import RunDirError
+from spdkit.train import NonFiniteError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Stochastic Parameter Decomposition"
 )
 
-USER_ERRORS = (ConfigError, RunDirError, ValueError, FileExistsError, FileNotFoundError, OSError)
+USER_ERRORS = (
+    ConfigError,
+    RunDirError,
+    NonFiniteError,
+    ValueError,
+    FileExistsError,
+    FileNotFoundError,
+    OSError,
+)
 
 
 def _fail(err: Exception) -> None:
     typer.echo(f"error: {err}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(3 if isinstance(err, NonFiniteError) else 2)
 
 
 def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
@@ -146,6 +155,14 @@ def check(config: str = typer.Argument(..., help="bundled config name or YAML pa
     except ConfigError as err:
         _fail(err)
     typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
+
+
+@app.command()
+def schema() -> None:
+    """The config's JSON schema (for editors and validators)."""
+    from spdkit.config import SPDConfig
+
+    typer.echo(json.dumps(SPDConfig.model_json_schema(), indent=2))
 
 
 def main() -> None:  # pragma: no cover

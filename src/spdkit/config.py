@@ -128,6 +128,10 @@ class SPDConfig(StrictModel):
         description="how the CI MLPs run: fused C++ kernel (CPU), torch.compile, or eager; "
         "auto = fused on CPU when it builds, else eager",
     )
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        default="stop",
+        description="a NaN/inf loss or gradient: stop (keeping the last checkpoint) or skip the step",
+    )
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")

@@ -87,6 +87,22 @@ def spd_losses(
     return terms, ci_lower
 
 
+class NonFiniteError(RuntimeError):
+    """A loss term or gradient became NaN or infinite."""
+
+
+def nonfinite_problem(terms: dict[str, Tensor], params: list[torch.nn.Parameter]) -> str | None:
+    """None if every loss term and gradient is finite, else which ones are not."""
+    if bool(torch.isfinite(terms["total"])) and all(
+        p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params
+    ):
+        return None
+    bad = [k for k, v in terms.items() if k != "total" and not bool(torch.isfinite(v))]
+    if bad:
+        return f"non-finite loss term(s) {', '.join(bad)}"
+    return "non-finite gradient"
+
+
 def loss_coefficients(config: SPDConfig) -> dict[str, float]:
     return {
         "faithfulness": config.faithfulness_coeff,
@@ -123,6 +139,7 @@ class Trainer:
         self.data_generator = torch.Generator(device=device).manual_seed(config.seed + 1000)
         self.mask_generator = torch.Generator(device=device).manual_seed(config.seed + 2000)
         self.step = 0
+        self.skipped_steps = 0  # steps whose update was skipped for a non-finite loss/gradient
         self.ci_backend = {
             ci.set_backend(config.ci_backend, device) for ci in model.ci_fns.values()
         }.pop()
@@ -135,7 +152,13 @@ class Trainer:
         terms, ci_lower = spd_losses(self.model, x, self.config, self.mask_generator)
         self.optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
-        self.optimizer.step()
+        problem = nonfinite_problem(terms, self.model.trainable_parameters())
+        if problem is None:
+            self.optimizer.step()
+        elif self.config.on_nonfinite == "stop":
+            raise NonFiniteError(f"step {self.step + 1}: {problem}; the last checkpoint is kept")
+        else:
+            self.skipped_steps += 1
         self.step += 1
         return terms, ci_lower
 
@@ -189,7 +212,11 @@ class Trainer:
         tensors["rng.data"] = self.data_generator.get_state()
         tensors["rng.mask"] = self.mask_generator.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
-        meta = {"step": str(self.step), "param_groups": json.dumps(opt_state["param_groups"])}
+        meta = {
+            "step": str(self.step),
+            "skipped_steps": str(self.skipped_steps),
+            "param_groups": json.dumps(opt_state["param_groups"]),
+        }
         return tensors, meta
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
@@ -211,6 +238,7 @@ class Trainer:
         self.mask_generator.set_state(tensors["rng.mask"])
         torch.set_rng_state(tensors["rng.torch"])
         self.step = int(meta["step"])
+        self.skipped_steps = int(meta.get("skipped_steps", 0))
 
 
 @contextlib.contextmanager
@@ -242,6 +270,8 @@ def step_record(
     """One metrics.jsonl row: loss terms, LR, and mean CI-L0 per module on this batch."""
     record = {k: v.item() for k, v in terms.items()}
     record["lr"] = trainer.optimizer.param_groups[0]["lr"]
+    if trainer.skipped_steps:
+        record["skipped_steps"] = trainer.skipped_steps
     threshold = trainer.config.eval.ci_threshold
     for name, g in ci_lower.items():
         record[f"l0/{name}"] = (g.detach() > threshold).float().sum(-1).mean().item()

@@ -1,0 +1,53 @@
+"""The training loop: LR schedules, the non-finite guard."""
+
+import math
+
+import pytest
+import torch
+
+from spdkit.config import OptimizerConfig, parse_config
+from spdkit.decomposition import build_trainer, data_source
+from spdkit.targets import target_kind
+from spdkit.train import NonFiniteError, lr_at
+from tests.conftest import tiny_tms_dict
+
+
+def test_lr_schedules():
+    const = OptimizerConfig(lr=1.0)
+    assert [lr_at(s, 10, const) for s in (0, 5, 9)] == [1.0, 1.0, 1.0]
+    cos = OptimizerConfig(lr=2.0, lr_schedule="cosine")
+    assert lr_at(0, 100, cos) == pytest.approx(2.0)
+    assert lr_at(50, 100, cos) == pytest.approx(1.0)
+    assert lr_at(99, 100, cos) == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 0.99)))
+    lin = OptimizerConfig(lr=1.0, lr_schedule="linear", warmup_frac=0.1)
+    assert [lr_at(s, 100, lin) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert lr_at(10, 100, lin) == pytest.approx(1.0)
+    assert lr_at(55, 100, lin) == pytest.approx(0.5)
+
+
+def poisoned_trainer(mode: str):
+    config = parse_config(tiny_tms_dict(on_nonfinite=mode, steps=10))
+    target = target_kind(config.target).build(config.target)
+    trainer = build_trainer(target, data_source(config), config, "cpu")
+    trainer.train_step()
+    with torch.no_grad():
+        trainer.model.components("linear1").V[0, 0] = float("nan")
+    return trainer
+
+
+def test_nonfinite_loss_stops_naming_the_term_and_step():
+    trainer = poisoned_trainer("stop")
+    before = [p.detach().clone() for p in trainer.model.trainable_parameters()]
+    with pytest.raises(NonFiniteError, match=r"step 2: non-finite loss term\(s\) faithfulness"):
+        trainer.train_step()
+    after = trainer.model.trainable_parameters()
+    for a, b in zip(before, after, strict=True):  # no update was applied
+        assert torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
+
+
+def test_nonfinite_loss_can_skip_the_update():
+    trainer = poisoned_trainer("skip")
+    ci_before = trainer.model.ci_fn("linear2").w_in.detach().clone()
+    trainer.train_step()
+    assert trainer.skipped_steps == 1 and trainer.step == 2
+    assert torch.equal(trainer.model.ci_fn("linear2").w_in, ci_before)  # no update applied
