@@ -67,10 +67,10 @@ def plot_matrix_decomposition(
     target, U, V = (t.detach().cpu().float() for t in (target, U, V))
     norms = (U.norm(dim=0) * V.norm(dim=1)).numpy()
     order = np.argsort(-norms)[:n_show]
-    panels = [("target", target.numpy()), ("sum of all subcomponents", (U @ V).numpy())]
-    panels += [(f"subcomp {c} (‖·‖={norms[c]:.2f})", np.outer(U[:, c], V[c])) for c in order]
+    panels = [("target", target.numpy()), ("sum of all", (U @ V).numpy())]
+    panels += [(f"c={c}, ‖·‖={norms[c]:.2f}", np.outer(U[:, c], V[c])) for c in order]
     vmax = max(float(np.abs(p).max()) for _, p in panels[:2])
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.3 * len(panels), 2.6))
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8))
     for ax, (name, mat) in zip(np.atleast_1d(axes), panels, strict=True):
         im = ax.imshow(mat, cmap="RdBu", vmin=-vmax, vmax=vmax)
         ax.set_title(name, fontsize=9)
