@@ -65,3 +65,29 @@ def test_sigkill_then_resume_is_bit_identical(reference, tmp_path, kill_point):
         yaml.safe_load(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
     ]
     assert steps == list(range(5, 151, 5))
+
+
+def test_sigterm_stops_cleanly_with_a_checkpoint_and_a_hint(reference, tmp_path):
+    config, expected, env = reference
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [*SPDKIT, "run", str(config), "--out", str(out), "--quiet"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 130, stderr
+    assert f"spdkit resume {out}" in stderr and "Traceback" not in stderr
+    _, meta = runs.load_tensors(out / runs.CHECKPOINT)
+    assert 0 < int(meta["step"]) < 150
+    assert spdkit("resume", str(out), "--quiet", env=env).returncode == 0
+    got, _ = runs.load_tensors(out / "components.safetensors")
+    assert all(torch.equal(got[k], expected[k]) for k in expected)

@@ -35,6 +35,13 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(3 if isinstance(err, NonFiniteError) else 2)
 
 
+def _interrupted(run_dir: Path) -> None:
+    typer.echo(
+        f"interrupted: checkpoint written; continue with `spdkit resume {run_dir}`", err=True
+    )
+    raise typer.Exit(130)
+
+
 def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     """The headline numbers of a run, then where everything else is."""
     fl = summary["final_losses"]
@@ -101,6 +108,8 @@ def run(
         summary = run_experiment(cfg, run_dir, device, target, progress=not quiet)
     except USER_ERRORS as err:
         _fail(err)
+    except KeyboardInterrupt:
+        _interrupted(run_dir)
     _print_summary(summary, run_dir)
 
 
@@ -117,6 +126,8 @@ def resume(
         summary = resume_run(run_dir, device, progress=not quiet)
     except USER_ERRORS as err:
         _fail(err)
+    except KeyboardInterrupt:
+        _interrupted(run_dir)
     _print_summary(summary, run_dir)
 
 
