@@ -65,7 +65,7 @@ def train_in_run_dir(trainer: Trainer, run_dir: Path | None, progress: bool = Tr
 
     def on_checkpoint(t: Trainer) -> None:
         tensors, meta = t.state_tensors()
-        runs.save_tensors(run_dir / runs.CHECKPOINT, tensors, meta)
+        runs.save_checkpoint(run_dir, tensors, meta)
 
     trainer.run(on_log=on_log, on_checkpoint=on_checkpoint, progress=progress)
     runs.save_tensors(run_dir / "components.safetensors", runs.component_tensors(trainer.model))

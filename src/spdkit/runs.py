@@ -226,3 +226,12 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 
 
 CHECKPOINT = Path("checkpoint") / "latest.safetensors"
+
+
+def save_checkpoint(run_dir: Path, tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
+    """The checkpoint is one safetensors file (tensors + metadata), replaced atomically, so it
+    is always complete and self-consistent. latest.json mirrors its metadata for people; it is
+    never read back."""
+    save_tensors(run_dir / CHECKPOINT, tensors, meta)
+    readable = {k: json.loads(v) if k == "param_groups" else v for k, v in meta.items()}
+    atomic_write_text(run_dir / CHECKPOINT.with_suffix(".json"), json.dumps(readable, indent=2))
