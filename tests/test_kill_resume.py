@@ -38,23 +38,30 @@ def reference(tmp_path_factory):
     return tmp / "c.yaml", tensors, env
 
 
+def start_run(config, out, env, wait_for: str) -> subprocess.Popen:
+    """Start `spdkit run` in a subprocess and return once out/wait_for exists."""
+    proc = subprocess.Popen(
+        [*SPDKIT, "run", str(config), "--out", str(out), "--quiet"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not (out / wait_for).exists() and time.time() < deadline:
+        time.sleep(0.05)
+    return proc
+
+
 @pytest.mark.parametrize("kill_point", range(5))
 def test_sigkill_then_resume_is_bit_identical(reference, tmp_path, kill_point):
     config, expected, env = reference
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [*SPDKIT, "run", str(config), "--out", str(out), "--quiet"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 120
-    while not (out / "config.yaml").exists() and time.time() < deadline:
-        time.sleep(0.05)
+    proc = start_run(config, out, env, "config.yaml")
     # from "target training" through "training + checkpoints" to "evaluation"
     time.sleep(random.Random(kill_point).uniform(0.0, 4.0))
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     result = spdkit("resume", str(out), "--quiet", env=env)
     assert result.returncode == 0, result.stderr
     got, _ = runs.load_tensors(out / "components.safetensors")
@@ -70,16 +77,7 @@ def test_sigkill_then_resume_is_bit_identical(reference, tmp_path, kill_point):
 def test_sigterm_stops_cleanly_with_a_checkpoint_and_a_hint(reference, tmp_path):
     config, expected, env = reference
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [*SPDKIT, "run", str(config), "--out", str(out), "--quiet"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 120
-    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
-        time.sleep(0.05)
+    proc = start_run(config, out, env, "metrics.jsonl")
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     if proc.returncode == 0:
