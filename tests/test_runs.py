@@ -161,7 +161,7 @@ def test_damaged_run_directory_is_a_clear_error(finished_run, tmp_path, victim):
 
 
 def test_a_pickle_checkpoint_is_refused_without_running_it(tmp_path):
-    import pickle
+    import pickle  # only to craft the malicious file; spdkit itself never unpickles
 
     class Boom:
         def __reduce__(self):

@@ -26,7 +26,7 @@ from spdkit.metrics import (
     subcomponent_norms,
 )
 from spdkit.targets import target_kind
-from spdkit.train import LOSS_TERMS, spd_losses
+from spdkit.train import LOSS_TERMS, Trainer, spd_losses
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def _decompose_into(run_dir: Path, config: SPDConfig, device: str, progress: boo
     return _train_and_finish(trainer, run_dir, progress)
 
 
-def _train_and_finish(trainer, run_dir: Path, progress: bool) -> dict[str, Any]:
+def _train_and_finish(trainer: Trainer, run_dir: Path, progress: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     start_step = trainer.step
     train_in_run_dir(trainer, run_dir, progress)

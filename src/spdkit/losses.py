@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -50,8 +49,7 @@ def importance_minimality_loss(
     batch dim (averaged). g⁺ ≥ 0, so |g⁺|^p = (g⁺ + eps)^p; eps keeps the gradient finite at 0
     when p < 1.
     """
-    total = sum(((g + eps) ** pnorm).sum(-1).mean() for g in ci_upper)
-    return torch.as_tensor(total)
+    return sum(((g + eps) ** pnorm).sum(-1).mean() for g in ci_upper)  # type: ignore[return-value]
 
 
 def stochastic_masks(ci_lower: Tensor, r: Tensor) -> Tensor:
@@ -66,7 +64,7 @@ def stochastic_recon_loss(
 
     `y_masked` holds the S outputs where every decomposed module ran from its masked components.
     """
-    return sum(divergence(y, y_target) for y in y_masked) / len(y_masked)
+    return _mean_divergence(y_masked, y_target, divergence)
 
 
 def stochastic_recon_layerwise_loss(
@@ -77,4 +75,8 @@ def stochastic_recon_layerwise_loss(
     `y_masked_layerwise` holds the L·S outputs where one module at a time ran from masked
     components and every other module from its original weights (paper §2.3).
     """
-    return sum(divergence(y, y_target) for y in y_masked_layerwise) / len(y_masked_layerwise)
+    return _mean_divergence(y_masked_layerwise, y_target, divergence)
+
+
+def _mean_divergence(outputs: Sequence[Tensor], y_target: Tensor, divergence: Divergence) -> Tensor:
+    return sum(divergence(y, y_target) for y in outputs) / len(outputs)  # type: ignore[return-value]
