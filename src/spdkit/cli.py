@@ -154,7 +154,7 @@ def list_() -> None:
         t = cfg.target
         mods = ", ".join(f"{m.pattern}(C={m.C})" for m in cfg.modules)
         typer.echo(
-            f"{name:<14} target {t.kind} {t.n_features}-{t.n_hidden}  steps {cfg.steps}  {mods}"
+            f"{name:<14} {t.describe():<40} steps {cfg.steps:<7} {mods}"
         )
 
 

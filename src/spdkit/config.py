@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -55,9 +55,38 @@ class TMSTargetConfig(StrictModel):
         default=5, ge=1, description="seeds tried until every feature is represented"
     )
 
+    def describe(self) -> str:
+        ident = "+ID" * self.n_hidden_layers
+        return f"tms {self.n_features}-{self.n_hidden}{ident}"
 
-# One target kind so far; later kinds join this union with `Field(discriminator="kind")`.
-TargetConfig = TMSTargetConfig
+
+class ResidMLPTargetConfig(StrictModel):
+    """Residual MLP computing y_i = x_i + ReLU(x_i) in superposition (paper: compressed computation
+    and cross-layer distributed representations): r = W_E x, r += W_out ReLU(W_in r) per layer,
+    output W_Eᵀ r, with a fixed random embedding of unit-norm rows."""
+
+    kind: Literal["resid_mlp"] = "resid_mlp"
+    n_features: int = Field(ge=1, description="number of input features")
+    d_resid: int = Field(default=1000, ge=1, description="residual stream width (d_resid)")
+    n_layers: int = Field(ge=1, description="number of residual MLP blocks")
+    d_mlp: int = Field(ge=1, description="ReLU neurons per block (d_mlp / n_layers in the paper)")
+    feature_probability: float = Field(
+        default=0.01, gt=0, le=1, description="probability that a feature is active"
+    )
+    train_steps: int = Field(default=10_000, ge=1, description="target training steps")
+    train_batch_size: int = Field(default=2048, ge=1, description="target training batch size")
+    train_lr: float = Field(
+        default=3e-3, gt=0, description="target AdamW max learning rate (cosine decay)"
+    )
+    train_weight_decay: float = Field(default=0.01, ge=0, description="target AdamW weight decay")
+
+    def describe(self) -> str:
+        return f"resid_mlp {self.n_features} features, {self.n_layers}x{self.d_mlp} neurons"
+
+
+TargetConfig = Annotated[TMSTargetConfig | ResidMLPTargetConfig, Field(discriminator="kind")]
+TARGET_CONFIGS: tuple[type[StrictModel], ...] = (TMSTargetConfig, ResidMLPTargetConfig)
+_TARGET_BY_KIND = {c.model_fields["kind"].default: c for c in TARGET_CONFIGS}
 
 
 class OptimizerConfig(StrictModel):
@@ -151,16 +180,29 @@ def format_validation_error(err: ValidationError, model: type[BaseModel] = SPDCo
     """One line per problem, naming the field (dotted path) and what would be valid."""
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        loc = _strip_union_tags(e["loc"])
+        where = ".".join(str(p) for p in loc) or "<root>"
         if e["type"] == "extra_forbidden":
             allowed = _allowed_fields(model, e["loc"][:-1])
             hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
-            lines.append(f"{loc}: unknown field{hint}")
+            lines.append(f"{where}: unknown field{hint}")
         elif e["type"] == "missing":
-            lines.append(f"{loc}: required field is missing")
+            lines.append(f"{where}: required field is missing")
+        elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            kinds = ", ".join(c.model_fields["kind"].default for c in TARGET_CONFIGS)
+            got = e.get("input", {}).get("kind") if isinstance(e.get("input"), dict) else None
+            what = "missing" if got is None else f"unknown ({got!r})"
+            lines.append(f"{where}.kind: {what} (allowed: {kinds})")
         else:
-            lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
+
+
+def _strip_union_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """`target.tms.n_features` → `target.n_features`: pydantic puts the union tag in the path."""
+    if len(loc) > 1 and loc[0] == "target" and loc[1] in _TARGET_BY_KIND:
+        return (loc[0], *loc[2:])
+    return loc
 
 
 def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -169,15 +211,27 @@ def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     for part in loc:
         if isinstance(part, int):
             continue
+        if part in _TARGET_BY_KIND and current is not model:
+            current = _TARGET_BY_KIND[part]
+            continue
         fields = getattr(current, "model_fields", None)
         if not fields or part not in fields:
             return []
         annotation = fields[part].annotation
-        args = getattr(annotation, "__args__", ())
+        args = _flatten_args(annotation)
         current = next((a for a in (annotation, *args) if hasattr(a, "model_fields")), None)
-        if current is None:
+        if current is None and part == "target":
+            current = "target-union"  # resolved by the tag that follows
+        elif current is None:
             return []
     return sorted(getattr(current, "model_fields", {}))
+
+
+def _flatten_args(annotation: Any) -> tuple[Any, ...]:
+    out: list[Any] = []
+    for a in getattr(annotation, "__args__", ()):
+        out.extend([a, *_flatten_args(a)])
+    return tuple(out)
 
 
 def bundled_config_names() -> list[str]:

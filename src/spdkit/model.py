@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import itertools
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -18,6 +19,9 @@ from torch import Tensor, nn
 from spdkit.components import Components, is_decomposable, make_components
 from spdkit.config import ModuleSpec
 from spdkit.importance import CausalImportance
+
+
+_RECORD_COUNTER = itertools.count()
 
 
 class DecomposedModule(nn.Module):
@@ -31,6 +35,7 @@ class DecomposedModule(nn.Module):
         self.inner: Tensor | None = None  # precomputed x @ Vᵀ for this forward's input
         self.record_input = False
         self.recorded_input: Tensor | None = None
+        self.record_order = 0  # when it ran in the last recording forward
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mask is not None:
@@ -44,6 +49,7 @@ class DecomposedModule(nn.Module):
                     "decompose a module that is called once per forward"
                 )
             self.recorded_input = x
+            self.record_order = next(_RECORD_COUNTER)
         return self.original(x)
 
 
@@ -108,6 +114,8 @@ class ComponentModel(nn.Module):
             self.decomposed[name] = wrapper
             ci_fns[_key(name)] = CausalImportance(C, ci_hidden_dim)
         self.ci_fns = nn.ModuleDict(ci_fns)
+        # decomposed modules in the order the target runs them (known after a recording forward)
+        self.execution_order: list[str] = list(matched)
 
     # --- parts -----------------------------------------------------------------------------
     def components(self, name: str) -> Components:
@@ -161,11 +169,20 @@ class ComponentModel(nn.Module):
         try:
             y = self.target(x)
             inputs = {n: self.decomposed[n].recorded_input for n in self.module_names}
+            self.execution_order = sorted(
+                self.module_names, key=lambda n: self.decomposed[n].record_order
+            )
         finally:
             for wrapper in self.decomposed.values():
                 wrapper.record_input = False
                 wrapper.recorded_input = None
         return y, inputs  # type: ignore[return-value]
+
+    @property
+    def first_module(self) -> str:
+        """The decomposed module the target runs first: in any masked forward its input is the
+        target's (nothing before it is masked), so its inner activations can be reused."""
+        return self.execution_order[0]
 
     def inner_acts(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """h [..., C] = a @ Vᵀ for each module, from its (target) input."""

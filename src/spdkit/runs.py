@@ -115,7 +115,12 @@ def load_target(path: Path, config: TargetConfig) -> tuple[nn.Module, dict]:
     except json.JSONDecodeError as err:
         raise RunDirError(f"{json_path}: not valid JSON ({err})") from None
     saved = meta.get("config", {})
-    arch_keys = [k for k in ("kind", "n_features", "n_hidden", "n_hidden_layers") if k in saved]
+    if saved.get("kind") != config.kind:
+        raise RunDirError(
+            f"{st_path}: target kind {saved.get('kind')!r} does not match the config's "
+            f"{config.kind!r}"
+        )
+    arch_keys = [k for k in target_kind(config).architecture if k in saved]
     mismatch = {
         k: (saved[k], getattr(config, k)) for k in arch_keys if saved[k] != getattr(config, k)
     }

@@ -71,7 +71,9 @@ def spd_losses(
             for n, g in ci_lower.items()
         }
         if config.stochastic_recon_coeff > 0:
-            full_outputs.append(model(x, masks))
+            # the first module sees the target's input here too: reuse its inner activations
+            first = model.first_module
+            full_outputs.append(model(x, masks, inner={first: inner[first]}))
         if config.stochastic_recon_layerwise_coeff > 0:
             # only module n is masked, so its input is the target's: reuse its inner activations
             layerwise_outputs += [model(x, {n: masks[n]}, inner={n: inner[n]}) for n in names]

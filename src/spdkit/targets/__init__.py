@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from spdkit.config import TargetConfig
-from spdkit.targets import tms
+from spdkit.targets import resid_mlp, tms
 
 
 class DataSource(Protocol):
@@ -27,6 +27,8 @@ class TargetKind:
     data: Callable[[Any], DataSource]
     # module whose weight columns are the ground-truth feature directions (MMCS / ML2R)
     feature_module: str | None
+    # config fields that fix the architecture: a saved target must agree on all of them
+    architecture: tuple[str, ...]
 
 
 TARGET_KINDS: dict[str, TargetKind] = {
@@ -35,6 +37,14 @@ TARGET_KINDS: dict[str, TargetKind] = {
         train=tms.train_tms,
         data=lambda c: tms.SparseFeatureData(c.n_features, c.feature_probability),
         feature_module="linear1",
+        architecture=("n_features", "n_hidden", "n_hidden_layers"),
+    ),
+    "resid_mlp": TargetKind(
+        build=resid_mlp.build_resid_mlp,
+        train=resid_mlp.train_resid_mlp,
+        data=resid_mlp.data_source,
+        feature_module=None,
+        architecture=("n_features", "d_resid", "n_layers", "d_mlp"),
     ),
 }
 

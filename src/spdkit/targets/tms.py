@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spdkit.config import TMSTargetConfig
+from spdkit.targets.data import SparseFeatureData, sample_sparse_features
+
+__all__ = ["SparseFeatureData", "TMSModel", "sample_sparse_features", "train_tms"]
 
 log = logging.getLogger(__name__)
 
@@ -52,32 +55,6 @@ class TMSModel(nn.Module):
         for layer in self.hidden_layers:
             h = layer(h)
         return F.relu(F.linear(h, self.linear1.weight.T, self.linear2.bias))
-
-
-def sample_sparse_features(
-    batch_size: int,
-    n_features: int,
-    probability: float,
-    generator: torch.Generator,
-    low: float = 0.0,
-    high: float = 1.0,
-) -> Tensor:
-    """[batch, n_features]: each feature independently active with `probability`, value U[low, high]."""
-    device = generator.device
-    active = torch.rand(batch_size, n_features, generator=generator, device=device) < probability
-    values = torch.rand(batch_size, n_features, generator=generator, device=device)
-    return torch.where(active, low + (high - low) * values, 0.0)
-
-
-@dataclass(frozen=True)
-class SparseFeatureData:
-    """The SPD data source of a TMS target: the same distribution it was trained on."""
-
-    n_features: int
-    probability: float
-
-    def sample(self, batch_size: int, generator: torch.Generator) -> Tensor:
-        return sample_sparse_features(batch_size, self.n_features, self.probability, generator)
 
 
 def build_tms(config: TMSTargetConfig) -> TMSModel:

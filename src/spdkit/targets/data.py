@@ -1,0 +1,38 @@
+"""Sparse-feature data shared by the toy targets: each feature independently active."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def sample_sparse_features(
+    batch_size: int,
+    n_features: int,
+    probability: float,
+    generator: torch.Generator,
+    low: float = 0.0,
+    high: float = 1.0,
+) -> Tensor:
+    """[batch, n_features]: each feature independently active with `probability`, value U[low, high]."""
+    device = generator.device
+    active = torch.rand(batch_size, n_features, generator=generator, device=device) < probability
+    values = torch.rand(batch_size, n_features, generator=generator, device=device)
+    return torch.where(active, low + (high - low) * values, 0.0)
+
+
+@dataclass(frozen=True)
+class SparseFeatureData:
+    """The SPD data source of a toy target: the distribution it was trained on."""
+
+    n_features: int
+    probability: float
+    low: float = 0.0
+    high: float = 1.0
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> Tensor:
+        return sample_sparse_features(
+            batch_size, self.n_features, self.probability, generator, self.low, self.high
+        )
