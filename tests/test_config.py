@@ -44,6 +44,12 @@ BAD_FIELDS = [
     ),
     ({"target": {"kind": "tms", "n_features": 0, "n_hidden": 2}}, "target.n_features"),
     ({"seed": "abc"}, "seed"),
+    ({"target": {"n_features": 5, "n_hidden": 2}}, "target.kind"),
+    ({"target": {"kind": "mlp", "n_features": 5}}, "target.kind"),
+    (
+        {"target": {"kind": "resid_mlp", "n_features": 5, "n_layers": 0, "d_mlp": 2}},
+        "target.n_layers",
+    ),
     ({"ci_backend": "gpu"}, "ci_backend"),
 ]
 
@@ -93,3 +99,13 @@ def test_yaml_file_overrides_and_errors(tmp_path):
     path.write_text("- just a list")
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_config(path)
+
+
+def test_target_kind_errors_list_the_kinds_and_fields():
+    with pytest.raises(
+        ConfigError, match=r"target.kind: unknown \('mlp'\) \(allowed: tms, resid_mlp\)"
+    ):
+        parse_config(tiny_tms_dict(target={"kind": "mlp"}))
+    bad = {"kind": "resid_mlp", "n_features": 5, "n_layers": 1, "d_mlp": 2, "n_hidden": 3}
+    with pytest.raises(ConfigError, match=r"target.n_hidden: unknown field \(allowed: d_mlp, "):
+        parse_config(tiny_tms_dict(target=bad))

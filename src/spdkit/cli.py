@@ -131,6 +131,40 @@ def resume(
     _print_summary(summary, run_dir)
 
 
+@app.command()
+def sweep(
+    config: str = typer.Argument(..., help="bundled config name or YAML path"),
+    set_: list[str] = typer.Option(
+        [], "--set", help="grid axis: --set importance_minimality_coeff=1e-6,1e-5,1e-4"
+    ),
+    seeds: str = typer.Option("0", help="comma-separated seeds, e.g. 0,1,2"),
+    steps: int | None = typer.Option(None, min=1, help="overrides config.steps for every run"),  # noqa: UP007
+    out: Path | None = typer.Option(None, help="sweep directory (default runs/sweep-<config>)"),  # noqa: UP007
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    quiet: bool = typer.Option(False, help="no progress bars"),
+) -> None:
+    """Run a grid of configs x seeds; write sweep.md, sweep.json and sweep.png comparing them.
+    Re-running the same command reuses finished runs and resumes interrupted ones."""
+    from spdkit.sweep import parse_grid, run_sweep
+
+    name = Path(config).stem if config.endswith((".yaml", ".yml")) else config
+    sweep_dir = out or Path("runs") / f"sweep-{name}"
+    try:
+        grid = parse_grid(set_)
+        seed_list = [int(s) for s in seeds.split(",")]
+        overrides = {"steps": steps} if steps is not None else {}
+        rows = run_sweep(config, grid, seed_list, sweep_dir, overrides, device, not quiet)
+    except USER_ERRORS as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: re-run the same command to continue {sweep_dir}", err=True)
+        raise typer.Exit(130) from None
+    from spdkit.sweep import markdown_table
+
+    typer.echo(markdown_table(rows))
+    typer.echo(f"sweep directory: {sweep_dir}  (sweep.md, sweep.json, sweep.png)")
+
+
 @app.command(name="eval")
 def eval_(
     run_dir: Path = typer.Argument(..., help="a finished run directory"),
@@ -153,9 +187,7 @@ def list_() -> None:
         cfg = load_config(name)
         t = cfg.target
         mods = ", ".join(f"{m.pattern}(C={m.C})" for m in cfg.modules)
-        typer.echo(
-            f"{name:<14} {t.describe():<40} steps {cfg.steps:<7} {mods}"
-        )
+        typer.echo(f"{name:<14} {t.describe():<40} steps {cfg.steps:<7} {mods}")
 
 
 @app.command()

@@ -20,9 +20,13 @@ from spdkit.metrics import (
     causal_importance,
     mean_l0,
     mmcs_ml2r,
+    neuron_contributions_subcomponents,
+    neuron_contributions_target,
     non_negligible,
     one_hot_inputs,
     output_losses,
+    pearson_and_slope,
+    resid_mlp_verdict,
     subcomponent_norms,
 )
 from spdkit.targets import target_kind
@@ -152,17 +156,9 @@ def evaluate(
             "norms_sorted": [round(v, 5) for v in norms.sort(descending=True).values.tolist()],
             "n_active_on_one_hot": int((ci_onehot[name].max(0).values > ev.ci_threshold).sum()),
         }
-    feature_module = target_kind(config.target).feature_module
-    if feature_module in model.decomposed:
-        U, V = decomp.subcomponents(feature_module)
-        live = non_negligible(subcomponent_norms(U, V), ev.norm_threshold)
-        match = mmcs_ml2r(model.target_weight(feature_module), U, V, live)
-        summary["feature_match"] = {
-            "module": feature_module,
-            "mmcs": match.mmcs,
-            "ml2r": match.ml2r,
-            "matched_subcomponent": match.match,
-        }
+    analysis = TARGET_ANALYSES.get(config.target.kind)
+    if analysis is not None:
+        summary.update(analysis(decomp, ci_onehot, run_dir / "figures"))
     summary["ci_one_hot"] = {
         "input_value": ev.one_hot_value,
         "ci": {n: [[round(v, 4) for v in row] for row in g.tolist()] for n, g in ci_onehot.items()},
@@ -172,6 +168,63 @@ def evaluate(
     runs.write_summary(run_dir, summary)
     draw_figures(decomp, run_dir, ci_onehot)
     return summary
+
+
+def tms_feature_match(decomp: Decomposition, ci_onehot: dict, fig_dir: Path) -> dict[str, Any]:
+    """TMS: MMCS / ML2R of W's columns against the non-negligible subcomponents (paper §3.1)."""
+    config, model = decomp.config, decomp.model
+    feature_module = target_kind(config.target).feature_module
+    if feature_module not in model.decomposed:
+        return {}
+    U, V = decomp.subcomponents(feature_module)
+    live = non_negligible(subcomponent_norms(U, V), config.eval.norm_threshold)
+    match = mmcs_ml2r(model.target_weight(feature_module), U, V, live)
+    return {
+        "feature_match": {
+            "module": feature_module,
+            "mmcs": match.mmcs,
+            "ml2r": match.ml2r,
+            "matched_subcomponent": match.match,
+        }
+    }
+
+
+def resid_mlp_analysis(decomp: Decomposition, ci_onehot: dict, fig_dir: Path) -> dict[str, Any]:
+    """Residual MLP: the ground-truth verdict from CI on one-hot inputs, and neuron
+    contributions of the target vs each feature's W_in subcomponent (paper Figures 6-13)."""
+    model, target_cfg = decomp.model, decomp.config.target
+    names_in = [n for n in model.module_names if n.endswith("mlp_in")]
+    names_out = [n for n in model.module_names if n.endswith("mlp_out")]
+    verdict = resid_mlp_verdict(
+        {n: ci_onehot[n] for n in names_in},
+        {n: ci_onehot[n] for n in names_out},
+        n_neurons=target_cfg.n_layers * target_cfg.d_mlp,
+    )
+    out: dict[str, Any] = {"resid_mlp": {"verdict": verdict}}
+    layers = [n.removesuffix(".mlp_in") for n in names_in if f"{n[:-7]}.mlp_out" in names_out]
+    if not layers:
+        return out
+    W_E = model.target.W_E.detach().float().cpu()
+    target_parts, sub_parts = [], []
+    for layer in layers:
+        W_in = model.target_weight(f"{layer}.mlp_in").detach().float().cpu()
+        W_out = model.target_weight(f"{layer}.mlp_out").detach().float().cpu()
+        U_in, V_in = (t.float().cpu() for t in decomp.subcomponents(f"{layer}.mlp_in"))
+        U_out, V_out = (t.float().cpu() for t in decomp.subcomponents(f"{layer}.mlp_out"))
+        match = ci_onehot[f"{layer}.mlp_in"].argmax(dim=1).tolist()
+        target_parts.append(neuron_contributions_target(W_E, W_in, W_out))
+        sub_parts.append(neuron_contributions_subcomponents(W_E, U_in, V_in, U_out @ V_out, match))
+    target_nc, sub_nc = torch.cat(target_parts, dim=1), torch.cat(sub_parts, dim=1)
+    r, slope = pearson_and_slope(target_nc, sub_nc)
+    out["resid_mlp"]["neuron_contributions"] = {"pearson_r": r, "slope": slope}
+    plots.plot_neuron_contributions(target_nc, sub_nc, fig_dir / "neuron_contributions.png")
+    plots.plot_contribution_scatter(
+        target_nc, sub_nc, fig_dir / "neuron_contribution_pairs.png", r, slope
+    )
+    return out
+
+
+TARGET_ANALYSES = {"tms": tms_feature_match, "resid_mlp": resid_mlp_analysis}
 
 
 def draw_figures(decomp: Decomposition, run_dir: Path, ci_onehot: dict) -> None:
@@ -184,6 +237,9 @@ def draw_figures(decomp: Decomposition, run_dir: Path, ci_onehot: dict) -> None:
         fig_dir / "ci_one_hot.png",
         ev.ci_threshold,
         f"input feature (value {ev.one_hot_value})",
+        # residual MLPs: all C columns as in the paper, W_in | W_out side by side per layer
+        show_all=config.target.kind == "resid_mlp",
+        ncols=2 if config.target.kind == "resid_mlp" else None,
     )
     feature_module = target_kind(config.target).feature_module
     for name in model.module_names:

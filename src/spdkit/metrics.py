@@ -96,3 +96,123 @@ def output_losses(model: ComponentModel, x: Tensor, divergence: Divergence) -> d
         "unmasked": divergence(model(x, ones), y_target).item(),
         "zero_masked": divergence(model(x, zeros), y_target).item(),
     }
+
+
+# --- residual-MLP ground truth (paper: compressed computation, distributed representations) ---
+def greedy_feature_order(ci: Tensor, threshold: float) -> list[int]:
+    """Column order of ci [n_features, C] that shows the diagonal (paper Figures 8, 12, 13): for
+    each feature in turn, its highest-CI subcomponent not yet taken (if above `threshold`);
+    then the remaining subcomponents active on some feature, then the rest."""
+    ci = ci.detach().float().cpu()
+    active = set(torch.nonzero(ci.max(dim=0).values > threshold).flatten().tolist())
+    order: list[int] = []
+    taken: set[int] = set()
+    for row in ci:
+        for c in torch.argsort(row, descending=True).tolist():
+            if c in active and c not in taken:
+                if row[c] > threshold:
+                    order.append(c)
+                    taken.add(c)
+                break
+    order += sorted(active - taken)
+    return order + sorted(set(range(ci.shape[1])) - set(order))
+
+
+def neuron_contributions_target(W_E: Tensor, W_in: Tensor, W_out: Tensor) -> Tensor:
+    """[n_features, d_mlp]: (W_U[i] W_out) ⊙ (W_in W_E[:, i]) for every feature i (paper
+    "Toy Model of Compressed Computation"). Here W_E is [n_features, d_resid] (row i embeds
+    feature i) and W_U = W_Eᵀ, W_in [d_mlp, d_resid], W_out [d_resid, d_mlp]."""
+    return (W_E @ W_out) * (W_E @ W_in.T)
+
+
+def neuron_contributions_subcomponents(
+    W_E: Tensor, U_in: Tensor, V_in: Tensor, W_out_sum: Tensor, match: list[int]
+) -> Tensor:
+    """[n_features, d_mlp]: (W_U[i] Σ_c U_out V_out) ⊙ (U_in[:, m] V_in[m] W_E[:, i]) with
+    m = match[i], the W_in subcomponent that carries feature i (its highest CI on the one-hot
+    input). W_out enters as the sum of its subcomponents: it is one dense mechanism."""
+    m = torch.tensor(match, dtype=torch.long)
+    inner = (W_E * V_in[m]).sum(dim=1)  # [n_features]: V_in[m(i)] · W_E[i]
+    w_in_part = U_in[:, m].T * inner[:, None]  # [n_features, d_mlp]
+    return (W_E @ W_out_sum) * w_in_part
+
+
+def pearson_and_slope(x: Tensor, y: Tensor) -> tuple[float, float]:
+    """Pearson r and the least-squares slope of y on x (with intercept), over all entries."""
+    x, y = x.flatten().double(), y.flatten().double()
+    xc, yc = x - x.mean(), y - y.mean()
+    r = (xc @ yc) / (xc.norm() * yc.norm()).clamp_min(1e-300)
+    slope = (xc @ yc) / (xc @ xc).clamp_min(1e-300)
+    return r.item(), slope.item()
+
+
+@dataclass(frozen=True)
+class ResidVerdictRules:
+    """The ground-truth verdict for residual-MLP targets, stated as numbers (README §resid).
+
+    W_in, per layer: every feature has exactly one subcomponent with CI > `on`, and that
+    subcomponent has CI < `off` on every other feature (monosemantic).
+    W_out, across layers: the subcomponents with CI > `dense_ci` on at least `dense_fraction`
+    of the features form the dense rank-d_mlp mechanism; their number must equal the target's
+    neurons in all layers ± `dense_tolerance`.
+    Everything else is dead: CI < `off` on every feature.
+    """
+
+    on: float = 0.5
+    off: float = 0.1
+    dense_ci: float = 0.1
+    dense_fraction: float = 0.25
+    dense_tolerance: int = 2
+
+
+def resid_mlp_verdict(
+    ci_in: dict[str, Tensor],
+    ci_out: dict[str, Tensor],
+    n_neurons: int,
+    rules: ResidVerdictRules = ResidVerdictRules(),  # noqa: B008 (frozen dataclass)
+) -> dict:
+    """Counts behind the verdict, from CI on one-hot inputs ([n_features, C] per module)."""
+    layers_in = {}
+    all_mono = True
+    for name, ci in ci_in.items():
+        ci = ci.detach().float().cpu()
+        on = ci > rules.on  # [n_features, C]
+        per_feature = on.sum(dim=1)  # [n_features]
+        owner = ci.argmax(dim=1)  # [n_features]
+        mono = []
+        for i in range(ci.shape[0]):
+            others = torch.cat([ci[:i, owner[i]], ci[i + 1 :, owner[i]]])
+            mono.append(bool(per_feature[i] == 1 and (others < rules.off).all()))
+        dead = int((ci.max(dim=0).values < rules.off).sum())
+        mono_owners = {int(owner[i]) for i in range(ci.shape[0]) if mono[i]}
+        other = ci.shape[1] - dead - len(mono_owners)
+        layers_in[name] = {
+            "features_with_exactly_one": int((per_feature == 1).sum()),
+            "features_with_none": int((per_feature == 0).sum()),
+            "features_with_several": int((per_feature > 1).sum()),
+            "features_monosemantic": sum(mono),
+            "subcomponents_dead": dead,
+            "subcomponents_other": other,
+        }
+        all_mono &= sum(mono) == ci.shape[0] and other == 0
+    n_dense = n_dead_out = n_other_out = 0
+    for ci in ci_out.values():
+        ci = ci.detach().float().cpu()
+        frac = (ci > rules.dense_ci).float().mean(dim=0)  # [C]
+        dense = frac >= rules.dense_fraction
+        dead = ci.max(dim=0).values < rules.off
+        n_dense += int(dense.sum())
+        n_dead_out += int(dead.sum())
+        n_other_out += int((~dense & ~dead).sum())
+    dense_ok = abs(n_dense - n_neurons) <= rules.dense_tolerance
+    return {
+        "rules": rules.__dict__,
+        "w_in": layers_in,
+        "w_out": {
+            "dense": n_dense,
+            "expected_dense": n_neurons,
+            "dead": n_dead_out,
+            "other": n_other_out,
+        },
+        "ground_truth": bool(all_mono and dense_ok and n_other_out == 0),
+    }

@@ -20,7 +20,6 @@ from spdkit.components import Components, is_decomposable, make_components
 from spdkit.config import ModuleSpec
 from spdkit.importance import CausalImportance
 
-
 _RECORD_COUNTER = itertools.count()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from torch import Tensor  # noqa: E402
+
+from spdkit.metrics import greedy_feature_order  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -81,39 +84,119 @@ def plot_matrix_decomposition(
     return _save(fig, path)
 
 
-def order_by_feature(ci: np.ndarray, threshold: float) -> np.ndarray:
-    """Columns of ci [n_features, C] with max CI > threshold, greedily ordered: for each feature
-    in turn, its highest-CI subcomponent not yet taken; then the remaining active ones."""
-    active = set(np.nonzero(ci.max(axis=0) > threshold)[0].tolist())
-    order: list[int] = []
-    for i in range(ci.shape[0]):
-        for c in np.argsort(-ci[i]):
-            if c in active and c not in order:
-                if ci[i, c] > threshold:
-                    order.append(int(c))
-                break
-    order += sorted(active - set(order))
-    return np.array(order, dtype=int)
-
-
-def plot_ci_heatmaps(ci: dict[str, Tensor], path: Path, threshold: float, input_label: str) -> Path:
-    """CI on one-hot inputs, one panel per module: rows = input feature, columns = the
-    subcomponents that are ever active (CI > threshold), ordered to show the diagonal."""
+def plot_ci_heatmaps(
+    ci: dict[str, Tensor],
+    path: Path,
+    threshold: float,
+    input_label: str,
+    show_all: bool = False,
+    ncols: int | None = None,
+) -> Path:
+    """CI on one-hot inputs, one panel per module: rows = input feature, columns = subcomponents
+    greedily ordered to show the diagonal (paper Figures 8, 12, 13); only the ever-active ones
+    (CI > threshold) unless `show_all`."""
     names = list(ci)
+    ncols = ncols or len(names)
+    nrows = math.ceil(len(names) / ncols)
     fig, axes = plt.subplots(
-        1, len(names), figsize=(max(3.5, 0.9 + 0.12 * 40) * len(names), 4), squeeze=False
+        nrows, ncols, figsize=(max(3.5, 0.9 + 0.12 * 40) * ncols, 3.6 * nrows), squeeze=False
     )
-    for ax, name in zip(axes[0], names, strict=True):
-        mat = ci[name].detach().cpu().float().numpy()
-        order = order_by_feature(mat, threshold)
-        shown = mat[:, order] if order.size else np.zeros((mat.shape[0], 1))
-        im = ax.imshow(shown, aspect="auto", cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(f"{name}: {order.size} of {mat.shape[1]} subcomponents active", fontsize=9)
+    for ax in axes.flat[len(names) :]:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names, strict=False):
+        mat = ci[name].detach().cpu().float()
+        n_active = int((mat.max(dim=0).values > threshold).sum())
+        order = greedy_feature_order(mat, threshold)
+        order = order if show_all else order[:n_active]
+        shown = mat[:, order].numpy() if order else np.zeros((mat.shape[0], 1))
+        im = ax.imshow(
+            shown.clip(0, 1), aspect="auto", cmap="Reds", vmin=0, vmax=1, interpolation="nearest"
+        )
+        ax.set_title(f"{name}: {n_active} of {mat.shape[1]} active", fontsize=9)
         ax.set_xlabel("subcomponent (ordered)")
         ax.set_ylabel(input_label)
-        if order.size <= 40:
-            ax.set_xticks(range(order.size), [str(c) for c in order], fontsize=6, rotation=90)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="causal importance")
+        if len(order) <= 40:
+            ax.set_xticks(range(len(order)), [str(c) for c in order], fontsize=6, rotation=90)
+    fig.colorbar(im, ax=axes.flatten().tolist(), shrink=0.8, label="causal importance")
+    return _save(fig, path)
+
+
+def plot_neuron_contributions(
+    target: Tensor, subcomponent: Tensor, path: Path, n_show: int = 10
+) -> Path:
+    """Paper Figure 6: per-neuron contributions to the first `n_show` features, target (top)
+    vs the feature's W_in subcomponent (bottom). Inputs [n_features, n_neurons]."""
+    target, subcomponent = target.detach().cpu(), subcomponent.detach().cpu()
+    n_show = min(n_show, target.shape[0])
+    vmax = float(max(target[:n_show].abs().max(), subcomponent[:n_show].abs().max()))
+    fig, axes = plt.subplots(2, n_show, figsize=(1.6 * n_show, 3.6), sharey=True, squeeze=False)
+    neurons = np.arange(target.shape[1])
+    for i in range(n_show):
+        for row, (label, data) in enumerate((("target", target), ("subcomponent", subcomponent))):
+            ax = axes[row, i]
+            ax.bar(neurons, data[i].numpy(), width=1.0, color="C0" if row == 0 else "C3")
+            ax.set_ylim(-0.1 * vmax, 1.05 * vmax)
+            ax.set_xticks([])
+            if i == 0:
+                ax.set_ylabel(label, fontsize=8)
+            if row == 0:
+                ax.set_title(f"feature {i}", fontsize=8)
+    fig.supxlabel("neuron", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_contribution_scatter(
+    target: Tensor, subcomponent: Tensor, path: Path, r: float, slope: float
+) -> Path:
+    """Paper Figures 7, 10, 11: every (feature, neuron) contribution, target vs subcomponent."""
+    x = target.detach().cpu().flatten().numpy()
+    y = subcomponent.detach().cpu().flatten().numpy()
+    lim = float(max(np.abs(x).max(), np.abs(y).max(), 1e-9))
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.scatter(x, y, s=4, alpha=0.5)
+    ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.8, ls="--", label="y = x")
+    ax.set_xlim(-0.05 * lim, 1.05 * lim)
+    ax.set_ylim(-0.05 * lim, 1.05 * lim)
+    ax.set_xlabel("neuron contribution, target")
+    ax.set_ylabel("neuron contribution, W_in subcomponent")
+    ax.set_title(f"Pearson r = {r:.3f}, slope = {slope:.3f}", fontsize=9)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_ci_grid(
+    runs_ci: dict[str, dict[str, Tensor]], path: Path, threshold: float, title: str = ""
+) -> Path:
+    """Sweep figure (paper Figure 8): one column per run, one row per module, CI on one-hot
+    inputs with columns greedily ordered."""
+    labels = list(runs_ci)
+    modules = list(next(iter(runs_ci.values())))
+    fig, axes = plt.subplots(
+        len(modules),
+        len(labels),
+        figsize=(3.2 * len(labels), 2.9 * len(modules)),
+        squeeze=False,
+    )
+    for j, label in enumerate(labels):
+        for i, name in enumerate(modules):
+            mat = runs_ci[label][name].detach().cpu().float()
+            order = greedy_feature_order(mat, threshold)
+            im = axes[i, j].imshow(
+                mat[:, order].numpy().clip(0, 1),
+                aspect="auto",
+                cmap="Reds",
+                vmin=0,
+                vmax=1,
+                interpolation="nearest",
+            )
+            if i == 0:
+                axes[i, j].set_title(label, fontsize=9)
+            if j == 0:
+                axes[i, j].set_ylabel(f"{name}\ninput feature", fontsize=8)
+            axes[i, j].set_xlabel("subcomponent (ordered)", fontsize=7)
+    fig.colorbar(im, ax=axes.flatten().tolist(), shrink=0.6, label="causal importance")
+    if title:
+        fig.suptitle(title)
     return _save(fig, path)
 
 

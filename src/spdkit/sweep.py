@@ -1,0 +1,171 @@
+"""A grid of runs over config values and seeds, compared in one table and one figure.
+
+    spdkit sweep resid_mlp1 --set importance_minimality_coeff=1e-6,1e-5,1e-4 --seeds 0,1,2
+
+Each grid point is an ordinary run directory under the sweep directory, so a killed sweep picks
+up where it stopped: finished runs are reused, interrupted ones resumed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spdkit import plots, runs
+from spdkit.config import ConfigError, SPDConfig, load_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    values: dict[str, Any]  # dotted key → value
+    seed: int
+
+    @property
+    def name(self) -> str:
+        parts = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in self.values.items()]
+        return ",".join([*parts, f"seed{self.seed}"])
+
+    @property
+    def label(self) -> str:
+        parts = [
+            f"{_short(k)}={v:g}" if isinstance(v, float) else f"{_short(k)}={v}"
+            for k, v in self.values.items()
+        ]
+        return " ".join([*parts, f"s{self.seed}"])
+
+
+def _short(key: str) -> str:
+    """Paper symbols for the keys people sweep most, else the last part of the key."""
+    return {"importance_minimality_coeff": "β3", "pnorm": "p"}.get(key, key.rsplit(".", 1)[-1])
+
+
+def parse_grid(items: list[str]) -> dict[str, list[Any]]:
+    """["a.b=1,2", "c=x"] → {"a.b": [1, 2], "c": ["x"]}; values parsed as YAML scalars."""
+    import yaml
+
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise ConfigError(f"--set expects key=v1,v2,..., got {item!r}")
+        if key in grid:
+            raise ConfigError(f"--set {key} given twice")
+        grid[key] = [_scalar(yaml.safe_load(v)) for v in values.split(",")]
+    return grid
+
+
+def _scalar(value: Any) -> Any:
+    """YAML reads `1e-5` (no dot) as a string; a sweep value that looks like a number is one."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def grid_points(grid: dict[str, list[Any]], seeds: list[int]) -> list[GridPoint]:
+    keys = list(grid)
+    combos = itertools.product(*(grid[k] for k in keys)) if keys else [()]
+    return [GridPoint(dict(zip(keys, c, strict=True)), s) for c in combos for s in seeds]
+
+
+def point_config(base: str, point: GridPoint, overrides: dict[str, Any]) -> SPDConfig:
+    return load_config(base, {**overrides, **point.values, "seed": point.seed})
+
+
+def run_sweep(
+    base: str,
+    grid: dict[str, list[Any]],
+    seeds: list[int],
+    out: Path,
+    overrides: dict[str, Any] | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run (or reuse, or resume) every grid point, then write sweep.json, sweep.md, sweep.png."""
+    from spdkit.experiment import resume_run, run_experiment
+
+    points = grid_points(grid, seeds)
+    configs = [point_config(base, p, overrides or {}) for p in points]  # validate all first
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    targets: dict[str, Path] = {}  # one trained target per (target config, seed), shared
+    for i, (point, config) in enumerate(zip(points, configs, strict=True)):
+        run_dir = out / point.name
+        target_key = json.dumps([config.target.model_dump(mode="json"), config.seed])
+        log.info("sweep %d/%d: %s", i + 1, len(points), point.name)
+        if (run_dir / "summary.json").exists():
+            summary = json.loads((run_dir / "summary.json").read_text())
+        elif (run_dir / "config.yaml").exists():
+            summary = resume_run(run_dir, device, progress)
+        else:
+            summary = run_experiment(config, run_dir, device, targets.get(target_key), progress)
+        targets.setdefault(target_key, run_dir)
+        rows.append(sweep_row(point, summary, run_dir))
+    write_sweep_report(rows, out, configs[0].eval.ci_threshold)
+    return rows
+
+
+def sweep_row(point: GridPoint, summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The numbers that tell runs apart: losses, L0, and the target's ground-truth check."""
+    row: dict[str, Any] = {
+        "run": point.name,
+        "label": point.label,
+        "run_dir": str(run_dir),
+        **point.values,
+        "seed": point.seed,
+        "stochastic_recon": summary["final_losses"].get("stochastic_recon"),
+        "stochastic_recon_layerwise": summary["final_losses"].get("stochastic_recon_layerwise"),
+        "ci_masked_mse": summary["output_losses"]["ci_masked"],
+        "mean_ci_l0": sum(summary["mean_ci_l0"].values()),
+    }
+    if "feature_match" in summary:
+        row["mmcs"] = summary["feature_match"]["mmcs"]
+        row["ml2r"] = summary["feature_match"]["ml2r"]
+    if "resid_mlp" in summary:
+        v = summary["resid_mlp"]["verdict"]
+        row["w_in_monosemantic"] = sum(m["features_monosemantic"] for m in v["w_in"].values())
+        row["w_in_other"] = sum(m["subcomponents_other"] for m in v["w_in"].values())
+        row["w_out_dense"] = v["w_out"]["dense"]
+        row["w_out_other"] = v["w_out"]["other"]
+        row["ground_truth"] = v["ground_truth"]
+        nc = summary["resid_mlp"].get("neuron_contributions")
+        if nc:
+            row["neuron_contribution_r"] = nc["pearson_r"]
+    return row
+
+
+def write_sweep_report(rows: list[dict[str, Any]], out: Path, threshold: float) -> None:
+    runs.atomic_write_text(out / "sweep.json", json.dumps(rows, indent=2))
+    runs.atomic_write_text(out / "sweep.md", markdown_table(rows))
+    cis = {}
+    for row in rows:
+        summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
+        one_hot = summary["ci_one_hot"]
+        cis[row["label"]] = {n: torch.tensor(v) for n, v in one_hot["ci"].items()}
+    if cis:
+        plots.plot_ci_grid(cis, out / "sweep.png", threshold, "CI on one-hot inputs")
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    skip = {"run_dir", "label"}
+    keys = [k for k in rows[0] if k not in skip] if rows else []
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(k)) for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)

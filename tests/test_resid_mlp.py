@@ -1,0 +1,194 @@
+"""Residual-MLP targets, their ground-truth analysis (neuron contributions, the verdict), and
+the sweep command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from spdkit.cli import app
+from spdkit.config import ResidMLPTargetConfig, load_config, parse_config
+from spdkit.experiment import run_experiment
+from spdkit.metrics import (
+    greedy_feature_order,
+    neuron_contributions_subcomponents,
+    neuron_contributions_target,
+    pearson_and_slope,
+    resid_mlp_verdict,
+)
+from spdkit.targets.data import sample_sparse_features
+from spdkit.targets.resid_mlp import ResidMLP, labels, train_resid_mlp
+
+
+def tiny_resid_dict(**overrides) -> dict:
+    data = {
+        "seed": 0,
+        "target": {
+            "kind": "resid_mlp",
+            "n_features": 12,
+            "d_resid": 64,
+            "n_layers": 2,
+            "d_mlp": 4,
+            "feature_probability": 0.05,
+            "train_steps": 200,
+            "train_batch_size": 256,
+        },
+        "modules": [
+            {"pattern": "layers.*.mlp_in", "C": 16},
+            {"pattern": "layers.*.mlp_out", "C": 16},
+        ],
+        "importance_minimality_coeff": 1e-4,
+        "pnorm": 2,
+        "steps": 40,
+        "batch_size": 128,
+        "optimizer": {"lr": 2e-3},
+        "log_every": 10,
+        "eval": {"one_hot_value": 0.75, "n_eval_samples": 256},
+    }
+    data.update(overrides)
+    return data
+
+
+def test_model_shapes_embedding_and_labels():
+    model = ResidMLP(n_features=10, d_resid=40, n_layers=3, d_mlp=5)
+    assert torch.allclose(model.W_E.norm(dim=1), torch.ones(10))
+    x = sample_sparse_features(64, 10, 0.1, torch.Generator().manual_seed(0), -1.0, 1.0)
+    assert torch.allclose(model.embed(x), x @ model.W_E, atol=1e-6)
+    assert model(x).shape == (64, 10)
+    assert [n for n, _ in model.named_modules() if n.endswith("mlp_in")] == [
+        "layers.0.mlp_in",
+        "layers.1.mlp_in",
+        "layers.2.mlp_in",
+    ]
+    assert torch.equal(labels(torch.tensor([-0.5, 0.0, 0.5])), torch.tensor([-0.5, 0.0, 1.0]))
+
+
+def test_training_computes_relus_beyond_the_residual_stream():
+    cfg = ResidMLPTargetConfig(
+        n_features=12, d_resid=64, n_layers=1, d_mlp=6, feature_probability=0.05, train_steps=300
+    )
+    _, info = train_resid_mlp(cfg, seed=0)
+    # the MLP must remove a good part of the ReLU(x) error the identity path leaves
+    assert info["mse"] < 0.6 * info["mse_without_mlps"], info
+
+
+def test_bundled_configs_match_the_paper_appendix():
+    c1, c2, c3 = (load_config(f"resid_mlp{i}") for i in (1, 2, 3))
+    assert (c1.target.n_layers, c1.target.d_mlp, c1.target.n_features) == (1, 50, 100)
+    assert (c2.target.n_layers, c2.target.d_mlp, c3.target.n_features) == (2, 25, 102)
+    assert (c3.target.n_layers, c3.target.d_mlp, c3.ci_hidden_dim) == (3, 17, 128)
+    assert [m.C for m in c1.modules] == [100, 100] and c2.modules[0].C == 400
+    assert (c1.importance_minimality_coeff, c1.optimizer.lr, c1.steps) == (1e-5, 2e-3, 30_000)
+    assert c3.importance_minimality_coeff == 0.5e-5 and c1.eval.one_hot_value == 0.75
+    assert all(c.pnorm == 2 and c.batch_size == 2048 for c in (c1, c2, c3))
+
+
+def test_neuron_contributions_match_a_loop():
+    g = torch.Generator().manual_seed(0)
+    W_E, W_in, W_out = torch.randn(7, 20, generator=g), torch.randn(5, 20), torch.randn(20, 5)
+    got = neuron_contributions_target(W_E, W_in, W_out)
+    for i in range(7):
+        expected = (W_E[i] @ W_out) * (W_in @ W_E[i])
+        assert torch.allclose(got[i], expected, atol=1e-5)
+
+
+def test_subcomponent_contributions_equal_the_target_for_an_exact_per_feature_split():
+    # W_E = identity: feature i lives on axis i; W_in split into one rank-one piece per feature
+    n, d_mlp = 4, 3
+    W_E = torch.eye(n)
+    W_in, W_out = torch.randn(d_mlp, n), torch.randn(n, d_mlp)
+    U_in, V_in = W_in.clone(), torch.eye(n)  # U_in[:, m] V_in[m] = W_in[:, m] e_mᵀ
+    sub = neuron_contributions_subcomponents(W_E, U_in, V_in, W_out, match=list(range(n)))
+    assert torch.allclose(sub, neuron_contributions_target(W_E, W_in, W_out), atol=1e-6)
+    r, slope = pearson_and_slope(neuron_contributions_target(W_E, W_in, W_out), sub)
+    assert r == pytest.approx(1.0) and slope == pytest.approx(1.0)
+
+
+def test_pearson_and_slope():
+    x = torch.linspace(-1, 1, 50)
+    r, slope = pearson_and_slope(x, 2 * x + 1)
+    assert r == pytest.approx(1.0) and slope == pytest.approx(2.0)
+    r, _ = pearson_and_slope(x, -x)
+    assert r == pytest.approx(-1.0)
+
+
+def test_greedy_order_puts_each_feature_on_the_diagonal():
+    ci = torch.zeros(3, 5)
+    ci[0, 4], ci[1, 2], ci[2, 0], ci[2, 3] = 1.0, 0.9, 0.8, 0.3
+    assert greedy_feature_order(ci, 0.1) == [4, 2, 0, 3, 1]
+
+
+def _perfect_ci(n_features=10, C=16, n_dense=5):
+    ci_in = torch.zeros(n_features, C)
+    ci_in[torch.arange(n_features), torch.arange(n_features)] = 1.0
+    ci_out = torch.zeros(n_features, C)
+    ci_out[:, :n_dense] = torch.rand(n_features, n_dense) * 0.5 + 0.5
+    return ci_in, ci_out
+
+
+def test_verdict_accepts_the_ground_truth_and_counts_what_breaks_it():
+    ci_in, ci_out = _perfect_ci()
+    v = resid_mlp_verdict({"l0.in": ci_in}, {"l0.out": ci_out}, n_neurons=5)
+    assert v["ground_truth"]
+    assert v["w_in"]["l0.in"]["features_monosemantic"] == 10
+    assert v["w_in"]["l0.in"]["subcomponents_dead"] == 6
+    assert v["w_out"] == {"dense": 5, "expected_dense": 5, "dead": 11, "other": 0}
+
+    # β3 too low: features 0-2 also light up a second W_in subcomponent
+    low = ci_in.clone()
+    low[0:3, 12] = 1.0
+    v = resid_mlp_verdict({"l0.in": low}, {"l0.out": ci_out}, n_neurons=5)
+    assert not v["ground_truth"]
+    assert v["w_in"]["l0.in"]["features_with_several"] == 3
+    assert v["w_in"]["l0.in"]["subcomponents_other"] >= 1
+
+    # β3 too high: W_out split into one subcomponent per feature
+    per_feature = torch.zeros(10, 16)
+    per_feature[torch.arange(10), torch.arange(10)] = 0.6
+    v = resid_mlp_verdict({"l0.in": ci_in}, {"l0.out": per_feature}, n_neurons=5)
+    assert not v["ground_truth"] and v["w_out"]["dense"] == 0 and v["w_out"]["other"] == 10
+
+
+def test_short_resid_run_writes_the_analysis(tmp_path):
+    config = parse_config(tiny_resid_dict())
+    summary = run_experiment(config, tmp_path / "run", progress=False)
+    res = summary["resid_mlp"]
+    assert set(res["verdict"]["w_in"]) == {"layers.0.mlp_in", "layers.1.mlp_in"}
+    assert -1 <= res["neuron_contributions"]["pearson_r"] <= 1
+    figures = {p.name for p in (tmp_path / "run" / "figures").iterdir()}
+    assert {
+        "ci_one_hot.png",
+        "neuron_contributions.png",
+        "neuron_contribution_pairs.png",
+    } <= figures
+    meta = json.loads((tmp_path / "run" / "target.json").read_text())
+    assert meta["info"]["mse"] < meta["info"]["mse_without_mlps"]
+
+
+def test_sweep_runs_a_grid_shares_the_target_and_reuses_finished_runs(tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_resid_dict(steps=10)))
+    out = tmp_path / "sweep"
+    args = ["sweep", str(cfg), "--set", "importance_minimality_coeff=1e-5,1e-3"]
+    args += ["--seeds", "0", "--out", str(out), "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [r["importance_minimality_coeff"] for r in rows] == [1e-5, 1e-3]
+    assert (out / "sweep.png").stat().st_size > 0 and "| run |" in (out / "sweep.md").read_text()
+    second = json.loads((out / rows[1]["run"] / "target.json").read_text())
+    assert second["info"]["loaded_from"] == str(out / rows[0]["run"])  # target trained once
+    mtime = (out / rows[0]["run"] / "summary.json").stat().st_mtime
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert (out / rows[0]["run"] / "summary.json").stat().st_mtime == mtime  # reused
+
+
+def test_sweep_rejects_a_malformed_axis(tmp_path):
+    result = CliRunner().invoke(app, ["sweep", "resid_mlp1", "--set", "pnorm"])
+    assert result.exit_code == 2 and "key=v1,v2" in result.output
+    result = CliRunner().invoke(app, ["sweep", "resid_mlp1", "--set", "pnorm=-1"])
+    assert result.exit_code == 2 and "pnorm" in result.output
