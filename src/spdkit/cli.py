@@ -92,6 +92,9 @@ def run(
     ),  # noqa: UP007
     set_: list[str] = typer.Option([], "--set", help="override any field: --set optimizer.lr=2e-3"),
     quiet: bool = typer.Option(False, help="no progress bar"),
+    profile: bool = typer.Option(
+        False, help="profile steps 6-15 (torch.profiler) into RUN_DIR/profile.txt"
+    ),
 ) -> None:
     """Train (or load) the target and decompose it."""
     from spdkit.experiment import run_experiment
@@ -105,7 +108,7 @@ def run(
         cfg = load_config(config, overrides)
         name = Path(config).stem if config.endswith((".yaml", ".yml")) else config
         run_dir = out or Path("runs") / f"{name}-seed{cfg.seed}"
-        summary = run_experiment(cfg, run_dir, device, target, progress=not quiet)
+        summary = run_experiment(cfg, run_dir, device, target, not quiet, profile)
     except USER_ERRORS as err:
         _fail(err)
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from spdkit.metrics import (
     resid_mlp_verdict,
     subcomponent_norms,
 )
+from spdkit.profiling import StepProfiler
 from spdkit.targets import target_kind
 from spdkit.train import LOSS_TERMS, Trainer, spd_losses
 
@@ -64,8 +66,10 @@ def run_experiment(
     device: str = "cpu",
     target_path: Path | None = None,
     progress: bool = True,
+    profile: bool = False,
 ) -> dict[str, Any]:
-    """Train or load the target, decompose it into `out`, then evaluate and draw figures."""
+    """Train or load the target, decompose it into `out`, then evaluate and draw figures.
+    With `profile`, steps 6-15 run under torch.profiler and profile.txt is written."""
     device = resolve_device(device)
     if config.target is None:
         raise ValueError("the config has no `target` section: `spdkit run` needs a bundled target")
@@ -75,7 +79,7 @@ def run_experiment(
         target, info = runs.load_target(target_path, config.target)
         info = {**info, "loaded_from": str(target_path)}
         runs.save_target(out, target, config.target, info)
-    return _decompose_into(out, config, device, progress)
+    return _decompose_into(out, config, device, progress, profile)
 
 
 def resume_run(run_dir: Path, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
@@ -91,7 +95,9 @@ def resume_run(run_dir: Path, device: str = "cpu", progress: bool = True) -> dic
     return _decompose_into(run_dir, config, device, progress)
 
 
-def _decompose_into(run_dir: Path, config: SPDConfig, device: str, progress: bool) -> dict:
+def _decompose_into(
+    run_dir: Path, config: SPDConfig, device: str, progress: bool, profile: bool = False
+) -> dict:
     """Target (saved one, else trained and saved), then training from the last checkpoint."""
     if (run_dir / "target.safetensors").exists():
         target, _ = runs.load_target(run_dir, config.target)
@@ -107,13 +113,16 @@ def _decompose_into(run_dir: Path, config: SPDConfig, device: str, progress: boo
         trainer.load_state(tensors, meta)
         log.info("resuming %s from step %d", run_dir, trainer.step)
     runs.truncate_metrics(run_dir, trainer.step)
-    return _train_and_finish(trainer, run_dir, progress)
+    on_step = StepProfiler(run_dir) if profile else None
+    return _train_and_finish(trainer, run_dir, progress, on_step)
 
 
-def _train_and_finish(trainer: Trainer, run_dir: Path, progress: bool) -> dict[str, Any]:
+def _train_and_finish(
+    trainer: Trainer, run_dir: Path, progress: bool, on_step: Callable | None = None
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     start_step = trainer.step
-    train_in_run_dir(trainer, run_dir, progress)
+    train_in_run_dir(trainer, run_dir, progress, on_step)
     seconds = time.perf_counter() - t0
     decomp = Decomposition(trainer.model, trainer.config, run_dir)
     timing = {

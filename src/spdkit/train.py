@@ -169,6 +169,7 @@ class Trainer:
         on_log: Callable[[int, dict[str, float]], None] | None = None,
         on_checkpoint: Callable[[Trainer], None] | None = None,
         progress: bool = True,
+        on_step: Callable[[Trainer], None] | None = None,
     ) -> None:
         """Train from the current step to config.steps; log and checkpoint on the way.
 
@@ -186,6 +187,8 @@ class Trainer:
                 while self.step < cfg.steps:
                     terms, ci_lower = self.train_step()
                     bar.update(1)
+                    if on_step:
+                        on_step(self)
                     if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                         record = step_record(self, terms, ci_lower)
                         shown = ("total", *LOSS_TERMS)
