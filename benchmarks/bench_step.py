@@ -1,10 +1,17 @@
 """Milliseconds per SPD training step for bundled configs (a benchmark, not a test).
 
-    python benchmarks/bench_step.py [--configs tms_5-2 tms_40-10] [--steps 30] [--threads 2]
-        [--ci-backend auto|eager|compiled|fused] [--json out.json]
+    python benchmarks/bench_step.py [--configs tms_5-2 resid_mlp1] [--steps 30] [--threads 2]
+        [--ci-backend auto|eager|compiled|fused] [--device cpu|cuda] [--json out.json]
 
-The target is built untrained (step time does not depend on its weights). Prints a table of
-median / min / max ms per step over `--steps` timed steps after `--warmup` steps.
+For each config: median / min / max ms per step over `--steps` timed steps after `--warmup`
+steps; FLOPs of one step (matmuls counted op by op by torch's FlopCounterMode, forward and
+backward, plus the fused CI kernel's multiply-adds from its shapes; see
+`spdkit.profiling.step_flops`); achieved GFLOP/s; that as a fraction of this machine's matmul
+peak, measured in the same run (best of a few 2048³ matmuls, fp32 and bf16, same threads);
+peak RSS. The target is built untrained: step time does not depend on its weights.
+
+Peak RSS is the process high-water mark, so it only grows down the table; run one config per
+process for per-config memory.
 """
 
 from __future__ import annotations
@@ -19,16 +26,17 @@ import torch
 
 from spdkit.config import bundled_config_names, load_config
 from spdkit.decomposition import build_trainer, data_source
+from spdkit.profiling import matmul_peak_gflops, step_flops
 from spdkit.targets import target_kind
 
 
 def time_config(name: str, steps: int, warmup: int, ci_backend: str, device: str) -> dict:
-    overrides = {"ci_backend": ci_backend}
-    config = load_config(name, overrides)
+    config = load_config(name, {"ci_backend": ci_backend})
     target = target_kind(config.target).build(config.target)
     trainer = build_trainer(target, data_source(config), config, device)
     for _ in range(warmup):
         trainer.train_step()
+    flops = step_flops(trainer)
     times = []
     for _ in range(steps):
         if device.startswith("cuda"):
@@ -38,12 +46,15 @@ def time_config(name: str, steps: int, warmup: int, ci_backend: str, device: str
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(1000 * (time.perf_counter() - t0))
+    median = statistics.median(times)
     return {
         "config": name,
         "batch_size": config.batch_size,
-        "ms_median": round(statistics.median(times), 3),
+        "ms_median": round(median, 3),
         "ms_min": round(min(times), 3),
         "ms_max": round(max(times), 3),
+        "gflop_per_step": round(flops["total"] / 1e9, 4),
+        "gflops": round(flops["total"] / 1e9 / (median / 1000), 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "ci_backend": trainer.ci_backend,
     }
@@ -53,9 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--configs", nargs="*", default=[n for n in bundled_config_names() if n.startswith("tms")]
-    )
+    parser.add_argument("--configs", nargs="*", default=bundled_config_names())
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
@@ -67,20 +76,34 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    peak = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}")
-    print(f"{'config':<14}{'batch':>7}{'ms/step':>10}{'min':>9}{'max':>9}{'RSS MB':>9}")
+    print(f"matmul peak (2048^3): fp32 {peak['fp32']:.1f} GFLOP/s, bf16 {peak['bf16']:.1f} GFLOP/s")
+    header = f"{'config':<14}{'batch':>6}{'ms/step':>9}{'min':>8}{'max':>8}"
+    header += f"{'GFLOP':>8}{'GFLOP/s':>9}{'% fp32':>8}{'RSS MB':>8}  CI"
+    print(header)
     rows = []
     for name in args.configs:
         row = time_config(name, args.steps, args.warmup, args.ci_backend, args.device)
+        row["fraction_of_fp32_peak"] = round(row["gflops"] / peak["fp32"], 4)
         rows.append(row)
         print(
-            f"{name:<14}{row['batch_size']:>7}{row['ms_median']:>10.2f}{row['ms_min']:>9.2f}"
-            f"{row['ms_max']:>9.2f}{row['peak_rss_mb']:>9.0f}",
+            f"{name:<14}{row['batch_size']:>6}{row['ms_median']:>9.2f}{row['ms_min']:>8.2f}"
+            f"{row['ms_max']:>8.2f}{row['gflop_per_step']:>8.2f}{row['gflops']:>9.1f}"
+            f"{100 * row['fraction_of_fp32_peak']:>7.1f}%{row['peak_rss_mb']:>8.0f}  "
+            f"{row['ci_backend']}",
             flush=True,
         )
     if args.json:
+        result = {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": args.device,
+            "matmul_peak_gflops": peak,
+            "rows": rows,
+        }
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -144,6 +144,9 @@ def sweep(
     steps: int | None = typer.Option(None, min=1, help="overrides config.steps for every run"),  # noqa: UP007
     out: Path | None = typer.Option(None, help="sweep directory (default runs/sweep-<config>)"),  # noqa: UP007
     device: str = typer.Option("cpu", help="cpu or cuda"),
+    target: Path | None = typer.Option(
+        None, help="reuse a trained target for every run (run dir or .safetensors)"
+    ),  # noqa: UP007
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
     """Run a grid of configs x seeds; write sweep.md, sweep.json and sweep.png comparing them.
@@ -156,7 +159,7 @@ def sweep(
         grid = parse_grid(set_)
         seed_list = [int(s) for s in seeds.split(",")]
         overrides = {"steps": steps} if steps is not None else {}
-        rows = run_sweep(config, grid, seed_list, sweep_dir, overrides, device, not quiet)
+        rows = run_sweep(config, grid, seed_list, sweep_dir, overrides, device, not quiet, target)
     except USER_ERRORS as err:
         _fail(err)
     except KeyboardInterrupt:

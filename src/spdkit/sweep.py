@@ -90,8 +90,10 @@ def run_sweep(
     overrides: dict[str, Any] | None = None,
     device: str = "cpu",
     progress: bool = True,
+    target_path: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Run (or reuse, or resume) every grid point, then write sweep.json, sweep.md, sweep.png."""
+    """Run (or reuse, or resume) every grid point, then write sweep.json, sweep.md, sweep.png.
+    Points with the same target config and seed share one trained target (or `target_path`)."""
     from spdkit.experiment import resume_run, run_experiment
 
     points = grid_points(grid, seeds)
@@ -108,7 +110,8 @@ def run_sweep(
         elif (run_dir / "config.yaml").exists():
             summary = resume_run(run_dir, device, progress)
         else:
-            summary = run_experiment(config, run_dir, device, targets.get(target_key), progress)
+            reuse = target_path or targets.get(target_key)
+            summary = run_experiment(config, run_dir, device, reuse, progress)
         targets.setdefault(target_key, run_dir)
         rows.append(sweep_row(point, summary, run_dir))
     write_sweep_report(rows, out, configs[0].eval.ci_threshold)
