@@ -109,3 +109,44 @@ def test_module_matched_twice_is_an_error():
     specs = [ModuleSpec(pattern="head", C=2), ModuleSpec(pattern="h*", C=3)]
     with pytest.raises(ValueError, match="more than one pattern"):
         ComponentModel(Net(), specs, 2)
+
+
+def test_execution_order_is_the_order_the_target_runs_its_modules():
+    net = Net()
+    # registered in the opposite order of execution: layers.1 before layers.0
+    specs = [ModuleSpec(pattern="layers.1.*", C=3), ModuleSpec(pattern="layers.0.*", C=3)]
+    model = ComponentModel(net, specs, ci_hidden_dim=4)
+    model.target_forward_with_inputs(torch.randn(2, 6))
+    assert model.execution_order == [
+        "layers.0.mlp_in",
+        "layers.0.mlp_out",
+        "layers.1.mlp_in",
+        "layers.1.mlp_out",
+    ]
+    assert model.first_module == "layers.0.mlp_in"
+
+
+def test_reusing_the_first_modules_inner_acts_is_exact():
+    """The full masked pass reuses the first module's x @ Vᵀ from the CI step (train.py):
+    outputs and gradients must be identical to recomputing it."""
+    torch.manual_seed(0)
+    specs = [ModuleSpec(pattern="layers.*.mlp_*", C=4)]
+    x = torch.randn(16, 6)
+
+    def masked_pass(reuse: bool):
+        torch.manual_seed(1)
+        model = ComponentModel(Net(), specs, ci_hidden_dim=4)
+        _, inputs = model.target_forward_with_inputs(x)
+        inner = model.inner_acts(inputs)
+        masks = {n: torch.rand(16, 4, generator=torch.Generator().manual_seed(2)) for n in inner}
+        first = model.first_module
+        out = model(x, masks, inner={first: inner[first]} if reuse else None)
+        out.square().sum().backward()
+        return out, [p.grad.clone() for p in model.trainable_parameters() if p.grad is not None]
+
+    out_a, grads_a = masked_pass(reuse=False)
+    out_b, grads_b = masked_pass(reuse=True)
+    assert torch.equal(out_a, out_b)
+    assert len(grads_a) == len(grads_b) > 0
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -2,12 +2,17 @@
 
 import json
 import os
+import re
+import shutil
 import signal
+from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from spdkit import runs
+from spdkit.cli import app
 from spdkit.config import parse_config
 from spdkit.decomposition import load
 from spdkit.experiment import resume_run, run_experiment
@@ -143,21 +148,76 @@ def test_target_architecture_mismatch_is_clear(finished_run, tmp_path):
         run_experiment(cfg, tmp_path / "r3", target_path=out, progress=False)
 
 
-@pytest.mark.parametrize(
-    "victim", ["components.safetensors", "target.safetensors", "config.yaml", "target.json"]
-)
-def test_damaged_run_directory_is_a_clear_error(finished_run, tmp_path, victim):
-    import shutil
+RUN_FILES = [
+    "config.yaml",
+    "target.json",
+    "target.safetensors",
+    "components.safetensors",
+    "checkpoint/latest.safetensors",
+    "metrics.jsonl",
+    "summary.json",
+    "figures/losses.png",
+]
+READ_BY = {  # which command cannot do without the file's content
+    "config.yaml": {"eval", "resume"},
+    "target.json": {"eval", "resume"},
+    "target.safetensors": {"eval", "resume"},
+    "components.safetensors": {"eval"},  # resume rewrites it from the checkpoint
+    "checkpoint/latest.safetensors": {"resume"},
+}
+# resume rebuilds these when they are absent: the target by training it again from the seed,
+# the decomposition by training from step 0 (exactly the same result, only slower)
+REBUILT_BY_RESUME = {"target.safetensors", "checkpoint/latest.safetensors"}
 
-    out, _ = finished_run
-    copy = tmp_path / "copy"
-    shutil.copytree(out, copy)
-    (copy / victim).write_bytes(b"\x00garbage")
-    with pytest.raises(runs.RunDirError, match=victim.replace(".", r"\.")):
-        load(copy)
-    (copy / victim).unlink()
-    with pytest.raises(runs.RunDirError):
-        load(copy)
+
+def damage(path: Path, how: str) -> None:
+    if how == "missing":
+        path.unlink()
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:  # bytes that are neither UTF-8 nor a safetensors header
+        path.write_bytes(b"\xff\xfe\x00garbage\x80" * 8)
+
+
+def expected_problem(victim: str, how: str) -> str:
+    """What the one-line error must say is wrong with the file."""
+    if how == "missing":
+        return "missing|not found|no config.yaml"
+    if victim.endswith(".safetensors"):
+        return "truncated" if how == "truncated" else "not a valid safetensors file"
+    if how == "garbage":
+        return "not valid UTF-8"
+    return {"config.yaml": "not valid YAML", "target.json": "not valid JSON"}[victim]
+
+
+@pytest.mark.parametrize("how", ["missing", "truncated", "garbage"])
+@pytest.mark.parametrize("victim", RUN_FILES)
+def test_damaged_run_directory_is_a_clear_error(finished_run, tmp_path, victim, how):
+    """Each file of a finished run deleted, cut in half, or overwritten with junk: `spdkit eval`
+    and `spdkit resume` either fail with one line naming the file and what is wrong with it,
+    or (a file they do not need, or can rebuild exactly) still give the same results."""
+    out, summary = finished_run
+    original, _ = runs.load_tensors(out / "components.safetensors")
+    for command in ("eval", "resume"):
+        copy = tmp_path / command
+        shutil.copytree(out, copy)
+        damage(copy / victim, how)
+        result = CliRunner().invoke(app, [command, str(copy)] + ["--quiet"] * (command == "resume"))
+        rebuilt = command == "resume" and how == "missing" and victim in REBUILT_BY_RESUME
+        if command in READ_BY.get(victim, set()) and not rebuilt:
+            assert result.exit_code == 2, (command, result.output)
+            lines = result.output.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+            assert victim in lines[0] and re.search(expected_problem(victim, how), lines[0]), (
+                command,
+                lines[0],
+            )
+            continue
+        assert result.exit_code == 0, (command, result.output)
+        again = json.loads((copy / "summary.json").read_text())
+        assert again["final_losses"] == summary["final_losses"], command
+        got, _ = runs.load_tensors(copy / "components.safetensors")
+        assert all(torch.equal(got[k], original[k]) for k in original), command
 
 
 def test_a_pickle_checkpoint_is_refused_without_running_it(tmp_path):
@@ -169,25 +229,28 @@ def test_a_pickle_checkpoint_is_refused_without_running_it(tmp_path):
 
     path = tmp_path / "latest.safetensors"
     path.write_bytes(pickle.dumps(Boom()))
-    with pytest.raises(runs.RunDirError, match="not a readable safetensors file"):
+    with pytest.raises(runs.RunDirError, match="a pickle / torch.save file, not safetensors"):
         runs.load_tensors(path)
     assert not (tmp_path / "pwned").exists()
 
 
-def test_components_with_wrong_shape_are_named(finished_run, tmp_path):
-    import shutil
-
+def test_components_with_wrong_shape_or_dtype_are_named(finished_run, tmp_path):
     out, _ = finished_run
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     tensors, _ = runs.load_tensors(copy / "components.safetensors")
     tensors["linear1.U"] = torch.zeros(3, 8)
+    tensors["linear2.U"] = tensors["linear2.U"].double()  # would be silently cast back
+    tensors["linear3.U"] = torch.zeros(1)
     del tensors["linear2.V"]
     runs.save_tensors(copy / "components.safetensors", tensors)
-    with pytest.raises(
-        runs.RunDirError, match=r"missing tensor 'linear2\.V'.*'linear1\.U' has shape \[3, 8\]"
-    ):
+    with pytest.raises(runs.RunDirError) as err:
         load(copy)
+    assert str(err.value) == (
+        f"{copy / 'components.safetensors'}: missing tensor 'linear2.V'; "
+        "unexpected tensor 'linear3.U'; 'linear1.U' has shape [3, 8], expected [2, 8]; "
+        "'linear2.U' has dtype torch.float64, expected torch.float32"
+    )
 
 
 def test_decompose_and_load_a_user_model(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,9 +117,7 @@ def load(
     path = run_dir / "components.safetensors"
     tensors, _ = runs.load_tensors(path)
     runs.load_component_tensors(model, tensors, path)
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    return Decomposition(model.to(device), config, run_dir, summary)
+    return Decomposition(model.to(device), config, run_dir, runs.read_summary(run_dir))
 
 
 def data_source(config: SPDConfig) -> DataSource:
