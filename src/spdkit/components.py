@@ -3,7 +3,9 @@
 A module's weight W [d_out, d_in] is approximated by Σ_c U[:, c] V[c, :] (paper eq. 1). The
 masked forward never builds a per-sample weight: it computes the inner activations
 h = a @ Vᵀ [..., C], scales them by the mask, and maps back with Uᵀ. Supporting a new module kind
-(nn.Embedding, HF Conv1D) means writing one subclass of `Components` and registering it.
+means writing one subclass of `Components` and registering it: nn.Linear, nn.Embedding and
+Hugging Face's GPT-2 `Conv1D` are here. `weight()` and `target_weight()` are always the
+[d_out, d_in] matrix U @ V approximates, whatever the module's own storage layout.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -51,12 +54,12 @@ class Components(nn.Module):
         return self.outer(self.inner(x) * mask)
 
     def weight(self) -> Tensor:
-        """Σ_c U_c V_cᵀ in the target module's own weight layout."""
-        raise NotImplementedError
+        """Σ_c U_c V_cᵀ = U @ V [d_out, d_in] (the module's map as a matrix acting on columns)."""
+        return self.U @ self.V
 
     @staticmethod
     def target_weight(module: nn.Module) -> Tensor:
-        """The target module's weight in the layout `weight()` returns."""
+        """The target module's weight as the same [d_out, d_in] matrix that `weight()` gives."""
         raise NotImplementedError
 
 
@@ -74,25 +77,81 @@ class LinearComponents(Components):
         y = h_masked @ self.U.T
         return y if self.bias is None else y + self.bias
 
-    def weight(self) -> Tensor:
-        return self.U @ self.V
-
     @staticmethod
     def target_weight(module: nn.Module) -> Tensor:
         return module.weight
 
 
-COMPONENT_CLASSES: dict[type[nn.Module], type[Components]] = {nn.Linear: LinearComponents}
+class EmbeddingComponents(Components):
+    """nn.Embedding as the linear map one-hot(token) [vocab] → [d_model]: W = weightᵀ
+    [d_model, vocab], so V [C, vocab] and U [d_model, C]. The inner activation of token t is the
+    column V[:, t], a row lookup of Vᵀ: no one-hot vector or matmul over the vocabulary."""
+
+    @classmethod
+    def from_module(cls, module: nn.Embedding, C: int) -> EmbeddingComponents:
+        if module.max_norm is not None:
+            raise ValueError(
+                "cannot decompose an nn.Embedding with max_norm (it renormalises rows in place)"
+            )
+        return cls(module.num_embeddings, module.embedding_dim, C, None)
+
+    def inner(self, x: Tensor) -> Tensor:
+        if x.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"an embedding's input must be token ids (int), got {x.dtype}")
+        return F.embedding(x, self.V.T)  # [..., C]
+
+    def outer(self, h_masked: Tensor) -> Tensor:
+        return h_masked @ self.U.T
+
+    @staticmethod
+    def target_weight(module: nn.Module) -> Tensor:
+        return module.weight.T
+
+
+class Conv1DComponents(Components):
+    """Hugging Face GPT-2 `Conv1D`: y = x W + b with W [d_in, d_out] (transposed with respect to
+    nn.Linear), so the matrix is Wᵀ [d_out, d_in]."""
+
+    @classmethod
+    def from_module(cls, module: nn.Module, C: int) -> Conv1DComponents:
+        d_in, d_out = module.weight.shape
+        return cls(d_in, d_out, C, module.bias)
+
+    def inner(self, x: Tensor) -> Tensor:
+        return x @ self.V.T
+
+    def outer(self, h_masked: Tensor) -> Tensor:
+        y = h_masked @ self.U.T
+        return y if self.bias is None else y + self.bias
+
+    @staticmethod
+    def target_weight(module: nn.Module) -> Tensor:
+        return module.weight.T
+
+
+COMPONENT_CLASSES: dict[type[nn.Module], type[Components]] = {
+    nn.Linear: LinearComponents,
+    nn.Embedding: EmbeddingComponents,
+}
+
+
+def _components_class(module: nn.Module) -> type[Components] | None:
+    """Registered class for the module's exact type; HF `Conv1D` is recognised by name so
+    that spdkit does not import transformers."""
+    cls = COMPONENT_CLASSES.get(type(module))
+    if cls is None and type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        cls = Conv1DComponents
+    return cls
 
 
 def is_decomposable(module: nn.Module) -> bool:
-    return type(module) in COMPONENT_CLASSES
+    return _components_class(module) is not None
 
 
 def make_components(module: nn.Module, C: int) -> Components:
     """The Components subclass registered for this module's type."""
-    cls = COMPONENT_CLASSES.get(type(module))
+    cls = _components_class(module)
     if cls is None:
-        kinds = ", ".join(k.__name__ for k in COMPONENT_CLASSES)
+        kinds = ", ".join([k.__name__ for k in COMPONENT_CLASSES] + ["transformers Conv1D"])
         raise ValueError(f"cannot decompose a {type(module).__name__} (decomposable: {kinds})")
     return cls.from_module(module, C)

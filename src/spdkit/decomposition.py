@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,10 +54,15 @@ def build_trainer(target: nn.Module, data: DataSource, config: SPDConfig, device
     return Trainer(model, data, config, device)
 
 
-def train_in_run_dir(trainer: Trainer, run_dir: Path | None, progress: bool = True) -> None:
+def train_in_run_dir(
+    trainer: Trainer,
+    run_dir: Path | None,
+    progress: bool = True,
+    on_step: Callable[[Trainer], None] | None = None,
+) -> None:
     """Run the loop, appending metrics and writing atomic checkpoints into run_dir if given."""
     if run_dir is None:
-        trainer.run(progress=progress)
+        trainer.run(progress=progress, on_step=on_step)
         return
 
     def on_log(step: int, record: dict[str, float]) -> None:
@@ -66,7 +72,7 @@ def train_in_run_dir(trainer: Trainer, run_dir: Path | None, progress: bool = Tr
         tensors, meta = t.state_tensors()
         runs.save_checkpoint(run_dir, tensors, meta)
 
-    trainer.run(on_log=on_log, on_checkpoint=on_checkpoint, progress=progress)
+    trainer.run(on_log=on_log, on_checkpoint=on_checkpoint, progress=progress, on_step=on_step)
     runs.save_tensors(run_dir / "components.safetensors", runs.component_tensors(trainer.model))
 
 
