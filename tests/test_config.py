@@ -44,6 +44,8 @@ BAD_FIELDS = [
     ),
     ({"target": {"kind": "tms", "n_features": 0, "n_hidden": 2}}, "target.n_features"),
     ({"seed": "abc"}, "seed"),
+    ({"steps": True}, "steps"),
+    ({"optimizer": {"lr": True}}, "optimizer.lr"),
     ({"target": {"n_features": 5, "n_hidden": 2}}, "target.kind"),
     ({"target": {"kind": "mlp", "n_features": 5}}, "target.kind"),
     (

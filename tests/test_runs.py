@@ -165,9 +165,10 @@ READ_BY = {  # which command cannot do without the file's content
     "components.safetensors": {"eval"},  # resume rewrites it from the checkpoint
     "checkpoint/latest.safetensors": {"resume"},
 }
-# resume rebuilds these when they are absent: the target by training it again from the seed,
-# the decomposition by training from step 0 (exactly the same result, only slower)
-REBUILT_BY_RESUME = {"target.safetensors", "checkpoint/latest.safetensors"}
+# resume rebuilds a missing checkpoint by training from step 0 (the same result, only slower).
+# A missing target is retrained only while no checkpoint exists (test_kill_resume); here one
+# does, and retraining elsewhere could differ silently, so it is an error.
+REBUILT_BY_RESUME = {"checkpoint/latest.safetensors"}
 
 
 def damage(path: Path, how: str) -> None:
@@ -280,3 +281,19 @@ def test_decompose_and_load_a_user_model(tmp_path):
             assert torch.equal(a, b)
     x = torch.randn(3, 4)
     torch.testing.assert_close(again.causal_importance(x)["2"], decomp.causal_importance(x)["2"])
+
+
+def test_a_checkpoint_missing_state_or_with_wrong_shapes_is_named(finished_run, tmp_path):
+    out, _ = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    ckpt = copy / runs.CHECKPOINT
+    tensors, meta = runs.load_tensors(ckpt)
+    del tensors["rng.data"]
+    tensors["param.0"] = torch.zeros(3, 3)
+    runs.save_tensors(ckpt, tensors, meta)
+    result = CliRunner().invoke(app, ["resume", str(copy), "--quiet"])
+    assert result.exit_code == 2, result.output
+    line = result.output.strip()
+    assert "latest.safetensors" in line and "missing rng.data" in line
+    assert "param.0 has shape [3, 3]" in line

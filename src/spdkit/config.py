@@ -13,14 +13,32 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 BUNDLED_CONFIG_PACKAGE = "spdkit.configs"
 
 
 class StrictModel(BaseModel):
-    """Base for every config model: unknown keys are errors, assignments are re-validated."""
+    """Base for every config model: unknown keys are errors, assignments are re-validated, and
+    a boolean is not a number (pydantic would read `steps: true` as 1)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                if (
+                    isinstance(value, bool)
+                    and field is not None
+                    and field.annotation in (int, float)
+                ):
+                    raise PydanticCustomError(
+                        "bool_number", "expected a number, got a boolean", {"field": name}
+                    )
+        return data
 
 
 class ModuleSpec(StrictModel):
@@ -188,6 +206,8 @@ def format_validation_error(err: ValidationError, model: type[BaseModel] = SPDCo
             lines.append(f"{where}: unknown field{hint}")
         elif e["type"] == "missing":
             lines.append(f"{where}: required field is missing")
+        elif e["type"] == "bool_number":
+            lines.append(f"{'.'.join(str(p) for p in (*loc, e['ctx']['field']))}: {e['msg']}")
         elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):
             kinds = ", ".join(c.model_fields["kind"].default for c in TARGET_CONFIGS)
             got = e.get("input", {}).get("kind") if isinstance(e.get("input"), dict) else None

@@ -32,7 +32,7 @@ from spdkit.metrics import (
 )
 from spdkit.profiling import StepProfiler
 from spdkit.targets import target_kind
-from spdkit.train import LOSS_TERMS, Trainer, spd_losses
+from spdkit.train import LOSS_TERMS, CheckpointError, Trainer, spd_losses
 
 log = logging.getLogger(__name__)
 
@@ -99,18 +99,28 @@ def _decompose_into(
     run_dir: Path, config: SPDConfig, device: str, progress: bool, profile: bool = False
 ) -> dict:
     """Target (saved one, else trained and saved), then training from the last checkpoint."""
+    ckpt = run_dir / runs.CHECKPOINT
     if (run_dir / "target.safetensors").exists():
         target, _ = runs.load_target(run_dir, config.target)
+    elif ckpt.exists():
+        # the checkpoint was trained against the saved target; retraining it on another
+        # machine or torch build could give a different one, silently
+        raise runs.RunDirError(
+            f"{run_dir / 'target.safetensors'} is missing but {ckpt} exists: restore the "
+            "target file the run was trained against, or start a new run"
+        )
     else:
         t0 = time.perf_counter()
         target, info = target_kind(config.target).train(config.target, config.seed, device)
         info["train_seconds"] = round(time.perf_counter() - t0, 2)
         runs.save_target(run_dir, target, config.target, info)
     trainer = build_trainer(target, data_source(config), config, device)
-    ckpt = run_dir / runs.CHECKPOINT
     if ckpt.exists():
         tensors, meta = runs.load_tensors(ckpt)
-        trainer.load_state(tensors, meta)
+        try:
+            trainer.load_state(tensors, meta)
+        except CheckpointError as err:
+            raise runs.RunDirError(f"{ckpt}: {err}") from None
         log.info("resuming %s from step %d", run_dir, trainer.step)
     runs.truncate_metrics(run_dir, trainer.step)
     on_step = StepProfiler(run_dir) if profile else None

@@ -89,6 +89,10 @@ def spd_losses(
     return terms, ci_lower
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot restore this trainer (missing or mis-shaped state)."""
+
+
 class NonFiniteError(RuntimeError):
     """A loss term or gradient became NaN or infinite."""
 
@@ -225,7 +229,23 @@ class Trainer:
         return tensors, meta
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
+        """Restore `state_tensors()`; a checkpoint that lacks a piece or holds a tensor of the
+        wrong shape is a CheckpointError naming it, before anything is changed."""
         params = self.model.trainable_parameters()
+        problems = [
+            f"missing {k}" for k in ("rng.data", "rng.mask", "rng.torch") if k not in tensors
+        ]
+        problems += [f"missing metadata {k!r}" for k in ("step", "param_groups") if k not in meta]
+        for i, p in enumerate(params):
+            saved = tensors.get(f"param.{i}")
+            if saved is None:
+                problems.append(f"missing param.{i}")
+            elif saved.shape != p.shape:
+                problems.append(
+                    f"param.{i} has shape {list(saved.shape)}, expected {list(p.shape)}"
+                )
+        if problems:
+            raise CheckpointError("checkpoint does not fit this config: " + "; ".join(problems))
         with torch.no_grad():
             for i, p in enumerate(params):
                 p.copy_(tensors[f"param.{i}"])
