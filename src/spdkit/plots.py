@@ -211,6 +211,9 @@ def plot_losses(records: Sequence[dict], path: Path, keys: Sequence[str]) -> Pat
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    else:
+        ax.set_title("no metrics recorded", fontsize=9)
     ax.grid(alpha=0.3)
     return _save(fig, path)
