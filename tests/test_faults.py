@@ -125,3 +125,13 @@ def test_write_failures_are_one_line_cli_errors(tmp_path, monkeypatch, fault):
             parent.chmod(0o700)  # so that pytest can clean up
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines() == [f"error: {expected}"]
+
+
+def test_run_files_are_readable_by_others_as_the_umask_allows(tmp_path):
+    """mkstemp creates 0600 files; run directories are shared, so writes follow the umask."""
+    from spdkit import runs
+
+    runs.atomic_write_text(tmp_path / "a.json", "{}")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~mask

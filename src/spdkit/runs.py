@@ -77,6 +77,7 @@ def _replace_with(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         try:
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run dir is for sharing
             _write_all(fd, data)
             os.fsync(fd)
         finally:
@@ -90,6 +91,15 @@ def _replace_with(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
 
 
 def _write_all(fd: int, data: bytes) -> None:
