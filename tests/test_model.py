@@ -101,7 +101,7 @@ def test_pattern_matching_nothing_lists_decomposable_modules():
 
 
 def test_pattern_matching_an_undecomposable_module():
-    with pytest.raises(ValueError, match="ModuleList.*cannot be decomposed"):
+    with pytest.raises(ValueError, match=r"cannot be decomposed: layers \(ModuleList\)"):
         ComponentModel(Net(), [ModuleSpec(pattern="layers", C=2)], 2)
 
 
@@ -150,3 +150,16 @@ def test_reusing_the_first_modules_inner_acts_is_exact():
     assert len(grads_a) == len(grads_b) > 0
     for a, b in zip(grads_a, grads_b, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_weightless_matches_are_skipped_and_weighted_ones_are_errors():
+    class WithNorm(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(6)
+            self.act = nn.ReLU()
+
+    model = ComponentModel(WithNorm(), [ModuleSpec(pattern="layers.0.*", C=2)], 2)
+    assert model.module_names == ["layers.0.mlp_in", "layers.0.mlp_out"]
+    with pytest.raises(ValueError, match="'norm', a LayerNorm that cannot be decomposed"):
+        ComponentModel(WithNorm(), [ModuleSpec(pattern="*", C=2)], 2)

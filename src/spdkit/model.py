@@ -53,23 +53,36 @@ class DecomposedModule(nn.Module):
 
 
 def match_modules(model: nn.Module, specs: list[ModuleSpec]) -> dict[str, int]:
-    """Module name → C for every module matched by a pattern; clear errors otherwise."""
+    """Module name → C for every decomposable module matched by a pattern.
+
+    Matched modules without weights of their own (activations, dropout, containers) are skipped,
+    so `*.mlp.*` means "the MLP's matrices". A pattern is an error if it matches nothing, only
+    such modules, or a module that holds weights spdkit cannot decompose (a LayerNorm, a Conv2d):
+    silently leaving those out would misdescribe the decomposition.
+    """
     decomposable = [n for n, m in model.named_modules() if n and is_decomposable(m)]
+    listing = f"(decomposable modules: {', '.join(decomposable) or 'none'})"
     modules = dict(model.named_modules())
     matched: dict[str, int] = {}
     for spec in specs:
         names = [n for n in modules if n and fnmatch.fnmatchcase(n, spec.pattern)]
         if not names:
-            raise ValueError(
-                f"module pattern {spec.pattern!r} matches nothing "
-                f"(decomposable modules: {', '.join(decomposable) or 'none'})"
-            )
+            raise ValueError(f"module pattern {spec.pattern!r} matches nothing {listing}")
         for name in names:
-            if not is_decomposable(modules[name]):
+            module = modules[name]
+            if not is_decomposable(module) and any(True for _ in module.parameters(recurse=False)):
                 raise ValueError(
-                    f"pattern {spec.pattern!r} matches {name!r}, a {type(modules[name]).__name__} "
-                    f"that cannot be decomposed (decomposable modules: {', '.join(decomposable)})"
+                    f"pattern {spec.pattern!r} matches {name!r}, a {type(module).__name__} "
+                    f"that cannot be decomposed {listing}"
                 )
+        chosen = [n for n in names if is_decomposable(modules[n])]
+        if not chosen:
+            kinds = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in names[:5])
+            raise ValueError(
+                f"pattern {spec.pattern!r} matches only modules that cannot be decomposed: "
+                f"{kinds} {listing}"
+            )
+        for name in chosen:
             if name in matched:
                 raise ValueError(f"module {name!r} is matched by more than one pattern")
             matched[name] = spec.C
@@ -158,7 +171,7 @@ class ComponentModel(nn.Module):
         which saves recomputing that matmul; the result is identical.
         """
         with self._masks(masks or {}, inner or {}):
-            return self.target(x)
+            return model_output(self.target(x))
 
     @torch.no_grad()
     def target_forward_with_inputs(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -166,7 +179,13 @@ class ComponentModel(nn.Module):
         for wrapper in self.decomposed.values():
             wrapper.record_input = True
         try:
-            y = self.target(x)
+            y = model_output(self.target(x))
+            missing = [n for n in self.module_names if self.decomposed[n].recorded_input is None]
+            if missing:
+                raise ValueError(
+                    f"decomposed module(s) {missing} did not run in the target's forward; "
+                    "decompose only modules the forward uses"
+                )
             inputs = {n: self.decomposed[n].recorded_input for n in self.module_names}
             self.execution_order = sorted(
                 self.module_names, key=lambda n: self.decomposed[n].record_order
@@ -198,6 +217,22 @@ class ComponentModel(nn.Module):
     def ones_masks(self) -> dict[str, Tensor]:
         """Masks of all ones [C] (broadcast over the batch): the unmasked sum of components."""
         return {n: self.components(n).V.new_ones(self.components(n).C) for n in self.module_names}
+
+
+def model_output(out: object) -> Tensor:
+    """The tensor the divergence compares: the output itself, `.logits` of a Hugging Face
+    ModelOutput, or the first element of a tuple."""
+    if isinstance(out, Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise TypeError(
+        f"the target returned a {type(out).__name__}; spdkit needs a Tensor, a tuple starting "
+        "with one, or an object with `.logits`"
+    )
 
 
 def _key(name: str) -> str:

@@ -1,0 +1,140 @@
+"""Hugging Face models (random init from a config, nothing downloaded): GPT-2 (Conv1D) and
+Llama (Linear) decomposed by module pattern through the public API."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spdkit import decompose, load
+from spdkit.config import parse_config
+from spdkit.targets.hf import RandomTokens, TokenWindows, load_hf_causal_lm
+from tests.test_model import exact_components
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, SEQ = 40, 12
+
+
+def gpt2():
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=SEQ,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def llama():
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def lm_config(patterns: list[str], C: int, steps: int = 200):
+    return parse_config(
+        {
+            "modules": [{"pattern": p, "C": C} for p in patterns],
+            "importance_minimality_coeff": 1e-4,
+            "pnorm": 2,
+            "output_loss": "kl",
+            "steps": steps,
+            "batch_size": 8,
+            "optimizer": {"lr": 1e-3},
+            "log_every": 50,
+            "checkpoint_every": 100,
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("build", "patterns", "expected"),
+    [
+        (gpt2, ["*.c_fc"], ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]),
+        (
+            llama,
+            ["*.mlp.*"],
+            [
+                f"model.layers.{i}.mlp.{p}"
+                for i in (0, 1)
+                for p in ("gate_proj", "up_proj", "down_proj")
+            ],
+        ),
+    ],
+)
+def test_decompose_hf_models_by_pattern(tmp_path, build, patterns, expected):
+    model = build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = lm_config(patterns, C=24)
+    decomp = decompose(model, RandomTokens(VOCAB, SEQ), config, tmp_path / "run", progress=False)
+    cm = decomp.model
+    assert sorted(cm.module_names) == sorted(expected)
+    for name in expected:
+        U, V = decomp.subcomponents(name)
+        d_out, d_in = cm.target_weight(name).shape
+        assert U.shape == (d_out, 24) and V.shape == (24, d_in)
+    # the target is untouched: every original weight is bit-identical after training
+    after = {
+        k.replace(".original.", "."): v
+        for k, v in cm.target.state_dict().items()
+        if ".components." not in k
+    }
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    # CI per token position
+    ids = RandomTokens(VOCAB, SEQ).sample(3, torch.Generator().manual_seed(1))
+    ci = decomp.causal_importance(ids)
+    assert all(g.shape == (3, SEQ, 24) for g in ci.values())
+    # round trip through the run directory
+    again = load(tmp_path / "run", target=build())
+    for name in expected:
+        assert torch.equal(again.subcomponents(name)[0], decomp.subcomponents(name)[0])
+
+
+@pytest.mark.parametrize(("build", "pattern"), [(gpt2, "*.mlp.c_*"), (llama, "*.mlp.*")])
+def test_masks_of_ones_with_exact_components_reproduce_the_logits(build, pattern):
+    from spdkit.model import ComponentModel
+
+    model = build()
+    ids = RandomTokens(VOCAB, SEQ).sample(2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+    cm = ComponentModel(model, lm_config([pattern], C=64).modules, ci_hidden_dim=4)
+    exact_components(cm)
+    with torch.no_grad():
+        got = cm(ids, cm.ones_masks())
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_loading_a_saved_model_works_offline_and_a_missing_one_is_clear(tmp_path):
+    model = gpt2()
+    model.save_pretrained(tmp_path / "gpt2")
+    loaded = load_hf_causal_lm(tmp_path / "gpt2")
+    ids = RandomTokens(VOCAB, SEQ).sample(2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        load_hf_causal_lm(tmp_path / "nope")
+
+
+def test_token_windows_sample_contiguous_windows():
+    tokens = torch.arange(100)
+    batch = TokenWindows(tokens, seq_len=5).sample(4, torch.Generator().manual_seed(0))
+    assert batch.shape == (4, 5)
+    assert torch.equal(batch[:, 1:] - batch[:, :-1], torch.ones(4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="longer than seq_len"):
+        TokenWindows(torch.arange(3), seq_len=5)
