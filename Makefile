@@ -16,8 +16,11 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# a second `make demo` shows the finished run again, or continues an interrupted one
 demo: $(STAMP)
-	$(VENV)/bin/spdkit run tms_5-2 --out runs/demo
+	@if [ -f runs/demo/summary.json ]; then $(VENV)/bin/spdkit eval runs/demo; \
+	elif [ -f runs/demo/config.yaml ]; then $(VENV)/bin/spdkit resume runs/demo; \
+	else $(VENV)/bin/spdkit run tms_5-2 --out runs/demo; fi
 
 test: $(STAMP)
 	$(PY) -m pytest -q
