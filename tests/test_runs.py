@@ -94,8 +94,10 @@ def test_same_seed_same_numbers_and_other_seed_differs(tmp_path):
     assert not torch.equal(ta["linear1.V"], tc["linear1.V"])
 
 
-def test_resume_continues_bit_exactly(tmp_path, monkeypatch):
-    """SIGTERM during step 20 -> checkpoint at 20 and a clean stop; resume; compare bit for bit."""
+@pytest.mark.parametrize("stop_step", [20, 38])  # 38: inside the firing-count window (37-40)
+def test_resume_continues_bit_exactly(tmp_path, monkeypatch, stop_step):
+    """SIGTERM during a step -> checkpoint there and a clean stop; resume; compare bit for bit
+    (components, and the final checkpoint's firing counts)."""
     full = tmp_path / "full"
     run_experiment(small_config(), full, progress=False)
 
@@ -105,7 +107,7 @@ def test_resume_continues_bit_exactly(tmp_path, monkeypatch):
 
     def interrupting(self):
         out = original(self)
-        if self.step == 20:
+        if self.step == stop_step:
             os.kill(os.getpid(), signal.SIGTERM)
         return out
 
@@ -116,12 +118,15 @@ def test_resume_continues_bit_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(train.Trainer, "train_step", original)
     assert not (part / "components.safetensors").exists()
     _, meta = runs.load_tensors(part / runs.CHECKPOINT)
-    assert meta["step"] == "20"
+    assert meta["step"] == str(stop_step)
     resume_run(part, progress=False)
     a, _ = runs.load_tensors(full / "components.safetensors")
     b, _ = runs.load_tensors(part / "components.safetensors")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    firing_a, firing_b = runs.read_firing(full), runs.read_firing(part)
+    assert firing_a[1] == firing_b[1] == 4 * 256  # last 10% of 40 steps, batch 256
+    assert all(torch.equal(firing_a[0][n], firing_b[0][n]) for n in firing_a[0])
     steps = [json.loads(line)["step"] for line in (part / "metrics.jsonl").read_text().splitlines()]
     assert steps == [10, 20, 30, 40]
 

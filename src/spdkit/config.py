@@ -102,8 +102,55 @@ class ResidMLPTargetConfig(StrictModel):
         return f"resid_mlp {self.n_features} features, {self.n_layers}x{self.d_mlp} neurons"
 
 
-TargetConfig = Annotated[TMSTargetConfig | ResidMLPTargetConfig, Field(discriminator="kind")]
-TARGET_CONFIGS: tuple[type[StrictModel], ...] = (TMSTargetConfig, ResidMLPTargetConfig)
+class _TransformerTraining(StrictModel):
+    train_steps: int = Field(ge=1, description="target training steps")
+    train_batch_size: int = Field(default=64, ge=1, description="target training batch size")
+    train_lr: float = Field(
+        default=3e-3, gt=0, description="target AdamW max lr (5% warm-up, cosine decay)"
+    )
+    train_weight_decay: float = Field(default=0.01, ge=0, description="target AdamW weight decay")
+
+
+class InductionTargetConfig(_TransformerTraining):
+    """Attention-only transformer trained on sequences whose second half repeats the first,
+    until it does induction (in-context loss on the repeat near 0)."""
+
+    kind: Literal["induction"] = "induction"
+    vocab_size: int = Field(default=128, ge=2, description="token vocabulary")
+    seq_len: int = Field(default=64, ge=4, description="sequence length")
+    d_model: int = Field(default=32, ge=1, description="residual width")
+    n_layers: int = Field(default=2, ge=1, description="attention layers")
+    n_heads: int = Field(default=1, ge=1, description="heads per layer")
+
+    def describe(self) -> str:
+        return f"induction {self.n_layers}L attn-only d{self.d_model} vocab {self.vocab_size}"
+
+
+class TinyLMTargetConfig(_TransformerTraining):
+    """Char-level GPT-style LM (LayerNorm, GELU MLPs) trained on the pydoc topic text that
+    ships with Python (no download)."""
+
+    kind: Literal["tiny_lm"] = "tiny_lm"
+    seq_len: int = Field(default=64, ge=4, description="context length in characters")
+    d_model: int = Field(default=64, ge=1, le=128, description="residual width")
+    n_layers: int = Field(default=2, ge=1, le=2, description="transformer blocks")
+    n_heads: int = Field(default=4, ge=1, description="heads per layer")
+    d_mlp: int = Field(default=256, ge=1, description="MLP hidden width")
+
+    def describe(self) -> str:
+        return f"tiny_lm {self.n_layers}L d{self.d_model} char-level"
+
+
+TargetConfig = Annotated[
+    TMSTargetConfig | ResidMLPTargetConfig | InductionTargetConfig | TinyLMTargetConfig,
+    Field(discriminator="kind"),
+]
+TARGET_CONFIGS: tuple[type[StrictModel], ...] = (
+    TMSTargetConfig,
+    ResidMLPTargetConfig,
+    InductionTargetConfig,
+    TinyLMTargetConfig,
+)
 _TARGET_BY_KIND = {c.model_fields["kind"].default: c for c in TARGET_CONFIGS}
 
 

@@ -19,6 +19,7 @@ from spdkit.decomposition import Decomposition, build_trainer, data_source, load
 from spdkit.losses import DIVERGENCES
 from spdkit.metrics import (
     causal_importance,
+    lm_mask_evaluation,
     mean_l0,
     mmcs_ml2r,
     neuron_contributions_subcomponents,
@@ -162,9 +163,11 @@ def evaluate(
         "mean_ci_l0": mean_l0(ci_data, ev.ci_threshold),
         "modules": {},
     }
-    n_features = config.target.n_features
-    onehot = one_hot_inputs(n_features, ev.one_hot_value, device)
-    ci_onehot = causal_importance(model, onehot)
+    ci_onehot = None  # toy targets with input features: CI of each feature alone
+    if hasattr(config.target, "n_features"):
+        onehot = one_hot_inputs(config.target.n_features, ev.one_hot_value, device)
+        ci_onehot = causal_importance(model, onehot)
+    firing = runs.read_firing(run_dir)
     for name in model.module_names:
         U, V = decomp.subcomponents(name)
         norms = subcomponent_norms(U, V)
@@ -173,15 +176,31 @@ def evaluate(
             "C": U.shape[1],
             "n_non_negligible": int(live.sum()),
             "norms_sorted": [round(v, 5) for v in norms.sort(descending=True).values.tolist()],
-            "n_active_on_one_hot": int((ci_onehot[name].max(0).values > ev.ci_threshold).sum()),
         }
+        if ci_onehot is not None:
+            active = int((ci_onehot[name].max(0).values > ev.ci_threshold).sum())
+            summary["modules"][name]["n_active_on_one_hot"] = active
+        if firing is not None and name in firing[0]:
+            counts, positions = firing[0][name], firing[1]
+            alive = counts > 0
+            freq = (counts.float() / max(1, positions)).sort(descending=True).values
+            summary["modules"][name].update(
+                {
+                    "n_alive": int(alive.sum()),
+                    "n_dead": int((~alive).sum()),
+                    "firing_frequency_sorted": [round(v, 6) for v in freq.tolist()],
+                }
+            )
     analysis = TARGET_ANALYSES.get(config.target.kind)
     if analysis is not None:
         summary.update(analysis(decomp, ci_onehot, run_dir / "figures"))
-    summary["ci_one_hot"] = {
-        "input_value": ev.one_hot_value,
-        "ci": {n: [[round(v, 4) for v in row] for row in g.tolist()] for n, g in ci_onehot.items()},
-    }
+    if ci_onehot is not None:
+        summary["ci_one_hot"] = {
+            "input_value": ev.one_hot_value,
+            "ci": {
+                n: [[round(v, 4) for v in row] for row in g.tolist()] for n, g in ci_onehot.items()
+            },
+        }
     if timing:
         summary["timing"] = timing
     runs.write_summary(run_dir, summary)
@@ -243,7 +262,21 @@ def resid_mlp_analysis(decomp: Decomposition, ci_onehot: dict, fig_dir: Path) ->
     return out
 
 
-TARGET_ANALYSES = {"tms": tms_feature_match, "resid_mlp": resid_mlp_analysis}
+def lm_analysis(decomp: Decomposition, ci_onehot: dict | None, fig_dir: Path) -> dict[str, Any]:
+    """Language-model targets: CE / KL under each kind of mask, CE gap recovered."""
+    config, model = decomp.config, decomp.model
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(config.seed + 4000)
+    ids = data_source(config).sample(config.eval.n_eval_samples, gen)
+    return {"lm": lm_mask_evaluation(model, ids, config.eval.ci_threshold, gen)}
+
+
+TARGET_ANALYSES = {
+    "tms": tms_feature_match,
+    "resid_mlp": resid_mlp_analysis,
+    "induction": lm_analysis,
+    "tiny_lm": lm_analysis,
+}
 
 
 def draw_figures(decomp: Decomposition, run_dir: Path, ci_onehot: dict) -> None:
@@ -251,15 +284,16 @@ def draw_figures(decomp: Decomposition, run_dir: Path, ci_onehot: dict) -> None:
     fig_dir = run_dir / "figures"
     ev = config.eval
     plots.plot_losses(runs.read_metrics(run_dir), fig_dir / "losses.png", ["total", *LOSS_TERMS])
-    plots.plot_ci_heatmaps(
-        ci_onehot,
-        fig_dir / "ci_one_hot.png",
-        ev.ci_threshold,
-        f"input feature (value {ev.one_hot_value})",
-        # residual MLPs: all C columns as in the paper, W_in | W_out side by side per layer
-        show_all=config.target.kind == "resid_mlp",
-        ncols=2 if config.target.kind == "resid_mlp" else None,
-    )
+    if ci_onehot is not None:
+        plots.plot_ci_heatmaps(
+            ci_onehot,
+            fig_dir / "ci_one_hot.png",
+            ev.ci_threshold,
+            f"input feature (value {ev.one_hot_value})",
+            # residual MLPs: all C columns as in the paper, W_in | W_out side by side per layer
+            show_all=config.target.kind == "resid_mlp",
+            ncols=2 if config.target.kind == "resid_mlp" else None,
+        )
     feature_module = target_kind(config.target).feature_module
     for name in model.module_names:
         U, V = decomp.subcomponents(name)

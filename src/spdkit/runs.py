@@ -386,3 +386,21 @@ def save_checkpoint(run_dir: Path, tensors: dict[str, Tensor], meta: dict[str, s
         raise RunWriteError(f"{err}; {hint}", err.errno) from err
     readable = {k: json.loads(v) if k == "param_groups" else v for k, v in meta.items()}
     atomic_write_text(run_dir / CHECKPOINT.with_suffix(".json"), json.dumps(readable, indent=2))
+
+
+def read_firing(run_dir: Path) -> tuple[dict[str, Tensor], int] | None:
+    """Per-module firing counts [C] over the last 10% of training and the number of positions
+    they were counted over, from the final checkpoint; None if there is no usable checkpoint
+    (the counts only describe the run, so their absence must not stop an evaluation)."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        tensors, meta = load_tensors(path)
+    except RunDirError as err:
+        log.warning("no firing counts: %s", err)
+        return None
+    counts = {k.removeprefix("firing."): v for k, v in tensors.items() if k.startswith("firing.")}
+    if not counts or "firing_positions" not in meta:
+        return None
+    return counts, int(meta["firing_positions"])

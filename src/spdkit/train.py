@@ -146,6 +146,13 @@ class Trainer:
         self.mask_generator = torch.Generator(device=device).manual_seed(config.seed + 2000)
         self.step = 0
         self.skipped_steps = 0  # steps whose update was skipped for a non-finite loss/gradient
+        # how often each subcomponent's CI exceeded eval.ci_threshold, over the last 10% of
+        # steps (alive / dead subcomponents at the end of the run)
+        self.firing = {
+            n: torch.zeros(model.components(n).C, dtype=torch.long, device=device)
+            for n in model.module_names
+        }
+        self.firing_positions = 0
         self.ci_backend = {
             ci.set_backend(config.ci_backend, device) for ci in model.ci_fns.values()
         }.pop()
@@ -166,7 +173,17 @@ class Trainer:
         else:
             self.skipped_steps += 1
         self.step += 1
+        if self.step > self.config.steps - max(1, self.config.steps // 10):
+            self._count_firing(ci_lower)
         return terms, ci_lower
+
+    @torch.no_grad()
+    def _count_firing(self, ci_lower: dict[str, Tensor]) -> None:
+        threshold = self.config.eval.ci_threshold
+        for name, g in ci_lower.items():
+            fired = (g > threshold).reshape(-1, g.shape[-1])  # [positions, C]
+            self.firing[name] += fired.sum(0)
+        self.firing_positions += fired.shape[0]
 
     def run(
         self,
@@ -221,9 +238,12 @@ class Trainer:
         tensors["rng.data"] = self.data_generator.get_state()
         tensors["rng.mask"] = self.mask_generator.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
+        for name, counts in self.firing.items():
+            tensors[f"firing.{name}"] = counts
         meta = {
             "step": str(self.step),
             "skipped_steps": str(self.skipped_steps),
+            "firing_positions": str(self.firing_positions),
             "param_groups": json.dumps(opt_state["param_groups"]),
         }
         return tensors, meta
@@ -264,6 +284,10 @@ class Trainer:
         torch.set_rng_state(tensors["rng.torch"])
         self.step = int(meta["step"])
         self.skipped_steps = int(meta.get("skipped_steps", 0))
+        for name in self.firing:
+            if f"firing.{name}" in tensors:  # absent in checkpoints older than the counter
+                self.firing[name] = tensors[f"firing.{name}"].to(self.device)
+        self.firing_positions = int(meta.get("firing_positions", 0))
 
 
 @contextlib.contextmanager

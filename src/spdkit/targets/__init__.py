@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from spdkit.config import TargetConfig
-from spdkit.targets import resid_mlp, tms
+from spdkit.targets import resid_mlp, tms, transformer
 
 
 class DataSource(Protocol):
@@ -45,6 +45,20 @@ TARGET_KINDS: dict[str, TargetKind] = {
         data=resid_mlp.data_source,
         feature_module=None,
         architecture=("n_features", "d_resid", "n_layers", "d_mlp"),
+    ),
+    "induction": TargetKind(
+        build=transformer.build_induction,
+        train=transformer.train_induction,
+        data=lambda c: transformer.RepeatedTokens(c.vocab_size, c.seq_len),
+        feature_module=None,
+        architecture=("vocab_size", "seq_len", "d_model", "n_layers", "n_heads"),
+    ),
+    "tiny_lm": TargetKind(
+        build=transformer.build_tiny_lm,
+        train=transformer.train_tiny_lm,
+        data=lambda c: transformer.CharCorpus(c.seq_len),
+        feature_module=None,
+        architecture=("seq_len", "d_model", "n_layers", "n_heads", "d_mlp"),
     ),
 }
 

@@ -1,0 +1,51 @@
+"""Transformer targets (induction, tiny char LM), their data, and the language-model summary."""
+
+from __future__ import annotations
+
+import torch
+
+from spdkit.config import load_config, parse_config
+from spdkit.experiment import run_experiment
+from spdkit.targets.transformer import CharCorpus, RepeatedTokens, Transformer
+
+
+def test_transformer_is_causal_and_names_its_matrices():
+    model = Transformer(vocab_size=20, seq_len=10, d_model=8, n_layers=2, n_heads=2, d_mlp=16)
+    ids = torch.randint(0, 20, (3, 10))
+    changed = ids.clone()
+    changed[:, 7:] = (changed[:, 7:] + 1) % 20
+    with torch.no_grad():
+        a, b = model(ids), model(changed)
+    assert a.shape == (3, 10, 20)
+    assert torch.equal(a[:, :7], b[:, :7]) and not torch.equal(a[:, 7:], b[:, 7:])
+    names = {n for n, _ in model.named_modules()}
+    assert {"embed", "blocks.1.attn.q", "blocks.0.attn.o", "blocks.1.mlp.fc_in", "unembed"} <= names
+
+
+def test_repeated_tokens_and_char_corpus():
+    seq = RepeatedTokens(vocab_size=50, seq_len=9).sample(4, torch.Generator().manual_seed(0))
+    assert seq.shape == (4, 9) and torch.equal(seq[:, :4], seq[:, 4:8])
+    corpus = CharCorpus(seq_len=16)
+    batch = corpus.sample(5, torch.Generator().manual_seed(0))
+    assert batch.shape == (5, 16) and batch.min() >= 0 and batch.max() < len(CharCorpus.VOCAB)
+    text = "".join(CharCorpus.VOCAB[i] for i in batch[0].tolist())
+    assert text.replace("\n", "").isprintable()
+
+
+def test_short_induction_run_reports_lm_metrics_and_alive_counts(tmp_path):
+    data = load_config("induction").model_dump(mode="json")
+    data["target"].update(train_steps=30, d_model=16, vocab_size=32, seq_len=16)
+    data.update(
+        steps=20, batch_size=8, log_every=10, modules=[{"pattern": "blocks.*.attn.*", "C": 8}]
+    )
+    data["eval"]["n_eval_samples"] = 16
+    summary = run_experiment(parse_config(data), tmp_path / "run", progress=False)
+    lm = summary["lm"]
+    assert set(lm) == {"target", "ci", "stochastic", "ones", "rounded", "zero"}
+    assert lm["zero"]["ce_gap_recovered"] == 0.0
+    assert all(lm[k]["kl"] >= -1e-6 for k in ("ci", "ones", "zero"))
+    mod = summary["modules"]["blocks.0.attn.q"]
+    assert mod["n_alive"] + mod["n_dead"] == 8 and len(mod["firing_frequency_sorted"]) == 8
+    assert "ci_one_hot" not in summary
+    info = (tmp_path / "run" / "target.json").read_text()
+    assert "ce_second_half" in info
