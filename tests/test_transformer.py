@@ -41,7 +41,7 @@ def test_short_induction_run_reports_lm_metrics_and_alive_counts(tmp_path):
     data["eval"]["n_eval_samples"] = 16
     summary = run_experiment(parse_config(data), tmp_path / "run", progress=False)
     lm = summary["lm"]
-    assert set(lm) == {"target", "ci", "stochastic", "ones", "rounded", "zero"}
+    assert set(lm) == {"target", "ci", "stochastic", "ones", "rounded", "zero", "top_contexts"}
     assert lm["zero"]["ce_gap_recovered"] == 0.0
     assert all(lm[k]["kl"] >= -1e-6 for k in ("ci", "ones", "zero"))
     mod = summary["modules"]["blocks.0.attn.q"]
@@ -49,3 +49,21 @@ def test_short_induction_run_reports_lm_metrics_and_alive_counts(tmp_path):
     assert "ci_one_hot" not in summary
     info = (tmp_path / "run" / "target.json").read_text()
     assert "ce_second_half" in info
+    figures = {p.name for p in (tmp_path / "run" / "figures").iterdir()}
+    assert {"l0.png", "ci_histograms.png", "top_contexts.png", "losses.png"} <= figures
+    for rows in lm["top_contexts"].values():
+        for row in rows:
+            assert row["frequency"] > 0 and row["top"][0][0].endswith("]")
+
+
+def test_top_contexts_picks_the_most_used_subcomponent_and_its_best_positions():
+    from spdkit.metrics import top_contexts
+
+    ci = torch.zeros(2, 5, 3)
+    ci[0, 3, 1] = 0.9  # subcomponent 1 fires twice, 2 once, 0 never
+    ci[1, 1, 1] = 0.5
+    ci[1, 4, 2] = 1.0
+    ids = torch.tensor([[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])
+    rows = top_contexts(ci, ids, lambda t: "".join(map(str, t)), n_contexts=2, width=2)
+    assert [r["subcomponent"] for r in rows] == [1, 2]
+    assert rows[0]["top"] == [("12[3]", 0.9), ("5[6]", 0.5)]

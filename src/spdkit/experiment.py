@@ -30,6 +30,7 @@ from spdkit.metrics import (
     pearson_and_slope,
     resid_mlp_verdict,
     subcomponent_norms,
+    top_contexts,
 )
 from spdkit.profiling import StepProfiler
 from spdkit.targets import target_kind
@@ -204,7 +205,7 @@ def evaluate(
     if timing:
         summary["timing"] = timing
     runs.write_summary(run_dir, summary)
-    draw_figures(decomp, run_dir, ci_onehot)
+    draw_figures(decomp, run_dir, ci_onehot, ci_data)
     return summary
 
 
@@ -268,7 +269,14 @@ def lm_analysis(decomp: Decomposition, ci_onehot: dict | None, fig_dir: Path) ->
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(config.seed + 4000)
     ids = data_source(config).sample(config.eval.n_eval_samples, gen)
-    return {"lm": lm_mask_evaluation(model, ids, config.eval.ci_threshold, gen)}
+    out: dict[str, Any] = {"lm": lm_mask_evaluation(model, ids, config.eval.ci_threshold, gen)}
+    decode = target_kind(config.target).decode
+    if decode is not None:
+        ci = causal_importance(model, ids)
+        table = {name: top_contexts(ci[name].cpu(), ids.cpu(), decode) for name in ci}
+        out["lm"]["top_contexts"] = table
+        plots.plot_top_contexts(table, fig_dir / "top_contexts.png")
+    return out
 
 
 TARGET_ANALYSES = {
@@ -279,11 +287,16 @@ TARGET_ANALYSES = {
 }
 
 
-def draw_figures(decomp: Decomposition, run_dir: Path, ci_onehot: dict) -> None:
+def draw_figures(
+    decomp: Decomposition, run_dir: Path, ci_onehot: dict | None, ci_data: dict
+) -> None:
     config, model = decomp.config, decomp.model
     fig_dir = run_dir / "figures"
     ev = config.eval
-    plots.plot_losses(runs.read_metrics(run_dir), fig_dir / "losses.png", ["total", *LOSS_TERMS])
+    records = runs.read_metrics(run_dir)
+    plots.plot_losses(records, fig_dir / "losses.png", ["total", *LOSS_TERMS])
+    plots.plot_l0_over_training(records, fig_dir / "l0.png")
+    plots.plot_ci_histograms(ci_data, fig_dir / "ci_histograms.png")
     if ci_onehot is not None:
         plots.plot_ci_heatmaps(
             ci_onehot,

@@ -260,3 +260,29 @@ def lm_mask_evaluation(
             (out["zero"]["ce"] - out[kind]["ce"]) / gap if gap else float("nan")
         )
     return out
+
+
+def top_contexts(
+    ci: Tensor, ids: Tensor, decode, n_subcomponents: int = 8, n_contexts: int = 6, width: int = 12
+) -> list[dict]:
+    """For the `n_subcomponents` most used subcomponents (CI > 0.1 most often) of one module,
+    the `n_contexts` positions where their CI is highest, as decoded text ending in [token].
+
+    ci [B, T, C]; ids [B, T]; decode(list[int]) -> str.
+    """
+    C = ci.shape[-1]
+    flat = ci.reshape(-1, C)
+    freq = (flat > 0.1).float().mean(0)
+    used = torch.argsort(freq, descending=True)[:n_subcomponents]
+    rows = []
+    for c in used.tolist():
+        if freq[c] == 0:
+            break
+        top = torch.topk(flat[:, c], min(n_contexts, flat.shape[0])).indices
+        contexts = []
+        for i in top.tolist():
+            b, t = divmod(i, ids.shape[1])
+            left = decode(ids[b, max(0, t - width) : t].tolist())
+            contexts.append((f"{left}[{decode([int(ids[b, t])])}]", round(flat[i, c].item(), 3)))
+        rows.append({"subcomponent": c, "frequency": round(freq[c].item(), 4), "top": contexts})
+    return rows

@@ -217,3 +217,57 @@ def plot_losses(records: Sequence[dict], path: Path, keys: Sequence[str]) -> Pat
         ax.set_title("no metrics recorded", fontsize=9)
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def plot_l0_over_training(records: Sequence[dict], path: Path) -> Path:
+    """Mean CI-L0 per module (subcomponents with CI > threshold per input/token) over training."""
+    keys = sorted({k for r in records for k in r if k.startswith("l0/")})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in records]
+    for key in keys:
+        ax.plot(steps, [r.get(key, np.nan) for r in records], label=key.removeprefix("l0/"))
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean CI-L0 (training batch)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if keys:
+        ax.legend(fontsize=7)
+    else:
+        ax.set_title("no metrics recorded", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_ci_histograms(ci: dict[str, Tensor], path: Path) -> Path:
+    """Distribution of CI values per module over an evaluation batch (log counts): a good
+    decomposition has most mass at 0 and a clear bump at 1."""
+    names = list(ci)
+    ncols = min(3, len(names))
+    nrows = math.ceil(len(names) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(names) :]:
+        ax.axis("off")
+    bins = np.linspace(0, 1.05, 43)
+    for ax, name in zip(axes.flat, names, strict=False):
+        values = ci[name].detach().float().cpu().clamp(0, 1.05).flatten().numpy()
+        ax.hist(values, bins=bins, log=True, color="C0")
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("causal importance", fontsize=7)
+    return _save(fig, path)
+
+
+def plot_top_contexts(table: dict[str, list[dict]], path: Path) -> Path:
+    """Text panel: for the most used subcomponents of each module, the contexts where their CI
+    is highest (the token at the right end, marked with brackets)."""
+    lines = []
+    for name, rows in table.items():
+        lines.append(name)
+        for row in rows:
+            shown = " | ".join(ctx for ctx, _ in row["top"][:4])
+            lines.append(f"  c={row['subcomponent']:<4} freq {row['frequency']:.3f}  {shown}")
+    height = 0.18 * max(4, len(lines)) + 0.4
+    fig, ax = plt.subplots(figsize=(11, height))
+    ax.axis("off")
+    ax.text(
+        0, 1, "\n".join(lines) or "no subcomponents fired", va="top", family="monospace", fontsize=7
+    )
+    return _save(fig, path)

@@ -29,6 +29,8 @@ class TargetKind:
     feature_module: str | None
     # config fields that fix the architecture: a saved target must agree on all of them
     architecture: tuple[str, ...]
+    # token ids -> readable text, for language-model targets (top-activating contexts)
+    decode: Callable[[list[int]], str] | None = None
 
 
 TARGET_KINDS: dict[str, TargetKind] = {
@@ -52,6 +54,7 @@ TARGET_KINDS: dict[str, TargetKind] = {
         data=lambda c: transformer.RepeatedTokens(c.vocab_size, c.seq_len),
         feature_module=None,
         architecture=("vocab_size", "seq_len", "d_model", "n_layers", "n_heads"),
+        decode=lambda ids: " ".join(str(i) for i in ids),
     ),
     "tiny_lm": TargetKind(
         build=transformer.build_tiny_lm,
@@ -59,6 +62,7 @@ TARGET_KINDS: dict[str, TargetKind] = {
         data=lambda c: transformer.CharCorpus(c.seq_len),
         feature_module=None,
         architecture=("seq_len", "d_model", "n_layers", "n_heads", "d_mlp"),
+        decode=transformer.CharCorpus.decode,
     ),
 }
 

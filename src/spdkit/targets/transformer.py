@@ -189,6 +189,11 @@ class CharCorpus:
 
     VOCAB = "\n" + "".join(chr(i) for i in range(32, 127))
 
+    @classmethod
+    def decode(cls, ids: list[int]) -> str:
+        """Ids to text, newlines shown as ⏎ so a context stays on one line."""
+        return "".join(cls.VOCAB[i] for i in ids).replace("\n", "⏎")
+
     def tokens(self) -> Tensor:
         lookup = {ch: i for i, ch in enumerate(self.VOCAB)}
         unknown = lookup["?"]
