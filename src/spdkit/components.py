@@ -108,21 +108,14 @@ class EmbeddingComponents(Components):
         return module.weight.T
 
 
-class Conv1DComponents(Components):
+class Conv1DComponents(LinearComponents):
     """Hugging Face GPT-2 `Conv1D`: y = x W + b with W [d_in, d_out] (transposed with respect to
-    nn.Linear), so the matrix is Wᵀ [d_out, d_in]."""
+    nn.Linear), so the matrix is Wᵀ [d_out, d_in]; the masked forward is nn.Linear's."""
 
     @classmethod
     def from_module(cls, module: nn.Module, C: int) -> Conv1DComponents:
         d_in, d_out = module.weight.shape
         return cls(d_in, d_out, C, module.bias)
-
-    def inner(self, x: Tensor) -> Tensor:
-        return x @ self.V.T
-
-    def outer(self, h_masked: Tensor) -> Tensor:
-        y = h_masked @ self.U.T
-        return y if self.bias is None else y + self.bias
 
     @staticmethod
     def target_weight(module: nn.Module) -> Tensor:
