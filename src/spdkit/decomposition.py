@@ -123,7 +123,8 @@ def load(
     path = run_dir / "components.safetensors"
     tensors, _ = runs.load_tensors(path)
     runs.load_component_tensors(model, tensors, path)
-    return Decomposition(model.to(device), config, run_dir, runs.read_summary(run_dir))
+    model.to(device).set_ci_backend(config.ci_backend, device)
+    return Decomposition(model, config, run_dir, runs.read_summary(run_dir))
 
 
 def data_source(config: SPDConfig) -> DataSource:

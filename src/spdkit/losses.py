@@ -49,7 +49,18 @@ def importance_minimality_loss(
     batch dim (averaged). g⁺ ≥ 0, so |g⁺|^p = (g⁺ + eps)^p; eps keeps the gradient finite at 0
     when p < 1.
     """
-    return sum(((g + eps) ** pnorm).sum(-1).mean() for g in ci_upper)  # type: ignore[return-value]
+    return sum(_power(g + eps, pnorm).sum(-1).mean() for g in ci_upper)  # type: ignore[return-value]
+
+
+def _power(x: Tensor, p: float) -> Tensor:
+    """x ** p, with the paper's p = 1 and p = 2 as an identity and a square: the same values and
+    gradients, without the general power's exp/log in forward and backward (a tenth of a TMS
+    step)."""
+    if p == 1:
+        return x
+    if p == 2:
+        return x * x
+    return x**p
 
 
 def stochastic_masks(ci_lower: Tensor, r: Tensor) -> Tensor:

@@ -129,6 +129,12 @@ class ComponentModel(nn.Module):
         # decomposed modules in the order the target runs them (known after a recording forward)
         self.execution_order: list[str] = list(matched)
 
+    def set_ci_backend(self, backend: str, device: torch.device | str) -> str:
+        """Run every CI function with `backend` ("auto", "fused", "compiled", "eager"); returns
+        the one used. Training and evaluation must agree: the backends match only to float
+        rounding, and a loaded run should reproduce its summary's numbers exactly."""
+        return {ci.set_backend(backend, device) for ci in self.ci_fns.values()}.pop()
+
     # --- parts -----------------------------------------------------------------------------
     def components(self, name: str) -> Components:
         return self.decomposed[name].components
