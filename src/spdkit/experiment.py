@@ -17,6 +17,7 @@ from spdkit import plots, runs
 from spdkit.config import SPDConfig
 from spdkit.decomposition import Decomposition, build_trainer, data_source, load, train_in_run_dir
 from spdkit.losses import DIVERGENCES
+from spdkit.masks import MaskStream
 from spdkit.metrics import (
     causal_importance,
     lm_mask_evaluation,
@@ -156,7 +157,7 @@ def evaluate(
     gen = torch.Generator(device=device).manual_seed(config.seed + 3000)
     x = data_source(config).sample(ev.n_eval_samples, gen)
     with torch.no_grad():
-        terms, _ = spd_losses(model, x, config, gen)
+        terms, _ = spd_losses(model, x, config, MaskStream(config.seed + 3000))
     ci_data = causal_importance(model, x)
     summary: dict[str, Any] = {
         "final_losses": {k: terms[k].item() for k in ("total", *LOSS_TERMS) if k in terms},

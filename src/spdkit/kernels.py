@@ -1,10 +1,11 @@
-"""A fused CPU kernel for the causal-importance MLPs (csrc/ci_mlp.cpp), built on first use.
+"""spdkit's CPU kernels (csrc/), built on first use: the fused causal-importance MLPs
+(ci_mlp.cpp, here) and the stochastic masks (masks.cpp, used by spdkit.masks).
 
 Why: in eager PyTorch the CI MLPs materialise [B, C, d_gate] several times (GELU, its backward,
 broadcasts); on TMS that is most of the step. The kernel computes forward and backward in one
-pass each, vectorised over d_gate, with the same exact-erf GELU. It is checked against the
-eager `ci_mlp` in tests/test_kernels.py. If it cannot be built (no compiler), spdkit falls
-back to eager with a warning.
+pass each, vectorised over rows, with the erf GELU (erf to a few float ulps). It is checked
+against the eager `ci_mlp` in tests/test_kernels.py. If it cannot be built (no compiler),
+spdkit falls back to eager with a warning.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).parent / "csrc" / "ci_mlp.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / f for f in ("ci_mlp.cpp", "masks.cpp", "bindings.cpp")]
 
 
 def _cpu_tag() -> str:
@@ -45,8 +46,8 @@ def load_extension() -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         return load(
-            name=f"spdkit_ci_mlp_{_cpu_tag()}",
-            sources=[str(SOURCE)],
+            name=f"spdkit_kernels_{_cpu_tag()}",
+            sources=[str(p) for p in SOURCES],
             extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
             extra_ldflags=["-fopenmp", "-lmvec"],
             verbose=False,

@@ -12,6 +12,7 @@ import json
 import math
 import signal
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -22,10 +23,10 @@ from spdkit.losses import (
     DIVERGENCES,
     faithfulness_loss,
     importance_minimality_loss,
-    stochastic_masks,
     stochastic_recon_layerwise_loss,
     stochastic_recon_loss,
 )
+from spdkit.masks import MaskStream
 from spdkit.model import ComponentModel
 from spdkit.targets import DataSource
 
@@ -38,7 +39,7 @@ LOSS_TERMS = (
 
 
 def spd_losses(
-    model: ComponentModel, x: Tensor, config: SPDConfig, mask_generator: torch.Generator
+    model: ComponentModel, x: Tensor, config: SPDConfig, mask_stream: MaskStream
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """All SPD loss terms for one batch; returns (terms incl. "total", lower-leaky CI per module)."""
     divergence = DIVERGENCES[config.output_loss]
@@ -64,12 +65,7 @@ def spd_losses(
     # S mask samples: m = g + (1 − g) r; every layer masked at once, then each layer alone.
     full_outputs, layerwise_outputs = [], []
     for _ in range(config.n_mask_samples):
-        masks = {
-            n: stochastic_masks(
-                g, torch.rand(g.shape, generator=mask_generator, device=g.device, dtype=g.dtype)
-            )
-            for n, g in ci_lower.items()
-        }
+        masks = {n: mask_stream.masks(g) for n, g in ci_lower.items()}
         if config.stochastic_recon_coeff > 0:
             # the first module sees the target's input here too: reuse its inner activations
             first = model.first_module
@@ -146,7 +142,7 @@ class Trainer:
             fused=torch.device(device).type in ("cpu", "cuda"),
         )
         self.data_generator = torch.Generator(device=device).manual_seed(config.seed + 1000)
-        self.mask_generator = torch.Generator(device=device).manual_seed(config.seed + 2000)
+        self.mask_stream = MaskStream(config.seed + 2000)
         self.step = 0
         self.skipped_steps = 0  # steps whose update was skipped for a non-finite loss/gradient
         # how often each subcomponent's CI exceeded eval.ci_threshold, over the last 10% of
@@ -163,7 +159,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x = self.data.sample(self.config.batch_size, self.data_generator)
-        terms, ci_lower = spd_losses(self.model, x, self.config, self.mask_generator)
+        terms, ci_lower = spd_losses(self.model, x, self.config, self.mask_stream)
         self.optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         problem = nonfinite_problem(terms, self.model.trainable_parameters())
@@ -237,7 +233,7 @@ class Trainer:
             for key, value in state.items():
                 tensors[f"optim.{i}.{key}"] = value
         tensors["rng.data"] = self.data_generator.get_state()
-        tensors["rng.mask"] = self.mask_generator.get_state()
+        tensors["rng.mask"] = self.mask_stream.state()
         tensors["rng.torch"] = torch.get_rng_state()
         for name, counts in self.firing.items():
             tensors[f"firing.{name}"] = counts
@@ -281,7 +277,15 @@ class Trainer:
             {"state": state, "param_groups": json.loads(meta["param_groups"])}
         )
         self.data_generator.set_state(tensors["rng.data"])
-        self.mask_generator.set_state(tensors["rng.mask"])
+        if tensors["rng.mask"].dtype == torch.int64:
+            self.mask_stream.set_state(tensors["rng.mask"])
+        else:  # older checkpoints hold a torch.Generator state: continue on a fresh stretch
+            warnings.warn(
+                "checkpoint from an older spdkit: the mask random stream restarts here, so this "
+                "run will not match one that never stopped",
+                stacklevel=2,
+            )
+            self.mask_stream.offset = 1 << 62
         torch.set_rng_state(tensors["rng.torch"])
         self.step = int(meta["step"])
         self.skipped_steps = int(meta.get("skipped_steps", 0))
