@@ -106,9 +106,20 @@ def test_yaml_file_overrides_and_errors(tmp_path):
 def test_target_kind_errors_list_the_kinds_and_fields():
     with pytest.raises(
         ConfigError,
-        match=r"target.kind: unknown \('mlp'\) \(allowed: tms, resid_mlp, induction, tiny_lm\)",
+        match=r"target.kind: unknown \('mlp'\) \(allowed: tms, resid_mlp, induction, tiny_lm, hf\)",
     ):
         parse_config(tiny_tms_dict(target={"kind": "mlp"}))
     bad = {"kind": "resid_mlp", "n_features": 5, "n_layers": 1, "d_mlp": 2, "n_hidden": 3}
     with pytest.raises(ConfigError, match=r"target.n_hidden: unknown field \(allowed: d_mlp, "):
         parse_config(tiny_tms_dict(target=bad))
+
+
+def test_set_overrides_index_lists_and_name_bad_paths():
+    cfg = load_config("tms_5-2", {"modules.1.C": 7})
+    assert [m.C for m in cfg.modules] == [20, 7]
+    with pytest.raises(
+        ConfigError, match=r"--set modules.5.C: modules is a list of 2; use an index 0-1"
+    ):
+        load_config("tms_5-2", {"modules.5.C": 7})
+    with pytest.raises(ConfigError, match=r"--set steps.x: steps is a value, not a section"):
+        load_config("tms_5-2", {"steps.x": 7})

@@ -3,6 +3,8 @@ Llama (Linear) decomposed by module pattern through the public API."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -138,3 +140,57 @@ def test_token_windows_sample_contiguous_windows():
     assert torch.equal(batch[:, 1:] - batch[:, :-1], torch.ones(4, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="longer than seq_len"):
         TokenWindows(torch.arange(3), seq_len=5)
+
+
+def _no_network(monkeypatch):
+    """Any attempt to open a connection fails the test: spdkit must never reach a hub."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("spdkit tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.mark.parametrize("build", [gpt2, llama])
+def test_cli_target_hf_gives_a_self_contained_run_directory(tmp_path, monkeypatch, build):
+    from typer.testing import CliRunner
+
+    from spdkit.cli import app
+
+    _no_network(monkeypatch)
+    build().save_pretrained(tmp_path / "model")
+    run_dir = tmp_path / "run"
+    args = ["run", "hf_lm", "--target-hf", str(tmp_path / "model"), "--out", str(run_dir)]
+    args += ["--quiet", "--steps", "20", "--set", "target.data=random_tokens"]
+    args += ["--set", f"target.seq_len={SEQ}", "--set", "batch_size=4", "--set", "modules.0.C=8"]
+    args += ["--set", "eval.n_eval_samples=8", "--insert-identity", "*.layers.0.mlp.down_proj:20"]
+    if build is gpt2:
+        args[-1] = "*.h.0.mlp.c_proj:20"
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert {"target", "ci", "rounded", "stochastic", "ones", "zero"} <= set(summary["lm"])
+    (identity,) = summary["identity_check"].values()
+    assert identity["C"] == 20 and identity["d"] in (32, 64)  # llama d_mlp 32, gpt2 4 × 16
+    # the run directory alone rebuilds the model: eval works with the model directory gone
+    (tmp_path / "model").rename(tmp_path / "moved")
+    result = CliRunner().invoke(app, ["eval", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    again = json.loads((run_dir / "summary.json").read_text())
+    assert again["lm"]["ci"] == summary["lm"]["ci"]
+
+
+def test_cli_target_hf_missing_directory_is_one_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from spdkit.cli import app
+
+    _no_network(monkeypatch)
+    result = CliRunner().invoke(
+        app, ["run", "hf_lm", "--target-hf", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2
+    assert result.output.strip().startswith("error: ") and "never downloads" in result.output
+    assert len(result.output.strip().splitlines()) == 1

@@ -48,17 +48,38 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     typer.echo("\n== spdkit summary ==")
     typer.echo("final losses: " + ", ".join(f"{k} {v:.4g}" for k, v in fl.items()))
     typer.echo(
-        "output MSE vs target: "
+        "output divergence vs target: "
         + ", ".join(f"{k} {v:.3g}" for k, v in summary["output_losses"].items())
     )
     if "feature_match" in summary:
         fm = summary["feature_match"]
         typer.echo(f"feature match on {fm['module']}: MMCS {fm['mmcs']:.4f}  ML2R {fm['ml2r']:.4f}")
+    if "lm" in summary:
+        lm = summary["lm"]
+        typer.echo(
+            f"next-token CE: target {lm['target']['ce']:.4f}; "
+            + ", ".join(
+                f"{k} {lm[k]['ce']:.4f} (KL {lm[k]['kl']:.4f})"
+                for k in ("ci", "rounded", "stochastic", "ones", "zero")
+                if k in lm
+            )
+        )
     for name, m in summary["modules"].items():
         l0 = summary["mean_ci_l0"].get(name, float("nan"))
+        extra = ""
+        if "n_active_on_one_hot" in m:
+            extra += f"active on one-hot {m['n_active_on_one_hot']:<4} "
+        if "n_alive" in m:
+            extra += f"alive {m['n_alive']:<4} "
         typer.echo(
             f"  {name:<20} C={m['C']:<4} non-negligible {m['n_non_negligible']:<4} "
-            f"active on one-hot {m['n_active_on_one_hot']:<4} mean CI-L0 {l0:.3f}"
+            f"{extra}mean CI-L0 {l0:.3f}"
+        )
+    for name, check in summary.get("identity_check", {}).items():
+        typer.echo(
+            f"identity {name}: d={check['d']}, {check['n_dense']} dense subcomponents, "
+            f"{check['n_non_negligible']} non-negligible of C={check['C']} "
+            f"(one dense group of rank d: {check['one_dense_group_of_rank_d']})"
         )
     if "timing" in summary:
         t = summary["timing"]
@@ -80,6 +101,23 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def hf_target_override(path: Path, config: str) -> dict[str, Any]:
+    """`--target-hf DIR`: the config's target becomes DIR's model, keeping the config's
+    `data` and `seq_len` if it already names an hf target."""
+    from spdkit.targets.hf import read_hf_config
+
+    base = load_config(config).target
+    keep = {"data": base.data, "seq_len": base.seq_len} if base and base.kind == "hf" else {}
+    return {"kind": "hf", "path": str(path), **keep, "hf_config": read_hf_config(path)}
+
+
+def _identity_spec(item: str) -> dict[str, Any]:
+    pattern, sep, c = item.rpartition(":")
+    if not sep or not c.isdigit():
+        return {"pattern": item}
+    return {"pattern": pattern, "C": int(c)}
+
+
 @app.command()
 def run(
     config: str = typer.Argument(..., help="bundled config name (see `spdkit list`) or YAML path"),
@@ -95,6 +133,16 @@ def run(
     profile: bool = typer.Option(
         False, help="profile steps 6-15 (torch.profiler) into RUN_DIR/profile.txt"
     ),
+    target_hf: Path | None = typer.Option(  # noqa: UP007
+        None,
+        help="decompose a local transformers causal-LM directory (config.json + weights; "
+        "never downloaded) instead of the config's target",
+    ),
+    insert_identity: list[str] = typer.Option(
+        [],
+        help="PATTERN[:C]: insert a d×d identity before matched nn.Linear/Conv1D modules and "
+        "decompose it too (default C = 2d); the summary says how many subcomponents it used",
+    ),
 ) -> None:
     """Train (or load) the target and decompose it."""
     from spdkit.experiment import run_experiment
@@ -105,6 +153,10 @@ def run(
             overrides["seed"] = seed
         if steps is not None:
             overrides["steps"] = steps
+        if target_hf is not None:  # first, so that --set target.* applies on top of it
+            overrides = {"target": hf_target_override(target_hf, config), **overrides}
+        if insert_identity:
+            overrides["insert_identity"] = [_identity_spec(item) for item in insert_identity]
         cfg = load_config(config, overrides)
         name = Path(config).stem if config.endswith((".yaml", ".yml")) else config
         run_dir = out or Path("runs") / f"{name}-seed{cfg.seed}"

@@ -51,6 +51,18 @@ class ModuleSpec(StrictModel):
     C: int = Field(ge=1, description="number of rank-one subcomponents per matched module (C)")
 
 
+class IdentitySpec(StrictModel):
+    """An identity matrix to insert before matched modules and decompose (paper appendix check:
+    SPD should use it as one dense group of rank d)."""
+
+    pattern: str = Field(
+        min_length=1, description="fnmatch pattern over the target's nn.Linear / Conv1D names"
+    )
+    C: int | None = Field(
+        default=None, ge=1, description="subcomponents of each identity (default 2 × its width)"
+    )
+
+
 class TMSTargetConfig(StrictModel):
     """Toy Model of Superposition x̂ = ReLU(Wᵀ [I] W x + b), trained in-process (paper appendix)."""
 
@@ -141,8 +153,37 @@ class TinyLMTargetConfig(_TransformerTraining):
         return f"tiny_lm {self.n_layers}L d{self.d_model} char-level"
 
 
+class HFTargetConfig(StrictModel):
+    """A local Hugging Face `transformers` causal LM (`spdkit run CONFIG --target-hf DIR`).
+
+    Nothing is trained or downloaded. The model's config.json is copied into `hf_config` when
+    the run starts, and its weights into target.safetensors, so the run directory rebuilds the
+    model without DIR; only `data: pydoc` needs DIR again (for its tokenizer).
+    """
+
+    kind: Literal["hf"] = "hf"
+    path: str = Field(min_length=1, description="local transformers model directory")
+    data: Literal["pydoc", "random_tokens"] = Field(
+        default="pydoc",
+        description="pydoc: the pydoc topic text shipped with Python, tokenised by DIR's "
+        "tokenizer; random_tokens: uniform token ids (smoke tests)",
+    )
+    seq_len: int = Field(default=64, ge=2, description="tokens per sequence")
+    hf_config: dict[str, Any] | None = Field(
+        default=None, description="the model's config.json (filled in when the run starts)"
+    )
+
+    def describe(self) -> str:
+        arch = (self.hf_config or {}).get("model_type", "?")
+        return f"hf {arch} from {self.path}"
+
+
 TargetConfig = Annotated[
-    TMSTargetConfig | ResidMLPTargetConfig | InductionTargetConfig | TinyLMTargetConfig,
+    TMSTargetConfig
+    | ResidMLPTargetConfig
+    | InductionTargetConfig
+    | TinyLMTargetConfig
+    | HFTargetConfig,
     Field(discriminator="kind"),
 ]
 TARGET_CONFIGS: tuple[type[StrictModel], ...] = (
@@ -150,6 +191,7 @@ TARGET_CONFIGS: tuple[type[StrictModel], ...] = (
     ResidMLPTargetConfig,
     InductionTargetConfig,
     TinyLMTargetConfig,
+    HFTargetConfig,
 )
 _TARGET_BY_KIND = {c.model_fields["kind"].default: c for c in TARGET_CONFIGS}
 
@@ -189,6 +231,10 @@ class SPDConfig(StrictModel):
         default=None, description="bundled toy target to train or load (None for your own model)"
     )
     modules: list[ModuleSpec] = Field(min_length=1, description="modules to decompose")
+    insert_identity: list[IdentitySpec] = Field(
+        default_factory=list,
+        description="identities inserted before matched modules and decomposed too (a check)",
+    )
     ci_hidden_dim: int = Field(
         default=16, ge=1, description="hidden GELU width of each causal-importance MLP (d_gate)"
     )
@@ -341,11 +387,30 @@ def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """data[a][b]... = value for key "a.b...", where a part that is an integer indexes a list
+    (`modules.0.C`); a path through something else is a ConfigError naming the key."""
     parts = key.split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
+    node: Any = data
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                where = ".".join(parts[:depth]) or "<root>"
+                raise ConfigError(
+                    f"--set {key}: {where} is a list of {len(node)}; use an index 0-{len(node) - 1}"
+                )
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            where = ".".join(parts[:depth])
+            raise ConfigError(f"--set {key}: {where} is a value, not a section")
 
 
 def dump_config(config: SPDConfig) -> str:

@@ -49,7 +49,11 @@ def build_trainer(target: nn.Module, data: DataSource, config: SPDConfig, device
     """Wrap the target and set up training; the component init is fixed by config.seed."""
     torch.manual_seed(config.seed)
     model = ComponentModel(
-        target.to(device), config.modules, config.ci_hidden_dim, config.component_init
+        target.to(device),
+        config.modules,
+        config.ci_hidden_dim,
+        config.component_init,
+        config.insert_identity,
     ).to(device)
     return Trainer(model, data, config, device)
 
@@ -119,7 +123,9 @@ def load(
     else:
         tensors, _ = runs.load_tensors(run_dir / "target.safetensors")
         runs.load_state_checked(target, tensors, run_dir / "target.safetensors")
-    model = ComponentModel(target, config.modules, config.ci_hidden_dim, config.component_init)
+    model = ComponentModel(
+        target, config.modules, config.ci_hidden_dim, config.component_init, config.insert_identity
+    )
     path = run_dir / "components.safetensors"
     tensors, _ = runs.load_tensors(path)
     runs.load_component_tensors(model, tensors, path)

@@ -20,6 +20,7 @@ from spdkit.losses import DIVERGENCES
 from spdkit.masks import MaskStream
 from spdkit.metrics import (
     causal_importance,
+    identity_check,
     lm_mask_evaluation,
     mean_l0,
     mmcs_ml2r,
@@ -76,6 +77,17 @@ def run_experiment(
     device = resolve_device(device)
     if config.target is None:
         raise ValueError("the config has no `target` section: `spdkit run` needs a bundled target")
+    if config.target.kind == "hf" and config.target.hf_config is None:
+        # record the architecture: the run directory must rebuild the model on its own
+        from spdkit.targets.hf import read_hf_config
+
+        config = config.model_copy(
+            update={
+                "target": config.target.model_copy(
+                    update={"hf_config": read_hf_config(config.target.path)}
+                )
+            }
+        )
     out = prepare_run_dir(Path(out))
     runs.save_config(out, config)
     if target_path is not None:
@@ -193,6 +205,17 @@ def evaluate(
                     "firing_frequency_sorted": [round(v, 6) for v in freq.tolist()],
                 }
             )
+    if model.identity_modules:
+        summary["identity_check"] = {
+            name: identity_check(
+                ci_data[name],
+                subcomponent_norms(*decomp.subcomponents(name)),
+                d,
+                ev.ci_threshold,
+                ev.norm_threshold,
+            )
+            for name, d in model.identity_modules.items()
+        }
     analysis = TARGET_ANALYSES.get(config.target.kind)
     if analysis is not None:
         summary.update(analysis(decomp, ci_onehot, run_dir / "figures"))
@@ -271,7 +294,8 @@ def lm_analysis(decomp: Decomposition, ci_onehot: dict | None, fig_dir: Path) ->
     gen = torch.Generator(device=device).manual_seed(config.seed + 4000)
     ids = data_source(config).sample(config.eval.n_eval_samples, gen)
     out: dict[str, Any] = {"lm": lm_mask_evaluation(model, ids, config.eval.ci_threshold, gen)}
-    decode = target_kind(config.target).decode
+    decoder = target_kind(config.target).decoder
+    decode = decoder(config.target) if decoder is not None else None
     if decode is not None:
         ci = causal_importance(model, ids)
         table = {name: top_contexts(ci[name].cpu(), ids.cpu(), decode) for name in ci}
@@ -285,6 +309,7 @@ TARGET_ANALYSES = {
     "resid_mlp": resid_mlp_analysis,
     "induction": lm_analysis,
     "tiny_lm": lm_analysis,
+    "hf": lm_analysis,
 }
 
 

@@ -83,6 +83,29 @@ def mean_l0(ci: dict[str, Tensor], threshold: float) -> dict[str, float]:
     return {n: (g > threshold).float().sum(-1).mean().item() for n, g in ci.items()}
 
 
+def identity_check(
+    ci: Tensor, norms: Tensor, d: int, ci_threshold: float, norm_threshold: float
+) -> dict[str, int | bool]:
+    """How an inserted d×d identity was decomposed (paper appendix heuristic).
+
+    ci [..., C] on evaluation inputs, norms [C]. A rank-d identity should be d subcomponents
+    that are active together on (nearly) every input: one dense group. "dense" = CI above the
+    threshold on at least half of the positions; the check passes when exactly d are dense
+    and they are all the non-negligible ones.
+    """
+    active = (ci > ci_threshold).flatten(0, -2).float().mean(0)  # [C] fraction of positions
+    dense = active >= 0.5
+    live = non_negligible(norms, norm_threshold)
+    return {
+        "d": d,
+        "C": int(norms.numel()),
+        "n_non_negligible": int(live.sum()),
+        "n_dense": int(dense.sum()),
+        "n_ever_active": int((active > 0).sum()),
+        "one_dense_group_of_rank_d": bool(int(dense.sum()) == d and bool((dense == live).all())),
+    }
+
+
 @torch.no_grad()
 def output_losses(model: ComponentModel, x: Tensor, divergence: Divergence) -> dict[str, float]:
     """D(masked output, target output) for masks = CI (lower-leaky g), all ones (the unmasked

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from spdkit.components import Components, is_decomposable, make_components
-from spdkit.config import ModuleSpec
+from spdkit.config import IdentitySpec, ModuleSpec
 from spdkit.importance import CausalImportance
 
 _RECORD_COUNTER = itertools.count()
@@ -89,6 +89,62 @@ def match_modules(model: nn.Module, specs: list[ModuleSpec]) -> dict[str, int]:
     return matched
 
 
+IDENTITY_SUFFIX = "_identity"
+
+
+def match_identity_sites(model: nn.Module, specs: list[IdentitySpec]) -> dict[str, tuple[int, int]]:
+    """Module name → (d, C) for every module an identity is to be inserted before: d is its
+    input width, C the identity's subcomponents (default 2d, room for the rank-d solution)."""
+    modules = dict(model.named_modules())
+    sites: dict[str, tuple[int, int]] = {}
+    for spec in specs:
+        names = [n for n in modules if n and fnmatch.fnmatchcase(n, spec.pattern)]
+        names = [n for n in names if input_width(modules[n]) is not None]
+        if not names:
+            raise ValueError(
+                f"insert_identity pattern {spec.pattern!r} matches no nn.Linear or Conv1D "
+                "(an identity goes before a module that takes vectors)"
+            )
+        for name in names:
+            d = input_width(modules[name])
+            sites[name] = (d, spec.C or 2 * d)  # type: ignore[arg-type]
+    return sites
+
+
+def input_width(module: nn.Module) -> int | None:
+    """d_in of an nn.Linear or HF Conv1D; None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return module.weight.shape[0]
+    return None
+
+
+def insert_identity(model: nn.Module, name: str, d: int) -> str:
+    """Put a frozen d×d identity nn.Linear in front of module `name`; returns its name.
+
+    The identity is a sibling, `<name>_identity`, called by a forward pre-hook on the module,
+    so the target's own module names (and the patterns that match them) do not change. The
+    parent attribute is looked up at call time: once the identity is wrapped for decomposition,
+    the hook calls the wrapper. Paper appendix: decomposing an inserted identity is a check
+    that SPD finds a rank-d map as one dense group of subcomponents, not d "features".
+    """
+    module = model.get_submodule(name)
+    weight = next(module.parameters())
+    identity = nn.Linear(d, d, bias=False, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        identity.weight.copy_(torch.eye(d))
+    identity.requires_grad_(False)
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    attr = child + IDENTITY_SUFFIX
+    if hasattr(parent, attr):
+        raise ValueError(f"cannot insert an identity before {name!r}: {attr!r} already exists")
+    parent.add_module(attr, identity)
+    module.register_forward_pre_hook(lambda _mod, args: (getattr(parent, attr)(args[0]), *args[1:]))
+    return f"{parent_name}.{attr}" if parent_name else attr
+
+
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -107,25 +163,26 @@ class ComponentModel(nn.Module):
         specs: list[ModuleSpec],
         ci_hidden_dim: int,
         component_init: str = "target_projection",
+        identity_specs: list[IdentitySpec] | None = None,
     ) -> None:
         super().__init__()
         matched = match_modules(target, specs)
+        # matched against the target's own modules, before anything is inserted or wrapped
+        identity_sites = match_identity_sites(target, identity_specs or [])
         target.requires_grad_(False)
         target.eval()
         self.target = target
-        self.module_names: list[str] = list(matched)
+        self.module_names: list[str] = []
         self.decomposed: dict[str, DecomposedModule] = {}
-        ci_fns = {}
+        self.ci_fns = nn.ModuleDict()
+        self._ci_hidden_dim, self._component_init = ci_hidden_dim, component_init
         for name, C in matched.items():
-            original = target.get_submodule(name)
-            components = make_components(original, C)
-            if component_init == "target_projection":
-                components.init_from_target(components.target_weight(original))
-            wrapper = DecomposedModule(original, components)
-            _set_submodule(target, name, wrapper)
-            self.decomposed[name] = wrapper
-            ci_fns[_key(name)] = CausalImportance(C, ci_hidden_dim)
-        self.ci_fns = nn.ModuleDict(ci_fns)
+            self._decompose(name, C)
+        self.identity_modules: dict[str, int] = {}  # inserted identity name -> d
+        for site, (d, C) in identity_sites.items():
+            name = insert_identity(target, site, d)
+            self._decompose(name, C)
+            self.identity_modules[name] = d
         # decomposed modules in the order the target runs them (known after a recording forward)
         self.execution_order: list[str] = list(matched)
 
@@ -134,6 +191,18 @@ class ComponentModel(nn.Module):
         the one used. Training and evaluation must agree: the backends match only to float
         rounding, and a loaded run should reproduce its summary's numbers exactly."""
         return {ci.set_backend(backend, device) for ci in self.ci_fns.values()}.pop()
+
+    def _decompose(self, name: str, C: int) -> None:
+        """Wrap target module `name` with C subcomponents and give it CI functions."""
+        original = self.target.get_submodule(name)
+        components = make_components(original, C)
+        if self._component_init == "target_projection":
+            components.init_from_target(components.target_weight(original))
+        wrapper = DecomposedModule(original, components)
+        _set_submodule(self.target, name, wrapper)
+        self.module_names.append(name)
+        self.decomposed[name] = wrapper
+        self.ci_fns[_key(name)] = CausalImportance(C, self._ci_hidden_dim)
 
     # --- parts -----------------------------------------------------------------------------
     def components(self, name: str) -> Components:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from spdkit.config import TargetConfig
-from spdkit.targets import resid_mlp, tms, transformer
+from spdkit.targets import hf, resid_mlp, tms, transformer
 
 
 class DataSource(Protocol):
@@ -29,8 +29,8 @@ class TargetKind:
     feature_module: str | None
     # config fields that fix the architecture: a saved target must agree on all of them
     architecture: tuple[str, ...]
-    # token ids -> readable text, for language-model targets (top-activating contexts)
-    decode: Callable[[list[int]], str] | None = None
+    # config -> (token ids -> readable text), for language-model targets (top contexts)
+    decoder: Callable[[Any], Callable[[list[int]], str] | None] | None = None
 
 
 TARGET_KINDS: dict[str, TargetKind] = {
@@ -54,7 +54,7 @@ TARGET_KINDS: dict[str, TargetKind] = {
         data=lambda c: transformer.RepeatedTokens(c.vocab_size, c.seq_len),
         feature_module=None,
         architecture=("vocab_size", "seq_len", "d_model", "n_layers", "n_heads"),
-        decode=lambda ids: " ".join(str(i) for i in ids),
+        decoder=lambda c: lambda ids: " ".join(str(i) for i in ids),
     ),
     "tiny_lm": TargetKind(
         build=transformer.build_tiny_lm,
@@ -62,7 +62,15 @@ TARGET_KINDS: dict[str, TargetKind] = {
         data=lambda c: transformer.CharCorpus(c.seq_len),
         feature_module=None,
         architecture=("seq_len", "d_model", "n_layers", "n_heads", "d_mlp"),
-        decode=transformer.CharCorpus.decode,
+        decoder=lambda c: transformer.CharCorpus.decode,
+    ),
+    "hf": TargetKind(
+        build=hf.build_hf,
+        train=hf.train_hf,
+        data=hf.hf_data,
+        feature_module=None,
+        architecture=("hf_config",),
+        decoder=hf.hf_decoder,
     ),
 }
 

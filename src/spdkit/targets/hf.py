@@ -7,11 +7,17 @@ Nothing here reaches the network: models load from a local directory only
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from spdkit.config import HFTargetConfig
 
 
 def load_hf_causal_lm(path: str | Path) -> nn.Module:
@@ -22,15 +28,90 @@ def load_hf_causal_lm(path: str | Path) -> nn.Module:
             f"{path} is not a local transformers model directory (no config.json); spdkit never "
             "downloads models: save one with `model.save_pretrained(DIR)` first"
         )
+    model = _transformers().AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+    return model.eval()
+
+
+def _transformers():
     try:
-        from transformers import AutoModelForCausalLM
+        import transformers
     except ImportError:
         raise ImportError(
-            "loading a Hugging Face model needs transformers: "
-            "pip install -c constraints.txt -e '.[hf]'"
+            "a Hugging Face target needs transformers: pip install -c constraints.txt -e '.[hf]'"
         ) from None
-    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
-    return model.eval()
+    return transformers
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    """The model directory's config.json as a dict (what `HFTargetConfig.hf_config` records)."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{path} is not a local transformers model directory (no config.json); spdkit never "
+            "downloads models: save one with `model.save_pretrained(DIR)` first"
+        )
+    try:
+        data = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise ValueError(f"{file}: no `model_type`; not a transformers config")
+    return data
+
+
+def build_hf(config: HFTargetConfig) -> nn.Module:
+    """The architecture of `config.hf_config` with fresh weights (the run's target.safetensors
+    then fills them): a run directory rebuilds its model without the original directory."""
+    tf = _transformers()
+    data = dict(config.hf_config or read_hf_config(config.path))
+    hf_cfg = tf.AutoConfig.for_model(data.pop("model_type"), **data)
+    return tf.AutoModelForCausalLM.from_config(hf_cfg).eval()
+
+
+def train_hf(config: HFTargetConfig, seed: int, device: str) -> tuple[nn.Module, dict]:
+    """Nothing to train: load the weights from the local directory."""
+    model = load_hf_causal_lm(config.path).to(device)
+    return model, {"loaded_from": str(config.path), "model_type": model.config.model_type}
+
+
+def hf_data(config: HFTargetConfig) -> RandomTokens | TokenWindows:
+    vocab = int((config.hf_config or read_hf_config(config.path))["vocab_size"])
+    if config.data == "random_tokens":
+        return RandomTokens(vocab, config.seq_len)
+    return TokenWindows(_pydoc_tokens(config.path), config.seq_len)
+
+
+@cache
+def _tokenizer(path: str):
+    try:
+        return _transformers().AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"target.data is pydoc but {path} has no usable tokenizer ({err}); save one there "
+            "with `tokenizer.save_pretrained(DIR)`, or use target.data=random_tokens"
+        ) from None
+
+
+@cache
+def _pydoc_tokens(path: str) -> Tensor:
+    from spdkit.targets.transformer import corpus_text
+
+    text = corpus_text()
+    ids = _tokenizer(path)(text, return_attention_mask=False)["input_ids"]
+    if len(ids) < len(text) // 20:
+        raise ValueError(
+            f"the tokenizer in {path} turned {len(text)} characters of pydoc text into "
+            f"{len(ids)} tokens: not a usable tokenizer (use target.data=random_tokens)"
+        )
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def hf_decoder(config: HFTargetConfig) -> Callable[[list[int]], str] | None:
+    """Token ids to text with the directory's tokenizer; None (no context tables) without one."""
+    if config.data != "pydoc":
+        return None
+    tok = _tokenizer(config.path)
+    return lambda ids: tok.decode(ids).replace("\n", "⏎")
 
 
 @dataclass(frozen=True)
