@@ -138,6 +138,12 @@ def run(
         help="decompose a local transformers causal-LM directory (config.json + weights; "
         "never downloaded) instead of the config's target",
     ),
+    target_factory: str | None = typer.Option(  # noqa: UP007
+        None,
+        help="MODULE:FN returning your trained nn.Module (with --data-factory MODULE:FN "
+        "returning an object with sample(batch_size, generator))",
+    ),
+    data_factory: str | None = typer.Option(None, help="see --target-factory"),  # noqa: UP007
     insert_identity: list[str] = typer.Option(
         [],
         help="PATTERN[:C]: insert a d×d identity before matched nn.Linear/Conv1D modules and "
@@ -155,6 +161,11 @@ def run(
             overrides["steps"] = steps
         if target_hf is not None:  # first, so that --set target.* applies on top of it
             overrides = {"target": hf_target_override(target_hf, config), **overrides}
+        if target_factory is not None or data_factory is not None:
+            if target_factory is None or data_factory is None:
+                raise ConfigError("--target-factory and --data-factory go together")
+            factories = {"factory": target_factory, "data_factory": data_factory}
+            overrides = {"target": {"kind": "python", **factories}, **overrides}
         if insert_identity:
             overrides["insert_identity"] = [_identity_spec(item) for item in insert_identity]
         cfg = load_config(config, overrides)

@@ -178,12 +178,41 @@ class HFTargetConfig(StrictModel):
         return f"hf {arch} from {self.path}"
 
 
+_DOTTED = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
+
+
+class PythonTargetConfig(StrictModel):
+    """Your own model from Python factories (`spdkit run CONFIG --target-factory pkg.mod:fn`).
+
+    `factory(**factory_kwargs)` returns the trained nn.Module (its weights are copied into
+    target.safetensors; later loads call the factory for the architecture, then load them);
+    `data_factory()` returns the data source: an object with `sample(batch_size, generator)`.
+    Both are imported by name, so the package must be importable wherever the run is resumed.
+    """
+
+    kind: Literal["python"] = "python"
+    factory: str = Field(pattern=_DOTTED, description="module.path:function returning the model")
+    data_factory: str = Field(
+        pattern=_DOTTED, description="module.path:function returning the data source"
+    )
+    factory_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of `factory`"
+    )
+    lm: bool = Field(
+        default=False, description="the model maps token ids to logits (adds the CE / KL report)"
+    )
+
+    def describe(self) -> str:
+        return f"python {self.factory}"
+
+
 TargetConfig = Annotated[
     TMSTargetConfig
     | ResidMLPTargetConfig
     | InductionTargetConfig
     | TinyLMTargetConfig
-    | HFTargetConfig,
+    | HFTargetConfig
+    | PythonTargetConfig,
     Field(discriminator="kind"),
 ]
 TARGET_CONFIGS: tuple[type[StrictModel], ...] = (
@@ -192,6 +221,7 @@ TARGET_CONFIGS: tuple[type[StrictModel], ...] = (
     InductionTargetConfig,
     TinyLMTargetConfig,
     HFTargetConfig,
+    PythonTargetConfig,
 )
 _TARGET_BY_KIND = {c.model_fields["kind"].default: c for c in TARGET_CONFIGS}
 

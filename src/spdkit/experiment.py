@@ -217,6 +217,8 @@ def evaluate(
             for name, d in model.identity_modules.items()
         }
     analysis = TARGET_ANALYSES.get(config.target.kind)
+    if config.target.kind == "python" and config.target.lm:
+        analysis = lm_analysis
     if analysis is not None:
         summary.update(analysis(decomp, ci_onehot, run_dir / "figures"))
     if ci_onehot is not None:

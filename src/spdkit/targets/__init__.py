@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from spdkit.config import TargetConfig
-from spdkit.targets import hf, resid_mlp, tms, transformer
+from spdkit.targets import hf, python, resid_mlp, tms, transformer
 
 
 class DataSource(Protocol):
@@ -71,6 +71,13 @@ TARGET_KINDS: dict[str, TargetKind] = {
         feature_module=None,
         architecture=("hf_config",),
         decoder=hf.hf_decoder,
+    ),
+    "python": TargetKind(
+        build=python.build_python,
+        train=python.train_python,
+        data=python.python_data,
+        feature_module=None,
+        architecture=("factory", "factory_kwargs"),
     ),
 }
 
