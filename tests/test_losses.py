@@ -58,3 +58,11 @@ def test_recon_losses_average_their_divergences():
     assert stochastic_recon_loss(outs, y, mse_divergence).item() == pytest.approx(1.5)
     outs3 = outs + [torch.tensor([0.0, 0.0])]
     assert stochastic_recon_layerwise_loss(outs3, y, mse_divergence).item() == pytest.approx(1.0)
+
+
+def test_prepared_target_gives_the_same_kl_as_one_call_per_output():
+    torch.manual_seed(0)
+    target = torch.randn(3, 5, 11)
+    outs = [torch.randn(3, 5, 11) for _ in range(4)]
+    direct = sum(kl_divergence(o, target) for o in outs) / 4
+    assert torch.equal(stochastic_recon_layerwise_loss(outs, target, kl_divergence), direct)

@@ -2,28 +2,51 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor
 
-Divergence = Callable[[Tensor, Tensor], Tensor]
+
+class Divergence:
+    """D(masked output, target output). `prepare` does the work that depends on the target
+    alone, once per step: a step compares 1 + L masked outputs with the same target."""
+
+    def prepare(self, y_target: Tensor) -> Any:
+        return y_target
+
+    def compare(self, y_masked: Tensor, prepared: Any) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, y_masked: Tensor, y_target: Tensor) -> Tensor:
+        return self.compare(y_masked, self.prepare(y_target))
 
 
-def mse_divergence(y_masked: Tensor, y_target: Tensor) -> Tensor:
+class MSEDivergence(Divergence):
     """D = mean over all elements of (y_masked − y_target)²: the toy models' divergence."""
-    return F.mse_loss(y_masked, y_target)
+
+    def compare(self, y_masked: Tensor, prepared: Tensor) -> Tensor:
+        return F.mse_loss(y_masked, prepared)
 
 
-def kl_divergence(logits_masked: Tensor, logits_target: Tensor) -> Tensor:
+class KLDivergence(Divergence):
     """D = KL(target ‖ masked) = Σ_v p_t (log p_t − log p_m), summed over the last (vocabulary)
-    dimension and averaged over every other position: the language-model divergence."""
-    logp_masked = F.log_softmax(logits_masked, dim=-1)
-    logp_target = F.log_softmax(logits_target, dim=-1)
-    kl = (logp_target.exp() * (logp_target - logp_masked)).sum(-1)
-    return kl.mean()
+    dimension and averaged over every other position: the language-model divergence. The
+    target's log-probabilities and probabilities are the prepared part."""
+
+    def prepare(self, y_target: Tensor) -> tuple[Tensor, Tensor]:
+        logp_target = F.log_softmax(y_target, dim=-1)
+        return logp_target, logp_target.exp()
+
+    def compare(self, y_masked: Tensor, prepared: tuple[Tensor, Tensor]) -> Tensor:
+        logp_target, p_target = prepared
+        logp_masked = F.log_softmax(y_masked, dim=-1)
+        return (p_target * (logp_target - logp_masked)).sum(-1).mean()
 
 
+mse_divergence = MSEDivergence()
+kl_divergence = KLDivergence()
 DIVERGENCES: dict[str, Divergence] = {"mse": mse_divergence, "kl": kl_divergence}
 
 
@@ -90,4 +113,5 @@ def stochastic_recon_layerwise_loss(
 
 
 def _mean_divergence(outputs: Sequence[Tensor], y_target: Tensor, divergence: Divergence) -> Tensor:
-    return sum(divergence(y, y_target) for y in outputs) / len(outputs)  # type: ignore[return-value]
+    prepared = divergence.prepare(y_target)
+    return sum(divergence.compare(y, prepared) for y in outputs) / len(outputs)  # type: ignore[return-value]
