@@ -2,6 +2,7 @@
 
     python benchmarks/bench_step.py [--configs tms_5-2 resid_mlp1] [--steps 30] [--threads 2]
         [--ci-backend auto|eager|compiled|fused] [--device cpu|cuda] [--json out.json]
+        [--set key=value ...]   # config overrides, e.g. --set batch_layerwise_passes=true
 
 For each config: median / min / max ms per step over `--steps` timed steps after `--warmup`
 steps; FLOPs of one step (matmuls counted op by op by torch's FlopCounterMode, forward and
@@ -23,6 +24,7 @@ import statistics
 import time
 
 import torch
+import yaml
 
 from spdkit.config import bundled_config_names, load_config
 from spdkit.decomposition import build_trainer, data_source
@@ -30,8 +32,10 @@ from spdkit.profiling import matmul_peak_gflops, step_flops
 from spdkit.targets import target_kind
 
 
-def time_config(name: str, steps: int, warmup: int, ci_backend: str, device: str) -> dict:
-    config = load_config(name, {"ci_backend": ci_backend})
+def time_config(
+    name: str, steps: int, warmup: int, ci_backend: str, device: str, overrides: dict
+) -> dict:
+    config = load_config(name, {"ci_backend": ci_backend, **overrides})
     target = target_kind(config.target).build(config.target)
     trainer = build_trainer(target, data_source(config), config, device)
     for _ in range(warmup):
@@ -73,7 +77,14 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--set", action="append", default=[], help="config override key=value (repeatable)"
+    )
     args = parser.parse_args()
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
     if args.threads:
         torch.set_num_threads(args.threads)
     peak = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
@@ -84,7 +95,7 @@ def main() -> None:
     print(header)
     rows = []
     for name in args.configs:
-        row = time_config(name, args.steps, args.warmup, args.ci_backend, args.device)
+        row = time_config(name, args.steps, args.warmup, args.ci_backend, args.device, overrides)
         row["fraction_of_fp32_peak"] = round(row["gflops"] / peak["fp32"], 4)
         rows.append(row)
         print(
@@ -100,6 +111,7 @@ def main() -> None:
             "threads": torch.get_num_threads(),
             "device": args.device,
             "matmul_peak_gflops": peak,
+            "overrides": overrides,
             "rows": rows,
         }
         with open(args.json, "w") as f:

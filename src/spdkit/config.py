@@ -298,6 +298,11 @@ class SPDConfig(StrictModel):
         description="how the CI MLPs run: fused C++ kernel (CPU), torch.compile, or eager; "
         "auto = fused on CPU when it builds, else eager",
     )
+    batch_layerwise_passes: bool = Field(
+        default=False,
+        description="run the L layerwise forwards as one forward over the batch repeated L "
+        "times (same arithmetic, bigger ops; slower on a 2-core CPU, measured: for GPUs)",
+    )
     on_nonfinite: Literal["stop", "skip"] = Field(
         default="stop",
         description="a NaN/inf loss or gradient: stop (keeping the last checkpoint) or skip the step",

@@ -72,7 +72,10 @@ def spd_losses(
             full_outputs.append(model(x, masks, inner={first: inner[first]}))
         if config.stochastic_recon_layerwise_coeff > 0:
             # only module n is masked, so its input is the target's: reuse its inner activations
-            layerwise_outputs += [model(x, {n: masks[n]}, inner={n: inner[n]}) for n in names]
+            if config.batch_layerwise_passes and len(names) > 1:
+                layerwise_outputs += model.layerwise_forward(x, masks, inner)
+            else:
+                layerwise_outputs += [model(x, {n: masks[n]}, inner={n: inner[n]}) for n in names]
     if full_outputs:
         terms["stochastic_recon"] = stochastic_recon_loss(full_outputs, y_target, divergence)
     if layerwise_outputs:
