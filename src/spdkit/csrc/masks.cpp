@@ -38,28 +38,27 @@ torch::Tensor mask_uniform(int64_t n, int64_t key, int64_t offset) {
   return r;
 }
 
-// m = g + (1 - g) r with r the n = g.numel() draws starting at offset.
-torch::Tensor mask_forward(torch::Tensor g, int64_t key, int64_t offset) {
-  check(g, "g");
-  auto m = torch::empty_like(g);
-  const float* gp = g.data_ptr<float>();
-  float* mp = m.data_ptr<float>();
-  const int64_t n = g.numel();
+// out[i] = f(in[i], r_i) over a float32 tensor, r_i the draws starting at offset.
+template <typename F>
+torch::Tensor map_with_uniform(const torch::Tensor& in, const char* name, int64_t key,
+                               int64_t offset, F f) {
+  check(in, name);
+  auto out = torch::empty_like(in);
+  const float* ip = in.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t n = in.numel();
   const uint64_t k = static_cast<uint64_t>(key), o = static_cast<uint64_t>(offset);
 #pragma omp parallel for simd schedule(static)
-  for (int64_t i = 0; i < n; i++) mp[i] = gp[i] + (1.f - gp[i]) * uniform_at(k, o + i);
-  return m;
+  for (int64_t i = 0; i < n; i++) op[i] = f(ip[i], uniform_at(k, o + i));
+  return out;
+}
+
+// m = g + (1 - g) r with r the n = g.numel() draws starting at offset.
+torch::Tensor mask_forward(torch::Tensor g, int64_t key, int64_t offset) {
+  return map_with_uniform(g, "g", key, offset, [](float gi, float r) { return gi + (1.f - gi) * r; });
 }
 
 // dL/dg = dL/dm * (1 - r), the same r regenerated.
 torch::Tensor mask_backward(torch::Tensor grad, int64_t key, int64_t offset) {
-  check(grad, "grad");
-  auto out = torch::empty_like(grad);
-  const float* gp = grad.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t n = grad.numel();
-  const uint64_t k = static_cast<uint64_t>(key), o = static_cast<uint64_t>(offset);
-#pragma omp parallel for simd schedule(static)
-  for (int64_t i = 0; i < n; i++) op[i] = gp[i] * (1.f - uniform_at(k, o + i));
-  return out;
+  return map_with_uniform(grad, "grad", key, offset, [](float gi, float r) { return gi * (1.f - r); });
 }
