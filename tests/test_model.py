@@ -152,6 +152,62 @@ def test_reusing_the_first_modules_inner_acts_is_exact():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def _layerwise_passes(net_cls, use_known: bool):
+    """Every layerwise pass's output and the gradients of their summed squares."""
+    torch.manual_seed(1)
+    model = ComponentModel(net_cls(), [ModuleSpec(pattern="layers.*.mlp_*", C=4)], ci_hidden_dim=4)
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(3))
+    _, inputs, outputs = model.target_forward_record(x)
+    inner = model.inner_acts(inputs)
+    masks = {n: torch.rand(16, 4, generator=torch.Generator().manual_seed(2)) for n in inner}
+    outs = [
+        model(x, {n: masks[n]}, inner={n: inner[n]}, target_outputs=outputs if use_known else None)
+        for n in model.module_names
+    ]
+    sum(o.square().sum() for o in outs).backward()
+    return outs, [p.grad.clone() for p in model.trainable_parameters() if p.grad is not None]
+
+
+def test_layerwise_passes_reusing_upstream_target_outputs_are_exact():
+    """Modules before the masked one return their recorded target output (train.py): outputs
+    and gradients are identical to recomputing them."""
+    outs_a, grads_a = _layerwise_passes(Net, use_known=False)
+    outs_b, grads_b = _layerwise_passes(Net, use_known=True)
+    for a, b in zip(outs_a, outs_b, strict=True):
+        assert torch.equal(a, b)
+    assert len(grads_a) == len(grads_b) > 0
+    for a, b in zip(grads_a, grads_b, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_upstream_reuse_covers_exactly_the_modules_run_before_the_masked_one():
+    model = ComponentModel(Net(), [ModuleSpec(pattern="layers.*.mlp_*", C=4)], ci_hidden_dim=4)
+    _, _, outputs = model.target_forward_record(torch.randn(4, 6))
+    masked = ["layers.1.mlp_in"]
+    assert list(model.upstream_of(masked, outputs)) == ["layers.0.mlp_in", "layers.0.mlp_out"]
+    assert model.upstream_of(["layers.0.mlp_in", "layers.1.mlp_out"], outputs) == {}
+
+
+def test_an_output_edited_in_place_is_recomputed_not_reused():
+    """A target that edits a module's output in place (here ReLU(inplace=True)) must not have
+    the edited tensor handed back as that module's output."""
+
+    class InPlace(Net):
+        def forward(self, x):
+            for layer in self.layers:
+                x = x + layer["mlp_out"](torch.relu_(layer["mlp_in"](x)))
+            return self.head(x)
+
+    model = ComponentModel(InPlace(), [ModuleSpec(pattern="layers.*.mlp_*", C=4)], ci_hidden_dim=4)
+    _, _, outputs = model.target_forward_record(torch.randn(4, 6))
+    assert "layers.0.mlp_in" not in outputs
+    assert "layers.0.mlp_out" in outputs
+    outs_a, _ = _layerwise_passes(InPlace, use_known=False)
+    outs_b, _ = _layerwise_passes(InPlace, use_known=True)
+    for a, b in zip(outs_a, outs_b, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_weightless_matches_are_skipped_and_weighted_ones_are_errors():
     class WithNorm(Net):
         def __init__(self) -> None:

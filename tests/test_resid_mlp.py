@@ -67,6 +67,24 @@ def test_model_shapes_embedding_and_labels():
     assert torch.equal(labels(torch.tensor([-0.5, 0.0, 0.5])), torch.tensor([-0.5, 0.0, 1.0]))
 
 
+def test_embedding_memo_returns_the_same_tensor_only_for_the_same_unchanged_input():
+    """The memo saves recomputing x @ W_E in each of a step's passes; a new batch, an
+    in-place edit of the batch or of W_E must recompute."""
+    model = ResidMLP(n_features=10, d_resid=40, n_layers=1, d_mlp=5)
+    gen = torch.Generator().manual_seed(0)
+    x = sample_sparse_features(64, 10, 0.3, gen, -1.0, 1.0)
+    first = model.embed(x)
+    assert model.embed(x) is first
+    x2 = x.clone()
+    assert model.embed(x2) is not first
+    torch.testing.assert_close(model.embed(x2), first)
+    x2.mul_(2.0)
+    torch.testing.assert_close(model.embed(x2), 2 * first)
+    with torch.no_grad():
+        model.W_E.mul_(3.0)
+    torch.testing.assert_close(model.embed(x2), 6 * first)
+
+
 def test_training_computes_relus_beyond_the_residual_stream():
     cfg = ResidMLPTargetConfig(
         n_features=12, d_resid=64, n_layers=1, d_mlp=6, feature_probability=0.05, train_steps=300

@@ -8,7 +8,7 @@ import torch
 from spdkit.config import OptimizerConfig, parse_config
 from spdkit.decomposition import build_trainer, data_source
 from spdkit.targets import target_kind
-from spdkit.train import NonFiniteError, lr_at
+from spdkit.train import NonFiniteError, lr_at, nonfinite_problem
 from tests.conftest import tiny_tms_dict
 
 
@@ -51,6 +51,18 @@ def test_nonfinite_loss_can_skip_the_update():
     trainer.train_step()
     assert trainer.skipped_steps == 1 and trainer.step == 2
     assert torch.equal(trainer.model.ci_fn("linear2").w_in, ci_before)  # no update applied
+
+
+@pytest.mark.parametrize("numel", [10, 100_000])  # checked concatenated / alone
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nonfinite_gradient_is_found_in_small_and_large_parameters(numel, bad):
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (3, numel, 5)]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    terms = {"total": torch.tensor(1.0), "faithfulness": torch.tensor(1.0)}
+    assert nonfinite_problem(terms, params) is None
+    params[1].grad[-1] = bad
+    assert nonfinite_problem(terms, params) == "non-finite gradient"
 
 
 def tiny_trainer(**overrides):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +37,11 @@ class DecomposedModule(nn.Module):
         self.rows: tuple[int, int] | None = None
         self.record_input = False
         self.recorded_input: Tensor | None = None
+        self.recorded_output: Tensor | None = None
+        self.recorded_version = 0  # its version counter when produced (in-place edits show)
         self.record_order = 0  # when it ran in the last recording forward
+        # the target's output for this forward's input, to return instead of recomputing it
+        self.known_output: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mask is not None and self.rows is not None:
@@ -47,6 +51,8 @@ class DecomposedModule(nn.Module):
             return torch.cat([out[:start], masked, out[stop:]])
         if self.mask is not None:
             return self._masked(x)
+        if self.known_output is not None:
+            return self.known_output
         if self.record_input:
             if self.recorded_input is not None:
                 raise ValueError(
@@ -55,6 +61,9 @@ class DecomposedModule(nn.Module):
                 )
             self.recorded_input = x
             self.record_order = next(_RECORD_COUNTER)
+            self.recorded_output = self.original(x)
+            self.recorded_version = self.recorded_output._version
+            return self.recorded_output
         return self.original(x)
 
     def _masked(self, x: Tensor) -> Tensor:
@@ -196,6 +205,7 @@ class ComponentModel(nn.Module):
             self.identity_modules[name] = d
         # decomposed modules in the order the target runs them (known after a recording forward)
         self.execution_order: list[str] = list(matched)
+        self._output_versions: dict[str, int] = {}  # of the last recorded target outputs
 
     def set_ci_backend(self, backend: str, device: torch.device | str) -> str:
         """Run every CI function with `backend` ("auto", "fused", "compiled", "eager"); returns
@@ -233,31 +243,61 @@ class ComponentModel(nn.Module):
 
     # --- forwards --------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _masks(self, masks: Mapping[str, Tensor], inner: Mapping[str, Tensor]) -> Iterator[None]:
+    def _masks(
+        self,
+        masks: Mapping[str, Tensor],
+        inner: Mapping[str, Tensor],
+        known_outputs: Mapping[str, Tensor],
+    ) -> Iterator[None]:
         for name, mask in masks.items():
             self.decomposed[name].mask = mask
             self.decomposed[name].inner = inner.get(name)
+        for name, out in known_outputs.items():
+            self.decomposed[name].known_output = out
         try:
             yield
         finally:
             for name in masks:
                 self.decomposed[name].mask = None
                 self.decomposed[name].inner = None
+            for name in known_outputs:
+                self.decomposed[name].known_output = None
 
     def forward(
         self,
         x: Tensor,
         masks: Mapping[str, Tensor] | None = None,
         inner: Mapping[str, Tensor] | None = None,
+        target_outputs: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
         """Target forward where the modules named in `masks` run from masked components.
 
         `inner` may give a module's inner activations x @ Vᵀ when its input in this forward is
         known to equal the target's (a layerwise pass: every earlier module is the original),
         which saves recomputing that matmul; the result is identical.
+
+        `target_outputs` (from `target_forward_record` on this same x) lets every unmasked
+        module that runs before the first masked one return the target's output instead of
+        recomputing it. That is exact: until a masked module runs, the forward *is* the
+        target's forward on x, and nothing upstream is trainable, so no gradient is lost.
         """
-        with self._masks(masks or {}, inner or {}):
+        masks = masks or {}
+        known = self.upstream_of(masks, target_outputs) if target_outputs and masks else {}
+        with self._masks(masks, inner or {}, known):
             return model_output(self.target(x))
+
+    def upstream_of(
+        self, masked: Iterable[str], target_outputs: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """The target outputs of the decomposed modules that run before every module in
+        `masked` (by the recorded execution order)."""
+        first = min(self.execution_order.index(n) for n in masked)
+        return {
+            n: target_outputs[n]
+            for n in self.execution_order[:first]
+            # skipped if missing or edited in place since it was recorded
+            if n in target_outputs and target_outputs[n]._version == self._output_versions.get(n)
+        }
 
     def layerwise_forward(
         self, x: Tensor, masks: Mapping[str, Tensor], inner: Mapping[str, Tensor]
@@ -286,9 +326,17 @@ class ComponentModel(nn.Module):
                 wrapper.mask = wrapper.inner = wrapper.rows = None
         return list(y.split(B))
 
-    @torch.no_grad()
     def target_forward_with_inputs(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """One no-grad target forward; returns the output and each decomposed module's input."""
+        y, inputs, _ = self.target_forward_record(x)
+        return y, inputs
+
+    @torch.no_grad()
+    def target_forward_record(
+        self, x: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """One no-grad target forward; returns the output and each decomposed module's input
+        and output, and records the order the modules ran in."""
         for wrapper in self.decomposed.values():
             wrapper.record_input = True
         try:
@@ -300,14 +348,22 @@ class ComponentModel(nn.Module):
                     "decompose only modules the forward uses"
                 )
             inputs = {n: self.decomposed[n].recorded_input for n in self.module_names}
+            # an output the forward edited in place no longer equals what the module returned
+            outputs = {
+                n: w.recorded_output
+                for n, w in self.decomposed.items()
+                if w.recorded_output is not None
+                and w.recorded_output._version == w.recorded_version
+            }
+            self._output_versions = {n: t._version for n, t in outputs.items()}
             self.execution_order = sorted(
                 self.module_names, key=lambda n: self.decomposed[n].record_order
             )
         finally:
             for wrapper in self.decomposed.values():
                 wrapper.record_input = False
-                wrapper.recorded_input = None
-        return y, inputs  # type: ignore[return-value]
+                wrapper.recorded_input = wrapper.recorded_output = None
+        return y, inputs, outputs  # type: ignore[return-value]
 
     @property
     def first_module(self) -> str:
