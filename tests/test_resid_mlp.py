@@ -187,6 +187,41 @@ def test_short_resid_run_writes_the_analysis(tmp_path):
     assert meta["info"]["mse"] < meta["info"]["mse_without_mlps"]
 
 
+def test_an_unfinished_run_is_evaluated_at_its_checkpoint(tmp_path, monkeypatch):
+    """`spdkit eval --checkpoint` on a run stopped at step 25 (last checkpoint: 20) writes the
+    full analysis into partial/step_20/ and touches nothing the finished-run contract owns."""
+    from spdkit.train import Trainer
+
+    train_step = Trainer.train_step
+
+    def stop_at_25(self):
+        if self.step == 25:
+            raise KeyboardInterrupt
+        return train_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", stop_at_25)
+    config = parse_config(tiny_resid_dict(steps=40, checkpoint_every=20))
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config, run, progress=False)
+    monkeypatch.undo()
+    assert not (run / "summary.json").exists() and not (run / "figures").exists()
+
+    result = CliRunner().invoke(app, ["eval", str(run), "--checkpoint"])
+    assert result.exit_code == 0, result.output
+    assert "step 20 of 40" in result.output and "verdict:" in result.output
+    out = run / "partial" / "step_20"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["partial"] == {"step": 20, "steps": 40}
+    assert set(summary["resid_mlp"]["verdict"]["w_in"]) == {"layers.0.mlp_in", "layers.1.mlp_in"}
+    assert all("n_alive" not in m for m in summary["modules"].values())
+    assert (out / "figures" / "ci_one_hot.png").stat().st_size > 0
+    assert not (run / "summary.json").exists() and not (run / "figures").exists()
+
+    result = CliRunner().invoke(app, ["eval", str(tmp_path), "--checkpoint"])
+    assert result.exit_code != 0 and "error:" in result.output and "Traceback" not in result.output
+
+
 def test_sweep_runs_a_grid_shares_the_target_and_reuses_finished_runs(tmp_path):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(tiny_resid_dict(steps=10)))

@@ -54,6 +54,16 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     if "feature_match" in summary:
         fm = summary["feature_match"]
         typer.echo(f"feature match on {fm['module']}: MMCS {fm['mmcs']:.4f}  ML2R {fm['ml2r']:.4f}")
+    if "resid_mlp" in summary:
+        v, nc = summary["resid_mlp"]["verdict"], summary["resid_mlp"]["neuron_contributions"]
+        mono = ", ".join(f"{name} {m['features_monosemantic']}" for name, m in v["w_in"].items())
+        out = v["w_out"]
+        typer.echo(
+            f"verdict: monosemantic features per W_in: {mono}; W_out dense {out['dense']} "
+            f"(expected {out['expected_dense']}), dead {out['dead']}, other {out['other']}; "
+            f"ground truth: {v['ground_truth']}"
+        )
+        typer.echo(f"neuron contributions: r {nc['pearson_r']:.4f}, slope {nc['slope']:.4f}")
     if "lm" in summary:
         lm = summary["lm"]
         typer.echo(
@@ -238,15 +248,25 @@ def sweep(
 def eval_(
     run_dir: Path = typer.Argument(..., help="a finished run directory"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
+    checkpoint: bool = typer.Option(
+        False,
+        "--checkpoint",
+        help="evaluate an unfinished run at its last checkpoint, into RUN_DIR/partial/step_N/",
+    ),
 ) -> None:
     """Recompute a run's metrics (summary.json) and figures."""
-    from spdkit.experiment import evaluate_run_dir
+    from spdkit.experiment import evaluate_checkpoint, evaluate_run_dir
 
     try:
-        summary = evaluate_run_dir(run_dir, device)
+        if checkpoint:
+            summary, out_dir = evaluate_checkpoint(run_dir, device)
+        else:
+            summary, out_dir = evaluate_run_dir(run_dir, device), run_dir
     except USER_ERRORS as err:
         _fail(err)
-    _print_summary(summary, run_dir)
+    if checkpoint:
+        typer.echo(f"step {summary['partial']['step']} of {summary['partial']['steps']}")
+    _print_summary(summary, out_dir)
 
 
 @app.command(name="list")

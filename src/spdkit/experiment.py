@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -160,9 +161,17 @@ def _train_and_finish(
 
 
 def evaluate(
-    decomp: Decomposition, run_dir: Path, timing: dict[str, Any] | None = None
+    decomp: Decomposition,
+    run_dir: Path,
+    timing: dict[str, Any] | None = None,
+    out_dir: Path | None = None,
+    partial: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """All end-of-run metrics into summary.json, and the figures into figures/."""
+    """All end-of-run metrics into summary.json, and the figures into figures/, both in
+    `out_dir` (default: the run directory). `partial` marks the evaluation of an unfinished
+    run (its step); firing counts are then left out, as they cover only the last 10 % of
+    training."""
+    out_dir = run_dir if out_dir is None else out_dir
     config, model = decomp.config, decomp.model
     device = next(model.parameters()).device
     ev = config.eval
@@ -181,7 +190,7 @@ def evaluate(
     if hasattr(config.target, "n_features"):
         onehot = one_hot_inputs(config.target.n_features, ev.one_hot_value, device)
         ci_onehot = causal_importance(model, onehot)
-    firing = runs.read_firing(run_dir)
+    firing = None if partial else runs.read_firing(run_dir)
     for name in model.module_names:
         U, V = decomp.subcomponents(name)
         norms = subcomponent_norms(U, V)
@@ -220,7 +229,7 @@ def evaluate(
     if config.target.kind == "python" and config.target.lm:
         analysis = lm_analysis
     if analysis is not None:
-        summary.update(analysis(decomp, ci_onehot, run_dir / "figures"))
+        summary.update(analysis(decomp, ci_onehot, out_dir / "figures"))
     if ci_onehot is not None:
         summary["ci_one_hot"] = {
             "input_value": ev.one_hot_value,
@@ -230,8 +239,10 @@ def evaluate(
         }
     if timing:
         summary["timing"] = timing
-    runs.write_summary(run_dir, summary)
-    draw_figures(decomp, run_dir, ci_onehot, ci_data)
+    if partial:
+        summary["partial"] = partial
+    runs.write_summary(out_dir, summary)
+    draw_figures(decomp, run_dir, ci_onehot, ci_data, out_dir / "figures")
     return summary
 
 
@@ -316,10 +327,10 @@ TARGET_ANALYSES = {
 
 
 def draw_figures(
-    decomp: Decomposition, run_dir: Path, ci_onehot: dict | None, ci_data: dict
+    decomp: Decomposition, run_dir: Path, ci_onehot: dict | None, ci_data: dict, fig_dir: Path
 ) -> None:
+    """The figures into fig_dir; the training curves from run_dir's metrics.jsonl."""
     config, model = decomp.config, decomp.model
-    fig_dir = run_dir / "figures"
     ev = config.eval
     records = runs.read_metrics(run_dir)
     plots.plot_losses(records, fig_dir / "losses.png", ["total", *LOSS_TERMS])
@@ -356,3 +367,33 @@ def evaluate_run_dir(run_dir: Path, device: str = "cpu") -> dict[str, Any]:
     decomp = load(run_dir, resolve_device(device))
     previous = decomp.summary.get("timing")
     return evaluate(decomp, Path(run_dir), previous)
+
+
+PARTIAL_DIR = "partial"
+
+
+def evaluate_checkpoint(run_dir: Path, device: str = "cpu") -> tuple[dict[str, Any], Path]:
+    """`spdkit eval --checkpoint`: the end-of-run metrics and figures of an unfinished run, at
+    its last checkpoint, into `<run_dir>/partial/step_<N>/` (the run's own summary.json and
+    figures/ are left alone: they describe finished runs only). Returns (summary, out_dir)."""
+    device = resolve_device(device)
+    run_dir = Path(run_dir)
+    config = runs.load_run_config(run_dir)
+    ckpt = run_dir / runs.CHECKPOINT
+    if config.target is None:
+        raise runs.RunDirError(f"{run_dir}: evaluating a checkpoint needs a target in config.yaml")
+    if not ckpt.is_file():
+        raise runs.RunDirError(f"{run_dir}: no checkpoint ({ckpt} does not exist)")
+    target, _ = runs.load_target(run_dir, config.target)
+    trainer = build_trainer(target, data_source(config), config, device)
+    tensors, meta = runs.load_tensors(ckpt)
+    try:
+        with warnings.catch_warnings():  # an old mask-stream format does not matter here
+            warnings.simplefilter("ignore")
+            trainer.load_state(tensors, meta)
+    except CheckpointError as err:
+        raise runs.RunDirError(f"{ckpt}: {err}") from None
+    out_dir = run_dir / PARTIAL_DIR / f"step_{trainer.step}"
+    decomp = Decomposition(trainer.model, config, run_dir)
+    partial = {"step": trainer.step, "steps": config.steps}
+    return evaluate(decomp, run_dir, out_dir=out_dir, partial=partial), out_dir
