@@ -64,11 +64,17 @@ def time_config(
     }
 
 
+def default_configs() -> list[str]:
+    """Every bundled config whose target spdkit can build by itself (hf_lm needs a model
+    directory: name it with --configs and --set target.path=DIR)."""
+    return [n for n in bundled_config_names() if load_config(n).target.kind != "hf"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--configs", nargs="*", default=bundled_config_names())
+    parser.add_argument("--configs", nargs="*", default=default_configs())
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
