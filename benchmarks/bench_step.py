@@ -3,6 +3,7 @@
     python benchmarks/bench_step.py [--configs tms_5-2 resid_mlp1] [--steps 30] [--threads 2]
         [--ci-backend auto|eager|compiled|fused] [--device cpu|cuda] [--json out.json]
         [--set key=value ...]   # config overrides, e.g. --set batch_layerwise_passes=true
+        [--reference]           # also time the plain implementation, step for step
 
 For each config: median / min / max ms per step over `--steps` timed steps after `--warmup`
 steps; FLOPs of one step (matmuls counted op by op by torch's FlopCounterMode, forward and
@@ -10,6 +11,10 @@ backward, plus the fused CI kernel's multiply-adds from its shapes; see
 `spdkit.profiling.step_flops`); achieved GFLOP/s; that as a fraction of this machine's matmul
 peak, measured in the same run (best of a few 2048³ matmuls, fp32 and bf16, same threads);
 peak RSS. The target is built untrained: step time does not depend on its weights.
+With --reference, the plain implementation of the same step (`spdkit.reference`: the paper's
+loss as written, eager PyTorch, a plain AdamW; no fused kernels or shared work) is timed too,
+its steps alternating with the fast ones so that both see the same machine load, and the
+table gains its median ms and the speed-up.
 
 Peak RSS is the process high-water mark, so it only grows down the table; run one config per
 process for per-config memory.
@@ -22,6 +27,7 @@ import json
 import resource
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import yaml
@@ -29,29 +35,36 @@ import yaml
 from spdkit.config import bundled_config_names, load_config
 from spdkit.decomposition import build_trainer, data_source
 from spdkit.profiling import matmul_peak_gflops, step_flops
+from spdkit.reference import reference_spd_losses
 from spdkit.targets import target_kind
+from spdkit.train import Trainer
 
 
 def time_config(
-    name: str, steps: int, warmup: int, ci_backend: str, device: str, overrides: dict
+    name: str,
+    steps: int,
+    warmup: int,
+    ci_backend: str,
+    device: str,
+    overrides: dict,
+    reference: bool = False,
 ) -> dict:
     config = load_config(name, {"ci_backend": ci_backend, **overrides})
     target = target_kind(config.target).build(config.target)
     trainer = build_trainer(target, data_source(config), config, device)
+    plain_step = reference_step(trainer) if reference else None
     for _ in range(warmup):
         trainer.train_step()
+        if plain_step:
+            plain_step()
     flops = step_flops(trainer)
-    times = []
-    for _ in range(steps):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        trainer.train_step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(1000 * (time.perf_counter() - t0))
+    times, plain_times = [], []
+    for _ in range(steps):  # the two steps alternate, so both see the same machine load
+        times.append(timed(trainer.train_step, device))
+        if plain_step:
+            plain_times.append(timed(plain_step, device))
     median = statistics.median(times)
-    return {
+    row = {
         "config": name,
         "batch_size": config.batch_size,
         "ms_median": round(median, 3),
@@ -62,6 +75,40 @@ def time_config(
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "ci_backend": trainer.ci_backend,
     }
+    if plain_times:
+        row["reference_ms_median"] = round(statistics.median(plain_times), 3)
+        row["speedup_over_reference"] = round(row["reference_ms_median"] / median, 2)
+    return row
+
+
+def timed(step: Callable[[], object], device: str) -> float:
+    """Milliseconds of one call (device-synchronised on CUDA)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - t0)
+
+
+def reference_step(trainer: Trainer) -> Callable[[], None]:
+    """One training step of the plain implementation (`spdkit.reference`: the paper's loss as
+    written, eager PyTorch, a plain AdamW) on the trainer's model, data and mask stream."""
+    optimizer = torch.optim.AdamW(
+        trainer.model.trainable_parameters(),
+        lr=trainer.config.optimizer.lr,
+        weight_decay=trainer.config.optimizer.weight_decay,
+    )
+
+    def step() -> None:
+        x = trainer.data.sample(trainer.config.batch_size, trainer.data_generator)
+        terms = reference_spd_losses(trainer.model, x, trainer.config, trainer.mask_stream)
+        optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        optimizer.step()
+
+    return step
 
 
 def default_configs() -> list[str]:
@@ -84,6 +131,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None)
     parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="also time the plain implementation (spdkit.reference), alternating steps",
+    )
+    parser.add_argument(
         "--set", action="append", default=[], help="config override key=value (repeatable)"
     )
     args = parser.parse_args()
@@ -97,18 +149,27 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}")
     print(f"matmul peak (2048^3): fp32 {peak['fp32']:.1f} GFLOP/s, bf16 {peak['bf16']:.1f} GFLOP/s")
     header = f"{'config':<14}{'batch':>6}{'ms/step':>9}{'min':>8}{'max':>8}"
-    header += f"{'GFLOP':>8}{'GFLOP/s':>9}{'% fp32':>8}{'RSS MB':>8}  CI"
+    header += f"{'GFLOP':>8}{'GFLOP/s':>9}{'% fp32':>8}{'RSS MB':>8}"
+    header += f"{'plain ms':>10}{'speed-up':>9}" if args.reference else ""
+    header += "  CI"
     print(header)
     rows = []
     for name in args.configs:
-        row = time_config(name, args.steps, args.warmup, args.ci_backend, args.device, overrides)
+        row = time_config(
+            name, args.steps, args.warmup, args.ci_backend, args.device, overrides, args.reference
+        )
         row["fraction_of_fp32_peak"] = round(row["gflops"] / peak["fp32"], 4)
         rows.append(row)
         print(
             f"{name:<14}{row['batch_size']:>6}{row['ms_median']:>9.2f}{row['ms_min']:>8.2f}"
             f"{row['ms_max']:>8.2f}{row['gflop_per_step']:>8.2f}{row['gflops']:>9.1f}"
-            f"{100 * row['fraction_of_fp32_peak']:>7.1f}%{row['peak_rss_mb']:>8.0f}  "
-            f"{row['ci_backend']}",
+            f"{100 * row['fraction_of_fp32_peak']:>7.1f}%{row['peak_rss_mb']:>8.0f}"
+            + (
+                f"{row['reference_ms_median']:>10.2f}{row['speedup_over_reference']:>8.2f}x"
+                if args.reference
+                else ""
+            )
+            + f"  {row['ci_backend']}",
             flush=True,
         )
     if args.json:

@@ -115,6 +115,7 @@ def plot_ci_heatmaps(
         ax.set_title(f"{name}: {n_active} of {mat.shape[1]} active", fontsize=9)
         ax.set_xlabel("subcomponent (ordered)")
         ax.set_ylabel(input_label)
+        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # feature indices
         if len(order) <= 40:
             ax.set_xticks(range(len(order)), [str(c) for c in order], fontsize=6, rotation=90)
     fig.colorbar(im, ax=axes.flatten().tolist(), shrink=0.8, label="causal importance")
