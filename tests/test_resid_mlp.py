@@ -195,30 +195,17 @@ def test_short_spd_run_on_a_small_resid_mlp_finds_the_ground_truth(tmp_path):
     (3000 steps) left 19 of 20 features on several W_in subcomponents; β3 = 1e-3 with 3000
     steps left 2 features not monosemantic; seeds 1 and 2 with these settings missed by 1 and
     3 W_in subcomponents that were neither monosemantic nor dead, so the seed stays 0."""
-    data = {
-        "seed": 0,
-        "target": {
-            "kind": "resid_mlp",
-            "n_features": 20,
-            "d_resid": 100,
-            "n_layers": 1,
-            "d_mlp": 10,
-            "feature_probability": 0.05,
-            "train_steps": 2000,
-            "train_batch_size": 1024,
-        },
-        "modules": [
-            {"pattern": "layers.*.mlp_in", "C": 40},
-            {"pattern": "layers.*.mlp_out", "C": 40},
-        ],
-        "importance_minimality_coeff": 1e-3,
-        "pnorm": 2,
-        "steps": 6000,
-        "batch_size": 256,
-        "optimizer": {"lr": 2e-3, "lr_schedule": "constant"},
-        "log_every": 500,
-        "eval": {"one_hot_value": 0.75, "n_eval_samples": 1024},
-    }
+    target = {"n_features": 20, "d_resid": 100, "n_layers": 1, "d_mlp": 10}
+    data = tiny_resid_dict(
+        modules=[{"pattern": "layers.*.mlp_in", "C": 40}, {"pattern": "layers.*.mlp_out", "C": 40}],
+        importance_minimality_coeff=1e-3,
+        steps=6000,
+        batch_size=256,
+        optimizer={"lr": 2e-3, "lr_schedule": "constant"},
+        log_every=500,
+        eval={"one_hot_value": 0.75, "n_eval_samples": 1024},
+    )
+    data["target"].update(target, train_steps=2000, train_batch_size=1024)
     summary = run_experiment(parse_config(data), tmp_path / "run", progress=False)
     verdict = summary["resid_mlp"]["verdict"]
     w_in = verdict["w_in"]["layers.0.mlp_in"]
