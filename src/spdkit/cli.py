@@ -298,5 +298,8 @@ def schema() -> None:
 
 
 def main() -> None:  # pragma: no cover
+    from spdkit.allocator import keep_freed_memory
+
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    keep_freed_memory()  # a training step then reuses its memory instead of faulting it in
     app()

