@@ -3,7 +3,7 @@
     python benchmarks/bench_step.py [--configs tms_5-2 resid_mlp1] [--steps 30] [--threads 2]
         [--ci-backend auto|eager|compiled|fused] [--device cpu|cuda] [--json out.json]
         [--set key=value ...]   # config overrides, e.g. --set batch_layerwise_passes=true
-        [--reference]           # also time the plain implementation, step for step
+        [--reference]           # also time the plain implementation (spdkit.reference)
 
 For each config: median / min / max ms per step over `--steps` timed steps after `--warmup`
 steps; FLOPs of one step (matmuls counted op by op by torch's FlopCounterMode, forward and
@@ -57,8 +57,9 @@ def time_config(
     flops = step_flops(trainer)
     times = [timed(trainer.train_step, device) for _ in range(steps)]
     plain_times = []
-    if reference:  # after the fast steps: alternating them, the plain step's [B, C, d_gate]
-        # tensors evicted the fast step's data from the caches (tms_5-2: 6.9 against 5 ms)
+    if reference:  # after the fast steps: alternating with them, the plain step's [B, C, d_gate]
+        # tensors evicted the fast step's data from the caches (tms_5-2 measured 6.9 ms per
+        # step alternating, 4.2-5.3 ms in runs of the fast step alone)
         plain_step = reference_step(trainer)
         for _ in range(warmup):
             plain_step()
