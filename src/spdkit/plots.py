@@ -101,6 +101,7 @@ def plot_ci_heatmaps(
     fig, axes = plt.subplots(
         nrows, ncols, figsize=(max(3.5, 0.9 + 0.12 * 40) * ncols, 3.6 * nrows), squeeze=False
     )
+    fig.subplots_adjust(hspace=0.45)  # room for the x-label above each lower panel's title
     for ax in axes.flat[len(names) :]:
         ax.axis("off")
     for ax, name in zip(axes.flat, names, strict=False):
