@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,11 +36,22 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(3 if isinstance(err, NonFiniteError) else 2)
 
 
-def _interrupted(run_dir: Path) -> None:
-    typer.echo(
-        f"interrupted: checkpoint written; continue with `spdkit resume {run_dir}`", err=True
-    )
+def _interrupted(run_dir: Path | None) -> None:
+    """Ctrl-C or SIGTERM: exit 130 with how to continue (if the run directory exists yet)."""
+    if run_dir is not None and (run_dir / "config.yaml").exists():
+        typer.echo(
+            f"interrupted: continue from the last checkpoint with `spdkit resume {run_dir}`",
+            err=True,
+        )
+    else:
+        typer.echo("interrupted before the run directory was written", err=True)
     raise typer.Exit(130)
+
+
+def _terminate_as_interrupt(signum: int, frame: Any) -> None:  # noqa: ARG001
+    """SIGTERM (`kill`, a batch scheduler's stop) unwinds like Ctrl-C: the same message and
+    exit status wherever it lands, not only inside the training loop (which checkpoints)."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
@@ -163,6 +175,7 @@ def run(
     """Train (or load) the target and decompose it."""
     from spdkit.experiment import run_experiment
 
+    run_dir = None
     try:
         overrides = _parse_overrides(set_)
         if seed is not None:
@@ -301,5 +314,6 @@ def main() -> None:  # pragma: no cover
     from spdkit.allocator import keep_freed_memory
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     keep_freed_memory()  # a training step then reuses its memory instead of faulting it in
     app()
