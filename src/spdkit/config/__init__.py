@@ -9,36 +9,46 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from spdkit.config.base import StrictModel
+from spdkit.config.targets import (
+    TARGET_BY_KIND,
+    TARGET_CONFIGS,
+    HFTargetConfig,
+    InductionTargetConfig,
+    PythonTargetConfig,
+    ResidMLPTargetConfig,
+    TargetConfig,
+    TinyLMTargetConfig,
+    TMSTargetConfig,
+)
+
+__all__ = [
+    "ConfigError",
+    "EvalConfig",
+    "HFTargetConfig",
+    "IdentitySpec",
+    "InductionTargetConfig",
+    "ModuleSpec",
+    "OptimizerConfig",
+    "PythonTargetConfig",
+    "ResidMLPTargetConfig",
+    "SPDConfig",
+    "StrictModel",
+    "TargetConfig",
+    "TinyLMTargetConfig",
+    "TMSTargetConfig",
+    "bundled_config_names",
+    "dump_config",
+    "load_config",
+    "parse_config",
+]
 
 BUNDLED_CONFIG_PACKAGE = "spdkit.configs"
-
-
-class StrictModel(BaseModel):
-    """Base for every config model: unknown keys are errors, assignments are re-validated, and
-    a boolean is not a number (pydantic would read `steps: true` as 1)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_bool_for_numbers(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for name, value in data.items():
-                field = cls.model_fields.get(name)
-                if (
-                    isinstance(value, bool)
-                    and field is not None
-                    and field.annotation in (int, float)
-                ):
-                    raise PydanticCustomError(
-                        "bool_number", "expected a number, got a boolean", {"field": name}
-                    )
-        return data
 
 
 class ModuleSpec(StrictModel):
@@ -61,169 +71,6 @@ class IdentitySpec(StrictModel):
     C: int | None = Field(
         default=None, ge=1, description="subcomponents of each identity (default 2 × its width)"
     )
-
-
-class TMSTargetConfig(StrictModel):
-    """Toy Model of Superposition x̂ = ReLU(Wᵀ [I] W x + b), trained in-process (paper appendix)."""
-
-    kind: Literal["tms"] = "tms"
-    n_features: int = Field(ge=1, description="number of input features (m2)")
-    n_hidden: int = Field(ge=1, description="width of the bottleneck (m1)")
-    n_hidden_layers: int = Field(
-        default=0,
-        ge=0,
-        description="fixed identity matrices between W and Wᵀ (0 or 1 in the paper)",
-    )
-    feature_probability: float = Field(
-        default=0.05, gt=0, le=1, description="probability that a feature is active"
-    )
-    train_steps: int = Field(default=10_000, ge=1, description="target training steps")
-    train_batch_size: int = Field(default=1024, ge=1, description="target training batch size")
-    train_lr: float = Field(default=5e-3, gt=0, description="target AdamW learning rate")
-    train_weight_decay: float = Field(default=0.01, ge=0, description="target AdamW weight decay")
-    max_train_attempts: int = Field(
-        default=5, ge=1, description="seeds tried until every feature is represented"
-    )
-
-    def describe(self) -> str:
-        ident = "+ID" * self.n_hidden_layers
-        return f"tms {self.n_features}-{self.n_hidden}{ident}"
-
-
-class ResidMLPTargetConfig(StrictModel):
-    """Residual MLP computing y_i = x_i + ReLU(x_i) in superposition (paper: compressed computation
-    and cross-layer distributed representations): r = W_E x, r += W_out ReLU(W_in r) per layer,
-    output W_Eᵀ r, with a fixed random embedding of unit-norm rows."""
-
-    kind: Literal["resid_mlp"] = "resid_mlp"
-    n_features: int = Field(ge=1, description="number of input features")
-    d_resid: int = Field(default=1000, ge=1, description="residual stream width (d_resid)")
-    n_layers: int = Field(ge=1, description="number of residual MLP blocks")
-    d_mlp: int = Field(ge=1, description="ReLU neurons per block (d_mlp / n_layers in the paper)")
-    feature_probability: float = Field(
-        default=0.01, gt=0, le=1, description="probability that a feature is active"
-    )
-    train_steps: int = Field(default=10_000, ge=1, description="target training steps")
-    train_batch_size: int = Field(default=2048, ge=1, description="target training batch size")
-    train_lr: float = Field(
-        default=3e-3, gt=0, description="target AdamW max learning rate (cosine decay)"
-    )
-    train_weight_decay: float = Field(default=0.01, ge=0, description="target AdamW weight decay")
-
-    def describe(self) -> str:
-        return f"resid_mlp {self.n_features} features, {self.n_layers}x{self.d_mlp} neurons"
-
-
-class _TransformerTraining(StrictModel):
-    train_steps: int = Field(ge=1, description="target training steps")
-    train_batch_size: int = Field(default=64, ge=1, description="target training batch size")
-    train_lr: float = Field(
-        default=3e-3, gt=0, description="target AdamW max lr (5% warm-up, cosine decay)"
-    )
-    train_weight_decay: float = Field(default=0.01, ge=0, description="target AdamW weight decay")
-
-
-class InductionTargetConfig(_TransformerTraining):
-    """Attention-only transformer trained on sequences whose second half repeats the first,
-    until it does induction (in-context loss on the repeat near 0)."""
-
-    kind: Literal["induction"] = "induction"
-    vocab_size: int = Field(default=128, ge=2, description="token vocabulary")
-    seq_len: int = Field(default=64, ge=4, description="sequence length")
-    d_model: int = Field(default=32, ge=1, description="residual width")
-    n_layers: int = Field(default=2, ge=1, description="attention layers")
-    n_heads: int = Field(default=1, ge=1, description="heads per layer")
-
-    def describe(self) -> str:
-        return f"induction {self.n_layers}L attn-only d{self.d_model} vocab {self.vocab_size}"
-
-
-class TinyLMTargetConfig(_TransformerTraining):
-    """Char-level GPT-style LM (LayerNorm, GELU MLPs) trained on the pydoc topic text that
-    ships with Python (no download)."""
-
-    kind: Literal["tiny_lm"] = "tiny_lm"
-    seq_len: int = Field(default=64, ge=4, description="context length in characters")
-    d_model: int = Field(default=64, ge=1, le=128, description="residual width")
-    n_layers: int = Field(default=2, ge=1, le=2, description="transformer blocks")
-    n_heads: int = Field(default=4, ge=1, description="heads per layer")
-    d_mlp: int = Field(default=256, ge=1, description="MLP hidden width")
-
-    def describe(self) -> str:
-        return f"tiny_lm {self.n_layers}L d{self.d_model} char-level"
-
-
-class HFTargetConfig(StrictModel):
-    """A local Hugging Face `transformers` causal LM (`spdkit run CONFIG --target-hf DIR`).
-
-    Nothing is trained or downloaded. The model's config.json is copied into `hf_config` when
-    the run starts, and its weights into target.safetensors, so the run directory rebuilds the
-    model without DIR; only `data: pydoc` needs DIR again (for its tokenizer).
-    """
-
-    kind: Literal["hf"] = "hf"
-    path: str = Field(min_length=1, description="local transformers model directory")
-    data: Literal["pydoc", "random_tokens"] = Field(
-        default="pydoc",
-        description="pydoc: the pydoc topic text shipped with Python, tokenised by DIR's "
-        "tokenizer; random_tokens: uniform token ids (smoke tests)",
-    )
-    seq_len: int = Field(default=64, ge=2, description="tokens per sequence")
-    hf_config: dict[str, Any] | None = Field(
-        default=None, description="the model's config.json (filled in when the run starts)"
-    )
-
-    def describe(self) -> str:
-        arch = (self.hf_config or {}).get("model_type", "?")
-        return f"hf {arch} from {self.path}"
-
-
-_DOTTED = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
-
-
-class PythonTargetConfig(StrictModel):
-    """Your own model from Python factories (`spdkit run CONFIG --target-factory pkg.mod:fn`).
-
-    `factory(**factory_kwargs)` returns the trained nn.Module (its weights are copied into
-    target.safetensors; later loads call the factory for the architecture, then load them);
-    `data_factory()` returns the data source: an object with `sample(batch_size, generator)`.
-    Both are imported by name, so the package must be importable wherever the run is resumed.
-    """
-
-    kind: Literal["python"] = "python"
-    factory: str = Field(pattern=_DOTTED, description="module.path:function returning the model")
-    data_factory: str = Field(
-        pattern=_DOTTED, description="module.path:function returning the data source"
-    )
-    factory_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="keyword arguments of `factory`"
-    )
-    lm: bool = Field(
-        default=False, description="the model maps token ids to logits (adds the CE / KL report)"
-    )
-
-    def describe(self) -> str:
-        return f"python {self.factory}"
-
-
-TargetConfig = Annotated[
-    TMSTargetConfig
-    | ResidMLPTargetConfig
-    | InductionTargetConfig
-    | TinyLMTargetConfig
-    | HFTargetConfig
-    | PythonTargetConfig,
-    Field(discriminator="kind"),
-]
-TARGET_CONFIGS: tuple[type[StrictModel], ...] = (
-    TMSTargetConfig,
-    ResidMLPTargetConfig,
-    InductionTargetConfig,
-    TinyLMTargetConfig,
-    HFTargetConfig,
-    PythonTargetConfig,
-)
-_TARGET_BY_KIND = {c.model_fields["kind"].default: c for c in TARGET_CONFIGS}
 
 
 class OptimizerConfig(StrictModel):
@@ -348,7 +195,7 @@ def format_validation_error(err: ValidationError, model: type[BaseModel] = SPDCo
 
 def _strip_union_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     """`target.tms.n_features` → `target.n_features`: pydantic puts the union tag in the path."""
-    if len(loc) > 1 and loc[0] == "target" and loc[1] in _TARGET_BY_KIND:
+    if len(loc) > 1 and loc[0] == "target" and loc[1] in TARGET_BY_KIND:
         return (loc[0], *loc[2:])
     return loc
 
@@ -359,8 +206,8 @@ def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     for part in loc:
         if isinstance(part, int):
             continue
-        if part in _TARGET_BY_KIND and current is not model:
-            current = _TARGET_BY_KIND[part]
+        if part in TARGET_BY_KIND and current is not model:
+            current = TARGET_BY_KIND[part]
             continue
         fields = getattr(current, "model_fields", None)
         if not fields or part not in fields:
