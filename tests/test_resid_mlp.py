@@ -20,6 +20,7 @@ from spdkit.metrics import (
     pearson_and_slope,
     resid_mlp_verdict,
 )
+from spdkit.sweep import across_seeds
 from spdkit.targets.data import sample_sparse_features
 from spdkit.targets.resid_mlp import ResidMLP, labels, train_resid_mlp
 
@@ -274,3 +275,20 @@ def test_sweep_rejects_a_malformed_axis(tmp_path):
     assert result.exit_code == 2 and "key=v1,v2" in result.output
     result = CliRunner().invoke(app, ["sweep", "resid_mlp1", "--set", "pnorm=-1"])
     assert result.exit_code == 2 and "pnorm" in result.output
+
+
+def test_sweep_summarises_each_value_across_seeds():
+    def row(coeff, seed, mono, truth):
+        return {"run": f"c{coeff}s{seed}", "label": "", "run_dir": "", "pnorm": 2.0,
+                "importance_minimality_coeff": coeff, "seed": seed,
+                "w_in_monosemantic": mono, "ground_truth": truth}  # fmt: skip
+
+    rows = [row(1e-5, 0, 100, True), row(1e-5, 1, 97, False), row(1e-4, 0, 40, False)]
+    summary = across_seeds(rows)
+    assert [(s["importance_minimality_coeff"], s["pnorm"], s["seeds"]) for s in summary] == [
+        (1e-5, 2.0, 2),
+        (1e-4, 2.0, 1),
+    ]
+    assert summary[0]["ground_truth"] == "1/2" and summary[1]["ground_truth"] == "0/1"
+    assert summary[0]["w_in_monosemantic"] == "98.5 [97, 100]"
+    assert summary[1]["w_in_monosemantic"] == "40 [40, 40]"

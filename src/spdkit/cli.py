@@ -245,15 +245,13 @@ def sweep(
         grid = parse_grid(set_)
         seed_list = [int(s) for s in seeds.split(",")]
         overrides = {"steps": steps} if steps is not None else {}
-        rows = run_sweep(config, grid, seed_list, sweep_dir, overrides, device, not quiet, target)
+        run_sweep(config, grid, seed_list, sweep_dir, overrides, device, not quiet, target)
     except USER_ERRORS as err:
         _fail(err)
     except KeyboardInterrupt:
         typer.echo(f"interrupted: re-run the same command to continue {sweep_dir}", err=True)
         raise typer.Exit(130) from None
-    from spdkit.sweep import markdown_table
-
-    typer.echo(markdown_table(rows))
+    typer.echo((sweep_dir / "sweep.md").read_text())  # per run, and per value across seeds
     typer.echo(f"sweep directory: {sweep_dir}  (sweep.md, sweep.json, sweep.png)")
 
 

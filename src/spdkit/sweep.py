@@ -147,9 +147,51 @@ def sweep_row(point: GridPoint, summary: dict[str, Any], run_dir: Path) -> dict[
     return row
 
 
+MEASURES = (  # the columns of a sweep row that are results, not settings
+    "stochastic_recon",
+    "stochastic_recon_layerwise",
+    "ci_masked_mse",
+    "mean_ci_l0",
+    "mmcs",
+    "ml2r",
+    "w_in_monosemantic",
+    "w_in_other",
+    "w_out_dense",
+    "w_out_other",
+    "neuron_contribution_r",
+)
+
+
+def across_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per grid value: how many seeds reach the ground truth, and the mean [min, max]
+    of every result over the seeds. This is the sensitivity picture: a setting that works
+    for one seed in three is not the same finding as one that always works."""
+    not_settings = {"run", "label", "run_dir", "seed", "ground_truth", *MEASURES}
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        settings = {k: v for k, v in row.items() if k not in not_settings}
+        groups.setdefault(json.dumps(settings, sort_keys=True), []).append(row)
+    out = []
+    for key, group in groups.items():
+        summary: dict[str, Any] = {**json.loads(key), "seeds": len(group)}
+        if any("ground_truth" in r for r in group):
+            reached = sum(bool(r.get("ground_truth")) for r in group)
+            summary["ground_truth"] = f"{reached}/{len(group)}"
+        for k in MEASURES:
+            vals = [r[k] for r in group if isinstance(r.get(k), int | float)]
+            if vals:
+                mean, lo, hi = sum(vals) / len(vals), min(vals), max(vals)
+                summary[k] = f"{_fmt(mean)} [{_fmt(lo)}, {_fmt(hi)}]"
+        out.append(summary)
+    return out
+
+
 def write_sweep_report(rows: list[dict[str, Any]], out: Path, threshold: float) -> None:
     runs.atomic_write_text(out / "sweep.json", json.dumps(rows, indent=2))
-    runs.atomic_write_text(out / "sweep.md", markdown_table(rows))
+    table = markdown_table(rows)
+    if len({r["seed"] for r in rows}) > 1:
+        table += "\nAcross seeds (mean [min, max]):\n\n" + markdown_table(across_seeds(rows))
+    runs.atomic_write_text(out / "sweep.md", table)
     cis = {}
     for row in rows:
         summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
