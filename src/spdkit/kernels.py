@@ -11,7 +11,6 @@ spdkit falls back to eager with a warning. Builds live in `cache_root()`, one di
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.util
 import logging
@@ -89,6 +88,8 @@ def _load_or_build(build_dir: Path) -> ModuleType:
     name = build_dir.name
     done = build_dir / "built"
     if not done.exists():
+        import fcntl  # POSIX; elsewhere the ImportError means the eager fallback
+
         build_dir.mkdir(parents=True, exist_ok=True)
         with open(build_dir / "build.flock", "w") as lock_file:
             fcntl.flock(lock_file, fcntl.LOCK_EX)
