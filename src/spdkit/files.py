@@ -151,11 +151,17 @@ def read_text(path: Path) -> str:
         ) from None
 
 
-def read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON file holding one object, or a RunDirError saying why not."""
+def read_nonempty_text(path: Path) -> str:
+    """`read_text`, and an empty (or all-blank) file is a RunDirError too."""
     text = read_text(path)
     if not text.strip():
         raise RunDirError(f"{path}: empty file")
+    return text
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding one object, or a RunDirError saying why not."""
+    text = read_nonempty_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:

@@ -34,7 +34,7 @@ from spdkit.files import (  # re-exported: callers use runs.<name> for run-direc
     atomic_write_text,
     load_tensors,
     read_json_object,
-    read_text,
+    read_nonempty_text,
     save_tensors,
 )
 from spdkit.model import ComponentModel
@@ -144,9 +144,7 @@ def load_run_config(run_dir: Path) -> SPDConfig:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise RunDirError(f"not a run directory (no config.yaml): {run_dir}")
-    text = read_text(path)
-    if not text.strip():
-        raise RunDirError(f"{path}: empty file")
+    text = read_nonempty_text(path)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
