@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -39,16 +40,36 @@ def test_a_stale_lock_file_does_not_block_a_finished_build(finished_build, tmp_p
     assert result.returncode == 0, result.stderr
 
 
-def test_a_build_in_progress_is_waited_for_not_imported(finished_build, tmp_path):
-    """Without the `built` mark (written last) the library may be half-written: a second
-    process waits for the builder's flock instead of importing it (here it is garbage)."""
+def blocked_on_flock(pid: int) -> bool:
+    """/proc/locks lists a process waiting for a flock as `N: -> FLOCK ... <pid> ...`."""
+    return any(
+        "->" in line and line.split()[5] == str(pid)
+        for line in Path("/proc/locks").read_text().splitlines()
+    )
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux /proc/locks")
+def test_a_build_in_progress_is_waited_for_then_used(finished_build, tmp_path):
+    """While a builder holds the flock, its library may be half-written (here: garbage) and
+    has no `built` mark: a second process must wait on the flock, then import the finished
+    build once the builder is done, not the garbage and not a build of its own."""
     build = tmp_path / finished_build.name
     build.mkdir()
-    (build / f"{build.name}.so").write_bytes(b"half a library")
-    with open(build / "build.flock", "w") as held:  # a live builder holds the flock
+    library = build / f"{build.name}.so"
+    library.write_bytes(b"half a library")
+    env = {**os.environ, "SPDKIT_KERNEL_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    with open(build / "build.flock", "w") as held:  # we are the builder
         fcntl.flock(held, fcntl.LOCK_EX)
-        with pytest.raises(subprocess.TimeoutExpired):
-            load_in_subprocess(tmp_path, timeout=3)
+        proc = subprocess.Popen([sys.executable, "-c", LOAD], env=env, stderr=subprocess.PIPE)
+        deadline = time.time() + 60
+        while not blocked_on_flock(proc.pid) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert blocked_on_flock(proc.pid), "the second process did not wait for the builder"
+        shutil.copy(finished_build / library.name, library)  # the build finishes
+        (build / "built").write_text("")
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr.decode()
+    assert not (build / "build.ninja").exists()  # it did not build again
 
 
 @pytest.mark.slow
