@@ -36,6 +36,8 @@ def _faults(mode: str) -> int:
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
 )
 def test_freed_memory_is_reused_instead_of_faulted_in_again():
-    default, kept = _faults("default"), _faults("keep")
-    assert default >= 20 * 2000  # the freed blocks went back to the OS and fault in again
-    assert kept < 200
+    # What spdkit guarantees: with its settings, 20 steps that allocate and free 32 MB each
+    # fault in almost nothing (each step's pages would be 8,000 faults if they were returned
+    # to the OS). glibc's default behaviour is not asserted: it adapts its mmap threshold at
+    # run time, so its fault count varies from run to run (0 to 14,000 seen on one machine).
+    assert _faults("keep") < 200

@@ -33,7 +33,7 @@ def test_inserted_identity_is_decomposed_and_changes_nothing_when_exact():
     zero_id = {"layers.1.mlp_in_identity": torch.zeros(12)}
     assert not torch.allclose(model(x, zero_id), y)
     # the identity's recorded input is the residual stream entering layer 1
-    _, inputs = model.target_forward_with_inputs(x)
+    inputs = model.record(x).inputs
     torch.testing.assert_close(inputs["layers.1.mlp_in_identity"], inputs["layers.1.mlp_in"])
 
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-
 from spdkit.config import parse_config
 from spdkit.decomposition import build_trainer, data_source
 from spdkit.experiment import run_experiment
-from spdkit.profiling import matmul_peak_gflops, step_flops
+from spdkit.profiling import step_flops
 from spdkit.targets import target_kind
 from tests.conftest import tiny_tms_dict
 
@@ -34,7 +32,3 @@ def test_step_flops_counts_at_least_the_unavoidable_matmuls():
     lower_bound = 2 * B * (n * h + h * n) + 2 * B * (n * C + h * C)
     assert flops["counted"] > lower_bound
     assert flops["ci_fused"] == 0 and flops["total"] == flops["counted"]
-
-
-def test_matmul_peak_is_a_positive_rate():
-    assert matmul_peak_gflops(torch.float32, n=256, repeats=2) > 0

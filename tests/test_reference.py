@@ -1,6 +1,6 @@
-"""The fast training loss (`spd_losses`: fused kernels, shared inner activations, recorded
-upstream outputs, memoised embeddings, batched layerwise passes) against the plain one
-(`spdkit.reference`): same batch, same random numbers, same loss terms and gradients.
+"""The fast training step (`spd_losses`: fused kernels, reused inner activations, prefix
+replay, per-pass backward, memoised embeddings) against the plain one (`spdkit.reference`):
+same batch, same random numbers, same loss terms and gradients, for every routing.
 
 Tolerance: the fused CI kernel's erf/exp approximations and the matmul orders differ from
 eager PyTorch by float rounding, so terms must agree to 1e-5 relative and each parameter's
@@ -29,6 +29,13 @@ def _induction(**overrides) -> dict:
     return data
 
 
+# VPD's recipe: the subset term replaces the other two reconstruction terms
+SUBSET = {
+    "stochastic_recon_coeff": 0.0,
+    "stochastic_recon_layerwise_coeff": 0.0,
+    "stochastic_recon_subset_coeff": 1.0,
+}
+
 CASES = {
     "tms 5-2 + identity": tiny_tms_dict(
         target={"kind": "tms", "n_features": 5, "n_hidden": 2, "n_hidden_layers": 1},
@@ -39,21 +46,44 @@ CASES = {
         ],
     ),
     "tms, p=2, two mask samples": tiny_tms_dict(pnorm=2.0, n_mask_samples=2),
-    "tms, batched layerwise passes": tiny_tms_dict(batch_layerwise_passes=True),
+    "tms, one graph (no per-pass backward)": tiny_tms_dict(per_pass_backward=False),
+    "tms + identity, subset uniform_k per position": tiny_tms_dict(
+        insert_identity=[{"pattern": "linear2"}], **SUBSET
+    ),
+    "tms, subset bernoulli per batch, 3 samples": tiny_tms_dict(
+        n_mask_samples=3,
+        **{**SUBSET, "subset_routing": {"kind": "bernoulli", "p": 0.4, "scope": "batch"}},
+    ),
     "resid mlp, 2 layers": tiny_resid_dict(),
     "induction transformer (KL)": _induction(),
-    "induction, batched layerwise passes": _induction(batch_layerwise_passes=True),
+    "resid mlp, subset only (VPD), uniform_k per batch": tiny_resid_dict(
+        **{**SUBSET, "subset_routing": {"scope": "batch"}}
+    ),
+    "induction, subset uniform_k per position": _induction(**SUBSET),
 }
+
+
+def _fast(trainer, x, stream):
+    """spd_losses accumulates its gradients into .grad (per pass, by default)."""
+    params = trainer.model.trainable_parameters()
+    for p in params:
+        p.grad = None
+    terms, _ = spd_losses(trainer.model, x, trainer.config, stream)
+    return terms, [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+
+
+def _reference(trainer, x, stream):
+    terms = reference_spd_losses(trainer.model, x, trainer.config, stream)
+    params = trainer.model.trainable_parameters()
+    return terms, torch.autograd.grad(
+        terms["total"], params, allow_unused=True, materialize_grads=True
+    )
 
 
 def _loss_and_grads(fn, trainer, x, stream_state):
     stream = MaskStream(0)
     stream.set_state(stream_state)
-    terms = fn(trainer.model, x, trainer.config, stream)
-    if isinstance(terms, tuple):
-        terms = terms[0]
-    params = trainer.model.trainable_parameters()
-    grads = torch.autograd.grad(terms["total"], params)
+    terms, grads = fn(trainer, x, stream)
     return {k: float(v.detach()) for k, v in terms.items()}, grads, stream.offset
 
 
@@ -67,11 +97,11 @@ def test_spd_losses_equal_the_plain_reference(case):
     x = trainer.data.sample(config.batch_size, trainer.data_generator)
     state = trainer.mask_stream.state()
 
-    fast, fast_grads, fast_offset = _loss_and_grads(spd_losses, trainer, x, state)
-    ref, ref_grads, ref_offset = _loss_and_grads(reference_spd_losses, trainer, x, state)
+    fast, fast_grads, fast_offset = _loss_and_grads(_fast, trainer, x, state)
+    ref, ref_grads, ref_offset = _loss_and_grads(_reference, trainer, x, state)
 
     assert fast_offset == ref_offset  # the same random numbers were drawn
-    assert fast.keys() <= ref.keys()
+    assert fast.keys() == ref.keys()
     for key, value in fast.items():
         assert value == pytest.approx(ref[key], rel=1e-5, abs=1e-9), key
     for p, a, b in zip(trainer.model.trainable_parameters(), fast_grads, ref_grads, strict=True):

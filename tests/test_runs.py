@@ -65,7 +65,6 @@ def test_run_directory_contract(finished_run):
         "importance_minimality",
         "l0/linear1",
     } <= set(rows[0])
-    assert 0 <= summary["feature_match"]["mmcs"] <= 1
 
 
 def test_save_load_round_trip(finished_run):
@@ -193,7 +192,8 @@ def expected_problem(victim: str, how: str) -> str:
         return "truncated" if how == "truncated" else "not a valid safetensors file"
     if how == "garbage":
         return "not valid UTF-8"
-    return {"config.yaml": "not valid YAML", "target.json": "not valid JSON"}[victim]
+    # half a YAML file may still parse, and then fails validation
+    return {"config.yaml": "not valid YAML|invalid config", "target.json": "not valid JSON"}[victim]
 
 
 @pytest.mark.parametrize("how", ["missing", "truncated", "garbage"])

@@ -37,7 +37,7 @@ class Decomposition:
 
     def subcomponents(self, module: str) -> tuple[Tensor, Tensor]:
         """(U [d_out, C], V [C, d_in]) of one decomposed module."""
-        if module not in self.model.decomposed:
+        if module not in self.model.module_names:
             raise KeyError(
                 f"{module!r} is not decomposed (decomposed: {', '.join(self.module_names)})"
             )

@@ -36,8 +36,9 @@ from spdkit.metrics import (
     top_contexts,
 )
 from spdkit.profiling import StepProfiler
+from spdkit.step import LOSS_TERMS, spd_losses
 from spdkit.targets import target_kind
-from spdkit.train import LOSS_TERMS, CheckpointError, Trainer, spd_losses
+from spdkit.train import CheckpointError, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +251,7 @@ def tms_feature_match(decomp: Decomposition, ci_onehot: dict, fig_dir: Path) -> 
     """TMS: MMCS / ML2R of W's columns against the non-negligible subcomponents (paper §3.1)."""
     config, model = decomp.config, decomp.model
     feature_module = target_kind(config.target).feature_module
-    if feature_module not in model.decomposed:
+    if feature_module not in model.module_names:
         return {}
     U, V = decomp.subcomponents(feature_module)
     live = non_negligible(subcomponent_norms(U, V), config.eval.norm_threshold)

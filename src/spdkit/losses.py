@@ -89,29 +89,3 @@ def _power(x: Tensor, p: float) -> Tensor:
 def stochastic_masks(ci_lower: Tensor, r: Tensor) -> Tensor:
     """m = g + (1 − g) ⊙ r with r ~ U(0, 1): a reparametrised sample of U(g, 1)   (paper §2.3)."""
     return ci_lower + (1.0 - ci_lower) * r
-
-
-def stochastic_recon_loss(
-    y_masked: Sequence[Tensor], y_target: Tensor, divergence: Divergence
-) -> Tensor:
-    """L_stochastic-recon = (1/S) Σ_s D(f(x | W'(x, r^(s))), f(x | W))   (paper §2.3).
-
-    `y_masked` holds the S outputs where every decomposed module ran from its masked components.
-    """
-    return _mean_divergence(y_masked, y_target, divergence)
-
-
-def stochastic_recon_layerwise_loss(
-    y_masked_layerwise: Sequence[Tensor], y_target: Tensor, divergence: Divergence
-) -> Tensor:
-    """L_stochastic-recon-layerwise = (1/LS) Σ_l Σ_s D(f(x | W¹..W'^l(x, r^(l,s))..W^L), f(x | W)).
-
-    `y_masked_layerwise` holds the L·S outputs where one module at a time ran from masked
-    components and every other module from its original weights (paper §2.3).
-    """
-    return _mean_divergence(y_masked_layerwise, y_target, divergence)
-
-
-def _mean_divergence(outputs: Sequence[Tensor], y_target: Tensor, divergence: Divergence) -> Tensor:
-    prepared = divergence.prepare(y_target)
-    return sum(divergence.compare(y, prepared) for y in outputs) / len(outputs)  # type: ignore[return-value]

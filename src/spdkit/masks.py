@@ -78,6 +78,12 @@ class MaskStream:
         r = uniform(g.numel(), key, offset, g.device).view(g.shape).to(g.dtype)
         return stochastic_masks(g, r)
 
+    def uniforms(self, n: int, device: torch.device | str) -> Tensor:
+        """n fresh r ~ U(0, 1) [n] (float32) from the same stream (subset routing draws)."""
+        key, offset = self.key, self.offset
+        self.offset += n
+        return uniform(n, key, offset, device)
+
     def state(self) -> Tensor:
         """[key, offset] as int64, for a checkpoint."""
         return torch.tensor([self.key, self.offset], dtype=torch.int64)

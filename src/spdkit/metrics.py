@@ -68,8 +68,8 @@ def mmcs_ml2r(W: Tensor, U: Tensor, V: Tensor, candidates: Tensor) -> FeatureMat
 def causal_importance(model: ComponentModel, x: Tensor, upper: bool = True) -> dict[str, Tensor]:
     """CI per module [..., C] on inputs x: σ_H,upper (the penalised, plotted value) by default,
     σ_H,lower (the masks' g) otherwise."""
-    _, inputs = model.target_forward_with_inputs(x)
-    g_lower, g_upper = model.causal_importances(model.inner_acts(inputs))
+    record = model.record(x)
+    g_lower, g_upper = model.causal_importances(model.inner_acts(record.inputs))
     return g_upper if upper else g_lower
 
 
@@ -110,14 +110,13 @@ def identity_check(
 def output_losses(model: ComponentModel, x: Tensor, divergence: Divergence) -> dict[str, float]:
     """D(masked output, target output) for masks = CI (lower-leaky g), all ones (the unmasked
     sum of components) and all zeros (every subcomponent ablated)."""
-    y_target, _ = model.target_forward_with_inputs(x)
-    ci = causal_importance(model, x, upper=False)
+    record = model.record(x)
+    ci, _ = model.causal_importances(model.inner_acts(record.inputs))
     ones = model.ones_masks()
     zeros = {n: torch.zeros_like(m) for n, m in ones.items()}
     return {
-        "ci_masked": divergence(model(x, ci), y_target).item(),
-        "unmasked": divergence(model(x, ones), y_target).item(),
-        "zero_masked": divergence(model(x, zeros), y_target).item(),
+        name: divergence(model.masked_forward(x, masks, record), record.output).item()
+        for name, masks in (("ci_masked", ci), ("unmasked", ones), ("zero_masked", zeros))
     }
 
 
@@ -258,21 +257,24 @@ def lm_mask_evaluation(
     fraction of the CE gap between zero masks and the target that each mask type recovers."""
     from spdkit.losses import kl_divergence
 
-    logits_target, inputs = model.target_forward_with_inputs(ids)
+    record = model.record(ids)
+    logits_target = record.output
     ce_target = next_token_ce(logits_target, ids)
-    g, _ = model.causal_importances(model.inner_acts(inputs))
+    g, _ = model.causal_importances(model.inner_acts(record.inputs))
+
+    def r(v: Tensor) -> Tensor:  # drawn on the generator's device, used on the CI's
+        return torch.rand(v.shape, generator=generator, device=generator.device).to(v.device)
+
     masks = {
         "ci": g,
-        "stochastic": {
-            n: v + (1 - v) * torch.rand(v.shape, generator=generator) for n, v in g.items()
-        },
+        "stochastic": {n: v + (1 - v) * r(v) for n, v in g.items()},
         "ones": {n: torch.ones_like(v) for n, v in g.items()},
         "rounded": {n: (v > threshold).to(v.dtype) for n, v in g.items()},
         "zero": {n: torch.zeros_like(v) for n, v in g.items()},
     }
     out: dict[str, dict[str, float]] = {"target": {"ce": ce_target}}
     for kind, m in masks.items():
-        logits = model(ids, m)
+        logits = model.masked_forward(ids, m, record)
         out[kind] = {
             "ce": next_token_ce(logits, ids),
             "kl": kl_divergence(logits, logits_target).item(),

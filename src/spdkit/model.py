@@ -1,17 +1,25 @@
 """ComponentModel: a frozen target whose chosen modules can run from masked subcomponents.
 
-Each decomposed module is swapped in place for a `DecomposedModule` that either runs the
-original module (and can record its input), or, when a mask is set, runs only the components:
-the original matmul is then never computed. One forward can mask any subset of modules, which
-gives the target forward, the all-layers masked forward and each layerwise forward.
+The target is never wrapped or copied: its modules stay what they were. A step reads it
+through two entry points, the whole of the engine:
+
+    record = model.record(x)                          # no grad: what the target did on x
+    y      = model.masked_forward(x, masks, record)   # modules in `masks` run ((a Vᵀ) ⊙ m) Uᵀ
+
+`masked_forward` runs every masked pass of the method (all modules masked, one module, a
+subset, per-position routing) by replacing the forwards of the modules it changes for the
+duration of that one call (closures over the pass's masks; removed when it returns), so
+nothing that describes a pass stays on a module. Its exact shortcuts are named in `Shortcuts`;
+`spdkit.reference` calls it with them off.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
-import itertools
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,57 +28,28 @@ from spdkit.components import Components, is_decomposable, make_components
 from spdkit.config import IdentitySpec, ModuleSpec
 from spdkit.identity import insert_identity, match_identity_sites
 from spdkit.importance import CausalImportance
+from spdkit.record import RUN, Record, assert_unchanged, record_forward, replay_plan
 
-_RECORD_COUNTER = itertools.count()
+
+@dataclass(frozen=True)
+class Shortcuts:
+    """The exact shortcuts of `masked_forward`, each with an equivalence test
+    (tests/test_model.py, tests/test_reference.py).
+
+    reuse_inner: the first masked module's input in a pass is the target's (nothing before
+        it is masked), so its h = a Vᵀ is the one the CI function already read: passed in as
+        `inner`, not recomputed.
+    replay_prefix: every module call that ends before the first masked module starts returns
+        its recorded output instead of running (`spdkit.record`): a pass that masks only layer
+        k of L costs about the (L − k) / L of a forward that follows it.
+    """
+
+    reuse_inner: bool = True
+    replay_prefix: bool = True
 
 
-class DecomposedModule(nn.Module):
-    """Stands in for one target module; dispatches between the original and its components."""
-
-    def __init__(self, original: nn.Module, components: Components) -> None:
-        super().__init__()
-        self.original = original
-        self.components = components
-        self.mask: Tensor | None = None
-        self.inner: Tensor | None = None  # precomputed x @ Vᵀ for this forward's input
-        # batched layerwise passes: only rows [start, stop) of the batch run from the masked
-        # components; every other row runs the original module
-        self.rows: tuple[int, int] | None = None
-        self.record_input = False
-        self.recorded_input: Tensor | None = None
-        self.recorded_output: Tensor | None = None
-        self.recorded_version = 0  # its version counter when produced (in-place edits show)
-        self.record_order = 0  # when it ran in the last recording forward
-        # the target's output for this forward's input, to return instead of recomputing it
-        self.known_output: Tensor | None = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.mask is not None and self.rows is not None:
-            start, stop = self.rows
-            masked = self._masked(x[start:stop])
-            out = self.original(x)
-            return torch.cat([out[:start], masked, out[stop:]])
-        if self.mask is not None:
-            return self._masked(x)
-        if self.known_output is not None:
-            return self.known_output
-        if self.record_input:
-            if self.recorded_input is not None:
-                raise ValueError(
-                    "a decomposed module ran twice in one forward (shared weights); "
-                    "decompose a module that is called once per forward"
-                )
-            self.recorded_input = x
-            self.record_order = next(_RECORD_COUNTER)
-            self.recorded_output = self.original(x)
-            self.recorded_version = self.recorded_output._version
-            return self.recorded_output
-        return self.original(x)
-
-    def _masked(self, x: Tensor) -> Tensor:
-        if self.inner is not None:
-            return self.components.outer(self.inner * self.mask)
-        return self.components(x, self.mask)
+ALL_SHORTCUTS = Shortcuts()
+NO_SHORTCUTS = Shortcuts(reuse_inner=False, replay_prefix=False)
 
 
 def match_modules(model: nn.Module, specs: list[ModuleSpec]) -> dict[str, int]:
@@ -110,17 +89,8 @@ def match_modules(model: nn.Module, specs: list[ModuleSpec]) -> dict[str, int]:
     return matched
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
-
-
 class ComponentModel(nn.Module):
-    """A frozen target plus, for each decomposed module, its Components and CI functions.
-
-    The target is modified in place (its decomposed modules are wrapped) and never copied.
-    """
+    """A frozen target plus, for each decomposed module, its Components and CI functions."""
 
     def __init__(
         self,
@@ -132,13 +102,13 @@ class ComponentModel(nn.Module):
     ) -> None:
         super().__init__()
         matched = match_modules(target, specs)
-        # matched against the target's own modules, before anything is inserted or wrapped
+        # matched against the target's own modules, before anything is inserted
         identity_sites = match_identity_sites(target, identity_specs or [])
         target.requires_grad_(False)
         target.eval()
         self.target = target
         self.module_names: list[str] = []
-        self.decomposed: dict[str, DecomposedModule] = {}
+        self.components_by_name = nn.ModuleDict()
         self.ci_fns = nn.ModuleDict()
         self._ci_hidden_dim, self._component_init = ci_hidden_dim, component_init
         for name, C in matched.items():
@@ -148,9 +118,6 @@ class ComponentModel(nn.Module):
             name = insert_identity(target, site, d)
             self._decompose(name, C)
             self.identity_modules[name] = d
-        # decomposed modules in the order the target runs them (known after a recording forward)
-        self.execution_order: list[str] = list(matched)
-        self._output_versions: dict[str, int] = {}  # of the last recorded target outputs
 
     def set_ci_backend(self, backend: str, device: torch.device | str) -> str:
         """Run every CI function with `backend` ("auto", "fused", "compiled", "eager"); returns
@@ -159,20 +126,18 @@ class ComponentModel(nn.Module):
         return {ci.set_backend(backend, device) for ci in self.ci_fns.values()}.pop()
 
     def _decompose(self, name: str, C: int) -> None:
-        """Wrap target module `name` with C subcomponents and give it CI functions."""
+        """Give target module `name` C subcomponents and CI functions."""
         original = self.target.get_submodule(name)
         components = make_components(original, C)
         if self._component_init == "target_projection":
             components.init_from_target(components.target_weight(original))
-        wrapper = DecomposedModule(original, components)
-        _set_submodule(self.target, name, wrapper)
         self.module_names.append(name)
-        self.decomposed[name] = wrapper
+        self.components_by_name[_key(name)] = components
         self.ci_fns[_key(name)] = CausalImportance(C, self._ci_hidden_dim)
 
     # --- parts -----------------------------------------------------------------------------
     def components(self, name: str) -> Components:
-        return self.decomposed[name].components
+        return self.components_by_name[_key(name)]
 
     def ci_fn(self, name: str) -> CausalImportance:
         return self.ci_fns[_key(name)]
@@ -183,138 +148,58 @@ class ComponentModel(nn.Module):
         return params + list(self.ci_fns.parameters())
 
     def target_weight(self, name: str) -> Tensor:
-        wrapper = self.decomposed[name]
-        return wrapper.components.target_weight(wrapper.original)
+        return self.components(name).target_weight(self.target.get_submodule(name))
 
-    # --- forwards --------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _masks(
-        self,
-        masks: Mapping[str, Tensor],
-        inner: Mapping[str, Tensor],
-        known_outputs: Mapping[str, Tensor],
-    ) -> Iterator[None]:
-        for name, mask in masks.items():
-            self.decomposed[name].mask = mask
-            self.decomposed[name].inner = inner.get(name)
-        for name, out in known_outputs.items():
-            self.decomposed[name].known_output = out
-        try:
-            yield
-        finally:
-            for name in masks:
-                self.decomposed[name].mask = None
-                self.decomposed[name].inner = None
-            for name in known_outputs:
-                self.decomposed[name].known_output = None
+    # --- the engine ------------------------------------------------------------------------
+    def record(self, x: Tensor) -> Record:
+        """The target forward on x (no grad) as a frozen `Record`: output, each decomposed
+        module's input a^l, their execution order, and what a masked pass may replay."""
+        return record_forward(self.target, x, self.module_names, model_output)
 
-    def forward(
+    def masked_forward(
         self,
         x: Tensor,
-        masks: Mapping[str, Tensor] | None = None,
+        masks: Mapping[str, Tensor],
+        record: Record | None = None,
+        *,
         inner: Mapping[str, Tensor] | None = None,
-        target_outputs: Mapping[str, Tensor] | None = None,
+        routes: Mapping[str, Tensor] | None = None,
+        shortcuts: Shortcuts = ALL_SHORTCUTS,
     ) -> Tensor:
-        """Target forward where the modules named in `masks` run from masked components.
+        """f(x | W'): each module l in `masks` computes ((a Vᵀ) ⊙ m^l) Uᵀ (+ b) from its input a
+        in this pass, with m^l [..., C] broadcast over the positions; every other module runs
+        its original weights. The original matmul of a masked module never runs.
 
-        `inner` may give a module's inner activations x @ Vᵀ when its input in this forward is
-        known to equal the target's (a layerwise pass: every earlier module is the original),
-        which saves recomputing that matmul; the result is identical.
-
-        `target_outputs` (from `target_forward_record` on this same x) lets every unmasked
-        module that runs before the first masked one return the target's output instead of
-        recomputing it. That is exact: until a masked module runs, the forward *is* the
-        target's forward on x, and nothing upstream is trainable, so no gradient is lost.
+        routes[l] (bool [...], optional) is subset routing: module l is masked at the
+        positions where it is True and runs its original weights elsewhere.
+        `record` (of this same x) enables the shortcuts; `inner[l]` is h = a Vᵀ of the
+        target's input, used by `reuse_inner` for the first masked module.
         """
-        masks = masks or {}
-        known = self.upstream_of(masks, target_outputs) if target_outputs and masks else {}
-        with self._masks(masks, inner or {}, known):
+        if not masks:
             return model_output(self.target(x))
-
-    def upstream_of(
-        self, masked: Iterable[str], target_outputs: Mapping[str, Tensor]
-    ) -> dict[str, Tensor]:
-        """The target outputs of the decomposed modules that run before every module in
-        `masked` (by the recorded execution order)."""
-        first = min(self.execution_order.index(n) for n in masked)
-        return {
-            n: target_outputs[n]
-            for n in self.execution_order[:first]
-            # skipped if missing or edited in place since it was recorded
-            if n in target_outputs and target_outputs[n]._version == self._output_versions.get(n)
-        }
-
-    def layerwise_forward(
-        self, x: Tensor, masks: Mapping[str, Tensor], inner: Mapping[str, Tensor]
-    ) -> list[Tensor]:
-        """The L layerwise outputs (module n masked, every other module original), as one
-        forward over the batch repeated L times: chunk i masks module i only. The same
-        arithmetic as L separate forwards, in bigger ops; costs one extra original-module
-        pass over each chunk that is masked. `inner[n]` is module n's x @ Vᵀ (target input)."""
-        names = list(masks)
-        B = x.shape[0]
-        for i, name in enumerate(names):
-            wrapper = self.decomposed[name]
-            wrapper.mask, wrapper.inner, wrapper.rows = (
-                masks[name],
-                inner.get(name),
-                (
-                    i * B,
-                    (i + 1) * B,
-                ),
+        first = record.first(masks) if record is not None else None
+        forwards: dict[str, Callable[..., Any]] = {}
+        for name, mask in masks.items():
+            reuse = shortcuts.reuse_inner and inner is not None and name == first
+            forwards[name] = _masked_forward_of(
+                self.components(name),
+                mask,
+                inner[name] if reuse else None,  # type: ignore[index]
+                routes.get(name) if routes is not None else None,
             )
-        try:
-            y = model_output(self.target(torch.cat([x] * len(names))))
-        finally:
-            for name in names:
-                wrapper = self.decomposed[name]
-                wrapper.mask = wrapper.inner = wrapper.rows = None
-        return list(y.split(B))
-
-    def target_forward_with_inputs(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """One no-grad target forward; returns the output and each decomposed module's input."""
-        y, inputs, _ = self.target_forward_record(x)
-        return y, inputs
-
-    @torch.no_grad()
-    def target_forward_record(
-        self, x: Tensor
-    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
-        """One no-grad target forward; returns the output and each decomposed module's input
-        and output, and records the order the modules ran in."""
-        for wrapper in self.decomposed.values():
-            wrapper.record_input = True
-        try:
+        plan = {}
+        if shortcuts.replay_prefix and record is not None:
+            plan = replay_plan(record, record.starts[first])  # type: ignore[index]
+            forwards.update({n: _replaying(actions) for n, actions in plan.items()})
+        with _forwards_replaced(self.target, forwards):
             y = model_output(self.target(x))
-            missing = [n for n in self.module_names if self.decomposed[n].recorded_input is None]
-            if missing:
-                raise ValueError(
-                    f"decomposed module(s) {missing} did not run in the target's forward; "
-                    "decompose only modules the forward uses"
-                )
-            inputs = {n: self.decomposed[n].recorded_input for n in self.module_names}
-            # an output the forward edited in place no longer equals what the module returned
-            outputs = {
-                n: w.recorded_output
-                for n, w in self.decomposed.items()
-                if w.recorded_output is not None
-                and w.recorded_output._version == w.recorded_version
-            }
-            self._output_versions = {n: t._version for n, t in outputs.items()}
-            self.execution_order = sorted(
-                self.module_names, key=lambda n: self.decomposed[n].record_order
-            )
-        finally:
-            for wrapper in self.decomposed.values():
-                wrapper.record_input = False
-                wrapper.recorded_input = wrapper.recorded_output = None
-        return y, inputs, outputs  # type: ignore[return-value]
+        if plan:
+            assert_unchanged(record)  # type: ignore[arg-type]
+        return y
 
-    @property
-    def first_module(self) -> str:
-        """The decomposed module the target runs first: in any masked forward its input is the
-        target's (nothing before it is masked), so its inner activations can be reused."""
-        return self.execution_order[0]
+    def forward(self, x: Tensor, masks: Mapping[str, Tensor] | None = None) -> Tensor:
+        """f(x | W') without a record (no shortcuts): the plain masked forward, for analyses."""
+        return self.masked_forward(x, masks or {})
 
     def inner_acts(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """h [..., C] = a @ Vᵀ for each module, from its (target) input."""
@@ -331,6 +216,66 @@ class ComponentModel(nn.Module):
     def ones_masks(self) -> dict[str, Tensor]:
         """Masks of all ones [C] (broadcast over the batch): the unmasked sum of components."""
         return {n: self.components(n).V.new_ones(self.components(n).C) for n in self.module_names}
+
+
+# A replaced forward receives the module's previous forward (to run the original weights)
+ForwardFactory = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def _masked_forward_of(
+    components: Components, mask: Tensor, inner: Tensor | None, route: Tensor | None
+) -> ForwardFactory:
+    """The forward of a masked module: ((a Vᵀ) ⊙ m) Uᵀ (+ b), h reused if given; with a
+    route, torch.where(route, masked, original) per position."""
+
+    def factory(original: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Tensor:
+            a = args[0] if args else next(iter(kwargs.values()))
+            h = inner if inner is not None else components.inner(a)
+            out = components.outer(h * mask)
+            if route is not None:
+                out = torch.where(route.unsqueeze(-1), out, original(*args, **kwargs))
+            return out
+
+        return forward
+
+    return factory
+
+
+def _replaying(actions: list[Any]) -> ForwardFactory:
+    """The forward of a module whose first calls in the pass return recorded outputs."""
+
+    def factory(original: Callable[..., Any]) -> Callable[..., Any]:
+        remaining = iter(actions)
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            action = next(remaining, RUN)
+            return original(*args, **kwargs) if action is RUN else action
+
+        return forward
+
+    return factory
+
+
+@contextlib.contextmanager
+def _forwards_replaced(
+    target: nn.Module, factories: Mapping[str, ForwardFactory]
+) -> Iterator[None]:
+    """While open, module `name`'s forward is `factories[name](its previous forward)` (an
+    instance attribute, so hooks still run); on exit every module is as it was."""
+    saved: list[tuple[nn.Module, Any]] = []
+    try:
+        for name, factory in factories.items():
+            module = target.get_submodule(name)
+            saved.append((module, module.__dict__.get("forward")))
+            module.forward = factory(module.forward)
+        yield
+    finally:
+        for module, previous in reversed(saved):
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
 
 
 def model_output(out: object) -> Tensor:

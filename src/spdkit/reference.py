@@ -1,12 +1,13 @@
 """The SPD training loss written plainly, as the paper's pseudocode reads: the yardstick.
 
-`spd_losses` (train.py) computes the same loss with every shortcut spdkit has: fused C++ kernels
-for the CI MLPs and the masks, the first module's inner activations shared between passes,
-layerwise passes that return recorded target outputs upstream of the masked module, memoised
-embeddings. This module has none of them: each masked forward runs the whole target from its
-input with forward hooks that replace a module's output by its masked components, the CI MLPs
-materialise their [..., C, d_gate] hidden layer, and every loss is its formula. Each forward gets its own copy of the batch, so a target that
-memoises work on its input (the residual MLPs' embedding) recomputes it.
+`spd_losses` (step.py) computes the same loss with every shortcut spdkit has: fused C++
+kernels for the CI MLPs and the masks, the first masked module's inner activations reused,
+prefix replay of recorded outputs, per-pass backward, the residual MLPs' memoised embedding.
+This module has none of them: every masked pass runs the whole target from its input through
+`ComponentModel.masked_forward` with `NO_SHORTCUTS`, the CI MLPs materialise their
+[..., C, d_gate] hidden layer, subset routes are drawn plainly, and every loss is its formula
+in one autograd graph. Each forward gets its own copy of the batch, so a target that memoises
+work on its input (the residual MLPs' embedding) recomputes it.
 
 It exists for two jobs: tests/test_reference.py checks that `spd_losses` gives the same loss
 terms and gradients (same batch, same random numbers), and `benchmarks/bench_step.py
@@ -15,8 +16,7 @@ terms and gradients (same batch, same random numbers), and `benchmarks/bench_ste
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
+import math
 
 import torch
 import torch.nn.functional as F
@@ -24,44 +24,13 @@ from torch import Tensor
 
 from spdkit.config import SPDConfig
 from spdkit.masks import MaskStream, uniform
-from spdkit.model import ComponentModel, model_output
+from spdkit.model import NO_SHORTCUTS, ComponentModel
 
 
-@contextlib.contextmanager
-def _replaced_by_components(model: ComponentModel, masks: Mapping[str, Tensor]) -> Iterator[None]:
-    """While open, each module named in `masks` computes ((a Vᵀ) ⊙ m) Uᵀ (+ b) from its input a
-    instead of its original weights (an instance-level `forward`); every other module runs its
-    original weights."""
-
-    def masked_forward(name: str):
-        comps, mask = model.components(name), masks[name]
-        return lambda a: comps.outer(comps.inner(a) * mask)
-
-    for n in masks:
-        model.decomposed[n].forward = masked_forward(n)
-    try:
-        yield
-    finally:
-        for n in masks:
-            del model.decomposed[n].forward
-
-
-def _inputs_of_decomposed_modules(model: ComponentModel, x: Tensor) -> tuple[Tensor, dict]:
-    """The target's output and the input a^l of each decomposed module, by forward hooks."""
-    inputs: dict[str, Tensor] = {}
-    handles = [
-        model.decomposed[n].register_forward_hook(
-            lambda _m, args, _out, n=n: inputs.__setitem__(n, args[0])
-        )
-        for n in model.module_names
-    ]
-    try:
-        with torch.no_grad():
-            y = model_output(model.target(x.clone()))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return y, inputs
+def _draw(stream: MaskStream, n: int, device: torch.device) -> Tensor:
+    r = uniform(n, stream.key, stream.offset, device)
+    stream.offset += n
+    return r
 
 
 def _divergence(kind: str, y_masked: Tensor, y_target: Tensor) -> Tensor:
@@ -78,8 +47,12 @@ def reference_spd_losses(
     """Every SPD loss term and "total" for batch x, drawing r from `mask_stream` in the order
     `spd_losses` does (per mask sample, one draw per module in `model.module_names` order)."""
     names = model.module_names
-    y_target, inputs = _inputs_of_decomposed_modules(model, x)
+    record = model.record(x.clone())
+    y_target, inputs = record.output, record.inputs
     terms: dict[str, Tensor] = {}
+
+    def masked(masks: dict[str, Tensor], routes: dict[str, Tensor] | None = None) -> Tensor:
+        return model.masked_forward(x.clone(), masks, routes=routes, shortcuts=NO_SHORTCUTS)
 
     # 1. faithfulness: (1/N) Σ_l ‖W^l − U^l V^l‖²
     sq = sum(((model.target_weight(n) - model.components(n).weight()) ** 2).sum() for n in names)
@@ -98,30 +71,61 @@ def reference_spd_losses(
     # 3. importance minimality: Σ_l Σ_c (g⁺)^p, averaged over the batch
     terms["importance_minimality"] = sum((g**config.pnorm).sum(-1).mean() for g in g_upper.values())
 
-    # 4. S stochastic masks m = g + (1 − g) r; all modules masked, then each one alone
-    full, layerwise = [], []
+    # 4. S stochastic masks m = g + (1 − g) r: all modules masked, each one alone, a subset
+    full, layerwise, subset = [], [], []
     for _ in range(config.n_mask_samples):
         masks = {}
         for n in names:
             g = g_lower[n]
-            r = uniform(g.numel(), mask_stream.key, mask_stream.offset, g.device).view(g.shape)
-            mask_stream.offset += g.numel()
-            masks[n] = g + (1 - g) * r
-        with _replaced_by_components(model, masks):
-            full.append(model_output(model.target(x.clone())))
-        for n in names:
-            with _replaced_by_components(model, {n: masks[n]}):
-                layerwise.append(model_output(model.target(x.clone())))
+            masks[n] = g + (1 - g) * _draw(mask_stream, g.numel(), g.device).view(g.shape)
+        if config.stochastic_recon_coeff > 0:
+            full.append(masked(masks))
+        if config.stochastic_recon_layerwise_coeff > 0:
+            layerwise += [masked({n: masks[n]}) for n in names]
+        if config.stochastic_recon_subset_coeff > 0:
+            subset.append(_subset_pass(masks, config, mask_stream, masked, y_target))
 
     div = config.output_loss
-    terms["stochastic_recon"] = sum(_divergence(div, y, y_target) for y in full) / len(full)
-    terms["stochastic_recon_layerwise"] = sum(
-        _divergence(div, y, y_target) for y in layerwise
-    ) / len(layerwise)
-    terms["total"] = (
-        config.faithfulness_coeff * terms["faithfulness"]
-        + config.stochastic_recon_coeff * terms["stochastic_recon"]
-        + config.stochastic_recon_layerwise_coeff * terms["stochastic_recon_layerwise"]
-        + config.importance_minimality_coeff * terms["importance_minimality"]
-    )
+    if full:
+        terms["stochastic_recon"] = sum(_divergence(div, y, y_target) for y in full) / len(full)
+    if layerwise:
+        terms["stochastic_recon_layerwise"] = sum(
+            _divergence(div, y, y_target) for y in layerwise
+        ) / len(layerwise)
+    if subset:
+        terms["stochastic_recon_subset"] = sum(_divergence(div, y, y_target) for y in subset) / len(
+            subset
+        )
+    coeffs = {
+        "faithfulness": config.faithfulness_coeff,
+        "stochastic_recon": config.stochastic_recon_coeff,
+        "stochastic_recon_layerwise": config.stochastic_recon_layerwise_coeff,
+        "stochastic_recon_subset": config.stochastic_recon_subset_coeff,
+        "importance_minimality": config.importance_minimality_coeff,
+    }
+    terms["total"] = sum(coeffs[k] * v for k, v in terms.items())  # type: ignore[assignment]
     return terms
+
+
+def _subset_pass(masks, config: SPDConfig, stream: MaskStream, masked, y_target: Tensor) -> Tensor:
+    """One subset-routed output: routes drawn plainly (per position or per batch), modules
+    routed nowhere run their original weights like every unrouted position."""
+    names, routing = list(masks), config.subset_routing
+    positions = tuple(masks[names[0]].shape[:-1]) if routing.scope == "position" else ()
+    P, L = math.prod(positions), len(names)
+    device = masks[names[0]].device
+    if routing.kind == "uniform_k":
+        k = torch.clamp(torch.floor(_draw(stream, P, device) * L).long(), max=L - 1) + 1  # [P]
+        u = _draw(stream, P * L, device).view(P, L)
+        ranks = torch.empty(P, L, dtype=torch.long, device=device)
+        for i in range(P):  # rank of each module in a random permutation
+            ranks[i, torch.argsort(u[i])] = torch.arange(L, device=device)
+        routed = ranks < k[:, None]
+    else:
+        routed = _draw(stream, P * L, device).view(P, L) < routing.p
+    routed = routed.view(*positions, L)
+    if routing.scope == "batch":
+        chosen = {n: masks[n] for i, n in enumerate(names) if routed[i]}
+        return masked(chosen) if chosen else y_target
+    routes = {n: routed[..., i] for i, n in enumerate(names)}
+    return masked(masks, routes)

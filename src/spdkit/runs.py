@@ -47,14 +47,9 @@ log = logging.getLogger(__name__)
 
 # --- the target ------------------------------------------------------------------------------
 def target_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The target's own state dict, as before any of its modules were wrapped."""
+    """The target's own state dict (spdkit never wraps or renames its modules)."""
     target = model.target if isinstance(model, ComponentModel) else model
-    out = {}
-    for key, value in target.state_dict().items():
-        if ".components." in f".{key}":
-            continue
-        out[key.replace(".original.", ".").removeprefix("original.")] = value
-    return out
+    return dict(target.state_dict())
 
 
 def save_target(run_dir: Path, model: nn.Module, config: TargetConfig, info: dict) -> None:

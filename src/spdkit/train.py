@@ -1,6 +1,6 @@
 """The decomposition loop: the paper's pseudocode (appendix), step by step.
 
-`spd_losses` is one training step's forward, in the pseudocode's order; `Trainer` adds the
+`spd_losses` (step.py) is one training step, in the pseudocode's order; `Trainer` adds the
 optimiser, the LR schedule, seeded generators for data and masks, and the state a checkpoint
 needs to resume bit-exactly.
 """
@@ -19,77 +19,12 @@ import torch
 from torch import Tensor
 
 from spdkit.config import OptimizerConfig, SPDConfig
-from spdkit.losses import (
-    DIVERGENCES,
-    faithfulness_loss,
-    importance_minimality_loss,
-    stochastic_recon_layerwise_loss,
-    stochastic_recon_loss,
-)
 from spdkit.masks import MaskStream
 from spdkit.model import ComponentModel
+from spdkit.step import LOSS_TERMS, loss_coefficients, spd_losses
 from spdkit.targets import DataSource
 
-LOSS_TERMS = (
-    "faithfulness",
-    "stochastic_recon",
-    "stochastic_recon_layerwise",
-    "importance_minimality",
-)
-
-
-def spd_losses(
-    model: ComponentModel, x: Tensor, config: SPDConfig, mask_stream: MaskStream
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """All SPD loss terms for one batch; returns (terms incl. "total", lower-leaky CI per module)."""
-    divergence = DIVERGENCES[config.output_loss]
-    names = model.module_names
-
-    # Target outputs and the pre-weight activations a^l of every decomposed module (no grad).
-    y_target, inputs, outputs = model.target_forward_record(x)
-
-    # L_faithfulness = (1/N) Σ_l ‖W^l − U^l V^l‖²
-    terms: dict[str, Tensor] = {
-        "faithfulness": faithfulness_loss(
-            [model.target_weight(n) for n in names], [model.components(n).weight() for n in names]
-        )
-    }
-
-    # h^l = V^l a^l, then the CI MLPs; g (lower-leaky) for masks, g⁺ (upper-leaky) for the penalty
-    inner = model.inner_acts(inputs)
-    ci_lower, ci_upper = model.causal_importances(inner)
-    terms["importance_minimality"] = importance_minimality_loss(
-        list(ci_upper.values()), config.pnorm
-    )
-
-    # S mask samples: m = g + (1 − g) r; every layer masked at once, then each layer alone.
-    full_outputs, layerwise_outputs = [], []
-    for _ in range(config.n_mask_samples):
-        masks = {n: mask_stream.masks(g) for n, g in ci_lower.items()}
-        if config.stochastic_recon_coeff > 0:
-            # the first module sees the target's input here too: reuse its inner activations
-            first = model.first_module
-            full_outputs.append(model(x, masks, inner={first: inner[first]}))
-        if config.stochastic_recon_layerwise_coeff > 0:
-            # only module n is masked, so its input is the target's: reuse its inner activations
-            if config.batch_layerwise_passes and len(names) > 1:
-                layerwise_outputs += model.layerwise_forward(x, masks, inner)
-            else:
-                # and every module before n returns its (recorded) target output
-                layerwise_outputs += [
-                    model(x, {n: masks[n]}, inner={n: inner[n]}, target_outputs=outputs)
-                    for n in names
-                ]
-    if full_outputs:
-        terms["stochastic_recon"] = stochastic_recon_loss(full_outputs, y_target, divergence)
-    if layerwise_outputs:
-        terms["stochastic_recon_layerwise"] = stochastic_recon_layerwise_loss(
-            layerwise_outputs, y_target, divergence
-        )
-
-    coeffs = loss_coefficients(config)
-    terms["total"] = sum(coeffs[k] * v for k, v in terms.items())  # type: ignore[assignment]
-    return terms, ci_lower
+__all__ = ["LOSS_TERMS", "Trainer", "loss_coefficients", "lr_at", "spd_losses"]
 
 
 class CheckpointError(ValueError):
@@ -118,15 +53,6 @@ def nonfinite_problem(terms: dict[str, Tensor], params: list[torch.nn.Parameter]
     if bad:
         return f"non-finite loss term(s) {', '.join(bad)}"
     return "non-finite gradient"
-
-
-def loss_coefficients(config: SPDConfig) -> dict[str, float]:
-    return {
-        "faithfulness": config.faithfulness_coeff,
-        "stochastic_recon": config.stochastic_recon_coeff,
-        "stochastic_recon_layerwise": config.stochastic_recon_layerwise_coeff,
-        "importance_minimality": config.importance_minimality_coeff,
-    }
 
 
 def lr_at(step: int, total_steps: int, opt: OptimizerConfig) -> float:
@@ -174,9 +100,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x = self.data.sample(self.config.batch_size, self.data_generator)
-        terms, ci_lower = spd_losses(self.model, x, self.config, self.mask_stream)
         self.optimizer.zero_grad(set_to_none=True)
-        terms["total"].backward()
+        terms, ci_lower = spd_losses(self.model, x, self.config, self.mask_stream)  # + grads
         problem = nonfinite_problem(terms, self.model.trainable_parameters())
         if problem is None:
             self.optimizer.step()

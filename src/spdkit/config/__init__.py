@@ -7,6 +7,7 @@ field's description.
 
 from __future__ import annotations
 
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +40,7 @@ __all__ = [
     "ResidMLPTargetConfig",
     "SPDConfig",
     "StrictModel",
+    "SubsetRoutingConfig",
     "TargetConfig",
     "TinyLMTargetConfig",
     "TMSTargetConfig",
@@ -100,6 +102,21 @@ class EvalConfig(StrictModel):
     )
 
 
+class SubsetRoutingConfig(StrictModel):
+    """Which modules a subset-reconstruction pass masks (spdkit.routing has the formulas)."""
+
+    kind: Literal["uniform_k", "bernoulli"] = Field(
+        default="uniform_k",
+        description="uniform_k: k ~ U{1..L}, then k modules uniformly (VPD); bernoulli: each "
+        "module independently with probability p",
+    )
+    p: float = Field(default=0.5, gt=0, le=1, description="bernoulli: routing probability")
+    scope: Literal["position", "batch"] = Field(
+        default="position",
+        description="one subset per position (VPD) or one per pass for the whole batch",
+    )
+
+
 class SPDConfig(StrictModel):
     """One decomposition run: target, what to decompose, the SPD losses, optimisation."""
 
@@ -145,16 +162,46 @@ class SPDConfig(StrictModel):
         description="how the CI MLPs run: fused C++ kernel (CPU), torch.compile, or eager; "
         "auto = fused on CPU when it builds, else eager",
     )
-    batch_layerwise_passes: bool = Field(
-        default=False,
-        description="run the L layerwise forwards as one forward over the batch repeated L "
-        "times (same arithmetic, bigger ops; slower on a 2-core CPU, measured: for GPUs)",
+    stochastic_recon_subset_coeff: float = Field(
+        default=0.0,
+        ge=0,
+        description="weight of L_stochastic-recon-subset: masks a random subset of modules per "
+        "position, the others run their original weights (VPD notes §2.2)",
+    )
+    subset_routing: SubsetRoutingConfig = Field(
+        default_factory=lambda: SubsetRoutingConfig(),
+        description="how the subset term picks the masked modules",
+    )
+    masked_pass_dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32",
+        description="bfloat16: masked passes under torch.autocast (for GPUs; on CPU it was "
+        "measured to move gradients by ~10%); the CI function and losses stay float32",
+    )
+    per_pass_backward: bool = Field(
+        default=True,
+        description="differentiate each masked pass as soon as its loss is known (memory of one "
+        "pass plus the CI graph); false keeps every pass in one graph (same gradients)",
     )
     on_nonfinite: Literal["stop", "skip"] = Field(
         default="stop",
         description="a NaN/inf loss or gradient: stop (keeping the last checkpoint) or skip the step",
     )
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_fields(cls, data: Any) -> Any:
+        """`batch_layerwise_passes` (spdkit ≤ 0.1): layerwise passes now run one at a time
+        with prefix replay and per-pass backward; old run directories still load."""
+        if isinstance(data, dict) and "batch_layerwise_passes" in data:
+            data = dict(data)
+            if data.pop("batch_layerwise_passes"):
+                warnings.warn(
+                    "batch_layerwise_passes was removed: layerwise passes run one at a time "
+                    "with prefix replay (same losses); the setting is ignored",
+                    stacklevel=2,
+                )
+        return data
 
     @model_validator(mode="after")
     def _unique_patterns(self) -> SPDConfig:

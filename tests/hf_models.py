@@ -1,0 +1,41 @@
+"""Small Hugging Face language models built from configs (random init, no download), as
+`target.kind: python` factories for the tests."""
+
+from __future__ import annotations
+
+import torch
+
+from spdkit.targets.hf import RandomTokens
+
+VOCAB, SEQ = 61, 12
+
+
+def tiny_llama(n_layers: int = 3, use_cache: bool = False) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        use_cache=use_cache,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(n_layers: int = 3, use_cache: bool = False) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=n_layers, n_head=4, use_cache=use_cache
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def tokens() -> RandomTokens:
+    return RandomTokens(VOCAB, SEQ)
