@@ -3,6 +3,7 @@ decomposed modules (a benchmark, not a test).
 
     python benchmarks/bench_lm.py [--layers 1 2 4 8] [--routing subset layerwise]
         [--steps 3] [--json out.json] [--figure out.png] [--device cpu|cuda]
+    python benchmarks/bench_lm.py --replay [--json out.json]   # cost of a pass masking layer k
 
 The model is a `LlamaForCausalLM` built from a config (random init, nothing downloaded):
 8 layers, d_model 256, MLP 1024, vocabulary 8192, batch 16 × 128 tokens, KL divergence, the
@@ -105,15 +106,13 @@ def one_setting(n_layers: int, routing: str, steps: int, device: str) -> dict:
     def target_fwd_bwd() -> None:  # one CE training step's forward + backward of the target
         target.requires_grad_(True)
         logits = target(x).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()
-        )
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
         loss.backward()
         target.zero_grad(set_to_none=True)
         target.requires_grad_(False)
 
     target_fwd_bwd()
-    base_times = [ms(target_fwd_bwd, device) for _ in range(3)]
+    base_times = [ms(target_fwd_bwd, device) for _ in range(5)]
     rss_model = rss_mb()
 
     class Data:
@@ -140,6 +139,66 @@ def one_setting(n_layers: int, routing: str, steps: int, device: str) -> dict:
     if device.startswith("cuda"):
         row["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 0)
     return row
+
+
+def replay_profile(device: str, repeats: int = 5) -> list[dict]:
+    """Prefix replay: ms of one masked pass that masks only layer k's up_proj, forward alone
+    (no grad) and forward + backward, with the shortcuts and without, against (L − k) / L.
+    Without replay the backward already covers only layers k.. (nothing before them needs a
+    gradient), so replay saves the prefix's forward; the unembedding (vocabulary 8192) and the
+    loss are a cost no replay can skip."""
+    from spdkit.config import ModuleSpec
+    from spdkit.model import ALL_SHORTCUTS, NO_SHORTCUTS, ComponentModel
+    from spdkit.targets.hf import RandomTokens
+
+    target = build_llama().to(device)
+    L = ARCH["num_hidden_layers"]
+    model = ComponentModel(target, [ModuleSpec(pattern="model.layers.*.mlp.up_proj", C=C)], 16)
+    model.to(device)
+    x = RandomTokens(ARCH["vocab_size"], SEQ).sample(
+        BATCH, torch.Generator(device=device).manual_seed(0)
+    )
+    record = model.record(x)
+    rows = []
+    for k in range(L):
+        name = f"model.layers.{k}.mlp.up_proj"
+        mask = torch.rand(BATCH, SEQ, C, device=device)
+
+        def one_pass(shortcuts=ALL_SHORTCUTS, backward=True, masks={name: mask}):  # noqa: B006
+            with torch.set_grad_enabled(backward):
+                y = model.masked_forward(x, masks, record, shortcuts=shortcuts)
+            if backward:
+                y.float().square().mean().backward()
+
+        one_pass()
+        row = {"masked_layer": k, "expected_(L-k)/L": round((L - k) / L, 3)}
+        for label, backward in (("forward", False), ("forward_backward", True)):
+            fast = statistics.median(
+                ms(lambda b=backward: one_pass(ALL_SHORTCUTS, b), device) for _ in range(repeats)
+            )
+            plain = statistics.median(
+                ms(lambda b=backward: one_pass(NO_SHORTCUTS, b), device) for _ in range(repeats)
+            )
+            row[f"{label}_replayed_ms"] = round(fast, 1)
+            row[f"{label}_full_ms"] = round(plain, 1)
+            row[f"{label}_ratio"] = round(fast / plain, 3)
+        rows.append(row)
+        print(
+            f"layer {k}: forward {row['forward_replayed_ms']:6.0f} ms replayed / "
+            f"{row['forward_full_ms']:6.0f} ms full = {row['forward_ratio']:.2f}; "
+            f"forward+backward {row['forward_backward_replayed_ms']:6.0f} / "
+            f"{row['forward_backward_full_ms']:6.0f} = {row['forward_backward_ratio']:.2f}; "
+            f"(L - k) / L = {(L - k) / L:.2f}",
+            flush=True,
+        )
+    # the part no replay can skip: the final norm, the unembedding and the loss
+    probe = {"model.layers.7.mlp.up_proj": torch.zeros(BATCH, SEQ, C, device=device)}
+    with torch.no_grad():
+        head = statistics.median(
+            ms(lambda: model.masked_forward(x, probe, record), device) for _ in range(repeats)
+        )
+    print(f"(a forward that replays every layer but the last: {head:.0f} ms)")
+    return rows
 
 
 def figure(rows: list[dict], path: str) -> None:
@@ -181,8 +240,17 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None)
     parser.add_argument("--figure", default=None)
+    parser.add_argument(
+        "--replay", action="store_true", help="only the prefix-replay profile (one pass per layer)"
+    )
     parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.replay:
+        rows = replay_profile(args.device)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"torch": torch.__version__, "arch": ARCH, "replay": rows}, f, indent=2)
+        return
     if args.child:
         row = one_setting(int(args.child[0]), args.child[1], args.steps, args.device)
         print("ROW " + json.dumps(row), flush=True)

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_step.py [--configs tms_5-2 resid_mlp1] [--steps 30] [--threads 2]
         [--ci-backend auto|eager|compiled|fused] [--device cpu|cuda] [--json out.json]
-        [--set key=value ...]   # config overrides, e.g. --set batch_layerwise_passes=true
+        [--set key=value ...]   # config overrides, e.g. --set per_pass_backward=false
         [--reference]           # also time the plain implementation (spdkit.reference)
 
 For each config: median / min / max ms per step over `--steps` timed steps after `--warmup`
@@ -10,7 +10,10 @@ steps; FLOPs of one step (matmuls counted op by op by torch's FlopCounterMode, f
 backward, plus the fused CI kernel's multiply-adds from its shapes; see
 `spdkit.profiling.step_flops`); achieved GFLOP/s; that as a fraction of this machine's matmul
 peak, measured in the same run (best of a few 2048³ matmuls, fp32 and bf16, same threads);
-peak RSS. The target is built untrained: step time does not depend on its weights.
+peak RSS; and one forward + backward of the target itself on the same batch (its weights
+made trainable for that, a mean-square loss on its output), timed in the same process, with
+the SPD step as a multiple of it. The target is built untrained: step time does not depend
+on its weights.
 With --reference, the plain implementation of the same step (`spdkit.reference`: the paper's
 loss as written, eager PyTorch, a plain AdamW; no fused kernels or shared work) is timed too,
 after the fast steps on the same model, and the table gains its median ms and the speed-up.
@@ -34,6 +37,7 @@ import yaml
 from spdkit.allocator import keep_freed_memory
 from spdkit.config import bundled_config_names, load_config
 from spdkit.decomposition import build_trainer, data_source
+from spdkit.model import model_output
 from spdkit.profiling import matmul_peak_gflops, step_flops
 from spdkit.reference import reference_spd_losses
 from spdkit.targets import target_kind
@@ -64,6 +68,10 @@ def time_config(
         for _ in range(warmup):
             plain_step()
         plain_times = [timed(plain_step, device) for _ in range(steps)]
+    fwd_bwd = target_forward_backward(trainer)
+    for _ in range(2):
+        fwd_bwd()
+    base = statistics.median(timed(fwd_bwd, device) for _ in range(max(5, steps // 3)))
     median = statistics.median(times)
     row = {
         "config": name,
@@ -75,6 +83,8 @@ def time_config(
         "gflops": round(flops["total"] / 1e9 / (median / 1000), 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "ci_backend": trainer.ci_backend,
+        "target_fwd_bwd_ms": round(base, 3),
+        "step_over_fwd_bwd": round(median / base, 2),
     }
     if plain_times:
         row["reference_ms_median"] = round(statistics.median(plain_times), 3)
@@ -91,6 +101,24 @@ def timed(step: Callable[[], object], device: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return 1000 * (time.perf_counter() - t0)
+
+
+def target_forward_backward(trainer: Trainer) -> Callable[[], None]:
+    """One forward + backward of the undecomposed target on a batch of the trainer's data:
+    the yardstick a step's cost is quoted against."""
+    target = trainer.model.target
+    x = trainer.data.sample(trainer.config.batch_size, trainer.data_generator)
+    params = [p for p in target.parameters() if p.is_floating_point()]
+
+    def step() -> None:
+        for p in params:
+            p.requires_grad_(True)
+        model_output(target(x)).float().square().mean().backward()
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+
+    return step
 
 
 def reference_step(trainer: Trainer) -> Callable[[], None]:
@@ -153,7 +181,7 @@ def main() -> None:
     header = f"{'config':<14}{'batch':>6}{'ms/step':>9}{'min':>8}{'max':>8}"
     header += f"{'GFLOP':>8}{'GFLOP/s':>9}{'% fp32':>8}{'RSS MB':>8}"
     header += f"{'plain ms':>10}{'speed-up':>9}" if args.reference else ""
-    header += "  CI"
+    header += f"{'fwd+bwd':>9}{'ratio':>7}  CI"
     print(header)
     rows = []
     for name in args.configs:
@@ -171,6 +199,7 @@ def main() -> None:
                 if args.reference
                 else ""
             )
+            + f"{row['target_fwd_bwd_ms']:>9.2f}{row['step_over_fwd_bwd']:>6.1f}x"
             + f"  {row['ci_backend']}",
             flush=True,
         )

@@ -60,6 +60,18 @@ CASES = {
         **{**SUBSET, "subset_routing": {"scope": "batch"}}
     ),
     "induction, subset uniform_k per position": _induction(**SUBSET),
+    "llama (KL): all + layerwise + subset": tiny_tms_dict(
+        target={
+            "kind": "python",
+            "factory": "tests.hf_models:tiny_llama",
+            "data_factory": "tests.hf_models:tokens",
+            "lm": True,
+        },
+        modules=[{"pattern": "model.layers.*.mlp.*", "C": 6}, {"pattern": "*.o_proj", "C": 4}],
+        output_loss="kl",
+        batch_size=4,
+        stochastic_recon_subset_coeff=1.0,
+    ),
 }
 
 

@@ -156,7 +156,12 @@ def test_subset_term_is_logged_and_draws_from_the_stream(scope):
     model = ComponentModel(target, config.modules, config.ci_hidden_dim)
     stream = MaskStream(0)
     terms, _ = spd_losses(model, torch.rand(16, 5), config, stream)
-    assert set(terms) == {"faithfulness", "importance_minimality", "stochastic_recon_subset", "total"}
+    assert set(terms) == {
+        "faithfulness",
+        "importance_minimality",
+        "stochastic_recon_subset",
+        "total",
+    }
     assert terms["stochastic_recon_subset"] > 0
     masks_only = 16 * 8 * 2  # two modules' [16, 8] masks
     routing = 16 * (1 + 2) if scope == "position" else 1 + 2

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,7 +69,7 @@ class Record:
     calls: tuple[Call, ...] = field(repr=False)
     replayable: tuple[Replayable, ...] = field(repr=False)
 
-    def first(self, names: Iterator[str] | list[str] | Mapping[str, Any]) -> str:
+    def first(self, names: Iterable[str]) -> str:
         """The module among `names` that runs first."""
         return min(names, key=self.starts.__getitem__)
 

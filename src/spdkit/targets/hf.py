@@ -29,7 +29,15 @@ def load_hf_causal_lm(path: str | Path) -> nn.Module:
             "downloads models: save one with `model.save_pretrained(DIR)` first"
         )
     model = _transformers().AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
-    return model.eval()
+    return _without_cache(model).eval()
+
+
+def _without_cache(model: nn.Module) -> nn.Module:
+    """SPD never generates: a key-value cache would only hold every layer's keys and values
+    for nothing in each pass."""
+    if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    return model
 
 
 def _transformers():
@@ -65,7 +73,7 @@ def build_hf(config: HFTargetConfig) -> nn.Module:
     tf = _transformers()
     data = dict(config.hf_config or read_hf_config(config.path))
     hf_cfg = tf.AutoConfig.for_model(data.pop("model_type"), **data)
-    return tf.AutoModelForCausalLM.from_config(hf_cfg).eval()
+    return _without_cache(tf.AutoModelForCausalLM.from_config(hf_cfg)).eval()
 
 
 def train_hf(config: HFTargetConfig, seed: int, device: str) -> tuple[nn.Module, dict]:
@@ -147,7 +155,11 @@ class TokenWindows:
             )
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Tensor:
+        """Drawn on the generator's device (a CUDA generator draws on the GPU), gathered from
+        the token stream where it lives, returned on the generator's device."""
         n_starts = self.tokens.numel() - self.seq_len
-        starts = torch.randint(0, n_starts, (batch_size, 1), generator=generator)
-        offsets = torch.arange(self.seq_len)
+        starts = torch.randint(
+            0, n_starts, (batch_size, 1), generator=generator, device=generator.device
+        ).to(self.tokens.device)
+        offsets = torch.arange(self.seq_len, device=self.tokens.device)
         return self.tokens[starts + offsets].to(generator.device)
