@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from spdkit.cli import app
-from spdkit.config import ResidMLPTargetConfig, load_config, parse_config
+from spdkit.config import ModuleSpec, ResidMLPTargetConfig, load_config, parse_config
 from spdkit.experiment import run_experiment
 from spdkit.metrics import (
     greedy_feature_order,
@@ -20,6 +20,7 @@ from spdkit.metrics import (
     pearson_and_slope,
     resid_mlp_verdict,
 )
+from spdkit.model import NO_SHORTCUTS, ComponentModel
 from spdkit.sweep import across_seeds
 from spdkit.targets.data import sample_sparse_features
 from spdkit.targets.resid_mlp import ResidMLP, labels, train_resid_mlp
@@ -68,21 +69,22 @@ def test_model_shapes_embedding_and_labels():
     assert torch.equal(labels(torch.tensor([-0.5, 0.0, 0.5])), torch.tensor([-0.5, 0.0, 1.0]))
 
 
-def test_embedding_memo_recomputes_after_a_new_batch_or_an_in_place_edit():
-    """The memo saves recomputing x @ W_E in each of a step's passes; a new batch, an
-    in-place edit of the batch or of W_E must recompute."""
-    model = ResidMLP(n_features=10, d_resid=40, n_layers=1, d_mlp=5)
-    gen = torch.Generator().manual_seed(0)
-    x = sample_sparse_features(64, 10, 0.3, gen, -1.0, 1.0)
-    first = model.embed(x).clone()
-    torch.testing.assert_close(model.embed(x), first)  # remembered
-    x2 = x.clone()
-    torch.testing.assert_close(model.embed(x2), first)
-    x2.mul_(2.0)
-    torch.testing.assert_close(model.embed(x2), 2 * first)
+def test_masked_passes_replay_the_embedding_instead_of_recomputing_it():
+    """The embedding is a module call before the first decomposed module: a masked pass with
+    the step's record returns its recorded output (exact), without the shortcut it recomputes."""
+    model = ResidMLP(n_features=10, d_resid=40, n_layers=2, d_mlp=5)
+    comp = ComponentModel(model, [ModuleSpec(pattern="layers.*.mlp_*", C=4)], ci_hidden_dim=2)
+    x = sample_sparse_features(64, 10, 0.3, torch.Generator().manual_seed(0), -1.0, 1.0)
+    record = comp.record(x)
+    calls = []
+    model.embedding.register_forward_pre_hook(lambda *a: calls.append(1))
+    masks = {n: torch.rand(64, 4) for n in comp.module_names}
+    fast = comp.masked_forward(x, masks, record)
+    assert calls == [1]  # called (hooks run) ...
     with torch.no_grad():
-        model.W_E.mul_(3.0)
-    torch.testing.assert_close(model.embed(x2), 6 * first)
+        model.W_E.mul_(2.0)  # ... but not computed: a changed W_E would show
+    torch.testing.assert_close(comp.masked_forward(x, masks, record), fast)
+    assert not torch.allclose(comp.masked_forward(x, masks, record, shortcuts=NO_SHORTCUTS), fast)
 
 
 def test_training_computes_relus_beyond_the_residual_stream():

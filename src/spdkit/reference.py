@@ -2,12 +2,12 @@
 
 `spd_losses` (step.py) computes the same loss with every shortcut spdkit has: fused C++
 kernels for the CI MLPs and the masks, the first masked module's inner activations reused,
-prefix replay of recorded outputs, per-pass backward, the residual MLPs' memoised embedding.
+prefix replay of recorded outputs (the residual MLPs' embedding included), per-pass backward.
 This module has none of them: every masked pass runs the whole target from its input through
 `ComponentModel.masked_forward` with `NO_SHORTCUTS`, the CI MLPs materialise their
 [..., C, d_gate] hidden layer, subset routes are drawn plainly, and every loss is its formula
 in one autograd graph. Each forward gets its own copy of the batch, so a target that memoises
-work on its input (the residual MLPs' embedding) recomputes it.
+work on its input would recompute it.
 
 It exists for two jobs: tests/test_reference.py checks that `spd_losses` gives the same loss
 terms and gradients (same batch, same random numbers), and `benchmarks/bench_step.py
