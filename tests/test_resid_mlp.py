@@ -76,15 +76,15 @@ def test_masked_passes_replay_the_embedding_instead_of_recomputing_it():
     comp = ComponentModel(model, [ModuleSpec(pattern="layers.*.mlp_*", C=4)], ci_hidden_dim=2)
     x = sample_sparse_features(64, 10, 0.3, torch.Generator().manual_seed(0), -1.0, 1.0)
     record = comp.record(x)
-    calls = []
-    model.embedding.register_forward_pre_hook(lambda *a: calls.append(1))
+    computed = []
+    compute = model.embedding.forward
+    model.embedding.forward = lambda *a: computed.append(1) or compute(*a)
     masks = {n: torch.rand(64, 4) for n in comp.module_names}
     fast = comp.masked_forward(x, masks, record)
-    assert calls == [1]  # called (hooks run) ...
-    with torch.no_grad():
-        model.W_E.mul_(2.0)  # ... but not computed: a changed W_E would show
-    torch.testing.assert_close(comp.masked_forward(x, masks, record), fast)
-    assert not torch.allclose(comp.masked_forward(x, masks, record, shortcuts=NO_SHORTCUTS), fast)
+    assert computed == []
+    plain = comp.masked_forward(x, masks, record, shortcuts=NO_SHORTCUTS)
+    assert computed == [1]
+    torch.testing.assert_close(fast, plain)
 
 
 def test_training_computes_relus_beyond_the_residual_stream():

@@ -146,8 +146,9 @@ def load_run_config(run_dir: Path) -> SPDConfig:
         raise RunDirError(f"{path}: not valid YAML ({_yaml_problem(err)})") from None
     try:
         return parse_config(data)
-    except ConfigError as err:
-        raise RunDirError(f"{path}: invalid config: {err}") from None
+    except ConfigError as err:  # one line: a damaged file can have many problems
+        problems = "; ".join(str(err).splitlines())
+        raise RunDirError(f"{path}: invalid config (damaged or edited?): {problems}") from None
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
