@@ -123,3 +123,21 @@ def test_set_overrides_index_lists_and_name_bad_paths():
         load_config("tms_5-2", {"modules.5.C": 7})
     with pytest.raises(ConfigError, match=r"--set steps.x: steps is a value, not a section"):
         load_config("tms_5-2", {"steps.x": 7})
+
+
+def test_removed_batch_layerwise_field_still_loads_old_configs():
+    assert parse_config(tiny_tms_dict(batch_layerwise_passes=False)).per_pass_backward
+    with pytest.warns(UserWarning, match="batch_layerwise_passes was removed"):
+        parse_config(tiny_tms_dict(batch_layerwise_passes=True))
+
+
+def test_subset_routing_errors_name_the_field_and_the_choices():
+    with pytest.raises(ConfigError) as err:
+        parse_config(tiny_tms_dict(subset_routing={"kind": "all", "p": 0.0}))
+    lines = str(err.value).splitlines()
+    assert lines[0].startswith("subset_routing.kind:") and "'uniform_k' or 'bernoulli'" in lines[0]
+    assert lines[1].startswith("subset_routing.p:") and "greater than 0" in lines[1]
+    with pytest.raises(
+        ConfigError, match=r"subset_routing.mode: unknown field \(allowed: kind, p, scope\)"
+    ):
+        parse_config(tiny_tms_dict(subset_routing={"mode": "x"}))

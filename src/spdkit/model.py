@@ -34,14 +34,14 @@ from spdkit.record import RUN, Record, assert_unchanged, record_forward, replay_
 @dataclass(frozen=True)
 class Shortcuts:
     """The exact shortcuts of `masked_forward`, each with an equivalence test
-    (tests/test_model.py, tests/test_reference.py).
+    (tests/test_shortcuts.py, tests/test_reference.py).
 
     reuse_inner: the first masked module's input in a pass is the target's (nothing before
         it is masked), so its h = a Vᵀ is the one the CI function already read: passed in as
         `inner`, not recomputed.
     replay_prefix: every module call that ends before the first masked module starts returns
         its recorded output instead of running (`spdkit.record`): a pass that masks only layer
-        k of L costs about the (L − k) / L of a forward that follows it.
+        k of L costs about (L − k) / L of a full forward (docs/benchmarks.md).
     """
 
     reuse_inner: bool = True
