@@ -3,6 +3,7 @@ decomposed modules (a benchmark, not a test).
 
     python benchmarks/bench_lm.py [--layers 1 2 4 8] [--routing subset layerwise]
         [--steps 3] [--json out.json] [--figure out.png] [--device cpu|cuda]
+        [--ci-fn mlp|vector_mlp|global_mlp|global_transformer]
     python benchmarks/bench_lm.py --replay [--json out.json]   # cost of a pass masking layer k
 
 The model is a `LlamaForCausalLM` built from a config (random init, nothing downloaded):
@@ -52,7 +53,7 @@ def build_llama() -> torch.nn.Module:
     return LlamaForCausalLM(LlamaConfig(**ARCH)).eval()
 
 
-def spd_config(n_layers: int, routing: str):
+def spd_config(n_layers: int, routing: str, ci_fn: str = "mlp"):
     from spdkit.config import parse_config
 
     recon = (
@@ -73,6 +74,7 @@ def spd_config(n_layers: int, routing: str):
             "batch_size": BATCH,
             "optimizer": {"lr": 1e-3},
             **recon,
+            **({} if ci_fn == "mlp" else {"ci_fn": {"kind": ci_fn}}),
         }
     )
 
@@ -91,7 +93,7 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def one_setting(n_layers: int, routing: str, steps: int, device: str) -> dict:
+def one_setting(n_layers: int, routing: str, steps: int, device: str, ci_fn: str) -> dict:
     """Runs in a child process: one decomposition setting, timed."""
     from spdkit.allocator import keep_freed_memory
     from spdkit.decomposition import build_trainer
@@ -119,7 +121,7 @@ def one_setting(n_layers: int, routing: str, steps: int, device: str) -> dict:
         def sample(self, batch_size, generator):
             return x
 
-    config = spd_config(n_layers, routing)
+    config = spd_config(n_layers, routing, ci_fn)
     trainer = build_trainer(target, Data(), config, device)
     trainer.train_step()  # warm-up (kernel build, allocator)
     times = [ms(trainer.train_step, device) for _ in range(steps)]
@@ -127,6 +129,7 @@ def one_setting(n_layers: int, routing: str, steps: int, device: str) -> dict:
     step = statistics.median(times)
     row = {
         "routing": routing,
+        "ci_fn": ci_fn,
         "decomposed_layers": n_layers,
         "decomposed_modules": len(trainer.model.module_names),
         "ms_per_step": round(step, 1),
@@ -243,6 +246,12 @@ def main() -> None:
     parser.add_argument(
         "--replay", action="store_true", help="only the prefix-replay profile (one pass per layer)"
     )
+    parser.add_argument(
+        "--ci-fn",
+        default="mlp",
+        choices=["mlp", "vector_mlp", "global_mlp", "global_transformer"],
+        help="the CI function's kind (its default sizes)",
+    )
     parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.replay:
@@ -252,7 +261,7 @@ def main() -> None:
                 json.dump({"torch": torch.__version__, "arch": ARCH, "replay": rows}, f, indent=2)
         return
     if args.child:
-        row = one_setting(int(args.child[0]), args.child[1], args.steps, args.device)
+        row = one_setting(int(args.child[0]), args.child[1], args.steps, args.device, args.ci_fn)
         print("ROW " + json.dumps(row), flush=True)
         return
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}")
@@ -261,7 +270,7 @@ def main() -> None:
     for routing in args.routing:
         for n in args.layers:
             cmd = [sys.executable, __file__, "--child", str(n), routing]
-            cmd += ["--steps", str(args.steps), "--device", args.device]
+            cmd += ["--steps", str(args.steps), "--device", args.device, "--ci-fn", args.ci_fn]
             out = subprocess.run(cmd, capture_output=True, text=True)
             line = next((s for s in out.stdout.splitlines() if s.startswith("ROW ")), None)
             if line is None:

@@ -60,6 +60,17 @@ CASES = {
         **{**SUBSET, "subset_routing": {"scope": "batch"}}
     ),
     "induction, subset uniform_k per position": _induction(**SUBSET),
+    "tms, ci_fn vector_mlp": tiny_tms_dict(ci_fn={"kind": "vector_mlp", "hidden_dims": [8, 4]}),
+    "resid mlp, ci_fn global_mlp, subset": tiny_resid_dict(
+        ci_fn={"kind": "global_mlp", "hidden_dims": [16]}, stochastic_recon_subset_coeff=1.0
+    ),
+    "tms + identity, ci_fn global_transformer (position-wise)": tiny_tms_dict(
+        insert_identity=[{"pattern": "linear2"}],
+        ci_fn={"kind": "global_transformer", "d_model": 16, "n_heads": 2, "d_ff": 32},
+    ),
+    "induction, ci_fn global_transformer (causal)": _induction(
+        ci_fn={"kind": "global_transformer", "d_model": 16, "n_heads": 2, "causal": True}
+    ),
     "llama (KL): all + layerwise + subset": tiny_tms_dict(
         target={
             "kind": "python",
@@ -71,6 +82,18 @@ CASES = {
         output_loss="kl",
         batch_size=4,
         stochastic_recon_subset_coeff=1.0,
+    ),
+    "llama with an embedding, ci_fn global_transformer": tiny_tms_dict(
+        target={
+            "kind": "python",
+            "factory": "tests.hf_models:tiny_llama",
+            "data_factory": "tests.hf_models:tokens",
+            "lm": True,
+        },
+        modules=[{"pattern": "model.embed_tokens", "C": 8}, {"pattern": "*.down_proj", "C": 6}],
+        ci_fn={"kind": "global_transformer", "d_model": 16, "n_heads": 2, "d_ff": 32},
+        output_loss="kl",
+        batch_size=4,
     ),
 }
 

@@ -47,10 +47,10 @@ def test_nonfinite_loss_stops_naming_the_term_and_step():
 
 def test_nonfinite_loss_can_skip_the_update():
     trainer = poisoned_trainer("skip")
-    ci_before = trainer.model.ci_fn("linear2").w_in.detach().clone()
+    ci_before = trainer.model.ci.tensors()["linear2.ci.w_in"].detach().clone()
     trainer.train_step()
     assert trainer.skipped_steps == 1 and trainer.step == 2
-    assert torch.equal(trainer.model.ci_fn("linear2").w_in, ci_before)  # no update applied
+    assert torch.equal(trainer.model.ci.tensors()["linear2.ci.w_in"], ci_before)  # no update
 
 
 @pytest.mark.parametrize("numel", [10, 100_000])  # checked concatenated / alone

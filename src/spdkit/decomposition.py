@@ -54,6 +54,7 @@ def build_trainer(target: nn.Module, data: DataSource, config: SPDConfig, device
         config.ci_hidden_dim,
         config.component_init,
         config.insert_identity,
+        config.ci_fn,
     ).to(device)
     return Trainer(model, data, config, device)
 
@@ -124,7 +125,12 @@ def load(
         tensors, _ = runs.load_tensors(run_dir / "target.safetensors")
         runs.load_state_checked(target, tensors, run_dir / "target.safetensors")
     model = ComponentModel(
-        target, config.modules, config.ci_hidden_dim, config.component_init, config.insert_identity
+        target,
+        config.modules,
+        config.ci_hidden_dim,
+        config.component_init,
+        config.insert_identity,
+        config.ci_fn,
     )
     path = run_dir / "components.safetensors"
     tensors, _ = runs.load_tensors(path)

@@ -69,7 +69,7 @@ def causal_importance(model: ComponentModel, x: Tensor, upper: bool = True) -> d
     """CI per module [..., C] on inputs x: σ_H,upper (the penalised, plotted value) by default,
     σ_H,lower (the masks' g) otherwise."""
     record = model.record(x)
-    g_lower, g_upper = model.causal_importances(model.inner_acts(record.inputs))
+    g_lower, g_upper = model.causal_importances(record.inputs, model.inner_acts(record.inputs))
     return g_upper if upper else g_lower
 
 
@@ -111,7 +111,7 @@ def output_losses(model: ComponentModel, x: Tensor, divergence: Divergence) -> d
     """D(masked output, target output) for masks = CI (lower-leaky g), all ones (the unmasked
     sum of components) and all zeros (every subcomponent ablated)."""
     record = model.record(x)
-    ci, _ = model.causal_importances(model.inner_acts(record.inputs))
+    ci, _ = model.causal_importances(record.inputs, model.inner_acts(record.inputs))
     ones = model.ones_masks()
     zeros = {n: torch.zeros_like(m) for n, m in ones.items()}
     return {
@@ -260,7 +260,7 @@ def lm_mask_evaluation(
     record = model.record(ids)
     logits_target = record.output
     ce_target = next_token_ce(logits_target, ids)
-    g, _ = model.causal_importances(model.inner_acts(record.inputs))
+    g, _ = model.causal_importances(record.inputs, model.inner_acts(record.inputs))
 
     def r(v: Tensor) -> Tensor:  # drawn on the generator's device, used on the CI's
         return torch.rand(v.shape, generator=generator, device=generator.device).to(v.device)

@@ -24,10 +24,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from spdkit.components import Components, is_decomposable, make_components
-from spdkit.config import IdentitySpec, ModuleSpec
+from spdkit.ci import CIFunction, ModuleSlot, build_ci_function
+from spdkit.components import (
+    Components,
+    EmbeddingComponents,
+    is_decomposable,
+    make_components,
+)
+from spdkit.config import CIFnConfig, IdentitySpec, MLPCIConfig, ModuleSpec
 from spdkit.identity import insert_identity, match_identity_sites
-from spdkit.importance import CausalImportance
 from spdkit.record import RUN, Record, assert_unchanged, record_forward, replay_plan
 
 
@@ -90,7 +95,8 @@ def match_modules(model: nn.Module, specs: list[ModuleSpec]) -> dict[str, int]:
 
 
 class ComponentModel(nn.Module):
-    """A frozen target plus, for each decomposed module, its Components and CI functions."""
+    """A frozen target, each decomposed module's Components, and one causal-importance
+    function over all of them (`self.ci`, of the kind `ci_fn` names; `spdkit.ci`)."""
 
     def __init__(
         self,
@@ -99,6 +105,7 @@ class ComponentModel(nn.Module):
         ci_hidden_dim: int,
         component_init: str = "target_projection",
         identity_specs: list[IdentitySpec] | None = None,
+        ci_fn: CIFnConfig | None = None,
     ) -> None:
         super().__init__()
         matched = match_modules(target, specs)
@@ -109,8 +116,7 @@ class ComponentModel(nn.Module):
         self.target = target
         self.module_names: list[str] = []
         self.components_by_name = nn.ModuleDict()
-        self.ci_fns = nn.ModuleDict()
-        self._ci_hidden_dim, self._component_init = ci_hidden_dim, component_init
+        self._component_init = component_init
         for name, C in matched.items():
             self._decompose(name, C)
         self.identity_modules: dict[str, int] = {}  # inserted identity name -> d
@@ -118,34 +124,35 @@ class ComponentModel(nn.Module):
             name = insert_identity(target, site, d)
             self._decompose(name, C)
             self.identity_modules[name] = d
+        slots = [
+            ModuleSlot(n, c.C, c.d_in, reads_inner=isinstance(c, EmbeddingComponents))
+            for n, c in ((n, self.components(n)) for n in self.module_names)
+        ]
+        self.ci: CIFunction = build_ci_function(ci_fn or MLPCIConfig(), slots, ci_hidden_dim)
 
     def set_ci_backend(self, backend: str, device: torch.device | str) -> str:
         """Run every CI function with `backend` ("auto", "fused", "compiled", "eager"); returns
         the one used. Training and evaluation must agree: the backends match only to float
         rounding, and a loaded run should reproduce its summary's numbers exactly."""
-        return {ci.set_backend(backend, device) for ci in self.ci_fns.values()}.pop()
+        return self.ci.set_backend(backend, device)
 
     def _decompose(self, name: str, C: int) -> None:
-        """Give target module `name` C subcomponents and CI functions."""
+        """Give target module `name` C subcomponents."""
         original = self.target.get_submodule(name)
         components = make_components(original, C)
         if self._component_init == "target_projection":
             components.init_from_target(components.target_weight(original))
         self.module_names.append(name)
         self.components_by_name[_key(name)] = components
-        self.ci_fns[_key(name)] = CausalImportance(C, self._ci_hidden_dim)
 
     # --- parts -----------------------------------------------------------------------------
     def components(self, name: str) -> Components:
         return self.components_by_name[_key(name)]
 
-    def ci_fn(self, name: str) -> CausalImportance:
-        return self.ci_fns[_key(name)]
-
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """U, V of every module and the CI MLPs' weights (the target stays frozen)."""
+        """U, V of every module, then the CI function's weights (the target stays frozen)."""
         params = [p for n in self.module_names for p in self.components(n).parameters()]
-        return params + list(self.ci_fns.parameters())
+        return params + list(self.ci.parameters())
 
     def target_weight(self, name: str) -> Tensor:
         return self.components(name).target_weight(self.target.get_submodule(name))
@@ -206,12 +213,11 @@ class ComponentModel(nn.Module):
         return {n: self.components(n).inner(inputs[n]) for n in self.module_names}
 
     def causal_importances(
-        self, inner: Mapping[str, Tensor]
+        self, inputs: Mapping[str, Tensor], inner: Mapping[str, Tensor]
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Per module (g, g⁺) [..., C]: σ_H,lower (for masks) and σ_H,upper (penalised) of the
-        CI MLP outputs."""
-        pairs = {n: self.ci_fn(n)(inner[n]) for n in self.module_names}
-        return {n: p[0] for n, p in pairs.items()}, {n: p[1] for n, p in pairs.items()}
+        CI function's output, from the record's inputs a^l and the inner activations h^l."""
+        return self.ci(inputs, inner)
 
     def ones_masks(self) -> dict[str, Tensor]:
         """Masks of all ones [C] (broadcast over the batch): the unmasked sum of components."""

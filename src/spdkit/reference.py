@@ -58,15 +58,24 @@ def reference_spd_losses(
     sq = sum(((model.target_weight(n) - model.components(n).weight()) ** 2).sum() for n in names)
     terms["faithfulness"] = sq / sum(model.target_weight(n).numel() for n in names)
 
-    # 2. causal importances: γ_c(h_c) = w_out_c · GELU(w_in_c h_c + b_in_c) + b_out_c
+    # 2. causal importances, raw → σ_H,lower (masks) and σ_H,upper (penalty). The paper's
+    #    kind: γ_c(h_c) = w_out_c · GELU(w_in_c h_c + b_in_c) + b_out_c; the other kinds
+    #    are plain PyTorch already (no kernels, no shortcuts): their own `raw`.
+    h = {n: model.components(n).inner(inputs[n]) for n in names}  # [..., C]
+    if config.ci_fn.kind == "mlp":
+        raw = {}
+        for n in names:
+            ci = model.ci.of(n)  # type: ignore[attr-defined]
+            hidden = F.gelu(h[n].unsqueeze(-1) * ci.w_in + ci.b_in)  # [..., C, d_gate]
+            raw[n] = (hidden * ci.w_out).sum(-1) + ci.b_out
+    else:
+        raw = model.ci.raw(inputs, h)
     g_lower, g_upper = {}, {}
     for n in names:
-        h = model.components(n).inner(inputs[n])  # [..., C]
-        ci = model.ci_fn(n)
-        hidden = F.gelu(h.unsqueeze(-1) * ci.w_in + ci.b_in)  # [..., C, d_gate]
-        raw = (hidden * ci.w_out).sum(-1) + ci.b_out
-        g_lower[n] = torch.where(raw <= 0, 0.01 * raw, torch.clamp(raw, max=1.0))
-        g_upper[n] = torch.where(raw >= 1, 1 + 0.01 * (raw - 1), torch.clamp(raw, min=0.0))
+        g_lower[n] = torch.where(raw[n] <= 0, 0.01 * raw[n], torch.clamp(raw[n], max=1.0))
+        g_upper[n] = torch.where(
+            raw[n] >= 1, 1 + 0.01 * (raw[n] - 1), torch.clamp(raw[n], min=0.0)
+        )
 
     # 3. importance minimality: Σ_l Σ_c (g⁺)^p, averaged over the batch
     terms["importance_minimality"] = sum((g**config.pnorm).sum(-1).mean() for g in g_upper.values())

@@ -40,8 +40,6 @@ from spdkit.files import (  # re-exported: callers use runs.<name> for run-direc
 from spdkit.model import ComponentModel
 from spdkit.targets import target_kind
 
-CI_PARAMS = ("w_in", "b_in", "w_out", "b_out")
-
 log = logging.getLogger(__name__)
 
 
@@ -111,15 +109,14 @@ def load_state_checked(model: nn.Module, tensors: dict[str, Tensor], path: Path)
 
 # --- components ------------------------------------------------------------------------------
 def component_tensors(model: ComponentModel) -> dict[str, Tensor]:
-    """`<module>.U`, `<module>.V` and `<module>.ci.<param>` for every decomposed module."""
+    """`<module>.U`, `<module>.V` for every decomposed module, then the CI function's tensors
+    under their run-directory names (`spdkit.ci`: `<module>.ci.*` or `ci.*`, by kind)."""
     out: dict[str, Tensor] = {}
     for name in model.module_names:
-        comps, ci = model.components(name), model.ci_fn(name)
+        comps = model.components(name)
         out[f"{name}.U"] = comps.U
         out[f"{name}.V"] = comps.V
-        for p in CI_PARAMS:
-            out[f"{name}.ci.{p}"] = getattr(ci, p)
-    return out
+    return {**out, **model.ci.tensors()}
 
 
 def load_component_tensors(model: ComponentModel, tensors: dict[str, Tensor], path: Path) -> None:

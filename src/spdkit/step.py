@@ -69,7 +69,7 @@ def spd_losses(
         [model.target_weight(n) for n in names], [model.components(n).weight() for n in names]
     )
     inner = model.inner_acts(record.inputs)
-    ci_lower, ci_upper = model.causal_importances(inner)
+    ci_lower, ci_upper = model.causal_importances(record.inputs, inner)
     importance_minimality = importance_minimality_loss(list(ci_upper.values()), config.pnorm)
     g, h = loss.cut(ci_lower), loss.cut(inner)  # what the masked passes differentiate
 

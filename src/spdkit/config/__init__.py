@@ -16,6 +16,15 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from spdkit.config.base import StrictModel
+from spdkit.config.ci import (
+    CI_BY_KIND,
+    CI_CONFIGS,
+    CIFnConfig,
+    GlobalMLPCIConfig,
+    GlobalTransformerCIConfig,
+    MLPCIConfig,
+    VectorMLPCIConfig,
+)
 from spdkit.config.targets import (
     TARGET_BY_KIND,
     TARGET_CONFIGS,
@@ -29,7 +38,12 @@ from spdkit.config.targets import (
 )
 
 __all__ = [
+    "CIFnConfig",
     "ConfigError",
+    "GlobalMLPCIConfig",
+    "GlobalTransformerCIConfig",
+    "MLPCIConfig",
+    "VectorMLPCIConfig",
     "EvalConfig",
     "HFTargetConfig",
     "IdentitySpec",
@@ -130,7 +144,14 @@ class SPDConfig(StrictModel):
         description="identities inserted before matched modules and decomposed too (a check)",
     )
     ci_hidden_dim: int = Field(
-        default=16, ge=1, description="hidden GELU width of each causal-importance MLP (d_gate)"
+        default=16,
+        ge=1,
+        description="ci_fn kind mlp: hidden GELU width of each subcomponent's MLP (d_gate)",
+    )
+    ci_fn: CIFnConfig = Field(
+        default_factory=lambda: MLPCIConfig(),
+        description="the causal-importance function: mlp (the paper's), vector_mlp, "
+        "global_mlp, global_transformer",
     )
     component_init: Literal["target_projection", "normal"] = Field(
         default="target_projection",
@@ -231,7 +252,8 @@ def format_validation_error(err: ValidationError, model: type[BaseModel] = SPDCo
         elif e["type"] == "bool_number":
             lines.append(f"{'.'.join(str(p) for p in (*loc, e['ctx']['field']))}: {e['msg']}")
         elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            kinds = ", ".join(c.model_fields["kind"].default for c in TARGET_CONFIGS)
+            configs = CI_CONFIGS if loc[:1] == ("ci_fn",) else TARGET_CONFIGS
+            kinds = ", ".join(c.model_fields["kind"].default for c in configs)
             got = e.get("input", {}).get("kind") if isinstance(e.get("input"), dict) else None
             what = "missing" if got is None else f"unknown ({got!r})"
             lines.append(f"{where}.kind: {what} (allowed: {kinds})")
@@ -243,6 +265,8 @@ def format_validation_error(err: ValidationError, model: type[BaseModel] = SPDCo
 def _strip_union_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     """`target.tms.n_features` → `target.n_features`: pydantic puts the union tag in the path."""
     if len(loc) > 1 and loc[0] == "target" and loc[1] in TARGET_BY_KIND:
+        return (loc[0], *loc[2:])
+    if len(loc) > 1 and loc[0] == "ci_fn" and loc[1] in CI_BY_KIND:
         return (loc[0], *loc[2:])
     return loc
 
@@ -256,6 +280,9 @@ def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
         if part in TARGET_BY_KIND and current is not model:
             current = TARGET_BY_KIND[part]
             continue
+        if part in CI_BY_KIND and current == "ci-union":
+            current = CI_BY_KIND[part]
+            continue
         fields = getattr(current, "model_fields", None)
         if not fields or part not in fields:
             return []
@@ -264,6 +291,8 @@ def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
         current = next((a for a in (annotation, *args) if hasattr(a, "model_fields")), None)
         if current is None and part == "target":
             current = "target-union"  # resolved by the tag that follows
+        elif part == "ci_fn":
+            current = "ci-union"  # resolved by the tag that follows
         elif current is None:
             return []
     return sorted(getattr(current, "model_fields", {}))

@@ -1,0 +1,64 @@
+"""The causal-importance function's section (`ci_fn: {kind: ...}`), one model per kind.
+
+The formulas are in `spdkit.ci.<kind>`; the `mlp` kind's hidden width is the top-level
+`ci_hidden_dim` (d_gate, as before this section existed).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from spdkit.config.base import StrictModel
+
+
+class MLPCIConfig(StrictModel):
+    """The paper's: one scalar MLP per subcomponent on its inner activation h_c."""
+
+    kind: Literal["mlp"] = "mlp"
+
+
+class VectorMLPCIConfig(StrictModel):
+    """Per module, one MLP from its input a [d_in] to all C raw CIs."""
+
+    kind: Literal["vector_mlp"] = "vector_mlp"
+    hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [64], description="widths of the GELU hidden layers"
+    )
+
+
+class GlobalMLPCIConfig(StrictModel):
+    """One MLP over every module's (RMS-normalised) input → every module's raw CIs."""
+
+    kind: Literal["global_mlp"] = "global_mlp"
+    hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [256], description="widths of the GELU hidden layers"
+    )
+
+
+class GlobalTransformerCIConfig(StrictModel):
+    """A transformer over positions reading every module's normalised input (VPD notes §4)."""
+
+    kind: Literal["global_transformer"] = "global_transformer"
+    d_model: int = Field(default=128, ge=1, description="width of the residual stream")
+    n_layers: int = Field(default=2, ge=1, description="pre-norm attention + MLP blocks")
+    n_heads: int = Field(default=4, ge=1, description="attention heads (d_model divisible)")
+    d_ff: int = Field(default=512, ge=1, description="hidden width of each block's MLP")
+    causal: bool = Field(
+        default=False, description="causal attention (default: bidirectional, as VPD)"
+    )
+
+
+CI_CONFIGS: tuple[type[StrictModel], ...] = (
+    MLPCIConfig,
+    VectorMLPCIConfig,
+    GlobalMLPCIConfig,
+    GlobalTransformerCIConfig,
+)
+CI_BY_KIND = {c.model_fields["kind"].default: c for c in CI_CONFIGS}
+
+CIFnConfig = Annotated[
+    MLPCIConfig | VectorMLPCIConfig | GlobalMLPCIConfig | GlobalTransformerCIConfig,
+    Field(discriminator="kind"),
+]

@@ -1,0 +1,156 @@
+"""Causal-importance function kinds: formulas, shapes, what they may read, serialisation,
+save → load, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spdkit import runs
+from spdkit.ci import ModuleSlot, build_ci_function
+from spdkit.config import (
+    GlobalMLPCIConfig,
+    GlobalTransformerCIConfig,
+    MLPCIConfig,
+    VectorMLPCIConfig,
+    parse_config,
+)
+from spdkit.decomposition import build_trainer, data_source, load
+from spdkit.experiment import run_experiment
+from spdkit.targets import target_kind
+from tests.conftest import tiny_tms_dict
+
+SLOTS = [ModuleSlot("b.lin", 3, 5), ModuleSlot("a.lin", 2, 4)]
+KINDS = {
+    "mlp": MLPCIConfig(),
+    "vector_mlp": VectorMLPCIConfig(hidden_dims=[6]),
+    "global_mlp": GlobalMLPCIConfig(hidden_dims=[7]),
+    "global_transformer": GlobalTransformerCIConfig(d_model=8, n_heads=2, d_ff=16, n_layers=2),
+}
+
+
+def _io(leading=(4, 6)):
+    torch.manual_seed(0)
+    inputs = {"b.lin": torch.randn(*leading, 5), "a.lin": torch.randn(*leading, 4)}
+    inner = {"b.lin": torch.randn(*leading, 3), "a.lin": torch.randn(*leading, 2)}
+    return inputs, inner
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_kind_gives_each_module_its_C_on_every_position(kind):
+    ci = build_ci_function(KINDS[kind], SLOTS, d_gate=4)
+    inputs, inner = _io()
+    lower, upper = ci(inputs, inner)
+    assert {n: tuple(g.shape) for n, g in lower.items()} == {"b.lin": (4, 6, 3), "a.lin": (4, 6, 2)}
+    raw = ci.raw(inputs, inner)
+    for n in raw:  # the sigmoids are the paper's, applied to the kind's raw output
+        torch.testing.assert_close(upper[n], raw[n].clamp(0, 1) + 0.01 * (raw[n] - 1).clamp(min=0))
+
+
+def test_vector_mlp_by_formula():
+    ci = build_ci_function(KINDS["vector_mlp"], SLOTS, d_gate=4)
+    inputs, inner = _io()
+    net = ci.functions["a__lin"].net
+    a = inputs["a.lin"]
+    a_n = a / a.pow(2).mean(-1, keepdim=True).add(torch.finfo(a.dtype).eps).sqrt()
+    expected = net[2](F.gelu(net[0](a_n)))
+    torch.testing.assert_close(ci.raw(inputs, inner)["a.lin"], expected)
+
+
+def test_global_mlp_reads_every_module_in_sorted_order():
+    ci = build_ci_function(KINDS["global_mlp"], SLOTS, d_gate=4)
+    assert [s.name for s in ci.slots] == ["a.lin", "b.lin"]
+    inputs, inner = _io()
+    out = ci.raw(inputs, inner)
+    changed = dict(inputs, **{"b.lin": inputs["b.lin"] + torch.randn_like(inputs["b.lin"])})
+    # module a's CI depends on module b's input: it is global
+    assert not torch.allclose(ci.raw(changed, inner)["a.lin"], out["a.lin"])
+
+
+def test_global_transformer_causal_and_bidirectional_and_position_wise():
+    inputs, inner = _io()
+    later = {n: v.clone() for n, v in inputs.items()}
+    later["b.lin"][:, 4:] += 1.0  # change positions 4, 5 only
+    for causal in (True, False):
+        cfg = GlobalTransformerCIConfig(d_model=8, n_heads=2, d_ff=16, causal=causal)
+        ci = build_ci_function(cfg, SLOTS, d_gate=4)
+        before, after = ci.raw(inputs, inner)["a.lin"], ci.raw(later, inner)["a.lin"]
+        early_same = torch.allclose(before[:, :4], after[:, :4], atol=1e-6)
+        assert early_same == causal  # bidirectional: earlier positions see later inputs
+    # [batch, d] inputs: a position-wise network, each sample on its own
+    flat_in, flat_inner = _io(leading=(5,))
+    one = ci.raw({n: v[:1] for n, v in flat_in.items()}, {n: v[:1] for n, v in flat_inner.items()})
+    torch.testing.assert_close(ci.raw(flat_in, flat_inner)["a.lin"][:1], one["a.lin"])
+
+
+def test_global_kinds_refuse_modules_that_see_different_positions():
+    inputs, inner = _io()
+    inputs["a.lin"], inner["a.lin"] = inputs["a.lin"][:, :3], inner["a.lin"][:, :3]
+    ci = build_ci_function(KINDS["global_mlp"], SLOTS, d_gate=4)
+    with pytest.raises(ValueError, match="same positions"):
+        ci.raw(inputs, inner)
+
+
+def test_tensor_names_in_the_run_directory():
+    names = {k: set(build_ci_function(c, SLOTS, 4).tensors()) for k, c in KINDS.items()}
+    assert names["mlp"] == {
+        f"{m}.ci.{p}" for m in ("a.lin", "b.lin") for p in ("w_in", "b_in", "w_out", "b_out")
+    }
+    assert (
+        "a.lin.ci.net.0.weight" in names["vector_mlp"]
+        and "b.lin.ci.net.2.bias" in names["vector_mlp"]
+    )
+    assert names["global_mlp"] == {f"ci.net.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+    assert {"ci.in_proj.weight", "ci.blocks.1.qkv.weight", "ci.out_proj.bias"} <= names[
+        "global_transformer"
+    ]
+
+
+@pytest.mark.parametrize("kind", ["vector_mlp", "global_mlp", "global_transformer"])
+def test_save_load_gives_identical_ci_and_resume_is_bit_exact(kind, tmp_path):
+    ci_fn = {
+        "vector_mlp": {"kind": "vector_mlp", "hidden_dims": [8]},
+        "global_mlp": {"kind": "global_mlp", "hidden_dims": [8]},
+        "global_transformer": {"kind": "global_transformer", "d_model": 8, "n_heads": 2},
+    }[kind]
+    config = parse_config(tiny_tms_dict(ci_fn=ci_fn, steps=20, checkpoint_every=10))
+    run_experiment(config, tmp_path / "run", progress=False)
+    decomp = load(tmp_path / "run")
+    x = torch.rand(16, 5)
+    trained, _ = runs.load_tensors(tmp_path / "run" / "components.safetensors")
+    assert any(k.startswith(("ci.", "linear1.ci.")) for k in trained)
+    record = decomp.model.record(x)
+    ci_loaded = decomp.model.causal_importances(
+        record.inputs, decomp.model.inner_acts(record.inputs)
+    )
+    torch.testing.assert_close(ci_loaded[0], decomp.causal_importance(x, upper=False))
+    for k, v in decomp.model.ci.tensors().items():
+        assert torch.equal(v, trained[k]), k
+
+    # resume from step 10 against the uninterrupted 20 steps
+    torch.manual_seed(0)
+    target = target_kind(config.target).build(config.target)
+    part = build_trainer(target, data_source(config), config, "cpu")
+    whole_target = target_kind(config.target).build(config.target)
+    whole_target.load_state_dict(target.state_dict())
+    whole = build_trainer(whole_target, data_source(config), config, "cpu")
+    for _ in range(20):
+        whole.train_step()
+    for _ in range(10):
+        part.train_step()
+    tensors, meta = part.state_tensors()
+    again_target = target_kind(config.target).build(config.target)
+    again_target.load_state_dict(target.state_dict())
+    again = build_trainer(again_target, data_source(config), config, "cpu")
+    again.load_state({k: v.clone() for k, v in tensors.items()}, meta)
+    for _ in range(10):
+        again.train_step()
+    for a, b in zip(
+        whole.model.trainable_parameters(), again.model.trainable_parameters(), strict=True
+    ):
+        assert torch.equal(a, b)
+
+
+def test_configs_without_ci_fn_are_the_papers_kind():
+    assert parse_config(tiny_tms_dict()).ci_fn.kind == "mlp"
