@@ -73,9 +73,7 @@ def reference_spd_losses(
     g_lower, g_upper = {}, {}
     for n in names:
         g_lower[n] = torch.where(raw[n] <= 0, 0.01 * raw[n], torch.clamp(raw[n], max=1.0))
-        g_upper[n] = torch.where(
-            raw[n] >= 1, 1 + 0.01 * (raw[n] - 1), torch.clamp(raw[n], min=0.0)
-        )
+        g_upper[n] = torch.where(raw[n] >= 1, 1 + 0.01 * (raw[n] - 1), torch.clamp(raw[n], min=0.0))
 
     # 3. importance minimality: Σ_l Σ_c (g⁺)^p, averaged over the batch
     terms["importance_minimality"] = sum((g**config.pnorm).sum(-1).mean() for g in g_upper.values())

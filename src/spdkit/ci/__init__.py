@@ -1,9 +1,9 @@
 """Causal-importance functions, one module per kind, behind one interface (`CIFunction`):
 
-    mlp                 the paper's scalar MLP per subcomponent (fused CPU kernel)
-    vector_mlp          per module, an MLP from its input vector to its C CIs
-    global_mlp          one MLP from every module's input to every module's CIs
-    global_transformer  a transformer over positions reading every module's input (VPD)
+mlp                 the paper's scalar MLP per subcomponent (fused CPU kernel)
+vector_mlp          per module, an MLP from its input vector to its C CIs
+global_mlp          one MLP from every module's input to every module's CIs
+global_transformer  a transformer over positions reading every module's input (VPD)
 """
 
 from __future__ import annotations

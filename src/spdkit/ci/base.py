@@ -79,7 +79,9 @@ class CIFunction(nn.Module):
         return {f"ci.{k}": v for k, v in self.state_dict(keep_vars=True).items()}
 
     # --- shared by the kinds that read module inputs -----------------------------------------
-    def feature(self, slot: ModuleSlot, inputs: Mapping[str, Tensor], inner: Mapping[str, Tensor]) -> Tensor:
+    def feature(
+        self, slot: ModuleSlot, inputs: Mapping[str, Tensor], inner: Mapping[str, Tensor]
+    ) -> Tensor:
         """The module's input, RMS-normalised over its last dimension (no gain): every module
         then enters at the same scale (VPD notes §4). An embedding's h instead of its ids."""
         x = inner[slot.name] if slot.reads_inner else inputs[slot.name]
