@@ -51,9 +51,20 @@ def _trainer(data: dict, device: str):
     return build_trainer(target, data_source(config), config, device)
 
 
-@pytest.mark.parametrize("case", ["tms", "llama"])
+CASES = {
+    "tms": lambda: tiny_tms_dict(steps=5),
+    "llama": lambda: tiny_tms_dict(**LLAMA, steps=5),
+    "tms, vector_mlp": lambda: tiny_tms_dict(steps=5, ci_fn={"kind": "vector_mlp"}),
+    "llama, global_mlp": lambda: tiny_tms_dict(**LLAMA, steps=5, ci_fn={"kind": "global_mlp"}),
+    "llama, global_transformer": lambda: tiny_tms_dict(
+        **LLAMA, steps=5, ci_fn={"kind": "global_transformer", "d_model": 16, "n_heads": 2}
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
 def test_training_steps_on_cuda_match_the_cpu(case):
-    data = tiny_tms_dict(steps=5) if case == "tms" else tiny_tms_dict(**LLAMA, steps=5)
+    data = CASES[case]()
     data["ci_backend"] = "eager"  # the fused CI kernel is CPU-only; compare like with like
     losses = {}
     for device in ("cpu", "cuda"):
