@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from spdkit.ci import CIFunction, ModuleSlot, build_ci_function
+from spdkit.ci.base import key
 from spdkit.components import (
     Components,
     EmbeddingComponents,
@@ -143,11 +144,11 @@ class ComponentModel(nn.Module):
         if self._component_init == "target_projection":
             components.init_from_target(components.target_weight(original))
         self.module_names.append(name)
-        self.components_by_name[_key(name)] = components
+        self.components_by_name[key(name)] = components
 
     # --- parts -----------------------------------------------------------------------------
     def components(self, name: str) -> Components:
-        return self.components_by_name[_key(name)]
+        return self.components_by_name[key(name)]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """U, V of every module, then the CI function's weights (the target stays frozen)."""
@@ -298,8 +299,3 @@ def model_output(out: object) -> Tensor:
         f"the target returned a {type(out).__name__}; spdkit needs a Tensor, a tuple starting "
         "with one, or an object with `.logits`"
     )
-
-
-def _key(name: str) -> str:
-    """ModuleDict keys cannot contain '.'."""
-    return name.replace(".", "__")
