@@ -157,3 +157,47 @@ def test_a_module_run_twice_is_an_error_naming_it():
     model = ComponentModel(Twice(), [ModuleSpec(pattern="lin", C=2)], 2)
     with pytest.raises(ValueError, match="'lin' ran twice"):
         model.record(torch.randn(2, 4))
+
+
+class Appender(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, sink: list):
+        sink.append(self.lin(x))  # an effect besides the return value (like a cache update)
+        return x
+
+
+class LeavesState(nn.Module):
+    """A target whose first module leaves state for a later one in an object it is passed,
+    created per forward: replaying the first module skips that effect."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = Appender()
+        self.second = nn.Linear(4, 4)
+
+    def forward(self, x):
+        sink: list = []
+        self.first(x, sink)
+        return self.second(sink[0])
+
+
+def test_prefix_replay_can_be_switched_off_for_targets_with_side_effects():
+    x = torch.randn(3, 4)
+    masks = {"second": torch.ones(3, 2)}
+    for replay in (True, False):
+        torch.manual_seed(0)
+        model = ComponentModel(
+            LeavesState(), [ModuleSpec(pattern="second", C=2)], 2, prefix_replay=replay
+        )
+        record = model.record(x)
+        if replay:  # the replayed call does not append: the later module finds no buffer entry
+            with pytest.raises(IndexError):
+                model.masked_forward(x, masks, record)
+        else:
+            torch.testing.assert_close(
+                model.masked_forward(x, masks, record),
+                model.masked_forward(x, masks, record, shortcuts=NO_SHORTCUTS),
+            )

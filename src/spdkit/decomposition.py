@@ -55,6 +55,7 @@ def build_trainer(target: nn.Module, data: DataSource, config: SPDConfig, device
         config.component_init,
         config.insert_identity,
         config.ci_fn,
+        config.prefix_replay,
     ).to(device)
     return Trainer(model, data, config, device)
 
@@ -131,6 +132,7 @@ def load(
         config.component_init,
         config.insert_identity,
         config.ci_fn,
+        config.prefix_replay,
     )
     path = run_dir / "components.safetensors"
     tensors, _ = runs.load_tensors(path)

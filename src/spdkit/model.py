@@ -107,6 +107,7 @@ class ComponentModel(nn.Module):
         component_init: str = "target_projection",
         identity_specs: list[IdentitySpec] | None = None,
         ci_fn: CIFnConfig | None = None,
+        prefix_replay: bool = True,
     ) -> None:
         super().__init__()
         matched = match_modules(target, specs)
@@ -118,6 +119,8 @@ class ComponentModel(nn.Module):
         self.module_names: list[str] = []
         self.components_by_name = nn.ModuleDict()
         self._component_init = component_init
+        # a property of the target: can its module calls be replayed (`spdkit.record`)?
+        self.shortcuts = Shortcuts(replay_prefix=prefix_replay)
         for name, C in matched.items():
             self._decompose(name, C)
         self.identity_modules: dict[str, int] = {}  # inserted identity name -> d
@@ -172,7 +175,7 @@ class ComponentModel(nn.Module):
         *,
         inner: Mapping[str, Tensor] | None = None,
         routes: Mapping[str, Tensor] | None = None,
-        shortcuts: Shortcuts = ALL_SHORTCUTS,
+        shortcuts: Shortcuts | None = None,
     ) -> Tensor:
         """f(x | W'): each module l in `masks` computes ((a Vᵀ) ⊙ m^l) Uᵀ (+ b) from its input a
         in this pass, with m^l [..., C] broadcast over the positions; every other module runs
@@ -181,8 +184,10 @@ class ComponentModel(nn.Module):
         routes[l] (bool [...], optional) is subset routing: module l is masked at the
         positions where it is True and runs its original weights elsewhere.
         `record` (of this same x) enables the shortcuts; `inner[l]` is h = a Vᵀ of the
-        target's input, used by `reuse_inner` for the first masked module.
+        target's input, used by `reuse_inner` for the first masked module. `shortcuts`
+        defaults to the model's (`prefix_replay` from the config).
         """
+        shortcuts = shortcuts or self.shortcuts
         if not masks:
             return model_output(self.target(x))
         first = record.first(masks) if record is not None else None

@@ -198,6 +198,12 @@ class SPDConfig(StrictModel):
         description="bfloat16: masked passes under torch.autocast (for GPUs; on CPU it was "
         "measured to move gradients by ~10%); the CI function and losses stay float32",
     )
+    prefix_replay: bool = Field(
+        default=True,
+        description="a masked pass returns the recorded output of every module call before "
+        "its first masked module (exact for modules whose only effect is their output); off "
+        "for targets whose modules leave state for later ones",
+    )
     per_pass_backward: bool = Field(
         default=True,
         description="differentiate each masked pass as soon as its loss is known (memory of one "
