@@ -9,6 +9,14 @@ from spdkit.targets.hf import RandomTokens
 
 VOCAB, SEQ = 61, 12
 
+# the `target` section of a config that decomposes `tiny_llama` on random tokens
+LLAMA_TARGET = {
+    "kind": "python",
+    "factory": "tests.hf_models:tiny_llama",
+    "data_factory": "tests.hf_models:tokens",
+    "lm": True,
+}
+
 
 def tiny_llama(n_layers: int = 3, use_cache: bool = False) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM

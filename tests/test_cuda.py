@@ -21,12 +21,7 @@ from tests.conftest import tiny_tms_dict
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 LLAMA = {
-    "target": {
-        "kind": "python",
-        "factory": "tests.hf_models:tiny_llama",
-        "data_factory": "tests.hf_models:tokens",
-        "lm": True,
-    },
+    "target": hf_models.LLAMA_TARGET,
     "modules": [{"pattern": "model.layers.*.mlp.*", "C": 6}],
     "output_loss": "kl",
     "batch_size": 4,

@@ -18,6 +18,7 @@ from spdkit.masks import MaskStream
 from spdkit.reference import reference_spd_losses
 from spdkit.targets import target_kind
 from spdkit.train import spd_losses
+from tests import hf_models
 from tests.conftest import tiny_tms_dict
 from tests.test_resid_mlp import tiny_resid_dict
 
@@ -72,24 +73,14 @@ CASES = {
         ci_fn={"kind": "global_transformer", "d_model": 16, "n_heads": 2, "causal": True}
     ),
     "llama (KL): all + layerwise + subset": tiny_tms_dict(
-        target={
-            "kind": "python",
-            "factory": "tests.hf_models:tiny_llama",
-            "data_factory": "tests.hf_models:tokens",
-            "lm": True,
-        },
+        target=hf_models.LLAMA_TARGET,
         modules=[{"pattern": "model.layers.*.mlp.*", "C": 6}, {"pattern": "*.o_proj", "C": 4}],
         output_loss="kl",
         batch_size=4,
         stochastic_recon_subset_coeff=1.0,
     ),
     "llama with an embedding, ci_fn global_transformer": tiny_tms_dict(
-        target={
-            "kind": "python",
-            "factory": "tests.hf_models:tiny_llama",
-            "data_factory": "tests.hf_models:tokens",
-            "lm": True,
-        },
+        target=hf_models.LLAMA_TARGET,
         modules=[{"pattern": "model.embed_tokens", "C": 8}, {"pattern": "*.down_proj", "C": 6}],
         ci_fn={"kind": "global_transformer", "d_model": 16, "n_heads": 2, "d_ff": 32},
         output_loss="kl",

@@ -48,15 +48,7 @@ class Decomposition:
 def build_trainer(target: nn.Module, data: DataSource, config: SPDConfig, device: str) -> Trainer:
     """Wrap the target and set up training; the component init is fixed by config.seed."""
     torch.manual_seed(config.seed)
-    model = ComponentModel(
-        target.to(device),
-        config.modules,
-        config.ci_hidden_dim,
-        config.component_init,
-        config.insert_identity,
-        config.ci_fn,
-        config.prefix_replay,
-    ).to(device)
+    model = ComponentModel.from_config(target.to(device), config).to(device)
     return Trainer(model, data, config, device)
 
 
@@ -125,15 +117,7 @@ def load(
     else:
         tensors, _ = runs.load_tensors(run_dir / "target.safetensors")
         runs.load_state_checked(target, tensors, run_dir / "target.safetensors")
-    model = ComponentModel(
-        target,
-        config.modules,
-        config.ci_hidden_dim,
-        config.component_init,
-        config.insert_identity,
-        config.ci_fn,
-        config.prefix_replay,
-    )
+    model = ComponentModel.from_config(target, config)
     path = run_dir / "components.safetensors"
     tensors, _ = runs.load_tensors(path)
     runs.load_component_tensors(model, tensors, path)

@@ -32,7 +32,7 @@ from spdkit.components import (
     is_decomposable,
     make_components,
 )
-from spdkit.config import CIFnConfig, IdentitySpec, MLPCIConfig, ModuleSpec
+from spdkit.config import CIFnConfig, IdentitySpec, MLPCIConfig, ModuleSpec, SPDConfig
 from spdkit.identity import insert_identity, match_identity_sites
 from spdkit.record import RUN, Record, assert_unchanged, record_forward, replay_plan
 
@@ -133,6 +133,19 @@ class ComponentModel(nn.Module):
             for n, c in ((n, self.components(n)) for n in self.module_names)
         ]
         self.ci: CIFunction = build_ci_function(ci_fn or MLPCIConfig(), slots, ci_hidden_dim)
+
+    @classmethod
+    def from_config(cls, target: nn.Module, config: SPDConfig) -> ComponentModel:
+        """The component model a run's config describes."""
+        return cls(
+            target,
+            config.modules,
+            config.ci_hidden_dim,
+            config.component_init,
+            config.insert_identity,
+            config.ci_fn,
+            config.prefix_replay,
+        )
 
     def set_ci_backend(self, backend: str, device: torch.device | str) -> str:
         """Run every CI function with `backend` ("auto", "fused", "compiled", "eager"); returns
