@@ -58,6 +58,18 @@ def test_vector_mlp_by_formula():
     torch.testing.assert_close(ci.raw(inputs, inner)["a.lin"], expected)
 
 
+@pytest.mark.parametrize("kind", ["vector_mlp", "global_mlp", "global_transformer"])
+def test_input_norm_rms_loses_the_scale_and_none_keeps_it(kind):
+    """rms: a and 3a are the same input to the function; none: they are not."""
+    inputs, inner = _io()
+    scaled = {n: 3.0 * v for n, v in inputs.items()}
+    for norm, same in (("rms", True), ("none", False)):
+        cfg = KINDS[kind].model_copy(update={"input_norm": norm})
+        ci = build_ci_function(cfg, SLOTS, d_gate=4)
+        a, b = ci.raw(inputs, inner)["a.lin"], ci.raw(scaled, inner)["a.lin"]
+        assert torch.allclose(a, b, atol=1e-5) == same
+
+
 def test_global_mlp_reads_every_module_in_sorted_order():
     ci = build_ci_function(KINDS["global_mlp"], SLOTS, d_gate=4)
     assert [s.name for s in ci.slots] == ["a.lin", "b.lin"]

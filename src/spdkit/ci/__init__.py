@@ -23,11 +23,17 @@ def build_ci_function(config: CIFnConfig, slots: list[ModuleSlot], d_gate: int) 
     if config.kind == "mlp":
         return MLPCI(slots, d_gate)  # per module: the order of module_names, as before
     if config.kind == "vector_mlp":
-        return VectorMLPCI(slots, config.hidden_dims)
+        return VectorMLPCI(slots, config.hidden_dims, config.input_norm)
     if config.kind == "global_mlp":
-        return GlobalMLPCI(ordered, config.hidden_dims)
+        return GlobalMLPCI(ordered, config.hidden_dims, config.input_norm)
     return GlobalTransformerCI(
-        ordered, config.d_model, config.n_layers, config.n_heads, config.d_ff, config.causal
+        ordered,
+        config.d_model,
+        config.n_layers,
+        config.n_heads,
+        config.d_ff,
+        config.causal,
+        config.input_norm,
     )
 
 

@@ -47,9 +47,10 @@ class CIFunction(nn.Module):
 
     per_module = False  # one function per module (tensors named `<module>.ci.*`)
 
-    def __init__(self, slots: list[ModuleSlot]) -> None:
+    def __init__(self, slots: list[ModuleSlot], input_norm: str = "rms") -> None:
         super().__init__()
         self.slots = list(slots)
+        self.input_norm = input_norm
 
     def raw(self, inputs: Mapping[str, Tensor], inner: Mapping[str, Tensor]) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -82,10 +83,12 @@ class CIFunction(nn.Module):
     def feature(
         self, slot: ModuleSlot, inputs: Mapping[str, Tensor], inner: Mapping[str, Tensor]
     ) -> Tensor:
-        """The module's input, RMS-normalised over its last dimension (no gain): every module
-        then enters at the same scale (VPD notes §4). An embedding's h instead of its ids."""
-        x = inner[slot.name] if slot.reads_inner else inputs[slot.name]
-        return F.rms_norm(x.float(), (x.shape[-1],))
+        """The module's input, RMS-normalised over its last dimension (no gain) with
+        `input_norm: rms`: every module then enters at the same scale (VPD notes §4), but the
+        input's magnitude is lost (a one-hot input of any size maps to the same point).
+        `input_norm: none` passes it as it is. An embedding's h instead of its ids."""
+        x = (inner[slot.name] if slot.reads_inner else inputs[slot.name]).float()
+        return F.rms_norm(x, (x.shape[-1],)) if self.input_norm == "rms" else x
 
     def concatenated(self, inputs: Mapping[str, Tensor], inner: Mapping[str, Tensor]) -> Tensor:
         """[..., Σ widths]: every module's feature, in the slots' (sorted-name) order."""

@@ -18,8 +18,10 @@ from spdkit.ci.base import CIFunction, ModuleSlot, mlp
 
 
 class GlobalMLPCI(CIFunction):
-    def __init__(self, slots: list[ModuleSlot], hidden_dims: list[int]) -> None:
-        super().__init__(slots)
+    def __init__(
+        self, slots: list[ModuleSlot], hidden_dims: list[int], input_norm: str = "rms"
+    ) -> None:
+        super().__init__(slots, input_norm)
         self.net = mlp(sum(s.width for s in slots), hidden_dims, sum(s.C for s in slots))
 
     def raw(self, inputs: Mapping[str, Tensor], inner: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -67,8 +67,9 @@ class GlobalTransformerCI(CIFunction):
         n_heads: int,
         d_ff: int,
         causal: bool,
+        input_norm: str = "rms",
     ) -> None:
-        super().__init__(slots)
+        super().__init__(slots, input_norm)
         if d_model % n_heads or (d_model // n_heads) % 2:
             raise ValueError(
                 f"ci_fn: d_model {d_model} must split into {n_heads} heads of an even width"

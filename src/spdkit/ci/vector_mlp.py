@@ -19,8 +19,10 @@ from spdkit.ci.base import CIFunction, ModuleSlot, key, mlp
 class VectorMLPCI(CIFunction):
     per_module = True
 
-    def __init__(self, slots: list[ModuleSlot], hidden_dims: list[int]) -> None:
-        super().__init__(slots)
+    def __init__(
+        self, slots: list[ModuleSlot], hidden_dims: list[int], input_norm: str = "rms"
+    ) -> None:
+        super().__init__(slots, input_norm)
         self.functions = nn.ModuleDict(
             {key(s.name): _Net(mlp(s.width, hidden_dims, s.C)) for s in slots}
         )

@@ -26,6 +26,11 @@ class VectorMLPCIConfig(StrictModel):
     hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [64], description="widths of the GELU hidden layers"
     )
+    input_norm: Literal["rms", "none"] = Field(
+        default="rms",
+        description="rms: each module's input RMS-normalised (no gain) before it is read; "
+        "none: as it is (keeps the input's magnitude)",
+    )
 
 
 class GlobalMLPCIConfig(StrictModel):
@@ -34,6 +39,11 @@ class GlobalMLPCIConfig(StrictModel):
     kind: Literal["global_mlp"] = "global_mlp"
     hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [256], description="widths of the GELU hidden layers"
+    )
+    input_norm: Literal["rms", "none"] = Field(
+        default="rms",
+        description="rms: each module's input RMS-normalised (no gain) before it is read; "
+        "none: as it is (keeps the input's magnitude)",
     )
 
 
@@ -47,6 +57,11 @@ class GlobalTransformerCIConfig(StrictModel):
     d_ff: int = Field(default=512, ge=1, description="hidden width of each block's MLP")
     causal: bool = Field(
         default=False, description="causal attention (default: bidirectional, as VPD)"
+    )
+    input_norm: Literal["rms", "none"] = Field(
+        default="rms",
+        description="rms: each module's input RMS-normalised (no gain) before it is read; "
+        "none: as it is (keeps the input's magnitude)",
     )
 
 
