@@ -3,6 +3,8 @@ save → load, resume."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -166,3 +168,30 @@ def test_save_load_gives_identical_ci_and_resume_is_bit_exact(kind, tmp_path):
 
 def test_configs_without_ci_fn_are_the_papers_kind():
     assert parse_config(tiny_tms_dict()).ci_fn.kind == "mlp"
+
+
+def test_a_run_directory_written_before_ci_fn_existed_loads_and_resumes(tmp_path):
+    """tests/fixtures/run_26f5880: a tiny TMS run written by spdkit at commit 26f5880 (before
+    the record / seam engine and the ci_fn section), with the CI that code computed on a
+    fixed input. Today's code reads it as the `mlp` kind and gives the same CI."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from spdkit.experiment import resume_run
+
+    fixture = Path(__file__).parent / "fixtures" / "run_26f5880"
+    decomp = load(fixture)
+    assert decomp.config.ci_fn.kind == "mlp"
+    expected = load_file(fixture / "expected_ci.safetensors")
+    ci = decomp.causal_importance(expected["x"], upper=False)
+    for name in ("linear1", "linear2"):
+        torch.testing.assert_close(ci[name], expected[name], atol=1e-6, rtol=0)
+    # its checkpoint resumes under today's code
+    run = tmp_path / "old"
+    shutil.copytree(fixture, run)
+    (run / "config.yaml").write_text(
+        (run / "config.yaml").read_text().replace("steps: 20\n", "steps: 25\n")
+    )
+    summary = resume_run(run, progress=False)
+    assert runs.read_metrics(run)[-1]["step"] == 25 and "final_losses" in summary
