@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spdkit.config.ci import InputNorm
 from spdkit.importance import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
 
 
@@ -47,7 +48,7 @@ class CIFunction(nn.Module):
 
     per_module = False  # one function per module (tensors named `<module>.ci.*`)
 
-    def __init__(self, slots: list[ModuleSlot], input_norm: str = "rms") -> None:
+    def __init__(self, slots: list[ModuleSlot], input_norm: InputNorm = "rms") -> None:
         super().__init__()
         self.slots = list(slots)
         self.input_norm = input_norm

@@ -15,11 +15,12 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from spdkit.ci.base import CIFunction, ModuleSlot, mlp
+from spdkit.config.ci import InputNorm
 
 
 class GlobalMLPCI(CIFunction):
     def __init__(
-        self, slots: list[ModuleSlot], hidden_dims: list[int], input_norm: str = "rms"
+        self, slots: list[ModuleSlot], hidden_dims: list[int], input_norm: InputNorm = "rms"
     ) -> None:
         super().__init__(slots, input_norm)
         self.net = mlp(sum(s.width for s in slots), hidden_dims, sum(s.C for s in slots))

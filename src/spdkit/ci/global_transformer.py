@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spdkit.ci.base import CIFunction, ModuleSlot
+from spdkit.config.ci import InputNorm
 
 
 def rms(x: Tensor) -> Tensor:
@@ -67,7 +68,7 @@ class GlobalTransformerCI(CIFunction):
         n_heads: int,
         d_ff: int,
         causal: bool,
-        input_norm: str = "rms",
+        input_norm: InputNorm = "rms",
     ) -> None:
         super().__init__(slots, input_norm)
         if d_model % n_heads or (d_model // n_heads) % 2:

@@ -14,13 +14,14 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 
 from spdkit.ci.base import CIFunction, ModuleSlot, key, mlp
+from spdkit.config.ci import InputNorm
 
 
 class VectorMLPCI(CIFunction):
     per_module = True
 
     def __init__(
-        self, slots: list[ModuleSlot], hidden_dims: list[int], input_norm: str = "rms"
+        self, slots: list[ModuleSlot], hidden_dims: list[int], input_norm: InputNorm = "rms"
     ) -> None:
         super().__init__(slots, input_norm)
         self.functions = nn.ModuleDict(

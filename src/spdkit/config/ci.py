@@ -12,6 +12,8 @@ from pydantic import Field
 
 from spdkit.config.base import StrictModel
 
+InputNorm = Literal["rms", "none"]
+
 
 class MLPCIConfig(StrictModel):
     """The paper's: one scalar MLP per subcomponent on its inner activation h_c."""
@@ -26,7 +28,7 @@ class VectorMLPCIConfig(StrictModel):
     hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [64], description="widths of the GELU hidden layers"
     )
-    input_norm: Literal["rms", "none"] = Field(
+    input_norm: InputNorm = Field(
         default="rms",
         description="rms: each module's input RMS-normalised (no gain) before it is read; "
         "none: as it is (keeps the input's magnitude)",
@@ -40,7 +42,7 @@ class GlobalMLPCIConfig(StrictModel):
     hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [256], description="widths of the GELU hidden layers"
     )
-    input_norm: Literal["rms", "none"] = Field(
+    input_norm: InputNorm = Field(
         default="rms",
         description="rms: each module's input RMS-normalised (no gain) before it is read; "
         "none: as it is (keeps the input's magnitude)",
@@ -58,7 +60,7 @@ class GlobalTransformerCIConfig(StrictModel):
     causal: bool = Field(
         default=False, description="causal attention (default: bidirectional, as VPD)"
     )
-    input_norm: Literal["rms", "none"] = Field(
+    input_norm: InputNorm = Field(
         default="rms",
         description="rms: each module's input RMS-normalised (no gain) before it is read; "
         "none: as it is (keeps the input's magnitude)",
