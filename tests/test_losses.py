@@ -5,11 +5,15 @@ import math
 import pytest
 import torch
 
+from spdkit.importance import lower_hard_sigmoid_ste, lower_leaky_hard_sigmoid
 from spdkit.losses import (
     faithfulness_loss,
+    frequency_minimality_loss,
     importance_minimality_loss,
     kl_divergence,
     mse_divergence,
+    pnorm_at,
+    smooth_l0_penalty,
     stochastic_masks,
 )
 
@@ -57,3 +61,48 @@ def test_prepared_target_gives_the_same_kl_as_a_direct_call():
     prepared = kl_divergence.prepare(target)
     for o in outs:
         assert torch.equal(kl_divergence.compare(o, prepared), kl_divergence(o, target))
+
+
+def test_frequency_minimality_by_hand():
+    # one module, 2 batch × 2 positions, C 2: subcomponent 0 fires on 3 positions at 1,
+    # subcomponent 1 on one position at 0.5
+    phi = torch.tensor([[[1.0, 0.0], [1.0, 0.5]], [[1.0, 0.0], [0.0, 0.0]]])
+    # s = (3, 0.5): (3 log2 4 + 0.5 log2 1.5) / 4 positions
+    expected = (3 * 2 + 0.5 * math.log2(1.5)) / 4
+    assert frequency_minimality_loss([phi]).item() == pytest.approx(expected, abs=1e-6)
+    # superlinear: one subcomponent firing on 4 positions costs more than two firing on 2 each
+    one = torch.tensor([[1.0, 0.0]] * 4)
+    two = torch.tensor([[1.0, 0.0]] * 2 + [[0.0, 1.0]] * 2)
+    assert frequency_minimality_loss([one]) > frequency_minimality_loss([two])
+    # the log's count can come from elsewhere (all data-parallel ranks): s log2(1 + 2s)
+    doubled = frequency_minimality_loss([phi], global_sum=lambda s: 2 * s)
+    assert doubled.item() == pytest.approx((3 * math.log2(7) + 0.5 * math.log2(2)) / 4, abs=1e-6)
+
+
+def test_smooth_l0_penalty_saturates_and_has_a_finite_slope_at_zero():
+    g = torch.tensor([0.0, 0.1, 1.0], requires_grad=True)
+    phi = smooth_l0_penalty(g, scale=0.1)
+    torch.testing.assert_close(
+        phi.detach(), torch.tensor([0.0, 1 - math.exp(-1), 1 - math.exp(-10)])
+    )
+    phi.sum().backward()
+    # φ'(g) = exp(−g/σ)/σ: 10 at 0 (finite, unlike p g^(p−1) for p < 1), ~0 once saturated
+    torch.testing.assert_close(g.grad, torch.tensor([10.0, 10 * math.exp(-1), 10 * math.exp(-10)]))
+
+
+def test_pnorm_anneal_is_linear_between_its_fractions():
+    at = [pnorm_at(s, 100, 2.0, 0.4, 0.2, 0.6) for s in (0, 20, 40, 60, 99)]
+    assert at == pytest.approx([2.0, 2.0, 1.2, 0.4, 0.4])
+
+
+def test_straight_through_lower_sigmoid_clamps_and_leaks_only_negative_gradients():
+    x = torch.tensor([-1.0, -1.0, 0.5, 0.5, 2.0], requires_grad=True)
+    y = lower_hard_sigmoid_ste(x)
+    torch.testing.assert_close(y.detach(), torch.tensor([0.0, 0.0, 0.5, 0.5, 1.0]))
+    grad_out = torch.tensor([-2.0, 3.0, -2.0, 3.0, -5.0])
+    y.backward(grad_out)
+    # below 0: 0.01 × a negative gradient (raising x helps), 0 for a positive one; inside
+    # (0, 1]: the gradient; above 1: 0
+    torch.testing.assert_close(x.grad, torch.tensor([-0.02, 0.0, -2.0, 3.0, 0.0]))
+    # the paper's: the leak is in the forward, masks go below 0
+    assert lower_leaky_hard_sigmoid(torch.tensor([-1.0])).item() == pytest.approx(-0.01)

@@ -1,4 +1,5 @@
-"""The training loop: LR schedules, the non-finite guard."""
+"""The training loop: LR schedules, the non-finite guard, gradient clipping, the
+faithfulness warm-up."""
 
 import math
 
@@ -7,8 +8,9 @@ import torch
 
 from spdkit.config import OptimizerConfig, parse_config
 from spdkit.decomposition import build_trainer, data_source
+from spdkit.losses import faithfulness_loss
 from spdkit.targets import target_kind
-from spdkit.train import NonFiniteError, lr_at, nonfinite_problem
+from spdkit.train import NonFiniteError, lr_at, nonfinite_problem, spd_losses
 from tests.conftest import tiny_tms_dict
 
 
@@ -100,3 +102,56 @@ def test_fused_adamw_gives_the_plain_update():
         results.append([p.detach().clone() for p in trainer.model.trainable_parameters()])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_clipping_caps_each_group_norm_separately():
+    torch.manual_seed(0)
+    trainer = tiny_trainer(grad_clip={"components": 1e-3})
+    trainer.train_step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    x = trainer.data.sample(trainer.config.batch_size, trainer.data_generator)
+    spd_losses(trainer.model, x, trainer.config, trainer.mask_stream, trainer.step)
+    comp, ci = trainer.model.component_parameters(), list(trainer.model.ci.parameters())
+    before = [p.grad.clone() for p in comp + ci]
+    norm = torch.cat([g.reshape(-1) for g in before[: len(comp)]]).norm()
+    assert norm > 1e-3  # so the clip has work to do
+    trainer.clip_gradients()
+    after = [p.grad for p in comp + ci]
+    clipped = torch.cat([g.reshape(-1) for g in after[: len(comp)]])
+    assert clipped.norm() == pytest.approx(1e-3, rel=1e-4)
+    for a, b in zip(before[: len(comp)], after[: len(comp)], strict=True):  # same direction
+        torch.testing.assert_close(b, a * (1e-3 / norm), rtol=1e-4, atol=1e-12)
+    for a, b in zip(before[len(comp) :], after[len(comp) :], strict=True):  # CI untouched
+        assert torch.equal(a, b)
+
+
+def test_faithfulness_warmup_runs_before_the_first_step_and_fits_W():
+    torch.manual_seed(0)
+    cold = tiny_trainer(component_init="normal")
+    torch.manual_seed(0)
+    warm = tiny_trainer(component_init="normal", faithfulness_warmup={"steps": 300, "lr": 1e-2})
+    names = cold.model.module_names
+
+    def faithfulness(t):
+        return faithfulness_loss(
+            [t.model.target_weight(n) for n in names],
+            [t.model.components(n).weight() for n in names],
+        ).item()
+
+    start = faithfulness(cold)
+    assert faithfulness(warm) == start  # same init, nothing has run yet
+    after = warm.faithfulness_warmup()
+    assert after < 1e-3 * start
+    # the trainer's first step runs it from the init: a warm step equals warm-up + cold step
+    torch.manual_seed(0)
+    stepped = tiny_trainer(component_init="normal", faithfulness_warmup={"steps": 300, "lr": 1e-2})
+    stepped.train_step()
+    # warm ran its warm-up by hand above: its first step must not run it again
+    warm.config = warm.config.model_copy(
+        update={"faithfulness_warmup": cold.config.faithfulness_warmup}
+    )
+    warm.train_step()
+    for a, b in zip(
+        stepped.model.trainable_parameters(), warm.model.trainable_parameters(), strict=True
+    ):
+        assert torch.equal(a, b)

@@ -178,8 +178,9 @@ def evaluate(
     ev = config.eval
     gen = torch.Generator(device=device).manual_seed(config.seed + 3000)
     x = data_source(config).sample(ev.n_eval_samples, gen)
+    step = partial["step"] if partial else config.steps  # the annealed p of that step
     with torch.no_grad():
-        terms, _ = spd_losses(model, x, config, MaskStream(config.seed + 3000))
+        terms, _ = spd_losses(model, x, config, MaskStream(config.seed + 3000), step)
     ci_data = causal_importance(model, x)
     summary: dict[str, Any] = {
         "final_losses": {k: terms[k].item() for k in ("total", *LOSS_TERMS) if k in terms},

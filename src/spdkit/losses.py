@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -72,7 +73,68 @@ def importance_minimality_loss(
     batch dim (averaged). g⁺ ≥ 0, so |g⁺|^p = (g⁺ + eps)^p; eps keeps the gradient finite at 0
     when p < 1.
     """
-    return sum(_power(g + eps, pnorm).sum(-1).mean() for g in ci_upper)  # type: ignore[return-value]
+    return minimality_loss([lp_penalty(g, pnorm, eps) for g in ci_upper])
+
+
+def minimality_loss(penalties: Sequence[Tensor]) -> Tensor:
+    """(1/B) Σ_b Σ_l Σ_c φ^l_{b,c}: the importance-minimality term for per-CI penalties φ
+    (each [..., C], every leading dim a batch dim)."""
+    return sum(phi.sum(-1).mean() for phi in penalties)  # type: ignore[return-value]
+
+
+def lp_penalty(g_upper: Tensor, pnorm: float, eps: float = 1e-12) -> Tensor:
+    """φ(g) = (g + eps)^p, elementwise: the paper's penalty (g ≥ 0)."""
+    return _power(g_upper + eps, pnorm)
+
+
+def smooth_l0_penalty(g_upper: Tensor, scale: float) -> Tensor:
+    """φ(g) = 1 − exp(−g / σ), elementwise: a smooth, saturating stand-in for 1[g > 0].
+
+    The concave exponential approximation of the L0 norm (Bradley & Mangasarian, "Feature
+    selection via concave minimization and support vector machines", ICML 1998). Unlike |g|^p
+    with p < 1, whose gradient p g^(p−1) is infinite at 0 (a cliff: the first bit of CI is the
+    most expensive), φ'(0) = 1/σ is finite, and φ saturates at 1 for g ≫ σ, so a subcomponent
+    that is clearly needed costs about one unit however large its CI: an L0 count, not a mass.
+    """
+    return 1.0 - torch.exp(-g_upper / scale)
+
+
+def frequency_minimality_loss(
+    penalties: Sequence[Tensor], global_sum: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
+    """L_frequency = (1/BT) Σ_l Σ_c s^l_c · log2(1 + s^l_c),   s^l_c = Σ_{b,t} φ(g⁺^l_{b,t,c})
+
+    (VPD notes §2.5). φ is the importance penalty per element (|g⁺ + ε|^p, or the smooth-L0
+    φ), one [..., C] tensor per module. Σ_c s_c log2(1 + s_c) is slightly superlinear in how
+    often a subcomponent fires, so one subcomponent firing on two unrelated sets of inputs
+    costs more than two that fire on one set each: it splits "bisemantic" subcomponents.
+
+    `global_sum(s)` [C] → [C] sums s over every data-parallel rank (identity in one process):
+    the log's count is then the global batch's, as one process with the whole batch would
+    see it, while the outer s and 1/BT stay local (the ranks' losses are averaged).
+    """
+    total = None
+    for phi in penalties:
+        s = phi.reshape(-1, phi.shape[-1]).sum(0)  # [C]
+        s_all = global_sum(s) if global_sum is not None else s
+        term = (s * torch.log2(1.0 + s_all)).sum() / phi[..., 0].numel()
+        total = term if total is None else total + term
+    return total if total is not None else torch.zeros(())
+
+
+def pnorm_at(
+    step: int, steps: int, p_start: float, p_end: float, start: float, end: float
+) -> float:
+    """p of the importance penalty at `step` (0-based) of `steps`: p_start until the fraction
+    `start` of training, then linear to p_end at `end`, p_end after (VPD notes §2.4: 2.0 → 0.4
+    over the whole run). Large p first penalises only large CIs, so subcomponents can form
+    before small p pushes their CI towards 0 or 1. A pure function of the step: resume exact."""
+    t = step / steps
+    if t <= start:
+        return p_start
+    if t >= end:
+        return p_end
+    return p_start + (p_end - p_start) * (t - start) / (end - start)
 
 
 def _power(x: Tensor, p: float) -> Tensor:

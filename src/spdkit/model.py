@@ -108,6 +108,7 @@ class ComponentModel(nn.Module):
         identity_specs: list[IdentitySpec] | None = None,
         ci_fn: CIFnConfig | None = None,
         prefix_replay: bool = True,
+        lower_sigmoid: str = "leaky",
     ) -> None:
         super().__init__()
         matched = match_modules(target, specs)
@@ -132,7 +133,9 @@ class ComponentModel(nn.Module):
             ModuleSlot(n, c.C, c.d_in, reads_inner=isinstance(c, EmbeddingComponents))
             for n, c in ((n, self.components(n)) for n in self.module_names)
         ]
-        self.ci: CIFunction = build_ci_function(ci_fn or MLPCIConfig(), slots, ci_hidden_dim)
+        self.ci: CIFunction = build_ci_function(
+            ci_fn or MLPCIConfig(), slots, ci_hidden_dim, lower_sigmoid
+        )
 
     @classmethod
     def from_config(cls, target: nn.Module, config: SPDConfig) -> ComponentModel:
@@ -145,6 +148,7 @@ class ComponentModel(nn.Module):
             config.insert_identity,
             config.ci_fn,
             config.prefix_replay,
+            config.lower_sigmoid,
         )
 
     def set_ci_backend(self, backend: str, device: torch.device | str) -> str:
@@ -168,8 +172,11 @@ class ComponentModel(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """U, V of every module, then the CI function's weights (the target stays frozen)."""
-        params = [p for n in self.module_names for p in self.components(n).parameters()]
-        return params + list(self.ci.parameters())
+        return self.component_parameters() + list(self.ci.parameters())
+
+    def component_parameters(self) -> list[nn.Parameter]:
+        """U, V of every module, in `module_names` order."""
+        return [p for n in self.module_names for p in self.components(n).parameters()]
 
     def target_weight(self, name: str) -> Tensor:
         return self.components(name).target_weight(self.target.get_submodule(name))

@@ -42,10 +42,11 @@ def _divergence(kind: str, y_masked: Tensor, y_target: Tensor) -> Tensor:
 
 
 def reference_spd_losses(
-    model: ComponentModel, x: Tensor, config: SPDConfig, mask_stream: MaskStream
+    model: ComponentModel, x: Tensor, config: SPDConfig, mask_stream: MaskStream, step: int = 0
 ) -> dict[str, Tensor]:
-    """Every SPD loss term and "total" for batch x, drawing r from `mask_stream` in the order
-    `spd_losses` does (per mask sample, one draw per module in `model.module_names` order)."""
+    """Every SPD loss term and "total" for batch x at training step `step`, drawing r from
+    `mask_stream` in the order `spd_losses` does (per mask sample, one draw per module in
+    `model.module_names` order)."""
     names = model.module_names
     record = model.record(x.clone())
     y_target, inputs = record.output, record.inputs
@@ -72,11 +73,31 @@ def reference_spd_losses(
         raw = model.ci.raw(inputs, h)
     g_lower, g_upper = {}, {}
     for n in names:
-        g_lower[n] = torch.where(raw[n] <= 0, 0.01 * raw[n], torch.clamp(raw[n], max=1.0))
+        if config.lower_sigmoid == "leaky":
+            g_lower[n] = torch.where(raw[n] <= 0, 0.01 * raw[n], torch.clamp(raw[n], max=1.0))
+        else:  # VPD: clamp forward; below 0 only negative gradients pass, times 0.01
+            g_lower[n] = _ClampLeakNegativeGrads.apply(raw[n])
         g_upper[n] = torch.where(raw[n] >= 1, 1 + 0.01 * (raw[n] - 1), torch.clamp(raw[n], min=0.0))
 
-    # 3. importance minimality: Σ_l Σ_c (g⁺)^p, averaged over the batch
-    terms["importance_minimality"] = sum((g**config.pnorm).sum(-1).mean() for g in g_upper.values())
+    # 3. importance minimality: Σ_l Σ_c φ(g⁺), averaged over the batch; φ = (g⁺)^p with p
+    #    linear from pnorm to p_end between two fractions of training, or 1 − exp(−g⁺/σ)
+    p = config.pnorm
+    if config.pnorm_anneal is not None:
+        a = config.pnorm_anneal
+        t = (step / config.steps - a.start_frac) / (a.end_frac - a.start_frac)
+        p = config.pnorm + (a.p_end - config.pnorm) * min(max(t, 0.0), 1.0)
+    if config.importance_penalty == "lp":
+        phi = {n: (g + 1e-12) ** p for n, g in g_upper.items()}
+    else:
+        phi = {n: 1 - torch.exp(-g / config.smooth_l0_scale) for n, g in g_upper.items()}
+    terms["importance_minimality"] = sum(v.sum(-1).mean() for v in phi.values())
+    # frequency minimality: Σ_l Σ_c s_c log2(1 + s_c) / (number of positions), s_c = Σ φ
+    if config.frequency_minimality_coeff > 0:
+        freq = 0.0
+        for v in phi.values():
+            s_c = v.reshape(-1, v.shape[-1]).sum(0)
+            freq = freq + (s_c * torch.log2(1 + s_c)).sum() / (v.numel() / v.shape[-1])
+        terms["frequency_minimality"] = freq
 
     # 4. S stochastic masks m = g + (1 − g) r: all modules masked, each one alone, a subset
     full, layerwise, subset = [], [], []
@@ -109,9 +130,26 @@ def reference_spd_losses(
         "stochastic_recon_layerwise": config.stochastic_recon_layerwise_coeff,
         "stochastic_recon_subset": config.stochastic_recon_subset_coeff,
         "importance_minimality": config.importance_minimality_coeff,
+        "frequency_minimality": config.frequency_minimality_coeff,
     }
     terms["total"] = sum(coeffs[k] * v for k, v in terms.items())  # type: ignore[assignment]
     return terms
+
+
+class _ClampLeakNegativeGrads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, raw: Tensor) -> Tensor:
+        ctx.save_for_backward(raw)
+        return torch.clamp(raw, 0.0, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (raw,) = ctx.saved_tensors
+        out = grad.clone()
+        out[raw > 1] = 0.0
+        below = raw <= 0
+        out[below] = torch.where(grad[below] < 0, 0.01 * grad[below], 0.0)
+        return out
 
 
 def _subset_pass(masks, config: SPDConfig, stream: MaskStream, masked, y_target: Tensor) -> Tensor:

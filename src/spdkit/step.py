@@ -8,7 +8,9 @@
         L_stochastic-recon           += D(f(x | all modules masked), f(x|W)) / S
         L_stochastic-recon-layerwise += Σ_l D(f(x | module l masked), f(x|W)) / (S L)
         L_stochastic-recon-subset    += D(f(x | a routed subset masked), f(x|W)) / S
-    L_importance-minimality = Σ_l mean_b Σ_c (g⁺)^p ;  L_faithfulness = Σ_l ‖W − UV‖² / N
+    L_importance-minimality = Σ_l mean_b Σ_c φ(g⁺),  φ = (g⁺)^p  (p annealed with the step)
+    L_frequency-minimality  = Σ_l Σ_c s_c log2(1 + s_c) / BT,  s_c = Σ_bt φ(g⁺)    (VPD)
+    L_faithfulness = Σ_l ‖W − UV‖² / N
     total = Σ coefficient × term
 
 `StepLoss` holds the weighted terms and runs their backward: per pass by default, so a step's
@@ -24,7 +26,15 @@ import torch
 from torch import Tensor
 
 from spdkit.config import SPDConfig
-from spdkit.losses import DIVERGENCES, faithfulness_loss, importance_minimality_loss
+from spdkit.losses import (
+    DIVERGENCES,
+    faithfulness_loss,
+    frequency_minimality_loss,
+    lp_penalty,
+    minimality_loss,
+    pnorm_at,
+    smooth_l0_penalty,
+)
 from spdkit.masks import MaskStream
 from spdkit.model import ComponentModel
 from spdkit.routing import draw_routes, routes_by_module
@@ -35,6 +45,7 @@ LOSS_TERMS = (
     "stochastic_recon_layerwise",
     "stochastic_recon_subset",
     "importance_minimality",
+    "frequency_minimality",
 )
 
 
@@ -45,13 +56,33 @@ def loss_coefficients(config: SPDConfig) -> dict[str, float]:
         "stochastic_recon_layerwise": config.stochastic_recon_layerwise_coeff,
         "stochastic_recon_subset": config.stochastic_recon_subset_coeff,
         "importance_minimality": config.importance_minimality_coeff,
+        "frequency_minimality": config.frequency_minimality_coeff,
     }
 
 
+def current_pnorm(config: SPDConfig, step: int) -> float:
+    """p of the importance penalty at `step`: `pnorm`, or its anneal (`pnorm_anneal`)."""
+    a = config.pnorm_anneal
+    if a is None:
+        return config.pnorm
+    return pnorm_at(step, config.steps, config.pnorm, a.p_end, a.start_frac, a.end_frac)
+
+
+def importance_penalties(
+    ci_upper: Mapping[str, Tensor], config: SPDConfig, step: int
+) -> dict[str, Tensor]:
+    """φ(g⁺) per module [..., C]: (g⁺)^p (the paper's) or the smooth-L0 penalty."""
+    if config.importance_penalty == "smooth_l0":
+        return {n: smooth_l0_penalty(g, config.smooth_l0_scale) for n, g in ci_upper.items()}
+    p = current_pnorm(config, step)
+    return {n: lp_penalty(g, p) for n, g in ci_upper.items()}
+
+
 def spd_losses(
-    model: ComponentModel, x: Tensor, config: SPDConfig, stream: MaskStream
+    model: ComponentModel, x: Tensor, config: SPDConfig, stream: MaskStream, step: int = 0
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Every loss term of one step on batch x, detached ("total" included), and g per module.
+    `step` (0-based) sets the annealed p.
 
     With gradients enabled (training), ∂total/∂θ is accumulated into each trainable
     parameter's `.grad` on the way (zero them first). `stream` gives the masks' r and the
@@ -70,7 +101,10 @@ def spd_losses(
     )
     inner = model.inner_acts(record.inputs)
     ci_lower, ci_upper = model.causal_importances(record.inputs, inner)
-    importance_minimality = importance_minimality_loss(list(ci_upper.values()), config.pnorm)
+    penalties = importance_penalties(ci_upper, config, step)
+    per_step = {"importance_minimality": minimality_loss(list(penalties.values()))}
+    if coeffs["frequency_minimality"] > 0:
+        per_step["frequency_minimality"] = frequency_minimality_loss(list(penalties.values()))
     g, h = loss.cut(ci_lower), loss.cut(inner)  # what the masked passes differentiate
 
     def D(masks: Mapping[str, Tensor], routes: Mapping[str, Tensor] | None = None) -> Tensor:
@@ -93,7 +127,7 @@ def spd_losses(
             d = D(routed, routes) if routed else record.output.new_zeros(())
             loss.add("stochastic_recon_subset", d / S)
 
-    terms = loss.finish(faithfulness=faithfulness, importance_minimality=importance_minimality)
+    terms = loss.finish(faithfulness=faithfulness, **per_step)
     return terms, {n: t.detach() for n, t in ci_lower.items()}
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from spdkit.config import OptimizerConfig, SPDConfig
+from spdkit.losses import faithfulness_loss
 from spdkit.masks import MaskStream
 from spdkit.model import ComponentModel
 from spdkit.step import LOSS_TERMS, loss_coefficients, spd_losses
@@ -96,14 +97,18 @@ class Trainer:
         self.ci_backend = model.set_ci_backend(config.ci_backend, device)
 
     def train_step(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        if self.step == 0 and self.config.faithfulness_warmup.steps > 0:
+            self.faithfulness_warmup()
         lr = lr_at(self.step, self.config.steps, self.config.optimizer)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x = self.data.sample(self.config.batch_size, self.data_generator)
         self.optimizer.zero_grad(set_to_none=True)
-        terms, ci_lower = spd_losses(self.model, x, self.config, self.mask_stream)  # + grads
+        # + grads
+        terms, ci_lower = spd_losses(self.model, x, self.config, self.mask_stream, self.step)
         problem = nonfinite_problem(terms, self.model.trainable_parameters())
         if problem is None:
+            self.clip_gradients()
             self.optimizer.step()
         elif self.config.on_nonfinite == "stop":
             raise NonFiniteError(f"step {self.step + 1}: {problem}; the last checkpoint is kept")
@@ -113,6 +118,35 @@ class Trainer:
         if self.step > self.config.steps - max(1, self.config.steps // 10):
             self._count_firing(ci_lower)
         return terms, ci_lower
+
+    def clip_gradients(self) -> None:
+        """Scale the gradients of all U, V (and, separately, of the CI function) down to a
+        global L2 norm of at most `grad_clip.components` (`grad_clip.ci_fn`)."""
+        clip = self.config.grad_clip
+        if clip.components is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.component_parameters(), clip.components)
+        if clip.ci_fn is not None:
+            torch.nn.utils.clip_grad_norm_(list(self.model.ci.parameters()), clip.ci_fn)
+
+    def faithfulness_warmup(self) -> float:
+        """`faithfulness_warmup.steps` AdamW steps (constant lr, no weight decay) on L_faithfulness
+        alone over U, V, before SPD's first step (VPD notes §5): SPD then starts from
+        U V ≈ W. It needs no data or random numbers, so it is a pure function of the init and
+        a run resumed from any checkpoint (step ≥ 1) has it already; returns the final loss."""
+        warm = self.config.faithfulness_warmup
+        params = self.model.component_parameters()
+        opt = torch.optim.AdamW(params, lr=warm.lr, weight_decay=0.0)
+        names = self.model.module_names
+        targets = [self.model.target_weight(n) for n in names]
+        loss = torch.zeros(())
+        for _ in range(warm.steps):
+            opt.zero_grad(set_to_none=True)
+            loss = faithfulness_loss(targets, [self.model.components(n).weight() for n in names])
+            loss.backward()
+            opt.step()
+        for p in params:
+            p.grad = None
+        return float(loss.detach())
 
     @torch.no_grad()
     def _count_firing(self, ci_lower: dict[str, Tensor]) -> None:

@@ -16,9 +16,18 @@ from spdkit.ci.vector_mlp import VectorMLPCI
 from spdkit.config import CIFnConfig
 
 
-def build_ci_function(config: CIFnConfig, slots: list[ModuleSlot], d_gate: int) -> CIFunction:
+def build_ci_function(
+    config: CIFnConfig, slots: list[ModuleSlot], d_gate: int, lower_sigmoid: str = "leaky"
+) -> CIFunction:
     """The CI function of `config.kind` over the decomposed modules (sorted by name, so the
-    global kinds' input and output layout does not depend on the patterns' order)."""
+    global kinds' input and output layout does not depend on the patterns' order), giving
+    its masks' g through `lower_sigmoid` (`spdkit.importance.LOWER_SIGMOIDS`)."""
+    fn = _build(config, slots, d_gate)
+    fn.lower_sigmoid = lower_sigmoid
+    return fn
+
+
+def _build(config: CIFnConfig, slots: list[ModuleSlot], d_gate: int) -> CIFunction:
     ordered = sorted(slots, key=lambda s: s.name)
     if config.kind == "mlp":
         return MLPCI(slots, d_gate)  # per module: the order of module_names, as before

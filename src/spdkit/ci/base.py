@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spdkit.config.ci import InputNorm
-from spdkit.importance import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
+from spdkit.importance import LOWER_SIGMOIDS, upper_leaky_hard_sigmoid
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ class CIFunction(nn.Module):
         super().__init__()
         self.slots = list(slots)
         self.input_norm = input_norm
+        self.lower_sigmoid = "leaky"  # the masks' sigmoid (`LOWER_SIGMOIDS`), set once built
 
     def raw(self, inputs: Mapping[str, Tensor], inner: Mapping[str, Tensor]) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -59,10 +60,12 @@ class CIFunction(nn.Module):
     def forward(
         self, inputs: Mapping[str, Tensor], inner: Mapping[str, Tensor]
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """(g, g⁺) per module, each [..., C]: σ_H,lower (the masks') and σ_H,upper (penalised)."""
+        """(g, g⁺) per module, each [..., C]: σ_H,lower (the masks'; the paper's leaky one or
+        VPD's straight-through clamp) and σ_H,upper (penalised)."""
         raw = self.raw(inputs, inner)
+        lower = LOWER_SIGMOIDS[self.lower_sigmoid]
         return (
-            {n: lower_leaky_hard_sigmoid(r) for n, r in raw.items()},
+            {n: lower(r) for n, r in raw.items()},
             {n: upper_leaky_hard_sigmoid(r) for n, r in raw.items()},
         )
 

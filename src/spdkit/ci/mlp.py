@@ -43,7 +43,10 @@ class MLPCI(CIFunction):
         self, inputs: Mapping[str, Tensor], inner: Mapping[str, Tensor]
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Both sigmoids with the chosen backend (fused on CPU): the same values as the base
-        class's path up to float rounding (tests/test_kernels.py)."""
+        class's path up to float rounding (tests/test_kernels.py). The kernel has the paper's
+        leaky lower sigmoid only; another one goes through `raw`."""
+        if self.lower_sigmoid != "leaky":
+            return super().forward(inputs, inner)
         pairs = {s.name: self.of(s.name)(inner[s.name]) for s in self.slots}
         return {n: p[0] for n, p in pairs.items()}, {n: p[1] for n, p in pairs.items()}
 

@@ -25,6 +25,7 @@ from spdkit.config.ci import (
     MLPCIConfig,
     VectorMLPCIConfig,
 )
+from spdkit.config.objective import FaithfulnessWarmupConfig, GradClipConfig, PAnnealConfig
 from spdkit.config.targets import (
     TARGET_BY_KIND,
     TARGET_CONFIGS,
@@ -45,6 +46,9 @@ __all__ = [
     "MLPCIConfig",
     "VectorMLPCIConfig",
     "EvalConfig",
+    "FaithfulnessWarmupConfig",
+    "GradClipConfig",
+    "PAnnealConfig",
     "HFTargetConfig",
     "IdentitySpec",
     "InductionTargetConfig",
@@ -208,6 +212,32 @@ class SPDConfig(StrictModel):
         default=True,
         description="differentiate each masked pass as soon as its loss is known (memory of one "
         "pass plus the CI graph); false keeps every pass in one graph (same gradients)",
+    )
+    pnorm_anneal: PAnnealConfig | None = Field(
+        default=None, description="anneal p of the importance penalty (None: p fixed)"
+    )
+    importance_penalty: Literal["lp", "smooth_l0"] = Field(
+        default="lp",
+        description="per-CI penalty: lp = |g⁺|^p (the paper's); smooth_l0 = 1 − exp(−g⁺/σ), "
+        "a saturating L0 stand-in with a finite gradient at 0 (spdkit.losses)",
+    )
+    smooth_l0_scale: float = Field(
+        default=0.1, gt=0, description="σ of the smooth_l0 penalty (CI ≫ σ costs about 1)"
+    )
+    frequency_minimality_coeff: float = Field(
+        default=0.0,
+        ge=0,
+        description="weight of L_frequency: (1/BT) Σ_c s_c log2(1 + s_c), s_c = Σ_bt of the "
+        "penalty (VPD notes §2.5)",
+    )
+    lower_sigmoid: Literal["leaky", "straight_through"] = Field(
+        default="leaky",
+        description="σ_H,lower for the masks: leaky (the paper's, 0.01·x below 0) or "
+        "straight_through (VPD's: clamp, leak only in the backward of negative gradients)",
+    )
+    grad_clip: GradClipConfig = Field(default_factory=lambda: GradClipConfig())
+    faithfulness_warmup: FaithfulnessWarmupConfig = Field(
+        default_factory=lambda: FaithfulnessWarmupConfig()
     )
     on_nonfinite: Literal["stop", "skip"] = Field(
         default="stop",
