@@ -81,7 +81,7 @@ def test_a_masked_pass_leaves_nothing_behind_even_when_it_fails():
     for subset in (masks, {"layers.1.mlp_out": masks["layers.1.mlp_out"]}):
         model.masked_forward(x, subset, record)
         torch.testing.assert_close(net(x), y)  # the target runs its original weights again
-    with pytest.raises(RuntimeError):  # a mask of the wrong width fails inside the pass
+    with pytest.raises(ValueError, match="C = 4 entries"):  # fails inside the pass
         model.masked_forward(x, {"layers.1.mlp_in": torch.zeros(7)}, record)
     torch.testing.assert_close(net(x), y)
     assert model.record(x).order == record.order  # the record did not change either
@@ -141,3 +141,32 @@ def test_weightless_matches_are_skipped_and_weighted_ones_are_errors():
     assert model.module_names == ["layers.0.mlp_in", "layers.0.mlp_out"]
     with pytest.raises(ValueError, match="'norm', a LayerNorm that cannot be decomposed"):
         ComponentModel(WithNorm(), [ModuleSpec(pattern="*", C=2)], 2)
+
+
+def test_delta_component_by_hand():
+    """A mask of C + 1 entries: W'_b = Σ_c m_bc U_c V_c + m_bΔ (W − U V), per sample, with
+    gradients reaching U and V through Δ too."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3))
+    model = ComponentModel(net, [ModuleSpec(pattern="0", C=2)], ci_hidden_dim=2)
+    comps, W, b = model.components("0"), net[0].weight, net[0].bias
+    x = torch.randn(5, 4)
+    mask = torch.rand(5, 3)  # [batch, C + 1]
+    y = model.forward(x, {"0": mask})
+    delta = W - comps.U @ comps.V
+    for i in range(5):
+        W_i = comps.U @ torch.diag(mask[i, :2]) @ comps.V + mask[i, 2] * delta
+        torch.testing.assert_close(y[i], W_i @ x[i] + b)
+    # all ones including Δ: the target, whatever U V is; without the Δ slot: U V alone
+    torch.testing.assert_close(model.forward(x, {"0": torch.ones(3)}), net(x))
+    torch.testing.assert_close(
+        model.forward(x, {"0": torch.ones(2)}), x @ (comps.U @ comps.V).T + b
+    )
+    # Δ alone: W − U V; and Δ is not detached: U, V get gradients through it
+    torch.testing.assert_close(
+        model.forward(x, {"0": torch.tensor([0.0, 0.0, 1.0])}), x @ delta.T + b
+    )
+    model.forward(x, {"0": torch.tensor([1.0, 0.0, 0.5])}).sum().backward()
+    assert comps.U.grad[:, 1].abs().sum() > 0  # subcomponent 1 enters only through Δ
+    with pytest.raises(ValueError, match="C = 2 entries"):
+        model.forward(x, {"0": torch.ones(4)})

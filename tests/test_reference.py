@@ -104,6 +104,11 @@ CASES = {
     "induction (KL), frequency over batch and positions, straight-through, subset": _induction(
         frequency_minimality_coeff=1e-3, lower_sigmoid="straight_through", **SUBSET
     ),
+    "resid mlp, Δ-component, all + layerwise": tiny_resid_dict(delta_component=True),
+    "tms + identity, Δ-component, subset per position": tiny_tms_dict(
+        insert_identity=[{"pattern": "linear2"}], delta_component=True, **SUBSET
+    ),
+    "induction (KL), Δ-component": _induction(delta_component=True),
 }
 
 

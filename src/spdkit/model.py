@@ -199,7 +199,8 @@ class ComponentModel(nn.Module):
     ) -> Tensor:
         """f(x | W'): each module l in `masks` computes ((a Vᵀ) ⊙ m^l) Uᵀ (+ b) from its input a
         in this pass, with m^l [..., C] broadcast over the positions; every other module runs
-        its original weights. The original matmul of a masked module never runs.
+        its original weights. The original matmul of a masked module never runs, except with
+        a mask of C + 1 entries: its last masks the Δ-component W − U V (`_with_delta`).
 
         routes[l] (bool [...], optional) is subset routing: module l is masked at the
         positions where it is True and runs its original weights elsewhere.
@@ -260,11 +261,21 @@ def _masked_forward_of(
     """The forward of a masked module: ((a Vᵀ) ⊙ m) Uᵀ (+ b), h reused if given; with a
     route, torch.where(route, masked, original) per position."""
 
+    delta = mask.shape[-1] == components.C + 1
+
     def factory(original: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Tensor:
+            if mask.shape[-1] not in (components.C, components.C + 1):
+                raise ValueError(
+                    f"a mask needs C = {components.C} entries (or C + 1, the last for the "
+                    f"Δ-component), got {mask.shape[-1]}"
+                )
             a = args[0] if args else next(iter(kwargs.values()))
             h = inner if inner is not None else components.inner(a)
-            out = components.outer(h * mask)
+            if delta:
+                out = _with_delta(components, h, mask, original(*args, **kwargs))
+            else:
+                out = components.outer(h * mask)
             if route is not None:
                 out = torch.where(route.unsqueeze(-1), out, original(*args, **kwargs))
             return out
@@ -272,6 +283,20 @@ def _masked_forward_of(
         return forward
 
     return factory
+
+
+def _with_delta(components: Components, h: Tensor, mask: Tensor, y_target: Tensor) -> Tensor:
+    """The masked module with the Δ-component (VPD notes §2): mask [..., C + 1] = (m, m_Δ),
+
+        y = ((a Vᵀ) ⊙ m) Uᵀ + m_Δ · a Δᵀ + b,   Δ = W − U V   (not detached: U, V learn
+                                                  through it too)
+          = ((a Vᵀ) ⊙ (m − m_Δ)) Uᵀ + m_Δ · (a Wᵀ) + b
+
+    with a Wᵀ = y_target − b the module's own output without its bias: at m = 1, m_Δ = 1 the
+    module is exactly the target's, whatever U V is. A mask of C entries leaves Δ out."""
+    m, m_delta = mask[..., :-1], mask[..., -1:]
+    bias = components.bias if components.bias is not None else 0.0
+    return components.outer(h * (m - m_delta)) + m_delta * (y_target - bias)
 
 
 def _replaying(actions: list[Any]) -> ForwardFactory:

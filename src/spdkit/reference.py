@@ -105,6 +105,8 @@ def reference_spd_losses(
         masks = {}
         for n in names:
             g = g_lower[n]
+            if config.delta_component:  # one more slot, CI ≡ 0: its mask is r alone
+                g = torch.cat([g, torch.zeros_like(g[..., :1])], dim=-1)
             masks[n] = g + (1 - g) * _draw(mask_stream, g.numel(), g.device).view(g.shape)
         if config.stochastic_recon_coeff > 0:
             full.append(masked(masks))

@@ -4,7 +4,7 @@
     h^l      = a^l Vˡᵀ                                inner activations
     g, g⁺    = σ_H,lower/upper(Γ(h))                 causal importances
     for s in 1..S:
-        m^l  = g^l + (1 − g^l) ⊙ r,  r ~ U(0, 1)
+        m^l  = g^l + (1 − g^l) ⊙ r,  r ~ U(0, 1)        (+ m_Δ = r for the Δ-component)
         L_stochastic-recon           += D(f(x | all modules masked), f(x|W)) / S
         L_stochastic-recon-layerwise += Σ_l D(f(x | module l masked), f(x|W)) / (S L)
         L_stochastic-recon-subset    += D(f(x | a routed subset masked), f(x|W)) / S
@@ -115,7 +115,8 @@ def spd_losses(
 
     S, L = config.n_mask_samples, len(names)
     for _ in range(S):
-        masks = {n: stream.masks(g[n]) for n in names}  # m = g + (1 − g) ⊙ r
+        # m = g + (1 − g) ⊙ r; with the Δ-component, g_Δ ≡ 0: m_Δ = r
+        masks = {n: stream.masks(with_delta_slot(g[n], config)) for n in names}
         if coeffs["stochastic_recon"] > 0:
             loss.add("stochastic_recon", D(masks) / S)
         if coeffs["stochastic_recon_layerwise"] > 0:
@@ -129,6 +130,13 @@ def spd_losses(
 
     terms = loss.finish(faithfulness=faithfulness, **per_step)
     return terms, {n: t.detach() for n, t in ci_lower.items()}
+
+
+def with_delta_slot(g: Tensor, config: SPDConfig) -> Tensor:
+    """g [..., C] → [..., C + 1] with the Δ-component's CI (≡ 0) last, when it is on."""
+    if not config.delta_component:
+        return g
+    return torch.cat([g, g.new_zeros(*g.shape[:-1], 1)], dim=-1)
 
 
 def masked_pass_precision(

@@ -235,6 +235,11 @@ class SPDConfig(StrictModel):
         description="σ_H,lower for the masks: leaky (the paper's, 0.01·x below 0) or "
         "straight_through (VPD's: clamp, leak only in the backward of negative gradients)",
     )
+    delta_component: bool = Field(
+        default=False,
+        description="Δ = W − U V as one more component per module with its own stochastic "
+        "mask (CI ≡ 0), so the masked model is the target at m = 1 (VPD notes §2)",
+    )
     grad_clip: GradClipConfig = Field(default_factory=lambda: GradClipConfig())
     faithfulness_warmup: FaithfulnessWarmupConfig = Field(
         default_factory=lambda: FaithfulnessWarmupConfig()
