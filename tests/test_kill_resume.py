@@ -17,8 +17,15 @@ from tests.conftest import tiny_tms_dict
 SPDKIT = [sys.executable, "-c", "from spdkit.cli import main; main()"]
 
 
-def write_config(path):
-    data = tiny_tms_dict(steps=150, checkpoint_every=7, log_every=5)
+# VPD's training adversary: persistent sources with Adam state, in the checkpoint
+PERSISTENT_PGD = {
+    "adversarial_recon_coeff": 1.0,
+    "pgd": {"persistent": True, "optimizer": "adam", "step_size": 0.05, "warmup_frac": 0.1},
+}
+
+
+def write_config(path, **overrides):
+    data = tiny_tms_dict(steps=150, checkpoint_every=7, log_every=5, **overrides)
     data["target"]["train_steps"] = 300
     path.write_text(yaml.safe_dump(data))
 
@@ -27,15 +34,23 @@ def spdkit(*args, env):
     return subprocess.run([*SPDKIT, *args], env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ref")
-    write_config(tmp / "c.yaml")
+def uninterrupted(tmp, **overrides):
+    write_config(tmp / "c.yaml", **overrides)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = spdkit("run", str(tmp / "c.yaml"), "--out", str(tmp / "run"), "--quiet", env=env)
     assert result.returncode == 0, result.stderr
     tensors, _ = runs.load_tensors(tmp / "run" / "components.safetensors")
     return tmp / "c.yaml", tensors, env
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return uninterrupted(tmp_path_factory.mktemp("ref"))
+
+
+@pytest.fixture(scope="module")
+def reference_pgd(tmp_path_factory):
+    return uninterrupted(tmp_path_factory.mktemp("ref_pgd"), **PERSISTENT_PGD)
 
 
 def start_run(config, out, env, wait_for: str) -> subprocess.Popen:
@@ -53,9 +68,12 @@ def start_run(config, out, env, wait_for: str) -> subprocess.Popen:
     return proc
 
 
-@pytest.mark.parametrize("kill_point", range(5))
-def test_sigkill_then_resume_is_bit_identical(reference, tmp_path, kill_point):
-    config, expected, env = reference
+@pytest.mark.parametrize(
+    "which,kill_point",
+    [("reference", k) for k in range(5)] + [("reference_pgd", 1), ("reference_pgd", 3)],
+)
+def test_sigkill_then_resume_is_bit_identical(request, tmp_path, which, kill_point):
+    config, expected, env = request.getfixturevalue(which)
     out = tmp_path / "run"
     proc = start_run(config, out, env, "config.yaml")
     # from "target training" through "training + checkpoints" to "evaluation"

@@ -109,6 +109,26 @@ CASES = {
         insert_identity=[{"pattern": "linear2"}], delta_component=True, **SUBSET
     ),
     "induction (KL), Δ-component": _induction(delta_component=True),
+    # VPD's adversary (fresh sources): every routing, both ascents, both scopes
+    "tms, adversarial sign-PGD, 3 steps, all modules, per position": tiny_tms_dict(
+        adversarial_recon_coeff=1.0, pgd={"n_steps": 3, "step_size": 0.2}
+    ),
+    "resid mlp, adversarial Adam, batch scope, layerwise, Δ-component": tiny_resid_dict(
+        adversarial_recon_coeff=0.5,
+        delta_component=True,
+        pgd={"n_steps": 2, "optimizer": "adam", "scope": "batch", "routing": "layerwise"},
+    ),
+    "induction (KL), adversarial subset per position, ones init, + stochastic subset": _induction(
+        adversarial_recon_coeff=0.5,
+        pgd={"n_steps": 2, "init": "ones", "routing": "subset"},
+        **SUBSET,
+    ),
+    "tms, adversarial subset per batch, one graph": tiny_tms_dict(
+        adversarial_recon_coeff=1.0,
+        per_pass_backward=False,
+        subset_routing={"scope": "batch"},
+        pgd={"n_steps": 2, "routing": "subset", "scope": "batch"},
+    ),
 }
 
 

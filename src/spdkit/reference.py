@@ -115,7 +115,18 @@ def reference_spd_losses(
         if config.stochastic_recon_subset_coeff > 0:
             subset.append(_subset_pass(masks, config, mask_stream, masked, y_target))
 
+    # 5. adversarial: sources s ascend D by n projected sign / Adam steps with g fixed, then
+    #    D at m = g + (1 − g) s with s fixed (fresh sources each step)
     div = config.output_loss
+    if config.adversarial_recon_coeff > 0:
+        g_full = {}
+        for n in names:
+            g = g_lower[n]
+            if config.delta_component:
+                g = torch.cat([g, torch.zeros_like(g[..., :1])], dim=-1)
+            g_full[n] = g
+        terms["adversarial_recon"] = _adversarial(g_full, config, mask_stream, masked, y_target)
+
     if full:
         terms["stochastic_recon"] = sum(_divergence(div, y, y_target) for y in full) / len(full)
     if layerwise:
@@ -131,11 +142,84 @@ def reference_spd_losses(
         "stochastic_recon": config.stochastic_recon_coeff,
         "stochastic_recon_layerwise": config.stochastic_recon_layerwise_coeff,
         "stochastic_recon_subset": config.stochastic_recon_subset_coeff,
+        "adversarial_recon": config.adversarial_recon_coeff,
         "importance_minimality": config.importance_minimality_coeff,
         "frequency_minimality": config.frequency_minimality_coeff,
     }
     terms["total"] = sum(coeffs[k] * v for k, v in terms.items())  # type: ignore[assignment]
     return terms
+
+
+def _adversarial(g_full, config: SPDConfig, stream: MaskStream, masked, y_target: Tensor):
+    pgd, names = config.pgd, list(g_full)
+    if pgd.routing == "all":
+        problems = [(names, None, 1.0)]
+    elif pgd.routing == "layerwise":
+        problems = [([n], None, 1.0 / len(names)) for n in names]
+    else:
+        routes = _routes(g_full, config, stream)
+        if routes is None:
+            return y_target.new_zeros(())
+        if isinstance(routes, list):  # scope batch: the routed modules, all positions
+            problems = [(routes, None, 1.0)]
+        else:  # per position: the modules routed somewhere
+            somewhere = {n: r for n, r in routes.items() if r.any()}
+            problems = [(list(somewhere), somewhere, 1.0)]
+    total = 0.0
+    for group, routes, weight in problems:
+        sources = {}
+        for n in group:
+            shape = g_full[n].shape if pgd.scope == "position" else g_full[n].shape[-1:]
+            if pgd.init == "random":
+                sources[n] = _draw(stream, math.prod(shape), g_full[n].device).view(shape)
+            else:
+                sources[n] = torch.full(shape, 1.0 if pgd.init == "ones" else 0.0)
+        m1 = {n: torch.zeros_like(s) for n, s in sources.items()}
+        m2 = {n: torch.zeros_like(s) for n, s in sources.items()}
+        for t in range(1, pgd.n_steps + 1):
+            live = {n: s.clone().requires_grad_(True) for n, s in sources.items()}
+            masks = {n: g_full[n].detach() + (1 - g_full[n].detach()) * live[n] for n in group}
+            d = _divergence(config.output_loss, masked(masks, routes), y_target)
+            grads = torch.autograd.grad(d, [live[n] for n in group])
+            for n, grad in zip(group, grads, strict=True):
+                if pgd.optimizer == "sign":
+                    step = torch.sign(grad)
+                else:
+                    b1, b2 = pgd.adam_betas
+                    m1[n] = b1 * m1[n] + (1 - b1) * grad
+                    m2[n] = b2 * m2[n] + (1 - b2) * grad**2
+                    step = (m1[n] / (1 - b1**t)) / (torch.sqrt(m2[n] / (1 - b2**t)) + 1e-8)
+                sources[n] = torch.clamp(sources[n] + pgd.step_size * step, 0, 1)
+        masks = {n: g_full[n] + (1 - g_full[n]) * sources[n] for n in group}
+        total = total + weight * _divergence(config.output_loss, masked(masks, routes), y_target)
+    return total
+
+
+def _routes(g_full, config: SPDConfig, stream: MaskStream):
+    """Subset routes drawn plainly: per position {name: bool [...]}, per batch the routed
+    names (None if no module is routed anywhere)."""
+    names, routing = list(g_full), config.subset_routing
+    positions = tuple(g_full[names[0]].shape[:-1]) if routing.scope == "position" else ()
+    routed = _route_draws(routing, positions, len(names), stream, g_full[names[0]].device)
+    if routing.scope == "batch":
+        chosen = [n for i, n in enumerate(names) if routed[i]]
+        return chosen or None
+    return {n: routed[..., i] for i, n in enumerate(names)} if routed.any() else None
+
+
+def _route_draws(routing, positions: tuple[int, ...], L: int, stream: MaskStream, device):
+    """bool [*positions, L]: which modules each position routes."""
+    P = math.prod(positions)
+    if routing.kind == "uniform_k":
+        k = torch.clamp(torch.floor(_draw(stream, P, device) * L).long(), max=L - 1) + 1  # [P]
+        u = _draw(stream, P * L, device).view(P, L)
+        ranks = torch.empty(P, L, dtype=torch.long, device=device)
+        for i in range(P):  # rank of each module in a random permutation
+            ranks[i, torch.argsort(u[i])] = torch.arange(L, device=device)
+        routed = ranks < k[:, None]
+    else:
+        routed = _draw(stream, P * L, device).view(P, L) < routing.p
+    return routed.view(*positions, L)
 
 
 class _ClampLeakNegativeGrads(torch.autograd.Function):
@@ -159,18 +243,7 @@ def _subset_pass(masks, config: SPDConfig, stream: MaskStream, masked, y_target:
     routed nowhere run their original weights like every unrouted position."""
     names, routing = list(masks), config.subset_routing
     positions = tuple(masks[names[0]].shape[:-1]) if routing.scope == "position" else ()
-    P, L = math.prod(positions), len(names)
-    device = masks[names[0]].device
-    if routing.kind == "uniform_k":
-        k = torch.clamp(torch.floor(_draw(stream, P, device) * L).long(), max=L - 1) + 1  # [P]
-        u = _draw(stream, P * L, device).view(P, L)
-        ranks = torch.empty(P, L, dtype=torch.long, device=device)
-        for i in range(P):  # rank of each module in a random permutation
-            ranks[i, torch.argsort(u[i])] = torch.arange(L, device=device)
-        routed = ranks < k[:, None]
-    else:
-        routed = _draw(stream, P * L, device).view(P, L) < routing.p
-    routed = routed.view(*positions, L)
+    routed = _route_draws(routing, positions, len(names), stream, masks[names[0]].device)
     if routing.scope == "batch":
         chosen = {n: masks[n] for i, n in enumerate(names) if routed[i]}
         return masked(chosen) if chosen else y_target

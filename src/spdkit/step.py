@@ -8,6 +8,7 @@
         L_stochastic-recon           += D(f(x | all modules masked), f(x|W)) / S
         L_stochastic-recon-layerwise += Σ_l D(f(x | module l masked), f(x|W)) / (S L)
         L_stochastic-recon-subset    += D(f(x | a routed subset masked), f(x|W)) / S
+    L_adversarial = D(f(x | m = g + (1 − g) ⊙ s*), f(x|W)),  s* = PGD ascent on D    (VPD)
     L_importance-minimality = Σ_l mean_b Σ_c φ(g⁺),  φ = (g⁺)^p  (p annealed with the step)
     L_frequency-minimality  = Σ_l Σ_c s_c log2(1 + s_c) / BT,  s_c = Σ_bt φ(g⁺)    (VPD)
     L_faithfulness = Σ_l ‖W − UV‖² / N
@@ -20,11 +21,19 @@ memory is one masked pass plus the CI graph, whatever the number of passes.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
 
+from spdkit.adversary import (
+    Ascent,
+    PersistentSources,
+    adversarial_masks,
+    ascend,
+    initial_sources,
+    source_shape,
+)
 from spdkit.config import SPDConfig
 from spdkit.losses import (
     DIVERGENCES,
@@ -44,6 +53,7 @@ LOSS_TERMS = (
     "stochastic_recon",
     "stochastic_recon_layerwise",
     "stochastic_recon_subset",
+    "adversarial_recon",
     "importance_minimality",
     "frequency_minimality",
 )
@@ -55,6 +65,7 @@ def loss_coefficients(config: SPDConfig) -> dict[str, float]:
         "stochastic_recon": config.stochastic_recon_coeff,
         "stochastic_recon_layerwise": config.stochastic_recon_layerwise_coeff,
         "stochastic_recon_subset": config.stochastic_recon_subset_coeff,
+        "adversarial_recon": config.adversarial_recon_coeff,
         "importance_minimality": config.importance_minimality_coeff,
         "frequency_minimality": config.frequency_minimality_coeff,
     }
@@ -79,10 +90,16 @@ def importance_penalties(
 
 
 def spd_losses(
-    model: ComponentModel, x: Tensor, config: SPDConfig, stream: MaskStream, step: int = 0
+    model: ComponentModel,
+    x: Tensor,
+    config: SPDConfig,
+    stream: MaskStream,
+    step: int = 0,
+    persistent: PersistentSources | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Every loss term of one step on batch x, detached ("total" included), and g per module.
-    `step` (0-based) sets the annealed p.
+    `step` (0-based) sets the annealed p; `persistent` holds persistent PGD's sources (the
+    trainer's; updated here), else the adversary starts afresh.
 
     With gradients enabled (training), ∂total/∂θ is accumulated into each trainable
     parameter's `.grad` on the way (zero them first). `stream` gives the masks' r and the
@@ -128,8 +145,58 @@ def spd_losses(
             d = D(routed, routes) if routed else record.output.new_zeros(())
             loss.add("stochastic_recon_subset", d / S)
 
+    if coeffs["adversarial_recon"] > 0:
+        gx = {n: with_delta_slot(g[n], config) for n in names}
+        for group, routes, weight in adversarial_problems(gx, config, stream):
+            d = adversarial_divergence(D, group, routes, config, stream, step, persistent)
+            loss.add("adversarial_recon", d * weight)
+
     terms = loss.finish(faithfulness=faithfulness, **per_step)
     return terms, {n: t.detach() for n, t in ci_lower.items()}
+
+
+def adversarial_problems(
+    g: Mapping[str, Tensor], config: SPDConfig, stream: MaskStream
+) -> list[tuple[dict[str, Tensor], dict[str, Tensor] | None, float]]:
+    """The adversary's passes by `pgd.routing`, each (g of its masked modules, routes, weight):
+    all modules at once; a routed subset (routes drawn like the subset term's); or each
+    module alone with weight 1/L, like the layerwise term."""
+    routing = config.pgd.routing
+    if routing == "all":
+        return [(dict(g), None, 1.0)]
+    if routing == "layerwise":
+        return [({n: v}, None, 1.0 / len(g)) for n, v in g.items()]
+    routed, routes = subset_masks(g, config, stream)
+    return [(routed, routes, 1.0)] if routed else []
+
+
+def adversarial_divergence(
+    D: Callable[[Mapping[str, Tensor], Mapping[str, Tensor] | None], Tensor],
+    g: Mapping[str, Tensor],
+    routes: Mapping[str, Tensor] | None,
+    config: SPDConfig,
+    stream: MaskStream,
+    step: int,
+    persistent: PersistentSources | None,
+) -> Tensor:
+    """D at adversarial masks m = g + (1 − g) ⊙ s*: s* after `pgd.n_steps` ascent steps on
+    D with g held fixed (from fresh sources, or the persistent ones, which are then kept);
+    gradients of the returned D reach U, V and the CI function, not s*."""
+    pgd, device = config.pgd, next(iter(g.values())).device
+    shapes = {n: source_shape(v, pgd.scope) for n, v in g.items()}
+    if persistent is not None:
+        start, ascent = persistent.get(shapes, stream, device), persistent.ascent
+        lr = persistent.lr(step, config.steps)
+    else:
+        start = initial_sources(shapes, pgd.init, stream, device)
+        ascent, lr = Ascent(pgd.optimizer, pgd.adam_betas), pgd.step_size
+    fixed = {n: v.detach() for n, v in g.items()}
+    sources = ascend(
+        lambda s: D(adversarial_masks(fixed, s), routes), start, pgd.n_steps, ascent, lr
+    )
+    if persistent is not None:
+        persistent.set(sources)
+    return D(adversarial_masks(g, sources), routes)
 
 
 def with_delta_slot(g: Tensor, config: SPDConfig) -> Tensor:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
+from spdkit.adversary import PersistentSources
 from spdkit.config import OptimizerConfig, SPDConfig
 from spdkit.losses import faithfulness_loss
 from spdkit.masks import MaskStream
@@ -95,6 +96,12 @@ class Trainer:
         }
         self.firing_positions = 0
         self.ci_backend = model.set_ci_backend(config.ci_backend, device)
+        # persistent PGD's sources and their Adam state (VPD), carried across steps
+        self.pgd_sources = (
+            PersistentSources(config.pgd)
+            if config.pgd.persistent and config.adversarial_recon_coeff > 0
+            else None
+        )
 
     def train_step(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         if self.step == 0 and self.config.faithfulness_warmup.steps > 0:
@@ -105,7 +112,9 @@ class Trainer:
         x = self.data.sample(self.config.batch_size, self.data_generator)
         self.optimizer.zero_grad(set_to_none=True)
         # + grads
-        terms, ci_lower = spd_losses(self.model, x, self.config, self.mask_stream, self.step)
+        terms, ci_lower = spd_losses(
+            self.model, x, self.config, self.mask_stream, self.step, self.pgd_sources
+        )
         problem = nonfinite_problem(terms, self.model.trainable_parameters())
         if problem is None:
             self.clip_gradients()
@@ -211,6 +220,8 @@ class Trainer:
         tensors["rng.torch"] = torch.get_rng_state()
         for name, counts in self.firing.items():
             tensors[f"firing.{name}"] = counts
+        if self.pgd_sources is not None:
+            tensors.update(self.pgd_sources.state_tensors())
         meta = {
             "step": str(self.step),
             "skipped_steps": str(self.skipped_steps),
@@ -267,6 +278,8 @@ class Trainer:
             if f"firing.{name}" in tensors:  # absent in checkpoints older than the counter
                 self.firing[name] = tensors[f"firing.{name}"].to(self.device)
         self.firing_positions = int(meta.get("firing_positions", 0))
+        if self.pgd_sources is not None:
+            self.pgd_sources.load_state(tensors, self.device)
 
 
 @contextlib.contextmanager

@@ -25,7 +25,12 @@ from spdkit.config.ci import (
     MLPCIConfig,
     VectorMLPCIConfig,
 )
-from spdkit.config.objective import FaithfulnessWarmupConfig, GradClipConfig, PAnnealConfig
+from spdkit.config.objective import (
+    FaithfulnessWarmupConfig,
+    GradClipConfig,
+    PAnnealConfig,
+    PGDConfig,
+)
 from spdkit.config.targets import (
     TARGET_BY_KIND,
     TARGET_CONFIGS,
@@ -49,6 +54,7 @@ __all__ = [
     "FaithfulnessWarmupConfig",
     "GradClipConfig",
     "PAnnealConfig",
+    "PGDConfig",
     "HFTargetConfig",
     "IdentitySpec",
     "InductionTargetConfig",
@@ -235,6 +241,13 @@ class SPDConfig(StrictModel):
         description="σ_H,lower for the masks: leaky (the paper's, 0.01·x below 0) or "
         "straight_through (VPD's: clamp, leak only in the backward of negative gradients)",
     )
+    adversarial_recon_coeff: float = Field(
+        default=0.0,
+        ge=0,
+        description="weight of L_adversarial: D under masks whose sources were chosen by "
+        "gradient ascent to maximise it (VPD notes §2.3; settings in `pgd`)",
+    )
+    pgd: PGDConfig = Field(default_factory=lambda: PGDConfig())
     delta_component: bool = Field(
         default=False,
         description="Δ = W − U V as one more component per module with its own stochastic "

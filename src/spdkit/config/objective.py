@@ -1,8 +1,10 @@
 """Sections of the training objective beyond the paper's (VPD notes §2-§5): p-annealing,
-gradient clipping and the faithfulness warm-up. The formulas are in `spdkit.losses` and
+gradient clipping, the faithfulness warm-up and the adversary. The formulas are in `spdkit.losses` and
 `spdkit.train`; every section is off by default, which is the paper's method."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -40,3 +42,34 @@ class FaithfulnessWarmupConfig(StrictModel):
 
     steps: int = Field(default=0, ge=0, description="warm-up steps (0: none)")
     lr: float = Field(default=1e-3, gt=0, description="its learning rate")
+
+
+class PGDConfig(StrictModel):
+    """The adversary of L_adversarial (spdkit.adversary has the formulas; VPD notes §2.3)."""
+
+    n_steps: int = Field(default=1, ge=1, description="ascent steps on the sources per step")
+    step_size: float = Field(default=0.1, gt=0, description="η: sign step, or Adam's lr")
+    optimizer: Literal["sign", "adam"] = Field(
+        default="sign", description="sign: s += η sign(∇); adam: Adam ascent (β = adam_betas)"
+    )
+    adam_betas: tuple[float, float] = Field(default=(0.5, 0.99), description="Adam's β1, β2")
+    init: Literal["random", "ones", "zeros"] = Field(
+        default="random", description="s⁰: U(0, 1), ones (no ablation) or zeros (m = g)"
+    )
+    scope: Literal["position", "batch"] = Field(
+        default="position",
+        description="one source per datapoint and position, or one per module shared by all",
+    )
+    routing: Literal["all", "subset", "layerwise"] = Field(
+        default="all",
+        description="which modules an adversarial pass masks: all, a routed subset "
+        "(subset_routing), or each alone (one adversary each)",
+    )
+    persistent: bool = Field(
+        default=False,
+        description="keep sources (and Adam state) across steps, in the checkpoint (VPD's "
+        "training adversary); false: fresh sources every step",
+    )
+    warmup_frac: float = Field(
+        default=0.0, ge=0, lt=1, description="persistent: linear warm-up of η over this fraction"
+    )
