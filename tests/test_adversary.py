@@ -112,3 +112,18 @@ def test_the_adversarial_loss_can_be_evaluated_without_gradients():
     with torch.no_grad():
         terms, _ = spd_losses(trainer.model, x, trainer.config, MaskStream(1))
     assert terms["adversarial_recon"] > 0
+
+
+def test_the_evaluation_ladder_is_one_trajectory_read_at_each_count():
+    from spdkit.adversary import fresh_pgd_ladder
+
+    def divergence(sources):
+        return ((sources["a"] - 0.3) ** 2 * torch.arange(4.0)).sum()
+
+    ladder = fresh_pgd_ladder(
+        divergence, {"a": (4,)}, [3, 1], 0.1, torch.Generator().manual_seed(0)
+    )
+    start = torch.rand(4, generator=torch.Generator().manual_seed(0))
+    for n in (1, 3):  # the same as n ascent steps from the same fresh start
+        alone = ascend(divergence, {"a": start}, n, Ascent("sign", (0.5, 0.99)), 0.1)
+        torch.testing.assert_close(ladder[n]["a"], alone["a"])

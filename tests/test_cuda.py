@@ -96,7 +96,7 @@ def test_lm_evaluation_on_cuda_with_a_cuda_generator():
     trainer = _trainer(tiny_tms_dict(**LLAMA, steps=2), "cuda")
     gen = torch.Generator(device="cuda").manual_seed(0)
     ids = trainer.data.sample(4, gen)
-    out = lm_mask_evaluation(trainer.model, ids.cuda(), 0.1, gen)
+    out = lm_mask_evaluation(trainer.model, ids.cuda(), trainer.config.eval, gen)
     assert set(out) == {"target", "ci", "stochastic", "ones", "rounded", "zero"}
     assert all(math.isfinite(v["ce"]) for v in out.values())
 

@@ -38,12 +38,14 @@ def test_short_induction_run_reports_lm_metrics_and_alive_counts(tmp_path):
     data.update(
         steps=20, batch_size=8, log_every=10, modules=[{"pattern": "blocks.*.attn.*", "C": 8}]
     )
-    data["eval"]["n_eval_samples"] = 16
+    data["eval"].update(n_eval_samples=16, pgd_steps=[2, 4])
     summary = run_experiment(parse_config(data), tmp_path / "run", progress=False)
     lm = summary["lm"]
-    assert set(lm) == {"target", "ci", "stochastic", "ones", "rounded", "zero", "top_contexts"}
+    rounded = {"rounded", "rounded>0", "rounded>0.1", "rounded>0.5"}
+    expected = {"target", "ci", "stochastic", "ones", "zero", "top_contexts", "pgd_2", "pgd_4"}
+    assert set(lm) == expected | rounded
     assert lm["zero"]["ce_gap_recovered"] == 0.0
-    assert all(lm[k]["kl"] >= -1e-6 for k in ("ci", "ones", "zero"))
+    assert lm["rounded"] == lm["rounded>0.1"]  # eval.ci_threshold is 0.1
     mod = summary["modules"]["blocks.0.attn.q"]
     assert mod["n_alive"] + mod["n_dead"] == 8 and len(mod["firing_frequency_sorted"]) == 8
     assert "ci_one_hot" not in summary

@@ -172,3 +172,25 @@ class PersistentSources:
                     tensors[f"pgd.{name}.m"].to(device),
                     tensors[f"pgd.{name}.v"].to(device),
                 )
+
+
+def fresh_pgd_ladder(
+    divergence_at: Callable[[dict[str, Tensor]], Tensor],
+    shapes: Mapping[str, tuple[int, ...]],
+    n_steps: list[int],
+    step_size: float,
+    generator: torch.Generator,
+) -> dict[int, dict[str, Tensor]]:
+    """VPD's evaluation adversary: fresh sources s⁰ ~ U(0, 1) (from `generator`), sign ascent
+    of `step_size`, and the sources after each count in `n_steps`. Attacks of growing
+    strength from the same start are one trajectory read at several points, so the ladder
+    costs max(n_steps) ascent passes, not their sum."""
+    device = generator.device
+    sources = {
+        n: torch.rand(shape, generator=generator, device=device) for n, shape in shapes.items()
+    }
+    ascent, done, out = Ascent("sign", (0.5, 0.99)), 0, {}
+    for n in sorted(set(n_steps)):
+        sources = ascend(divergence_at, sources, n - done, ascent, step_size)
+        done, out[n] = n, sources
+    return out

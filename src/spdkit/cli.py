@@ -86,6 +86,9 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
                 if k in lm
             )
         )
+        more = [k for k in lm if k.startswith(("rounded>", "pgd_"))]
+        if more:
+            typer.echo("  KL: " + ", ".join(f"{k} {lm[k]['kl']:.4f}" for k in more))
     for name, m in summary["modules"].items():
         l0 = summary["mean_ci_l0"].get(name, float("nan"))
         extra = ""

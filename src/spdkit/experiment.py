@@ -308,7 +308,7 @@ def lm_analysis(decomp: Decomposition, ci_onehot: dict | None, fig_dir: Path) ->
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(config.seed + 4000)
     ids = data_source(config).sample(config.eval.n_eval_samples, gen)
-    out: dict[str, Any] = {"lm": lm_mask_evaluation(model, ids, config.eval.ci_threshold, gen)}
+    out: dict[str, Any] = {"lm": lm_mask_evaluation(model, ids, config.eval, gen)}
     decoder = target_kind(config.target).decoder
     decode = decoder(config.target) if decoder is not None else None
     if decode is not None:

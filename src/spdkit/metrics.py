@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from spdkit.config import EvalConfig
 from spdkit.losses import Divergence
 from spdkit.model import ComponentModel
 
@@ -250,11 +251,19 @@ def next_token_ce(logits: Tensor, ids: Tensor) -> float:
 
 @torch.no_grad()
 def lm_mask_evaluation(
-    model: ComponentModel, ids: Tensor, threshold: float, generator: torch.Generator
+    model: ComponentModel,
+    ids: Tensor,
+    ev: EvalConfig,
+    generator: torch.Generator,
 ) -> dict[str, dict[str, float]]:
-    """CE and KL(target ‖ masked) of the masked model for masks = CI (g), stochastic
-    (g + (1-g) r), all ones, rounded CI (1 where CI > threshold, else 0) and zero, plus the
-    fraction of the CE gap between zero masks and the target that each mask type recovers."""
+    """CE and KL(target ‖ masked) of the masked model, every module masked, for masks = CI
+    (g), stochastic (g + (1-g) r), all ones, rounded CI (1 where CI > τ, else 0: `rounded` at
+    `ci_threshold`, `rounded>τ` for each of `round_thresholds`), zero, and `pgd_n`: the
+    masks g + (1 − g) s with fresh sign-PGD sources s after n ascent steps on the KL (VPD's
+    adversarial evaluation; one source per module shared by the batch). Also the fraction of
+    the CE gap between zero masks and the target that each recovers. Masks of C entries:
+    a Δ-component is left out (VPD's table)."""
+    from spdkit.adversary import adversarial_masks, fresh_pgd_ladder
     from spdkit.losses import kl_divergence
 
     record = model.record(ids)
@@ -269,9 +278,24 @@ def lm_mask_evaluation(
         "ci": g,
         "stochastic": {n: v + (1 - v) * r(v) for n, v in g.items()},
         "ones": {n: torch.ones_like(v) for n, v in g.items()},
-        "rounded": {n: (v > threshold).to(v.dtype) for n, v in g.items()},
+        "rounded": {n: (v > ev.ci_threshold).to(v.dtype) for n, v in g.items()},
+        **{
+            f"rounded>{t:g}": {n: (v > t).to(v.dtype) for n, v in g.items()}
+            for t in ev.round_thresholds
+        },
         "zero": {n: torch.zeros_like(v) for n, v in g.items()},
     }
+    if ev.pgd_steps:
+        prepared = kl_divergence.prepare(logits_target)
+
+        def kl_at(sources: dict[str, Tensor]) -> Tensor:
+            logits = model.masked_forward(ids, adversarial_masks(g, sources), record)
+            return kl_divergence.compare(logits, prepared)
+
+        shapes = {n: (v.shape[-1],) for n, v in g.items()}
+        ladder = fresh_pgd_ladder(kl_at, shapes, ev.pgd_steps, ev.pgd_step_size, generator)
+        for n_steps, sources in ladder.items():
+            masks[f"pgd_{n_steps}"] = adversarial_masks(g, sources)
     out: dict[str, dict[str, float]] = {"target": {"ce": ce_target}}
     for kind, m in masks.items():
         logits = model.masked_forward(ids, m, record)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -124,6 +124,16 @@ class EvalConfig(StrictModel):
     one_hot_value: float = Field(
         default=1.0, description="feature value used for CI on one-hot inputs (1.0 TMS, 0.75 resid)"
     )
+    round_thresholds: list[Annotated[float, Field(ge=0, lt=1)]] = Field(
+        default_factory=lambda: [0.0, 0.1, 0.5],
+        description="LM targets: CE / KL with masks 1[g > τ] for each τ (VPD's table)",
+    )
+    pgd_steps: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [20, 40, 80],
+        description="LM targets: KL under fresh sign-PGD sources (one per module, shared by "
+        "the batch) after each number of ascent steps; [] for none",
+    )
+    pgd_step_size: float = Field(default=0.1, gt=0, description="the evaluation PGD's step")
 
 
 class SubsetRoutingConfig(StrictModel):
