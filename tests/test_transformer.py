@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import yaml
 
 from spdkit.config import load_config, parse_config
 from spdkit.experiment import run_experiment
@@ -69,3 +70,24 @@ def test_top_contexts_picks_the_most_used_subcomponent_and_its_best_positions():
     rows = top_contexts(ci, ids, lambda t: "".join(map(str, t)), n_contexts=2, width=2)
     assert [r["subcomponent"] for r in rows] == [1, 2]
     assert rows[0]["top"] == [("12[3]", 0.9), ("5[6]", 0.5)]
+
+
+def test_a_language_model_sweep_draws_its_pareto_front(tmp_path):
+    """LM runs have no one-hot CI picture; the sweep reports their KL columns (PGD included)
+    and draws L0 against KL instead."""
+    import json
+
+    from spdkit.sweep import run_sweep
+
+    data = load_config("induction").model_dump(mode="json")
+    data["target"].update(train_steps=30, d_model=16, vocab_size=32, seq_len=16)
+    data.update(steps=10, batch_size=8, modules=[{"pattern": "blocks.*.attn.*", "C": 8}])
+    data["eval"].update(n_eval_samples=8, pgd_steps=[3])
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
+    out = tmp_path / "sweep"
+    grid = {"importance_minimality_coeff": [1e-3, 1e-1]}
+    rows = run_sweep(str(tmp_path / "c.yaml"), grid, [0], out, progress=False)
+    assert {"kl_ci", "kl_stochastic", "kl_pgd_3", "kl_rounded>0.5"} <= set(rows[0])
+    assert (out / "sweep_pareto.png").stat().st_size > 0
+    assert not (out / "sweep.png").exists()
+    assert json.loads((out / "sweep.json").read_text())[1]["kl_pgd_3"] == rows[1]["kl_pgd_3"]

@@ -273,3 +273,35 @@ def plot_top_contexts(table: dict[str, list[dict]], path: Path) -> Path:
         0, 1, "\n".join(lines) or "no subcomponents fired", va="top", family="monospace", fontsize=7
     )
     return _save(fig, path)
+
+
+def plot_pareto(
+    points: Sequence[dict], path: Path, measures: Sequence[str], title: str = ""
+) -> Path:
+    """Sparsity against faithfulness, one point per run: x = CI-L0 per token (summed over
+    modules), y = each KL in `measures` (one marker per measure, one colour per run). The
+    better decomposition of two at the same L0 is the lower one; an adversarial KL far above
+    the stochastic one means the CI lets through ablations that break the model."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    markers = ["o", "s", "^", "D", "v", "P"]
+    for i, p in enumerate(points):
+        colour = f"C{i % 10}"
+        for j, m in enumerate(measures):
+            if p.get(m) is None:
+                continue
+            ax.scatter(
+                p["l0"],
+                p[m],
+                color=colour,
+                marker=markers[j % len(markers)],
+                s=50,
+                label=f"{p['label']}: {m}",
+            )
+        ax.annotate(p["label"], (p["l0"], max(p.get(m) or 0 for m in measures)), fontsize=7)
+    ax.set_xlabel("CI-L0 per token, summed over modules")
+    ax.set_ylabel("KL(target ‖ masked) [nats]")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6, loc="best")
+    return _save(fig, path)

@@ -134,6 +134,10 @@ def sweep_row(point: GridPoint, summary: dict[str, Any], run_dir: Path) -> dict[
     if "feature_match" in summary:
         row["mmcs"] = summary["feature_match"]["mmcs"]
         row["ml2r"] = summary["feature_match"]["ml2r"]
+    if "lm" in summary:  # KL to the target under each mask kind (incl. the PGD ladder)
+        for kind, m in summary["lm"].items():
+            if isinstance(m, dict) and "kl" in m and kind not in ("ones", "zero"):
+                row[f"kl_{kind}"] = m["kl"]
     if "resid_mlp" in summary:
         v = summary["resid_mlp"]["verdict"]
         row["w_in_monosemantic"] = sum(m["features_monosemantic"] for m in v["w_in"].values())
@@ -166,7 +170,8 @@ def across_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per grid value: how many seeds reach the ground truth, and the mean [min, max]
     of every result over the seeds. This is the sensitivity picture: a setting that works
     for one seed in three is not the same finding as one that always works."""
-    not_settings = {"run", "label", "run_dir", "seed", "ground_truth", *MEASURES}
+    measures = [*MEASURES, *(k for k in rows[0] if k.startswith("kl_"))] if rows else []
+    not_settings = {"run", "label", "run_dir", "seed", "ground_truth", *measures}
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         settings = {k: v for k, v in row.items() if k not in not_settings}
@@ -177,7 +182,7 @@ def across_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if any("ground_truth" in r for r in group):
             reached = sum(bool(r.get("ground_truth")) for r in group)
             summary["ground_truth"] = f"{reached}/{len(group)}"
-        for k in MEASURES:
+        for k in measures:
             vals = [r[k] for r in group if isinstance(r.get(k), int | float)]
             if vals:
                 mean, lo, hi = sum(vals) / len(vals), min(vals), max(vals)
@@ -195,10 +200,15 @@ def write_sweep_report(rows: list[dict[str, Any]], out: Path, threshold: float) 
     cis = {}
     for row in rows:
         summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
-        one_hot = summary["ci_one_hot"]
-        cis[row["label"]] = {n: torch.tensor(v) for n, v in one_hot["ci"].items()}
+        one_hot = summary.get("ci_one_hot")  # toy targets with input features
+        if one_hot is not None:
+            cis[row["label"]] = {n: torch.tensor(v) for n, v in one_hot["ci"].items()}
     if cis:
         plots.plot_ci_grid(cis, out / "sweep.png", threshold, "CI on one-hot inputs")
+    kls = [k for k in rows[0] if k.startswith("kl_stochastic") or k.startswith("kl_pgd_")]
+    if kls:  # language models: the Pareto front of sparsity against faithfulness
+        points = [{"label": r["label"], "l0": r["mean_ci_l0"], **r} for r in rows]
+        plots.plot_pareto(points, out / "sweep_pareto.png", kls, "sweep: L0 against KL")
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
