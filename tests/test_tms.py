@@ -58,9 +58,9 @@ def test_unlearned_feature_is_detected_and_retried(monkeypatch):
     calls = []
     real = tms.train_tms_once
 
-    def flaky(config, seed, device="cpu"):
+    def flaky(config, seed, device="cpu", progress=False):
         calls.append(seed)
-        m = real(config, seed, device)
+        m = real(config, seed, device, progress)
         if seed == 0:
             with torch.no_grad():
                 m.linear1.weight[:, 1] = 0.0
@@ -76,7 +76,7 @@ def test_unlearned_feature_is_detected_and_retried(monkeypatch):
 def test_no_seed_works_is_a_clear_error(monkeypatch):
     from spdkit.targets import tms
 
-    def dead(config, seed, device="cpu"):
+    def dead(config, seed, device="cpu", progress=False):
         model = TMSModel(5, 2)
         with torch.no_grad():
             model.linear1.weight[:, 0] = 0.0

@@ -128,7 +128,8 @@ def _decompose_into(
         )
     else:
         t0 = time.perf_counter()
-        target, info = target_kind(config.target).train(config.target, config.seed, device)
+        kind = target_kind(config.target)
+        target, info = kind.train(config.target, config.seed, device, progress=progress)
         info["train_seconds"] = round(time.perf_counter() - t0, 2)
         runs.save_target(run_dir, target, config.target, info)
     trainer = build_trainer(target, data_source(config), config, device)

@@ -23,7 +23,7 @@ class DataSource(Protocol):
 @dataclass(frozen=True)
 class TargetKind:
     build: Callable[[Any], nn.Module]
-    train: Callable[[Any, int, str], tuple[nn.Module, dict]]
+    train: Callable[..., tuple[nn.Module, dict]]  # (config, seed, device, progress=False)
     data: Callable[[Any], DataSource]
     # module whose weight columns are the ground-truth feature directions (MMCS / ML2R)
     feature_module: str | None

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+def training_steps(n: int, progress: bool, what: str) -> Iterable[int]:
+    """range(n), shown as a progress bar ("train <what> target") when `progress`: training a
+    bundled target takes seconds to minutes before the decomposition starts."""
+    from tqdm.auto import tqdm
+
+    return tqdm(range(n), desc=f"train {what} target", disable=not progress, leave=False)
 
 
 def sample_sparse_features(

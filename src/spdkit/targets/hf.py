@@ -76,7 +76,9 @@ def build_hf(config: HFTargetConfig) -> nn.Module:
     return _without_cache(tf.AutoModelForCausalLM.from_config(hf_cfg)).eval()
 
 
-def train_hf(config: HFTargetConfig, seed: int, device: str) -> tuple[nn.Module, dict]:
+def train_hf(
+    config: HFTargetConfig, seed: int, device: str, progress: bool = False
+) -> tuple[nn.Module, dict]:
     """Nothing to train: load the weights from the local directory."""
     model = load_hf_causal_lm(config.path).to(device)
     return model, {"loaded_from": str(config.path), "model_type": model.config.model_type}

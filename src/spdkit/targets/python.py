@@ -34,7 +34,9 @@ def build_python(config: PythonTargetConfig) -> nn.Module:
     return model.eval()
 
 
-def train_python(config: PythonTargetConfig, seed: int, device: str) -> tuple[nn.Module, dict]:
+def train_python(
+    config: PythonTargetConfig, seed: int, device: str, progress: bool = False
+) -> tuple[nn.Module, dict]:
     """Nothing to train: the factory returns the model as it is."""
     return build_python(config).to(device), {"factory": config.factory}
 

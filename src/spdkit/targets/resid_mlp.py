@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spdkit.config import ResidMLPTargetConfig
-from spdkit.targets.data import SparseFeatureData, sample_sparse_features
+from spdkit.targets.data import SparseFeatureData, sample_sparse_features, training_steps
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def evaluate_loss(
 
 
 def train_resid_mlp(
-    config: ResidMLPTargetConfig, seed: int, device: str = "cpu"
+    config: ResidMLPTargetConfig, seed: int, device: str = "cpu", progress: bool = False
 ) -> tuple[ResidMLP, dict]:
     """Paper appendix: AdamW (wd 0.01), lr 3e-3 with cosine decay, batch 2048, MSE on y."""
     torch.manual_seed(seed)
@@ -111,7 +111,7 @@ def train_resid_mlp(
     gen = torch.Generator(device=device).manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.train_lr, weight_decay=config.train_weight_decay)
-    for step in range(config.train_steps):
+    for step in training_steps(config.train_steps, progress, "resid_mlp"):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, config.train_steps, config.train_lr)
         x = sample_sparse_features(

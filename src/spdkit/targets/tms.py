@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spdkit.config import TMSTargetConfig
-from spdkit.targets.data import SparseFeatureData, sample_sparse_features
+from spdkit.targets.data import SparseFeatureData, sample_sparse_features, training_steps
 
 __all__ = ["SparseFeatureData", "TMSModel", "sample_sparse_features", "train_tms"]
 
@@ -86,7 +86,9 @@ def check_features(model: TMSModel, min_ratio: float = 0.5) -> FeatureCheck:
     return FeatureCheck(not weak, [round(n, 4) for n in norms.tolist()], msg)
 
 
-def train_tms_once(config: TMSTargetConfig, seed: int, device: str = "cpu") -> TMSModel:
+def train_tms_once(
+    config: TMSTargetConfig, seed: int, device: str = "cpu", progress: bool = False
+) -> TMSModel:
     """Paper appendix: AdamW (wd 0.01), constant lr 5e-3, 10k steps, MSE on the input."""
     torch.manual_seed(seed)
     model = build_tms(config).to(device)
@@ -96,7 +98,7 @@ def train_tms_once(config: TMSTargetConfig, seed: int, device: str = "cpu") -> T
         lr=config.train_lr,
         weight_decay=config.train_weight_decay,
     )
-    for _ in range(config.train_steps):
+    for _ in training_steps(config.train_steps, progress, "tms"):
         x = sample_sparse_features(
             config.train_batch_size, config.n_features, config.feature_probability, gen
         )
@@ -108,12 +110,14 @@ def train_tms_once(config: TMSTargetConfig, seed: int, device: str = "cpu") -> T
     return model.eval()
 
 
-def train_tms(config: TMSTargetConfig, seed: int, device: str = "cpu") -> tuple[TMSModel, dict]:
+def train_tms(
+    config: TMSTargetConfig, seed: int, device: str = "cpu", progress: bool = False
+) -> tuple[TMSModel, dict]:
     """Train, and retry with the next seed (saying so) while some feature is unlearned."""
     attempts = []
     for attempt in range(config.max_train_attempts):
         s = seed + attempt
-        model = train_tms_once(config, s, device)
+        model = train_tms_once(config, s, device, progress)
         check = check_features(model)
         attempts.append({"seed": s, "ok": check.ok, "column_norms": check.column_norms})
         if check.ok:

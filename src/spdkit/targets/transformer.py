@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spdkit.config import InductionTargetConfig, TinyLMTargetConfig
+from spdkit.targets.data import training_steps
 from spdkit.targets.hf import TokenWindows
 
 log = logging.getLogger(__name__)
@@ -158,13 +159,13 @@ def induction_losses(model: nn.Module, data: RepeatedTokens, seed: int) -> dict[
 
 
 def train_induction(
-    config: InductionTargetConfig, seed: int, device: str = "cpu"
+    config: InductionTargetConfig, seed: int, device: str = "cpu", progress: bool = False
 ) -> tuple[Transformer, dict]:
     """AdamW on next-token prediction over repeated random sequences (loss on every position)."""
     torch.manual_seed(seed)
     model = build_induction(config).to(device)
     data = RepeatedTokens(config.vocab_size, config.seq_len)
-    _train(model, data, config, seed, device)
+    _train(model, data, config, seed, device, progress)
     info = {"trained_seed": seed, **induction_losses(model.cpu(), data, seed)}
     log.info("induction target: %s", info)
     return model.eval().requires_grad_(False), info
@@ -227,11 +228,11 @@ def build_tiny_lm(config: TinyLMTargetConfig) -> Transformer:
 
 
 def train_tiny_lm(
-    config: TinyLMTargetConfig, seed: int, device: str = "cpu"
+    config: TinyLMTargetConfig, seed: int, device: str = "cpu", progress: bool = False
 ) -> tuple[Transformer, dict]:
     torch.manual_seed(seed)
     model = build_tiny_lm(config).to(device)
-    _train(model, CharCorpus(config.seq_len), config, seed, device)
+    _train(model, CharCorpus(config.seq_len), config, seed, device, progress)
     model = model.cpu().eval()
     gen = torch.Generator().manual_seed(seed + 1000)
     ids = CharCorpus(config.seq_len, "validation").sample(256, gen)
@@ -247,14 +248,14 @@ def train_tiny_lm(
     return model.requires_grad_(False), info
 
 
-def _train(model: Transformer, data, config, seed: int, device: str) -> None:
+def _train(model: Transformer, data, config, seed: int, device: str, progress: bool) -> None:
     """AdamW, linear warm-up (5%) then cosine decay, next-token cross-entropy."""
     gen = torch.Generator(device=device).manual_seed(seed)
     opt = torch.optim.AdamW(
         model.parameters(), lr=config.train_lr, weight_decay=config.train_weight_decay
     )
     warmup = max(1, config.train_steps // 20)
-    for step in range(config.train_steps):
+    for step in training_steps(config.train_steps, progress, config.kind):
         scale = (
             min(1.0, (step + 1) / warmup)
             * 0.5
