@@ -272,12 +272,11 @@ def _masked_forward_of(
                 )
             a = args[0] if args else next(iter(kwargs.values()))
             h = inner if inner is not None else components.inner(a)
-            if delta:
-                out = _with_delta(components, h, mask, original(*args, **kwargs))
-            else:
-                out = components.outer(h * mask)
+            # the original weights' output, when the Δ-component or a route needs it
+            y = original(*args, **kwargs) if delta or route is not None else None
+            out = _with_delta(components, h, mask, y) if delta else components.outer(h * mask)
             if route is not None:
-                out = torch.where(route.unsqueeze(-1), out, original(*args, **kwargs))
+                out = torch.where(route.unsqueeze(-1), out, y)
             return out
 
         return forward
