@@ -15,11 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
-import matplotlib
+import yaml
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import yaml  # noqa: E402
+from spdkit import plots
 
 MASKS = ("ci", "stochastic", "rounded")
 
@@ -62,34 +60,17 @@ def table(rows: list[dict]) -> str:
 
 
 def figure(rows: list[dict], path: Path) -> None:
-    targets = sorted({r["target"] for r in rows})
-    kinds = sorted({r["ci_fn"] for r in rows})
-    fig, axes = plt.subplots(1, len(targets), figsize=(4.5 * len(targets), 4), squeeze=False)
-    colours = {k: f"C{i}" for i, k in enumerate(kinds)}
-    for ax, target in zip(axes[0], targets, strict=True):
-        mine = [r for r in rows if r["target"] == target]
-        for r in mine:
-            l0 = sum(r["l0"].values())
-            for mask, marker in (("ci", "o"), ("rounded", "s")):
-                ax.scatter(
-                    l0,
-                    r["lm"][mask]["kl"],
-                    color=colours[r["ci_fn"]],
-                    marker=marker,
-                    facecolors="none" if mask == "rounded" else colours[r["ci_fn"]],
-                    label=f"{r['ci_fn']}, {mask} masks",
-                    s=60,
-                )
-        steps = "/".join(str(s) for s in sorted({r["steps"] for r in mine}))
-        ax.set_title(f"{target} ({steps} steps)")
-        ax.set_xlabel("CI-L0 per token, summed over modules")
-        ax.set_ylabel("KL(target ‖ masked) [nats]")
-        ax.set_ylim(bottom=0)
-        ax.set_xlim(left=0)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    """L0 against the KL under CI masks and rounded CI masks, one colour per run."""
+    points = [
+        {
+            "label": f"{r['target']} {r['ci_fn']} ({r['steps']} steps)",
+            "l0": sum(r["l0"].values()),
+            "KL, CI masks": r["lm"]["ci"]["kl"],
+            "KL, rounded CI": r["lm"]["rounded"]["kl"],
+        }
+        for r in rows
+    ]
+    plots.plot_pareto(points, path, ["KL, CI masks", "KL, rounded CI"], "L0 against KL per run")
 
 
 def main() -> None:
