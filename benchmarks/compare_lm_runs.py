@@ -3,8 +3,8 @@
     python benchmarks/compare_lm_runs.py RUN_DIR [RUN_DIR ...] [--png FIG] [--md TABLE]
 
 Reads each run's summary.json and config.yaml. Prints a markdown table (CE and KL to the
-target under CI, stochastic and rounded-CI masks; CI-L0 per token per module; alive
-subcomponents per module) and draws L0 (summed over modules, per token) against the KL
+target under CI, stochastic and rounded-CI masks; KL under the fresh-PGD ladder; CI-L0 per
+token per module; alive subcomponents per module) and draws L0 (summed over modules, per token) against the KL
 under CI masks, one point per run, labelled by its target and CI-function kind: the
 trade-off a CI function is meant to improve (fewer active subcomponents at the same KL).
 """
@@ -44,17 +44,20 @@ def table(rows: list[dict]) -> str:
     head = (
         "| run | target | ci_fn | steps | CE target | "
         + " | ".join(f"CE / KL {m}" for m in MASKS)
-        + " | L0 per token (Σ modules; per module) | alive / C per module |"
+        + " | KL fresh PGD (20 / 40 / 80 steps) | L0 per token (Σ modules; per module)"
+        + " | alive / C per module |"
     )
-    lines = [head, "|" + "---|" * (7 + len(MASKS))]
+    lines = [head, "|" + "---|" * (8 + len(MASKS))]
     for r in rows:
         lm = r["lm"]
         masks = " | ".join(f"{lm[m]['ce']:.3f} / {lm[m]['kl']:.3f}" for m in MASKS)
         l0 = " ".join(f"{v:.1f}" for v in r["l0"].values())
         alive = " ".join(f"{a}/{c}" for a, c in r["alive"].values())
+        pgd = " / ".join(f"{lm[k]['kl']:.3f}" for k in lm if k.startswith("pgd_")) or "–"
         lines.append(
             f"| {r['run']} | {r['target']} | {r['ci_fn']} | {r['steps']} | "
-            f"{lm['target']['ce']:.3f} | {masks} | {sum(r['l0'].values()):.1f}; {l0} | {alive} |"
+            f"{lm['target']['ce']:.3f} | {masks} | {pgd} | {sum(r['l0'].values()):.1f}; {l0} "
+            f"| {alive} |"
         )
     return "\n".join(lines)
 
