@@ -51,8 +51,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         lm = r["lm"]
         masks = " | ".join(f"{lm[m]['ce']:.3f} / {lm[m]['kl']:.3f}" for m in MASKS)
-        l0 = " ".join(f"{v:.1f}" for v in r["l0"].values())
-        alive = " ".join(f"{a}/{c}" for a, c in r["alive"].values())
+        l0 = " ".join(f"{r['l0'][n]:.1f}" for n in sorted(r["l0"]))  # by module name
+        alive = " ".join("{}/{}".format(*r["alive"][n]) for n in sorted(r["alive"]))
         pgd = " / ".join(f"{lm[k]['kl']:.3f}" for k in lm if k.startswith("pgd_")) or "–"
         lines.append(
             f"| {r['run']} | {r['target']} | {r['ci_fn']} | {r['steps']} | "
