@@ -11,20 +11,30 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.mark.parametrize("shape", [(37, 5), (4, 3, 7), (300, 50)])
-@pytest.mark.parametrize("d_gate", [1, 16, 20])
-@pytest.mark.parametrize("zeros", [0.0, 0.8, 1.0])
-def test_fused_matches_eager(shape, d_gate, zeros):
+SHAPES = [(37, 5), (4, 3, 7), (300, 50)]
+
+
+def _ci_and_inputs(shape: tuple[int, ...], d_gate: int, zeros: float):
     """`zeros`: the fraction of exact zeros in h (some of them -0.0), which the kernel computes
     once per subcomponent instead of once per entry."""
-    C = shape[-1]
-    ci = CausalImportance(C, d_gate)
+    ci = CausalImportance(shape[-1], d_gate)
     with torch.no_grad():
         ci.b_in.normal_()
         ci.b_out.normal_()
     h = torch.randn(shape) * 2 * (torch.rand(shape) >= zeros)
     h[h.abs() < 1e-6] *= -1.0  # a mix of +0.0 and -0.0 (multiplying zero by -1 flips its sign)
     h.view(-1)[::7] = torch.where(h.view(-1)[::7] == 0, -0.0, h.view(-1)[::7])
+    return ci, h
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("d_gate", [1, 16, 20])
+@pytest.mark.parametrize("zeros", [0.0, 0.8, 1.0])
+@pytest.mark.parametrize("output", ["sigmoids", "raw"])
+def test_fused_matches_eager(shape, d_gate, zeros, output):
+    """Both kernel entry points: both sigmoids (the paper's), and the raw CI alone (for the
+    straight-through lower sigmoid, applied in torch)."""
+    ci, h = _ci_and_inputs(shape, d_gate, zeros)
     weights = torch.randn(shape)  # a loss that sees both outputs
     results = {}
     for backend in ("eager", "fused"):
@@ -34,7 +44,11 @@ def test_fused_matches_eager(shape, d_gate, zeros):
         dtype = torch.float64 if backend == "eager" else torch.float32
         ci.to(dtype)
         hh = h.to(dtype).requires_grad_(True)
-        lower, upper = ci(hh)
+        if output == "raw":
+            raw = ci.raw(hh)
+            lower, upper = raw, raw.tanh()
+        else:
+            lower, upper = ci(hh)
         loss = (lower * weights.to(dtype)).sum() + (upper**2).sum()
         ci.zero_grad()
         loss.backward()

@@ -89,7 +89,7 @@ class CausalImportance(nn.Module):
         self.b_in = nn.Parameter(torch.zeros(C, d_gate))
         self.w_out = nn.Parameter(torch.randn(C, d_gate) / math.sqrt(d_gate))
         self.b_out = nn.Parameter(torch.zeros(C))
-        self.mlp = causal_importance_pair
+        self.mlp, self.raw_mlp = causal_importance_pair, ci_mlp
 
     def set_backend(self, backend: str, device: torch.device | str) -> str:
         """Choose how the MLPs run; returns the backend actually used.
@@ -98,16 +98,21 @@ class CausalImportance(nn.Module):
         for backward. "compiled": torch.compile of `ci_mlp`. Both are the same arithmetic as
         "eager" up to float rounding (tests/test_kernels.py).
         """
-        from spdkit.kernels import fused_available, fused_causal_importance
+        from spdkit.kernels import fused_available, fused_causal_importance, fused_ci_mlp
 
         if backend in ("auto", "fused") and fused_available(device):
-            self.mlp, used = fused_causal_importance, "fused"
+            self.mlp, self.raw_mlp, used = fused_causal_importance, fused_ci_mlp, "fused"
         elif backend == "compiled":
-            self.mlp, used = torch.compile(causal_importance_pair, dynamic=False), "compiled"
+            self.mlp = torch.compile(causal_importance_pair, dynamic=False)
+            self.raw_mlp, used = torch.compile(ci_mlp, dynamic=False), "compiled"
         else:
-            self.mlp, used = causal_importance_pair, "eager"
+            self.mlp, self.raw_mlp, used = causal_importance_pair, ci_mlp, "eager"
         return used
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """(g, g⁺), each [..., C], from inner activations h [..., C]."""
         return self.mlp(h, self.w_in, self.b_in, self.w_out, self.b_out)
+
+    def raw(self, h: Tensor) -> Tensor:
+        """The raw CI [..., C] (before either sigmoid) with the same backend."""
+        return self.raw_mlp(h, self.w_in, self.b_in, self.w_out, self.b_out)

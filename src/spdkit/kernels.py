@@ -143,10 +143,32 @@ class FusedCausalImportance(torch.autograd.Function):
         return tuple(load_extension().backward(g_lower, g_upper, raw, h, w_in, b_in, w_out))
 
 
+class FusedRawCI(torch.autograd.Function):
+    """raw = ci_mlp(h, w_in, b_in, w_out, b_out) alone, by the fused kernel: for lower
+    sigmoids the kernel does not have (the sigmoids then run on [..., C] in torch)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor):
+        params = [t.contiguous() for t in (w_in, b_in, w_out, b_out)]
+        h = h.contiguous()
+        raw = load_extension().forward(h, *params)[2]
+        ctx.save_for_backward(h, *params[:3])
+        return raw
+
+    @staticmethod
+    def backward(ctx, g_raw: Tensor) -> tuple[Tensor, ...]:
+        h, w_in, b_in, w_out = ctx.saved_tensors
+        return tuple(load_extension().backward_raw(g_raw.contiguous(), h, w_in, b_in, w_out))
+
+
 def fused_causal_importance(
     h: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor
 ) -> tuple[Tensor, Tensor]:
     return FusedCausalImportance.apply(h, w_in, b_in, w_out, b_out)
+
+
+def fused_ci_mlp(h: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor) -> Tensor:
+    return FusedRawCI.apply(h, w_in, b_in, w_out, b_out)
 
 
 def fused_available(device: torch.device | str) -> bool:

@@ -4,7 +4,8 @@
 
 w_in, b_in, w_out [C, d_gate] and b_out [C] per module (d_gate = `ci_hidden_dim`). The C MLPs
 of a module run as one broadcast op, or on CPU as the fused C++ kernel that also applies both
-sigmoids without materialising [..., C, d_gate] (`spdkit.kernels`). Tensors:
+sigmoids without materialising [..., C, d_gate] (`spdkit.kernels`; the raw CI alone for
+other lower sigmoids). Tensors:
 `<module>.ci.{w_in, b_in, w_out, b_out}`, the run-directory names since the first release.
 """
 
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from spdkit.ci.base import CIFunction, ModuleSlot, key
-from spdkit.importance import CausalImportance, ci_mlp
+from spdkit.importance import CausalImportance
 
 PARAMS = ("w_in", "b_in", "w_out", "b_out")
 
@@ -33,18 +34,14 @@ class MLPCI(CIFunction):
         return self.functions[key(name)]  # type: ignore[return-value]
 
     def raw(self, inputs: Mapping[str, Tensor], inner: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        out = {}
-        for slot in self.slots:
-            f = self.of(slot.name)
-            out[slot.name] = ci_mlp(inner[slot.name], f.w_in, f.b_in, f.w_out, f.b_out)
-        return out
+        return {s.name: self.of(s.name).raw(inner[s.name]) for s in self.slots}
 
     def forward(
         self, inputs: Mapping[str, Tensor], inner: Mapping[str, Tensor]
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Both sigmoids with the chosen backend (fused on CPU): the same values as the base
         class's path up to float rounding (tests/test_kernels.py). The kernel has the paper's
-        leaky lower sigmoid only; another one goes through `raw`."""
+        leaky lower sigmoid only; another one goes through `raw` (still fused) and torch."""
         if self.lower_sigmoid != "leaky":
             return super().forward(inputs, inner)
         pairs = {s.name: self.of(s.name)(inner[s.name]) for s in self.slots}

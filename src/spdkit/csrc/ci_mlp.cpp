@@ -194,19 +194,19 @@ std::vector<torch::Tensor> ci_forward(torch::Tensor h, torch::Tensor w_in, torch
   return {lower, upper, raw};
 }
 
-// Gradients of (lower, upper) -> {g_h, g_w_in, g_b_in, g_w_out, g_b_out}.
-std::vector<torch::Tensor> ci_backward(torch::Tensor g_lower, torch::Tensor g_upper,
-                                       torch::Tensor raw, torch::Tensor h, torch::Tensor w_in,
-                                       torch::Tensor b_in, torch::Tensor w_out) {
-  check(g_lower, "g_lower"); check(g_upper, "g_upper"); check(raw, "raw"); check(h, "h");
+namespace {
+// The MLPs' backward for any incoming gradient d loss / d raw at flat index i, `grad_at(i)`
+// -> {g_h, g_w_in, g_b_in, g_w_out, g_b_out}.
+template <typename GradAt>
+std::vector<torch::Tensor> mlp_backward(GradAt grad_at, torch::Tensor h, torch::Tensor w_in,
+                                        torch::Tensor b_in, torch::Tensor w_out) {
   const int64_t C = w_in.size(0), D = w_in.size(1);
   const int64_t rows = h.numel() / C;
   const int64_t n_chunks = (rows + kChunkRows - 1) / kChunkRows;
   const int64_t per_chunk = C * (3 * D + 1);  // w_in, b_in, w_out grads [C, D] each, b_out [C]
   auto g_h = torch::empty_like(h);
   auto partial = torch::empty({n_chunks, per_chunk}, w_in.options());
-  const float *glp = g_lower.data_ptr<float>(), *gup = g_upper.data_ptr<float>();
-  const float *rp = raw.data_ptr<float>(), *hp = h.data_ptr<float>();
+  const float *hp = h.data_ptr<float>();
   const float *wi = w_in.data_ptr<float>(), *bi = b_in.data_ptr<float>(), *wo = w_out.data_ptr<float>();
   float *ghp = g_h.data_ptr<float>(), *pp = partial.data_ptr<float>();
   // Gradients at h = 0 per unit incoming gradient, by the same lane code (lane 0, g = 1):
@@ -240,7 +240,7 @@ std::vector<torch::Tensor> ci_backward(torch::Tensor g_lower, torch::Tensor g_up
         int64_t n = 0;
         for (int64_t b = r0; b < r1; b++) {
           const int64_t i = b * C + c;
-          const float g = sigmoids_backward(rp[i], glp[i], gup[i]);
+          const float g = grad_at(i);
           g_bias += g;
           if (hp[i] != 0.f) {
             idx[n] = i;
@@ -287,4 +287,25 @@ std::vector<torch::Tensor> ci_backward(torch::Tensor g_lower, torch::Tensor g_up
   auto g_w_out = grads.narrow(0, 2 * C * D, C * D).view({C, D});
   auto g_b_out = grads.narrow(0, 3 * C * D, C);
   return {g_h, g_w_in, g_b_in, g_w_out, g_b_out};
+}
+}  // namespace
+
+// Gradients of (lower, upper) -> {g_h, g_w_in, g_b_in, g_w_out, g_b_out}.
+std::vector<torch::Tensor> ci_backward(torch::Tensor g_lower, torch::Tensor g_upper,
+                                       torch::Tensor raw, torch::Tensor h, torch::Tensor w_in,
+                                       torch::Tensor b_in, torch::Tensor w_out) {
+  check(g_lower, "g_lower"); check(g_upper, "g_upper"); check(raw, "raw"); check(h, "h");
+  const float *glp = g_lower.data_ptr<float>(), *gup = g_upper.data_ptr<float>();
+  const float* rp = raw.data_ptr<float>();
+  return mlp_backward([=](int64_t i) { return sigmoids_backward(rp[i], glp[i], gup[i]); }, h,
+                      w_in, b_in, w_out);
+}
+
+// Gradient of the raw CI (for lower sigmoids applied outside the kernel) -> the same five.
+std::vector<torch::Tensor> ci_backward_raw(torch::Tensor g_raw, torch::Tensor h,
+                                           torch::Tensor w_in, torch::Tensor b_in,
+                                           torch::Tensor w_out) {
+  check(g_raw, "g_raw"); check(h, "h");
+  const float* grp = g_raw.data_ptr<float>();
+  return mlp_backward([=](int64_t i) { return grp[i]; }, h, w_in, b_in, w_out);
 }
