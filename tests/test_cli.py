@@ -72,6 +72,16 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path):
         assert "Traceback" not in result.output
 
 
+def test_set_takes_globs_and_names_the_field_when_invalid():
+    """`*.mlp.*` starts a YAML alias; --set reads what YAML cannot parse as the text itself."""
+    result = runner.invoke(app, ["check", "tiny_lm", "--set", "modules.0.pattern=*.mlp.*"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["modules"][0]["pattern"] == "*.mlp.*"
+    result = runner.invoke(app, ["check", "tiny_lm", "--set", "modules.0.C=*"])
+    assert result.exit_code == 2 and "modules.0.C" in result.output, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
 def test_out_of_range_cli_values_are_rejected():
     result = runner.invoke(app, ["run", "tms_5-2", "--steps", "0"])
     assert result.exit_code == 2

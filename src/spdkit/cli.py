@@ -115,14 +115,14 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
 
 
 def _parse_overrides(items: list[str]) -> dict[str, Any]:
-    import yaml
+    from spdkit.config import parse_override_value
 
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        out[key] = yaml.safe_load(value)
+        out[key] = parse_override_value(value)
     return out
 
 
@@ -294,10 +294,13 @@ def list_() -> None:
 
 
 @app.command()
-def check(config: str = typer.Argument(..., help="bundled config name or YAML path")) -> None:
-    """Validate a config without running it."""
+def check(
+    config: str = typer.Argument(..., help="bundled config name or YAML path"),
+    set_: list[str] = typer.Option([], "--set", help="override any field, as for `run`"),
+) -> None:
+    """Validate a config (with any --set overrides) without running it."""
     try:
-        cfg = load_config(config)
+        cfg = load_config(config, _parse_overrides(set_))
     except ConfigError as err:
         _fail(err)
     typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))

@@ -48,8 +48,8 @@ def _short(key: str) -> str:
 
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
-    """["a.b=1,2", "c=x"] → {"a.b": [1, 2], "c": ["x"]}; values parsed as YAML scalars."""
-    import yaml
+    """["a.b=1,2", "c=x"] → {"a.b": [1, 2], "c": ["x"]}; values read as `--set` reads them."""
+    from spdkit.config import parse_override_value
 
     grid: dict[str, list[Any]] = {}
     for item in items:
@@ -58,18 +58,8 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
             raise ConfigError(f"--set expects key=v1,v2,..., got {item!r}")
         if key in grid:
             raise ConfigError(f"--set {key} given twice")
-        grid[key] = [_scalar(yaml.safe_load(v)) for v in values.split(",")]
+        grid[key] = [parse_override_value(v) for v in values.split(",")]
     return grid
-
-
-def _scalar(value: Any) -> Any:
-    """YAML reads `1e-5` (no dot) as a string; a sweep value that looks like a number is one."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
 
 
 def grid_points(grid: dict[str, list[Any]], seeds: list[int]) -> list[GridPoint]:

@@ -341,6 +341,22 @@ def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
     return parse_config(data)
 
 
+def parse_override_value(text: str) -> Any:
+    """A `--set` value as the user meant it: YAML (`2e-3`, `[1, 2]`, `{kind: mlp}`, `true`),
+    but text YAML cannot read (`*.mlp.*` starts a YAML alias) is that text, and a string that
+    reads as a number (YAML takes `1e-5`, with no dot, for text) is the number."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     """data[a][b]... = value for key "a.b...", where a part that is an integer indexes a list
     (`modules.0.C`); a path through something else is a ConfigError naming the key."""
