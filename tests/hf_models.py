@@ -47,3 +47,24 @@ def tiny_gpt2(n_layers: int = 3, use_cache: bool = False) -> torch.nn.Module:
 
 def tokens() -> RandomTokens:
     return RandomTokens(VOCAB, SEQ)
+
+
+def char_tokenizer(vocab_size: int = VOCAB):
+    """A byte-pair tokenizer trained offline on a few sentences (`tokenizers`), with an EOS
+    token, as a transformers tokenizer that `save_pretrained` writes next to a model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<eos>"])
+    tok.train_from_iterator(SENTENCES * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
+SENTENCES = [
+    "the cat sat on the mat and the dog sat on the log",
+    "a bird in the hand is worth two in the bush",
+    "to be or not to be that is the question",
+    "all that glitters is not gold",
+]

@@ -127,3 +127,9 @@ def load(
 
 def data_source(config: SPDConfig) -> DataSource:
     return target_kind(config.target).data(config.target)
+
+
+def eval_data_source(config: SPDConfig) -> DataSource:
+    """What the evaluation draws from: the corpus's held-out part where it has one."""
+    source = data_source(config)
+    return getattr(source, "heldout", None) or source

@@ -16,7 +16,14 @@ import torch
 
 from spdkit import plots, runs
 from spdkit.config import SPDConfig
-from spdkit.decomposition import Decomposition, build_trainer, data_source, load, train_in_run_dir
+from spdkit.decomposition import (
+    Decomposition,
+    build_trainer,
+    data_source,
+    eval_data_source,
+    load,
+    train_in_run_dir,
+)
 from spdkit.losses import DIVERGENCES
 from spdkit.masks import MaskStream
 from spdkit.metrics import (
@@ -178,7 +185,7 @@ def evaluate(
     device = next(model.parameters()).device
     ev = config.eval
     gen = torch.Generator(device=device).manual_seed(config.seed + 3000)
-    x = data_source(config).sample(ev.n_eval_samples, gen)
+    x = eval_data_source(config).sample(ev.n_eval_samples, gen)
     step = partial["step"] if partial else config.steps  # the annealed p of that step
     with torch.no_grad():
         terms, _ = spd_losses(model, x, config, MaskStream(config.seed + 3000), step)
@@ -308,7 +315,7 @@ def lm_analysis(decomp: Decomposition, ci_onehot: dict | None, fig_dir: Path) ->
     config, model = decomp.config, decomp.model
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(config.seed + 4000)
-    ids = data_source(config).sample(config.eval.n_eval_samples, gen)
+    ids = eval_data_source(config).sample(config.eval.n_eval_samples, gen)
     out: dict[str, Any] = {"lm": lm_mask_evaluation(model, ids, config.eval, gen)}
     decoder = target_kind(config.target).decoder
     decode = decoder(config.target) if decoder is not None else None

@@ -41,6 +41,7 @@ from spdkit.config.sections import (
 from spdkit.config.targets import (
     TARGET_BY_KIND,
     TARGET_CONFIGS,
+    CorpusConfig,
     HFTargetConfig,
     InductionTargetConfig,
     PythonTargetConfig,
@@ -62,6 +63,7 @@ __all__ = [
     "GradClipConfig",
     "PAnnealConfig",
     "PGDConfig",
+    "CorpusConfig",
     "HFTargetConfig",
     "IdentitySpec",
     "InductionTargetConfig",

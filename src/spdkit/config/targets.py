@@ -99,6 +99,32 @@ class TinyLMTargetConfig(_TransformerTraining):
         return f"tiny_lm {self.n_layers}L d{self.d_model} char-level"
 
 
+class CorpusConfig(StrictModel):
+    """A corpus on disk for a language-model target (`target.data`), read in the format its
+    files name (or `format`): text is tokenised once by the model's tokenizer and cached;
+    token files are read in place through a memmap, so a corpus larger than memory works.
+    The last `heldout_frac` of the token stream is held out for the evaluation."""
+
+    path: str = Field(min_length=1, description="a file, or a folder of files of one format")
+    format: Literal["auto", "text", "jsonl", "parquet", "hf_dataset", "npy", "bin"] = Field(
+        default="auto",
+        description="auto: from the suffix (.txt, .jsonl, .parquet, .npy, .bin) or, for a "
+        "folder, its files; hf_dataset: a folder written by datasets' save_to_disk",
+    )
+    field: str = Field(
+        default="text", min_length=1, description="JSON-lines field / Parquet or dataset column"
+    )
+    token_dtype: Literal["uint16", "uint32"] = Field(
+        default="uint16", description="element type of a raw .bin token file"
+    )
+    heldout_frac: float = Field(
+        default=0.05, gt=0, lt=0.5, description="fraction of tokens (the last) held out for eval"
+    )
+    append_eos: bool = Field(
+        default=True, description="end each text document with the tokenizer's EOS token"
+    )
+
+
 class HFTargetConfig(StrictModel):
     """A local Hugging Face `transformers` causal LM (`spdkit run CONFIG --target-hf DIR`).
 
@@ -109,10 +135,11 @@ class HFTargetConfig(StrictModel):
 
     kind: Literal["hf"] = "hf"
     path: str = Field(min_length=1, description="local transformers model directory")
-    data: Literal["pydoc", "random_tokens"] = Field(
+    data: Literal["pydoc", "random_tokens"] | CorpusConfig = Field(
         default="pydoc",
         description="pydoc: the pydoc topic text shipped with Python, tokenised by DIR's "
-        "tokenizer; random_tokens: uniform token ids (smoke tests)",
+        "tokenizer; random_tokens: uniform token ids (smoke tests); or a corpus section "
+        "({path, format, field, ...})",
     )
     seq_len: int = Field(default=64, ge=2, description="tokens per sequence")
     hf_config: dict[str, Any] | None = Field(

@@ -14,10 +14,12 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from spdkit.config import HFTargetConfig
+from spdkit.config import CorpusConfig, HFTargetConfig
+from spdkit.targets import corpus
 
 
 def load_hf_causal_lm(path: str | Path) -> nn.Module:
@@ -85,9 +87,17 @@ def train_hf(
 
 
 def hf_data(config: HFTargetConfig) -> RandomTokens | TokenWindows:
+    """Windows of the configured corpus (a held-out part for evaluation), the pydoc text, or
+    random tokens."""
     vocab = int((config.hf_config or read_hf_config(config.path))["vocab_size"])
     if config.data == "random_tokens":
         return RandomTokens(vocab, config.seq_len)
+    if isinstance(config.data, CorpusConfig):
+        tokens = corpus.corpus_tokens(
+            config.data, Path(config.path), vocab, lambda: _tokenizer(config.path)
+        )
+        train, held = corpus.split(tokens, config.data.heldout_frac, config.seq_len)
+        return TokenWindows(train, config.seq_len, heldout=TokenWindows(held, config.seq_len))
     return TokenWindows(_pydoc_tokens(config.path), config.seq_len)
 
 
@@ -97,8 +107,8 @@ def _tokenizer(path: str):
         return _transformers().AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
         raise ValueError(
-            f"target.data is pydoc but {path} has no usable tokenizer ({err}); save one there "
-            "with `tokenizer.save_pretrained(DIR)`, or use target.data=random_tokens"
+            f"target.data is text but {path} has no usable tokenizer ({err}); save one there "
+            "with `tokenizer.save_pretrained(DIR)`, or use pre-tokenised data (.npy / .bin)"
         ) from None
 
 
@@ -118,9 +128,12 @@ def _pydoc_tokens(path: str) -> Tensor:
 
 def hf_decoder(config: HFTargetConfig) -> Callable[[list[int]], str] | None:
     """Token ids to text with the directory's tokenizer; None (no context tables) without one."""
-    if config.data != "pydoc":
+    if config.data == "random_tokens":
         return None
-    tok = _tokenizer(config.path)
+    try:
+        tok = _tokenizer(config.path)
+    except ValueError:  # token files need no tokenizer, but tables need one
+        return None
     return lambda ids: tok.decode(ids).replace("\n", "⏎")
 
 
@@ -144,13 +157,16 @@ class RandomTokens:
 
 @dataclass(frozen=True)
 class TokenWindows:
-    """Random windows [batch, seq_len] of a 1-D token stream (a tokenised corpus)."""
+    """Random windows [batch, seq_len] of a 1-D token stream (a tokenised corpus): a tensor,
+    or a numpy array / memmap (a corpus on disk, of which only the sampled windows are read).
+    `heldout`: the windows the evaluation draws from, if the corpus has a held-out part."""
 
-    tokens: Tensor  # [n_tokens], int64
+    tokens: Tensor | np.ndarray  # [n_tokens], integer
     seq_len: int
+    heldout: TokenWindows | None = None
 
     def __post_init__(self) -> None:
-        if self.tokens.dim() != 1 or self.tokens.numel() <= self.seq_len:
+        if self.tokens.ndim != 1 or self.tokens.shape[0] <= self.seq_len:
             raise ValueError(
                 f"need a 1-D token stream longer than seq_len {self.seq_len}, "
                 f"got shape {list(self.tokens.shape)}"
@@ -158,10 +174,15 @@ class TokenWindows:
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Tensor:
         """Drawn on the generator's device (a CUDA generator draws on the GPU), gathered from
-        the token stream where it lives, returned on the generator's device."""
-        n_starts = self.tokens.numel() - self.seq_len
+        the token stream where it lives, returned on the generator's device as int64."""
+        n_starts = self.tokens.shape[0] - self.seq_len
         starts = torch.randint(
             0, n_starts, (batch_size, 1), generator=generator, device=generator.device
-        ).to(self.tokens.device)
+        )
+        if isinstance(self.tokens, np.ndarray):
+            index = (starts.cpu() + torch.arange(self.seq_len)).numpy()
+            windows = torch.from_numpy(self.tokens[index].astype(np.int64))
+            return windows.to(generator.device)
+        starts = starts.to(self.tokens.device)
         offsets = torch.arange(self.seq_len, device=self.tokens.device)
         return self.tokens[starts + offsets].to(generator.device)

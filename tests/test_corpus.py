@@ -1,0 +1,153 @@
+"""Corpora on disk for language-model targets: every format gives the same tokens, the cache,
+the held-out split, memmapped windows, and one-line errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from spdkit.config import CorpusConfig
+from spdkit.targets import corpus
+from spdkit.targets.hf import TokenWindows
+from tests.hf_models import SENTENCES, VOCAB, char_tokenizer
+
+pytest.importorskip("transformers")
+
+DOCS = SENTENCES * 3  # 12 documents
+
+
+@pytest.fixture(autouse=True)
+def token_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPDKIT_TOKEN_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+def write_corpus(root, fmt: str, docs=DOCS):
+    """The same documents in each text format; returns the path to configure."""
+    root.mkdir(parents=True, exist_ok=True)
+    if fmt == "text":
+        for i, doc in enumerate(docs):
+            (root / f"doc{i:02d}.txt").write_text(doc)
+        return root
+    if fmt == "jsonl":
+        path = root / "c.jsonl"
+        path.write_text("".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs)))
+        return path
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = root / "c.parquet"
+        pq.write_table(pa.table({"text": docs}), path, row_group_size=5)
+        return path
+    if fmt == "hf_dataset":
+        import datasets
+
+        datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(root / "ds"))
+        return root / "ds"
+    raise AssertionError(fmt)
+
+
+def tokens_of(path, tokenizer_dir, **kw):
+    from transformers import AutoTokenizer
+
+    config = CorpusConfig(path=str(path), **kw)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    return corpus.corpus_tokens(config, tokenizer_dir, VOCAB, lambda: tok)
+
+
+def test_every_text_format_gives_the_same_token_stream(tmp_path, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    expected = np.concatenate([tok(d)["input_ids"] + [tok.eos_token_id] for d in DOCS])
+    for fmt in ("text", "jsonl", "parquet", "hf_dataset"):
+        path = write_corpus(tmp_path / fmt, fmt)
+        assert corpus.corpus_format(CorpusConfig(path=str(path))) == fmt
+        got = tokens_of(path, tokenizer_dir)
+        assert got.dtype == np.uint32 and isinstance(got, np.memmap)
+        np.testing.assert_array_equal(got, expected, err_msg=fmt)
+
+
+def test_tokens_are_cached_and_a_changed_file_is_retokenised(tmp_path, tokenizer_dir, token_cache):
+    path = write_corpus(tmp_path / "j", "jsonl")
+    first = tokens_of(path, tokenizer_dir)
+    assert len(list(token_cache.glob("*.u32"))) == 1
+    again = tokens_of(path, tokenizer_dir)
+    assert again.filename == first.filename  # read from the cache, not tokenised again
+    write_corpus(tmp_path / "j", "jsonl", DOCS[:5])
+    changed = tokens_of(path, tokenizer_dir)
+    assert changed.filename != first.filename and changed.size < first.size
+
+
+def test_token_files_are_read_in_place(tmp_path, tokenizer_dir):
+    ids = np.arange(500) % VOCAB
+    np.save(tmp_path / "t.npy", ids.astype(np.int32))
+    ids.astype(np.uint16).tofile(tmp_path / "t16.bin")
+    ids.astype(np.uint32).tofile(tmp_path / "t32.bin")
+    np.testing.assert_array_equal(tokens_of(tmp_path / "t.npy", tokenizer_dir), ids)
+    np.testing.assert_array_equal(tokens_of(tmp_path / "t16.bin", tokenizer_dir), ids)
+    got = tokens_of(tmp_path / "t32.bin", tokenizer_dir, token_dtype="uint32")
+    np.testing.assert_array_equal(got, ids)
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda p: (p / "e.jsonl").write_text(""), "has no text"),
+        (lambda p: (p / "e.jsonl").write_text('{"body": "x"}\n'), "no field 'text'"),
+        (lambda p: (p / "e.jsonl").write_text("not json\n"), "not a JSON line"),
+        (lambda p: np.save(p / "e.npy", np.array([1, VOCAB + 3])), f"token id {VOCAB + 3}"),
+        (lambda p: (p / "e.bin").write_bytes(b""), "empty token file"),
+        (lambda p: (p / "e.csv").write_text("a"), "cannot tell the format"),
+    ],
+)
+def test_bad_corpora_are_one_line_errors(tmp_path, tokenizer_dir, setup, message):
+    setup(tmp_path)
+    (path,) = [p for p in tmp_path.iterdir() if p.name.startswith("e.")]
+    with pytest.raises(ValueError, match=message) as err:
+        tokens_of(path, tokenizer_dir)
+    assert "\n" not in str(err.value)
+
+
+def test_a_missing_parquet_column_names_the_columns(tmp_path, tokenizer_dir):
+    path = write_corpus(tmp_path, "parquet")
+    with pytest.raises(ValueError, match=r"no column 'body' \(has \['text'\]\)"):
+        tokens_of(path, tokenizer_dir, field="body")
+
+
+def test_a_folder_of_mixed_formats_asks_for_the_format(tmp_path, tokenizer_dir):
+    write_corpus(tmp_path / "mix", "text")
+    write_corpus(tmp_path / "mix", "jsonl")
+    with pytest.raises(ValueError, match="several formats"):
+        tokens_of(tmp_path / "mix", tokenizer_dir)
+    assert tokens_of(tmp_path / "mix", tokenizer_dir, format="jsonl").size > 0
+
+
+def test_heldout_split_is_the_tail_and_windows_stay_inside():
+    tokens = np.arange(1000, dtype=np.uint32)
+    train, held = corpus.split(tokens, 0.1, seq_len=8)
+    assert train.size == 900 and held[0] == 900
+    windows = TokenWindows(held, 8).sample(64, torch.Generator().manual_seed(0))
+    assert windows.dtype == torch.int64 and int(windows.min()) >= 900
+    with pytest.raises(ValueError, match="too few"):
+        corpus.split(np.arange(15), 0.1, seq_len=8)
+
+
+def test_memmapped_windows_equal_tensor_windows():
+    """A corpus on disk samples exactly the windows the same stream in memory would (so a
+    run's batches do not depend on where its tokens live)."""
+    tokens = np.random.default_rng(0).integers(0, VOCAB, 5000).astype(np.uint32)
+    from_numpy = TokenWindows(tokens, 16).sample(32, torch.Generator().manual_seed(3))
+    from_tensor = TokenWindows(torch.from_numpy(tokens.astype(np.int64)), 16).sample(
+        32, torch.Generator().manual_seed(3)
+    )
+    assert torch.equal(from_numpy, from_tensor)
