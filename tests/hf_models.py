@@ -68,3 +68,19 @@ SENTENCES = [
     "to be or not to be that is the question",
     "all that glitters is not gold",
 ]
+
+
+def tiny_bert(n_layers: int = 2) -> torch.nn.Module:
+    """An encoder (BertModel): its output has `last_hidden_state` and `pooler_output`, no logits."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+    )
+    return BertModel(config).eval()

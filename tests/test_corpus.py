@@ -39,7 +39,9 @@ def write_corpus(root, fmt: str, docs=DOCS):
         return root
     if fmt == "jsonl":
         path = root / "c.jsonl"
-        path.write_text("".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs)))
+        path.write_text(
+            "".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs))
+        )
         return path
     if fmt == "parquet":
         import pyarrow as pa
@@ -151,3 +153,67 @@ def test_memmapped_windows_equal_tensor_windows():
         32, torch.Generator().manual_seed(3)
     )
     assert torch.equal(from_numpy, from_tensor)
+
+
+@pytest.mark.parametrize(
+    "model, fmt, extra",
+    [
+        ("llama", "text", []),
+        ("gpt2", "jsonl", []),
+        ("bert", "parquet", ["target.output=last_hidden_state", "output_loss=mse"]),
+    ],
+)
+def test_cli_decomposes_a_saved_model_on_a_corpus(tmp_path, model, fmt, extra):
+    """`spdkit run hf_lm --target-hf DIR` on a corpus folder / file: a run directory with
+    summary and figures; causal LMs get the CE / KL report, the encoder its hidden states."""
+    from typer.testing import CliRunner
+
+    from spdkit.cli import app
+    from tests import hf_models
+
+    build = {
+        "llama": hf_models.tiny_llama,
+        "gpt2": hf_models.tiny_gpt2,
+        "bert": hf_models.tiny_bert,
+    }
+    model_dir = tmp_path / "model"
+    build[model](n_layers=2).save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    data = write_corpus(tmp_path / "corpus", fmt, DOCS * 4)
+    pattern = {"llama": "*.mlp.down_proj", "gpt2": "*.mlp.c_fc", "bert": "*.intermediate.dense"}
+    run_dir = tmp_path / "run"
+    sets = [f"target.data.path={data}", "target.seq_len=8", "batch_size=4", "modules.0.C=8"]
+    sets += [f"modules.0.pattern={pattern[model]}", "eval.n_eval_samples=4", *extra]
+    args = ["run", "hf_lm", "--target-hf", str(model_dir), "--out", str(run_dir), "--quiet"]
+    args += ["--steps", "6", *[a for s in sets for a in ("--set", s)]]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert ("lm" in summary) == (model != "bert")
+    assert len(summary["modules"]) == 2 and any((run_dir / "figures").glob("*.png"))
+
+
+def test_an_unknown_output_field_names_the_available_ones(tmp_path):
+    from typer.testing import CliRunner
+
+    from spdkit.cli import app
+    from tests import hf_models
+
+    hf_models.tiny_bert().save_pretrained(tmp_path / "bert")
+    args = ["run", "hf_lm", "--target-hf", str(tmp_path / "bert")]
+    args += [
+        "--set",
+        "target.data=random_tokens",
+        "--set",
+        "modules.0.pattern=*.intermediate.dense",
+    ]
+    args += ["--steps", "2", "--quiet", "--set", "output_loss=mse"]
+    result = CliRunner().invoke(
+        app, [*args, "--out", str(tmp_path / "r1"), "--set", "target.output=hidden"]
+    )
+    assert result.exit_code == 2 and "has: last_hidden_state, pooler_output" in result.output
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "r2")])  # no logits
+    assert result.exit_code == 2 and "without logits" in result.output, result.output
+    args = [*args[:-2], "--set", "target.output=last_hidden_state", "--out", str(tmp_path / "r3")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "use output_loss: mse" in result.output, result.output

@@ -10,7 +10,7 @@ import torch
 
 from spdkit import decompose, load
 from spdkit.config import parse_config
-from spdkit.targets.hf import RandomTokens, TokenWindows, load_hf_causal_lm
+from spdkit.targets.hf import RandomTokens, TokenWindows, load_hf_model
 from tests.test_model import exact_components
 
 transformers = pytest.importorskip("transformers")
@@ -125,12 +125,12 @@ def test_masks_of_ones_with_exact_components_reproduce_the_logits(build, pattern
 def test_loading_a_saved_model_works_offline_and_a_missing_one_is_clear(tmp_path):
     model = gpt2()
     model.save_pretrained(tmp_path / "gpt2")
-    loaded = load_hf_causal_lm(tmp_path / "gpt2")
+    loaded = load_hf_model(tmp_path / "gpt2")
     ids = RandomTokens(VOCAB, SEQ).sample(2, torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
     with pytest.raises(FileNotFoundError, match="never downloads"):
-        load_hf_causal_lm(tmp_path / "nope")
+        load_hf_model(tmp_path / "nope")
 
 
 def test_token_windows_sample_contiguous_windows():

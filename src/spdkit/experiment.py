@@ -327,12 +327,23 @@ def lm_analysis(decomp: Decomposition, ci_onehot: dict | None, fig_dir: Path) ->
     return out
 
 
+def hf_analysis(decomp: Decomposition, ci_onehot: dict | None, fig_dir: Path) -> dict[str, Any]:
+    """Hugging Face targets: the language-model report for causal LMs compared on their
+    logits; other models (encoders, masked LMs) have no next-token CE to report."""
+    from spdkit.targets.hf import is_causal_lm
+
+    target = decomp.config.target
+    if target.output in (None, "logits") and is_causal_lm(target.hf_config or {}):
+        return lm_analysis(decomp, ci_onehot, fig_dir)
+    return {}
+
+
 TARGET_ANALYSES = {
     "tms": tms_feature_match,
     "resid_mlp": resid_mlp_analysis,
     "induction": lm_analysis,
     "tiny_lm": lm_analysis,
-    "hf": lm_analysis,
+    "hf": hf_analysis,
 }
 
 

@@ -109,8 +109,10 @@ class ComponentModel(nn.Module):
         ci_fn: CIFnConfig | None = None,
         prefix_replay: bool = True,
         lower_sigmoid: str = "leaky",
+        output_field: str | None = None,
     ) -> None:
         super().__init__()
+        self.output_field = output_field  # which tensor of the target's output D compares
         matched = match_modules(target, specs)
         # matched against the target's own modules, before anything is inserted
         identity_sites = match_identity_sites(target, identity_specs or [])
@@ -149,6 +151,7 @@ class ComponentModel(nn.Module):
             config.ci_fn,
             config.prefix_replay,
             config.lower_sigmoid,
+            getattr(config.target, "output", None),
         )
 
     def set_ci_backend(self, backend: str, device: torch.device | str) -> str:
@@ -185,7 +188,9 @@ class ComponentModel(nn.Module):
     def record(self, x: Tensor) -> Record:
         """The target forward on x (no grad) as a frozen `Record`: output, each decomposed
         module's input a^l, their execution order, and what a masked pass may replay."""
-        return record_forward(self.target, x, self.module_names, model_output)
+        return record_forward(
+            self.target, x, self.module_names, lambda out: model_output(out, self.output_field)
+        )
 
     def masked_forward(
         self,
@@ -210,7 +215,7 @@ class ComponentModel(nn.Module):
         """
         shortcuts = shortcuts or self.shortcuts
         if not masks:
-            return model_output(self.target(x))
+            return model_output(self.target(x), self.output_field)
         first = record.first(masks) if record is not None else None
         forwards: dict[str, Callable[..., Any]] = {}
         for name, mask in masks.items():
@@ -226,7 +231,7 @@ class ComponentModel(nn.Module):
             plan = replay_plan(record, record.starts[first])  # type: ignore[index]
             forwards.update({n: _replaying(actions) for n, actions in plan.items()})
         with _forwards_replaced(self.target, forwards):
-            y = model_output(self.target(x))
+            y = model_output(self.target(x), self.output_field)
         if plan:
             assert_unchanged(record)  # type: ignore[arg-type]
         return y
@@ -334,9 +339,18 @@ def _forwards_replaced(
                 module.forward = previous
 
 
-def model_output(out: object) -> Tensor:
-    """The tensor the divergence compares: the output itself, `.logits` of a Hugging Face
-    ModelOutput, or the first element of a tuple."""
+def model_output(out: object, field: str | None = None) -> Tensor:
+    """The tensor the divergence compares: the output's `field` (a Hugging Face ModelOutput's
+    `last_hidden_state`, say) if one is named, else the output itself, its `.logits`, or the
+    first element of a tuple."""
+    if field is not None:
+        value = out.get(field) if isinstance(out, Mapping) else getattr(out, field, None)
+        if isinstance(value, Tensor):
+            return value
+        raise ValueError(
+            f"target.output {field!r}: the target's {type(out).__name__} has no such tensor "
+            f"(it has: {', '.join(output_fields(out)) or 'none'})"
+        )
     if isinstance(out, Tensor):
         return out
     logits = getattr(out, "logits", None)
@@ -344,7 +358,13 @@ def model_output(out: object) -> Tensor:
         return logits
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
         return out[0]
-    raise TypeError(
-        f"the target returned a {type(out).__name__}; spdkit needs a Tensor, a tuple starting "
-        "with one, or an object with `.logits`"
+    raise ValueError(
+        f"the target returned a {type(out).__name__} without logits; name the tensor to compare "
+        f"with target.output (it has: {', '.join(output_fields(out)) or 'none'})"
     )
+
+
+def output_fields(out: object) -> list[str]:
+    """The tensor fields of a model's output (a ModelOutput is a Mapping of them)."""
+    items = out.items() if isinstance(out, Mapping) else vars(out).items()
+    return [k for k, v in items if isinstance(v, Tensor)]

@@ -224,6 +224,16 @@ class SPDConfig(StrictModel):
         return data
 
     @model_validator(mode="after")
+    def _output_loss_fits_output(self) -> SPDConfig:
+        output = getattr(self.target, "output", None)
+        if output not in (None, "logits") and self.output_loss == "kl":
+            raise ValueError(
+                f"output_loss kl compares logits, but target.output is {output!r}: "
+                "use output_loss: mse"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _unique_patterns(self) -> SPDConfig:
         patterns = [m.pattern for m in self.modules]
         dupes = sorted({p for p in patterns if patterns.count(p) > 1})
@@ -361,7 +371,8 @@ def parse_override_value(text: str) -> Any:
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     """data[a][b]... = value for key "a.b...", where a part that is an integer indexes a list
-    (`modules.0.C`); a path through something else is a ConfigError naming the key."""
+    (`modules.0.C`) and a string on the path (a named choice such as `data: pydoc`) is
+    replaced by a section; a path through another value is a ConfigError naming the key."""
     parts = key.split(".")
     node: Any = data
     for depth, part in enumerate(parts):
@@ -380,6 +391,8 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
             if last:
                 node[part] = value
             else:
+                if isinstance(node.get(part), str):  # a named choice (`data: pydoc`) becomes
+                    node[part] = {}  # the section the key sets (`data.path=...`)
                 node = node.setdefault(part, {})
         else:
             where = ".".join(parts[:depth])

@@ -126,7 +126,8 @@ class CorpusConfig(StrictModel):
 
 
 class HFTargetConfig(StrictModel):
-    """A local Hugging Face `transformers` causal LM (`spdkit run CONFIG --target-hf DIR`).
+    """A local Hugging Face `transformers` model (`spdkit run CONFIG --target-hf DIR`): the
+    class its config.json names (a causal LM, a masked LM, an encoder, ...).
 
     Nothing is trained or downloaded. The model's config.json is copied into `hf_config` when
     the run starts, and its weights into target.safetensors, so the run directory rebuilds the
@@ -142,6 +143,12 @@ class HFTargetConfig(StrictModel):
         "({path, format, field, ...})",
     )
     seq_len: int = Field(default=64, ge=2, description="tokens per sequence")
+    output: str | None = Field(
+        default=None,
+        min_length=1,
+        description="the output field D compares, e.g. last_hidden_state for an encoder "
+        "(use output_loss: mse); default: logits",
+    )
     hf_config: dict[str, Any] | None = Field(
         default=None, description="the model's config.json (filled in when the run starts)"
     )

@@ -21,16 +21,32 @@ from torch import Tensor, nn
 from spdkit.config import CorpusConfig, HFTargetConfig
 from spdkit.targets import corpus
 
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
-def load_hf_causal_lm(path: str | Path) -> nn.Module:
-    """A causal LM from a local `transformers` model directory (config.json + weights)."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{path} is not a local transformers model directory (no config.json); spdkit never "
-            "downloads models: save one with `model.save_pretrained(DIR)` first"
-        )
-    model = _transformers().AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+
+def model_class(hf_config: dict[str, Any]) -> type:
+    """The transformers class config.json's `architectures` names (what save_pretrained
+    wrote: GPT2LMHeadModel, BertModel, BertForMaskedLM, ...), else AutoModelForCausalLM."""
+    tf = _transformers()
+    for name in hf_config.get("architectures") or []:
+        cls = getattr(tf, name, None)
+        if cls is not None:
+            return cls
+    return tf.AutoModelForCausalLM
+
+
+def is_causal_lm(hf_config: dict[str, Any]) -> bool:
+    """Next-token logits (the CE / KL report applies), by the class name's convention."""
+    return model_class(hf_config).__name__.endswith(CAUSAL_LM_SUFFIXES) or (
+        model_class(hf_config).__name__ == "AutoModelForCausalLM"
+    )
+
+
+def load_hf_model(path: str | Path) -> nn.Module:
+    """The model of a local `transformers` directory (config.json + weights), as the class
+    its config names."""
+    cls = model_class(read_hf_config(path))
+    model = cls.from_pretrained(str(path), local_files_only=True)
     return _without_cache(model).eval()
 
 
@@ -72,17 +88,18 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
 def build_hf(config: HFTargetConfig) -> nn.Module:
     """The architecture of `config.hf_config` with fresh weights (the run's target.safetensors
     then fills them): a run directory rebuilds its model without the original directory."""
-    tf = _transformers()
     data = dict(config.hf_config or read_hf_config(config.path))
-    hf_cfg = tf.AutoConfig.for_model(data.pop("model_type"), **data)
-    return _without_cache(tf.AutoModelForCausalLM.from_config(hf_cfg)).eval()
+    cls = model_class(data)
+    hf_cfg = _transformers().AutoConfig.for_model(data.pop("model_type"), **data)
+    model = cls.from_config(hf_cfg) if cls.__name__.startswith("Auto") else cls(hf_cfg)
+    return _without_cache(model).eval()
 
 
 def train_hf(
     config: HFTargetConfig, seed: int, device: str, progress: bool = False
 ) -> tuple[nn.Module, dict]:
     """Nothing to train: load the weights from the local directory."""
-    model = load_hf_causal_lm(config.path).to(device)
+    model = load_hf_model(config.path).to(device)
     return model, {"loaded_from": str(config.path), "model_type": model.config.model_type}
 
 
