@@ -95,3 +95,16 @@ def test_schema_is_json_with_every_field_described():
     props = schema["properties"]
     assert {"importance_minimality_coeff", "pnorm", "modules", "optimizer"} <= set(props)
     assert "β3" in props["importance_minimality_coeff"]["description"]
+
+
+def test_modules_lists_the_targets_matrices_and_what_patterns_pick():
+    result = runner.invoke(app, ["modules", "tiny_lm", "--pattern", "blocks.0.attn.*:32"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    row = next(line for line in lines if line.startswith("blocks.1.mlp.fc_in "))
+    assert row.split()[1:6] == ["Linear", "64", "x", "256", "16,384"]
+    assert "256 via blocks.*.mlp.* (256)" in row
+    assert "pattern 'blocks.*.mlp.*' (C 256): 4 modules, 65,536 parameters" in result.output
+    assert "pattern 'blocks.0.attn.*' (C 32): 4 modules, 16,384 parameters" in result.output
+    result = runner.invoke(app, ["modules", "tms_5-2", "--pattern", "nothing*"])
+    assert "pattern 'nothing*': matches no decomposable module" in result.output

@@ -194,3 +194,18 @@ def test_cli_target_hf_missing_directory_is_one_line(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert result.output.strip().startswith("error: ") and "never downloads" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_modules_lists_a_saved_model_without_loading_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from spdkit.cli import app
+
+    gpt2().save_pretrained(tmp_path / "gpt2")
+    result = CliRunner().invoke(app, ["modules", str(tmp_path / "gpt2"), "--pattern", "*.c_fc"])
+    assert result.exit_code == 0, result.output
+    rows = [line.split() for line in result.output.splitlines()]
+    fc = [r for r in rows if r[0].endswith(".mlp.c_fc")]
+    assert fc and all(r[1] == "Conv1D" for r in fc)
+    n_params = sum(int(r[5].replace(",", "")) for r in fc)
+    assert f"pattern '*.c_fc': {len(fc)} modules, {n_params:,} parameters" in result.output

@@ -132,7 +132,9 @@ def hf_target_override(path: Path, config: str) -> dict[str, Any]:
     from spdkit.targets.hf import read_hf_config
 
     base = load_config(config).target
-    keep = {"data": base.data, "seq_len": base.seq_len} if base and base.kind == "hf" else {}
+    keep = {}
+    if base is not None and base.kind == "hf":
+        keep = base.model_dump(mode="json", include={"data", "seq_len", "output"})
     return {"kind": "hf", "path": str(path), **keep, "hf_config": read_hf_config(path)}
 
 
@@ -304,6 +306,44 @@ def check(
     except ConfigError as err:
         _fail(err)
     typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
+
+
+@app.command()
+def modules(
+    source: str = typer.Argument(
+        ..., help="a local transformers model directory, or a config (bundled name or YAML)"
+    ),
+    pattern: list[str] = typer.Option(
+        [], "--pattern", help="also show what this pattern matches: PATTERN or PATTERN:C"
+    ),
+    target_hf: Path | None = typer.Option(  # noqa: UP007
+        None, "--target-hf", help="with a config: its target is this model directory"
+    ),
+) -> None:
+    """Every decomposable module of a model (name, kind, shape, parameters), what the config's
+    patterns pick and a suggested C; built on the meta device, so nothing is loaded."""
+    from spdkit.config import HFTargetConfig, ModuleSpec
+    from spdkit.inventory import format_rows, module_rows, on_meta_device
+    from spdkit.targets import target_kind
+    from spdkit.targets.hf import build_hf, read_hf_config
+
+    patterns = [(p["pattern"], p.get("C")) for p in map(_identity_spec, pattern)]
+    specs: list[ModuleSpec] = []
+    try:
+        if (Path(source) / "config.json").is_file():
+            target = HFTargetConfig(path=source, hf_config=read_hf_config(source))
+            model = on_meta_device(lambda: build_hf(target))
+        else:
+            overrides = {"target": hf_target_override(target_hf, source)} if target_hf else {}
+            cfg = load_config(source, overrides)
+            if cfg.target is None:
+                raise ConfigError(f"{source} names no target to build")
+            specs = cfg.modules
+            model = on_meta_device(lambda: target_kind(cfg.target).build(cfg.target))
+    except USER_ERRORS as err:
+        _fail(err)
+    patterns = [(spec.pattern, spec.C) for spec in specs] + patterns
+    typer.echo(format_rows(module_rows(model, specs), patterns))
 
 
 @app.command()

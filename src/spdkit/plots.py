@@ -230,7 +230,8 @@ def plot_l0_over_training(records: Sequence[dict], path: Path) -> Path:
         ax.plot(steps, [r.get(key, np.nan) for r in records], label=key.removeprefix("l0/"))
     ax.set_xlabel("step")
     ax.set_ylabel("mean CI-L0 (training batch)")
-    ax.set_yscale("log")
+    if any(r.get(k, 0) > 0 for r in records for k in keys):  # log of nothing positive: linear
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
     if keys:
         ax.legend(fontsize=7)
