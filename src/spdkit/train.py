@@ -23,6 +23,7 @@ from spdkit.config import OptimizerConfig, SPDConfig
 from spdkit.losses import faithfulness_loss
 from spdkit.masks import MaskStream
 from spdkit.model import ComponentModel
+from spdkit.progress import progress_bar
 from spdkit.step import LOSS_TERMS, loss_coefficients, spd_losses
 from spdkit.targets import DataSource
 
@@ -177,12 +178,10 @@ class Trainer:
         On Ctrl-C or SIGTERM a checkpoint is written before the interrupt propagates, so
         nothing is lost and `spdkit resume` continues exactly.
         """
-        from tqdm.auto import tqdm
-
         cfg = self.config
-        bar = tqdm(
-            total=cfg.steps, initial=self.step, disable=not progress, dynamic_ncols=True, desc="spd"
-        )
+        bar = progress_bar(cfg.steps, "spd", progress, initial=self.step)
+        seq_len = getattr(cfg.target, "seq_len", None)  # language models: tokens per second
+        tokens_per_step = cfg.batch_size * seq_len if seq_len else 0
         with _stop_requests() as stop:
             try:
                 while self.step < cfg.steps:
@@ -193,7 +192,11 @@ class Trainer:
                     if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                         record = step_record(self, terms, ci_lower)
                         shown = ("total", *LOSS_TERMS)
-                        bar.set_postfix({k: f"{record[k]:.3g}" for k in shown if k in record})
+                        postfix = {k: f"{record[k]:.3g}" for k in shown if k in record}
+                        rate = bar.format_dict.get("rate")
+                        if tokens_per_step and rate:
+                            postfix = {"tok/s": f"{rate * tokens_per_step:,.0f}", **postfix}
+                        bar.set_postfix(postfix)
                         if on_log:
                             on_log(self.step, record)
                     due = self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from spdkit.config import CorpusConfig
+from spdkit.progress import progress_bar
 
 SUFFIX_FORMATS = {
     ".txt": "text",
@@ -174,7 +174,10 @@ def tokenize_corpus(config: CorpusConfig, tokenizer: Any, tokenizer_dir: Path) -
         tmp = out.with_suffix(f".tmp{os.getpid()}")
         eos = [tokenizer.eos_token_id] if config.append_eos and tokenizer.eos_token_id else []
         n = 0
-        with tmp.open("wb") as f, tqdm(desc="tokenising", unit=" docs", leave=False) as bar:
+        with (
+            tmp.open("wb") as f,
+            progress_bar(None, "tokenising", unit=" docs", leave=False) as bar,
+        ):
             for batch in _batched(documents(config, fmt, files), TOKENIZE_BATCH):
                 ids = tokenizer(batch, return_attention_mask=False)["input_ids"]
                 for doc in ids:

@@ -12,9 +12,15 @@ from torch import Tensor
 def training_steps(n: int, progress: bool, what: str) -> Iterable[int]:
     """range(n), shown as a progress bar ("train <what> target") when `progress`: training a
     bundled target takes seconds to minutes before the decomposition starts."""
-    from tqdm.auto import tqdm
+    from spdkit.progress import progress_bar
 
-    return tqdm(range(n), desc=f"train {what} target", disable=not progress, leave=False)
+    bar = progress_bar(n, f"train {what} target", progress, leave=False)
+    try:
+        for i in range(n):
+            yield i
+            bar.update(1)
+    finally:
+        bar.close()
 
 
 def sample_sparse_features(
