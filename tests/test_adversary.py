@@ -127,3 +127,19 @@ def test_the_evaluation_ladder_is_one_trajectory_read_at_each_count():
     for n in (1, 3):  # the same as n ascent steps from the same fresh start
         alone = ascend(divergence, {"a": start}, n, Ascent("sign", (0.5, 0.99)), 0.1)
         torch.testing.assert_close(ladder[n]["a"], alone["a"])
+
+
+def test_an_ascent_over_weighted_parts_equals_the_ascent_of_their_sum():
+    """A batch attacked in chunks (one backward per chunk) takes the same steps as the batch
+    whole: ∇ Σ_i w_i D_i, accumulated part by part."""
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
+
+    def d_of(rows):
+        return lambda s: ((x[rows] * s["a"]).sum(-1) ** 2).mean()
+
+    start = {"a": torch.full((3,), 0.5)}
+    adam = (0.5, 0.99)
+    whole = ascend(d_of(slice(0, 6)), start, 4, Ascent("adam", adam), 0.05)
+    parts = [(4 / 6, d_of(slice(0, 4))), (2 / 6, d_of(slice(4, 6)))]
+    chunked = ascend(parts, start, 4, Ascent("adam", adam), 0.05)
+    torch.testing.assert_close(chunked["a"], whole["a"])

@@ -64,3 +64,32 @@ def test_norms_are_frobenius_norms_of_rank_one_matrices():
 def test_no_candidates_is_a_clear_error():
     with pytest.raises(ValueError, match="no candidate"):
         mmcs_ml2r(torch.eye(2), torch.eye(2), torch.eye(2), torch.zeros(2, dtype=torch.bool))
+
+
+def test_lm_evaluation_in_chunks_equals_the_whole_batch():
+    """eval.batch_size bounds memory, not the numbers: CE / KL of every mask kind, and the
+    PGD ladder with one source vector for the whole batch (gradients summed over chunks)."""
+    from spdkit.config import EvalConfig, ModuleSpec
+    from spdkit.metrics import lm_mask_evaluation
+    from spdkit.model import ComponentModel
+    from spdkit.targets.transformer import Transformer
+
+    torch.manual_seed(0)
+    lm = Transformer(vocab_size=13, seq_len=6, d_model=8, n_layers=2, n_heads=2, d_mlp=16)
+    model = ComponentModel(lm, [ModuleSpec(pattern="blocks.*.mlp.*", C=5)], ci_hidden_dim=4)
+    ids = torch.randint(0, 13, (8, 6), generator=torch.Generator().manual_seed(1))
+    results = {}
+    for size in (None, 3):
+        ev = EvalConfig(n_eval_samples=len(ids), pgd_steps=[2, 5], batch_size=size)
+        gen = torch.Generator().manual_seed(0)
+        results[size] = lm_mask_evaluation(model, ids, ev, gen)
+    whole, chunked = results[None], results[3]
+    assert whole.keys() == chunked.keys() and {"pgd_2", "pgd_5", "ci"} <= whole.keys()
+    for kind in whole:
+        if kind == "stochastic":  # its random draws come per chunk: another sample
+            continue
+        for key in ("ce", "kl")[: len(whole[kind])]:  # ce_gap_recovered: a ratio of these
+            assert chunked[kind][key] == pytest.approx(whole[kind][key], rel=1e-4, abs=1e-6), (
+                kind,
+                key,
+            )

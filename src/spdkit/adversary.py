@@ -28,7 +28,7 @@ are part of the checkpoint, so a resumed run continues bit-exactly.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -90,25 +90,41 @@ class Ascent:
         return (s + lr * m_hat / (v_hat.sqrt() + ADAM_EPS)).clamp_(0.0, 1.0)
 
 
+Divergence = Callable[[dict[str, Tensor]], Tensor]
+
+
+def source_gradients(
+    parts: Sequence[tuple[float, Divergence]], sources: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """∇_s Σ_i w_i D_i(s) with respect to the sources only, one backward per part: a batch
+    attacked in chunks holds one chunk's graph at a time (the evaluation of a large model).
+    Gradients are on even under no_grad: evaluating the adversarial loss needs its ascent."""
+    total: dict[str, Tensor | None] = dict.fromkeys(sources)
+    for weight, divergence_at in parts:
+        live = {n: s.detach().requires_grad_(True) for n, s in sources.items()}
+        with torch.enable_grad():
+            d = divergence_at(live)
+            grads = torch.autograd.grad(d, list(live.values()), allow_unused=True)
+        for n, gr in zip(live, grads, strict=True):
+            if gr is not None:
+                gr = gr if weight == 1.0 else weight * gr
+                total[n] = gr if total[n] is None else total[n] + gr
+    return {n: torch.zeros_like(sources[n]) if t is None else t for n, t in total.items()}
+
+
 def ascend(
-    divergence_at: Callable[[dict[str, Tensor]], Tensor],
+    divergence_at: Divergence | Sequence[tuple[float, Divergence]],
     sources: dict[str, Tensor],
     n_steps: int,
     ascent: Ascent,
     lr: float,
 ) -> dict[str, Tensor]:
-    """n projected ascent steps on `sources` (the gradient of `divergence_at(sources)` with
-    respect to the sources only; nothing else accumulates a gradient). Returns the new ones.
-    Gradients are on even under no_grad: evaluating the adversarial loss needs its ascent."""
+    """n projected ascent steps on `sources` of D = `divergence_at(sources)`, or of the
+    weighted sum Σ_i w_i D_i of a sequence of (w_i, D_i) parts. Returns the new sources."""
+    parts = [(1.0, divergence_at)] if callable(divergence_at) else list(divergence_at)
     for _ in range(n_steps):
-        live = {n: s.detach().requires_grad_(True) for n, s in sources.items()}
-        with torch.enable_grad():
-            d = divergence_at(live)
-            grads = torch.autograd.grad(d, list(live.values()), allow_unused=True)
-        sources = {
-            n: ascent.update(n, s.detach(), torch.zeros_like(s) if gr is None else gr, lr)
-            for (n, s), gr in zip(live.items(), grads, strict=True)
-        }
+        grads = source_gradients(parts, sources)
+        sources = {n: ascent.update(n, s.detach(), grads[n], lr) for n, s in sources.items()}
     return sources
 
 
@@ -175,7 +191,7 @@ class PersistentSources:
 
 
 def fresh_pgd_ladder(
-    divergence_at: Callable[[dict[str, Tensor]], Tensor],
+    divergence_at: Divergence | Sequence[tuple[float, Divergence]],
     shapes: Mapping[str, tuple[int, ...]],
     n_steps: list[int],
     step_size: float,

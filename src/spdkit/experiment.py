@@ -28,6 +28,7 @@ from spdkit.losses import DIVERGENCES
 from spdkit.masks import MaskStream
 from spdkit.metrics import (
     causal_importance,
+    chunks,
     identity_check,
     lm_mask_evaluation,
     mean_l0,
@@ -41,6 +42,7 @@ from spdkit.metrics import (
     resid_mlp_verdict,
     subcomponent_norms,
     top_contexts,
+    weighted_sum,
 )
 from spdkit.profiling import StepProfiler
 from spdkit.step import LOSS_TERMS, spd_losses
@@ -166,7 +168,7 @@ def _train_and_finish(
         "ms_per_step": round(1000 * seconds / max(1, trainer.step - start_step), 3),
         "device": trainer.device,
     }
-    return evaluate(decomp, run_dir, timing)
+    return evaluate(decomp, run_dir, timing, progress=progress)
 
 
 def evaluate(
@@ -175,6 +177,7 @@ def evaluate(
     timing: dict[str, Any] | None = None,
     out_dir: Path | None = None,
     partial: dict[str, Any] | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """All end-of-run metrics into summary.json, and the figures into figures/, both in
     `out_dir` (default: the run directory). `partial` marks the evaluation of an unfinished
@@ -187,12 +190,15 @@ def evaluate(
     gen = torch.Generator(device=device).manual_seed(config.seed + 3000)
     x = eval_data_source(config).sample(ev.n_eval_samples, gen)
     step = partial["step"] if partial else config.steps  # the annealed p of that step
-    with torch.no_grad():
-        terms, _ = spd_losses(model, x, config, MaskStream(config.seed + 3000), step)
-    ci_data = causal_importance(model, x)
+    losses = []
+    for share, piece in chunks(x, ev.batch_size):
+        with torch.no_grad():
+            terms, _ = spd_losses(model, piece, config, MaskStream(config.seed + 3000), step)
+        losses.append((share, {k: terms[k].item() for k in ("total", *LOSS_TERMS) if k in terms}))
+    ci_data = causal_importance(model, x, chunk=ev.batch_size)
     summary: dict[str, Any] = {
-        "final_losses": {k: terms[k].item() for k in ("total", *LOSS_TERMS) if k in terms},
-        "output_losses": output_losses(model, x, DIVERGENCES[config.output_loss]),
+        "final_losses": weighted_sum(losses),
+        "output_losses": output_losses(model, x, DIVERGENCES[config.output_loss], ev.batch_size),
         "mean_ci_l0": mean_l0(ci_data, ev.ci_threshold),
         "modules": {},
     }
@@ -239,7 +245,7 @@ def evaluate(
     if config.target.kind == "python" and config.target.lm:
         analysis = lm_analysis
     if analysis is not None:
-        summary.update(analysis(decomp, ci_onehot, out_dir / "figures"))
+        summary.update(analysis(decomp, ci_onehot, out_dir / "figures", progress))
     if ci_onehot is not None:
         summary["ci_one_hot"] = {
             "input_value": ev.one_hot_value,
@@ -256,7 +262,9 @@ def evaluate(
     return summary
 
 
-def tms_feature_match(decomp: Decomposition, ci_onehot: dict, fig_dir: Path) -> dict[str, Any]:
+def tms_feature_match(
+    decomp: Decomposition, ci_onehot: dict, fig_dir: Path, progress: bool = False
+) -> dict[str, Any]:
     """TMS: MMCS / ML2R of W's columns against the non-negligible subcomponents (paper §3.1)."""
     config, model = decomp.config, decomp.model
     feature_module = target_kind(config.target).feature_module
@@ -275,7 +283,9 @@ def tms_feature_match(decomp: Decomposition, ci_onehot: dict, fig_dir: Path) -> 
     }
 
 
-def resid_mlp_analysis(decomp: Decomposition, ci_onehot: dict, fig_dir: Path) -> dict[str, Any]:
+def resid_mlp_analysis(
+    decomp: Decomposition, ci_onehot: dict, fig_dir: Path, progress: bool = False
+) -> dict[str, Any]:
     """Residual MLP: the ground-truth verdict from CI on one-hot inputs, and neuron
     contributions of the target vs each feature's W_in subcomponent (paper Figures 6-13)."""
     model, target_cfg = decomp.model, decomp.config.target
@@ -310,31 +320,35 @@ def resid_mlp_analysis(decomp: Decomposition, ci_onehot: dict, fig_dir: Path) ->
     return out
 
 
-def lm_analysis(decomp: Decomposition, ci_onehot: dict | None, fig_dir: Path) -> dict[str, Any]:
+def lm_analysis(
+    decomp: Decomposition, ci_onehot: dict | None, fig_dir: Path, progress: bool = False
+) -> dict[str, Any]:
     """Language-model targets: CE / KL under each kind of mask, CE gap recovered."""
     config, model = decomp.config, decomp.model
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(config.seed + 4000)
     ids = eval_data_source(config).sample(config.eval.n_eval_samples, gen)
-    out: dict[str, Any] = {"lm": lm_mask_evaluation(model, ids, config.eval, gen)}
+    out: dict[str, Any] = {"lm": lm_mask_evaluation(model, ids, config.eval, gen, progress)}
     decoder = target_kind(config.target).decoder
     decode = decoder(config.target) if decoder is not None else None
     if decode is not None:
-        ci = causal_importance(model, ids)
+        ci = causal_importance(model, ids, chunk=config.eval.batch_size)
         table = {name: top_contexts(ci[name].cpu(), ids.cpu(), decode) for name in ci}
         out["lm"]["top_contexts"] = table
         plots.plot_top_contexts(table, fig_dir / "top_contexts.png")
     return out
 
 
-def hf_analysis(decomp: Decomposition, ci_onehot: dict | None, fig_dir: Path) -> dict[str, Any]:
+def hf_analysis(
+    decomp: Decomposition, ci_onehot: dict | None, fig_dir: Path, progress: bool = False
+) -> dict[str, Any]:
     """Hugging Face targets: the language-model report for causal LMs compared on their
     logits; other models (encoders, masked LMs) have no next-token CE to report."""
     from spdkit.targets.hf import is_causal_lm
 
     target = decomp.config.target
     if target.output in (None, "logits") and is_causal_lm(target.hf_config or {}):
-        return lm_analysis(decomp, ci_onehot, fig_dir)
+        return lm_analysis(decomp, ci_onehot, fig_dir, progress)
     return {}
 
 

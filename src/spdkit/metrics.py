@@ -66,12 +66,30 @@ def mmcs_ml2r(W: Tensor, U: Tensor, V: Tensor, candidates: Tensor) -> FeatureMat
 
 
 @torch.no_grad()
-def causal_importance(model: ComponentModel, x: Tensor, upper: bool = True) -> dict[str, Tensor]:
+def chunks(x: Tensor, size: int | None) -> list[tuple[float, Tensor]]:
+    """x split along its first dim into pieces of `size` (None: x whole), each with its share
+    of the rows: a mean over x is the share-weighted sum of the pieces' means."""
+    pieces = [x] if size is None else list(x.split(size))
+    return [(len(p) / len(x), p) for p in pieces]
+
+
+def weighted_sum(parts: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
+    """Σ_i w_i d_i key by key (the chunked mean of per-chunk means)."""
+    keys = parts[0][1].keys()
+    return {k: sum(w * d[k] for w, d in parts) for k in keys}
+
+
+def causal_importance(
+    model: ComponentModel, x: Tensor, upper: bool = True, chunk: int | None = None
+) -> dict[str, Tensor]:
     """CI per module [..., C] on inputs x: σ_H,upper (the penalised, plotted value) by default,
-    σ_H,lower (the masks' g) otherwise."""
-    record = model.record(x)
-    g_lower, g_upper = model.causal_importances(record.inputs, model.inner_acts(record.inputs))
-    return g_upper if upper else g_lower
+    σ_H,lower (the masks' g) otherwise; computed `chunk` rows at a time."""
+    parts = []
+    for _, piece in chunks(x, chunk):
+        record = model.record(piece)
+        g_lower, g_upper = model.causal_importances(record.inputs, model.inner_acts(record.inputs))
+        parts.append(g_upper if upper else g_lower)
+    return {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
 
 
 def one_hot_inputs(n_features: int, value: float, device: str | torch.device = "cpu") -> Tensor:
@@ -108,17 +126,24 @@ def identity_check(
 
 
 @torch.no_grad()
-def output_losses(model: ComponentModel, x: Tensor, divergence: Divergence) -> dict[str, float]:
+def output_losses(
+    model: ComponentModel, x: Tensor, divergence: Divergence, chunk: int | None = None
+) -> dict[str, float]:
     """D(masked output, target output) for masks = CI (lower-leaky g), all ones (the unmasked
-    sum of components) and all zeros (every subcomponent ablated)."""
-    record = model.record(x)
-    ci, _ = model.causal_importances(record.inputs, model.inner_acts(record.inputs))
+    sum of components) and all zeros (every subcomponent ablated); `chunk` rows at a time."""
     ones = model.ones_masks()
     zeros = {n: torch.zeros_like(m) for n, m in ones.items()}
-    return {
-        name: divergence(model.masked_forward(x, masks, record), record.output).item()
-        for name, masks in (("ci_masked", ci), ("unmasked", ones), ("zero_masked", zeros))
-    }
+    parts = []
+    for share, piece in chunks(x, chunk):
+        record = model.record(piece)
+        ci, _ = model.causal_importances(record.inputs, model.inner_acts(record.inputs))
+        kinds = (("ci_masked", ci), ("unmasked", ones), ("zero_masked", zeros))
+        out = {
+            name: divergence(model.masked_forward(piece, masks, record), record.output).item()
+            for name, masks in kinds
+        }
+        parts.append((share, out))
+    return weighted_sum(parts)
 
 
 # --- residual-MLP ground truth (paper: compressed computation, distributed representations) ---
@@ -255,6 +280,7 @@ def lm_mask_evaluation(
     ids: Tensor,
     ev: EvalConfig,
     generator: torch.Generator,
+    progress: bool = False,
 ) -> dict[str, dict[str, float]]:
     """CE and KL(target ‖ masked) of the masked model, every module masked, for masks = CI
     (g), stochastic (g + (1-g) r), all ones, rounded CI (1 where CI > τ, else 0: `rounded` at
@@ -262,52 +288,82 @@ def lm_mask_evaluation(
     masks g + (1 − g) s with fresh sign-PGD sources s after n ascent steps on the KL (VPD's
     adversarial evaluation; one source per module shared by the batch). Also the fraction of
     the CE gap between zero masks and the target that each recovers. Masks of C entries:
-    a Δ-component is left out (VPD's table)."""
+    a Δ-component is left out (VPD's table).
+
+    `ev.batch_size` sequences at a time: each chunk's logits live only while it is scored,
+    and the PGD ascent sums the chunks' source gradients (still one source vector for the
+    whole batch), so memory is that of one chunk."""
     from spdkit.adversary import adversarial_masks, fresh_pgd_ladder
     from spdkit.losses import kl_divergence
+    from spdkit.progress import progress_bar
 
-    record = model.record(ids)
-    logits_target = record.output
-    ce_target = next_token_ce(logits_target, ids)
-    g, _ = model.causal_importances(record.inputs, model.inner_acts(record.inputs))
+    pieces = chunks(ids, ev.batch_size)
+    n_pgd = max(ev.pgd_steps, default=0)
+    bar = progress_bar(len(pieces) * (2 + n_pgd) if n_pgd else len(pieces), "eval", progress)
 
     def r(v: Tensor) -> Tensor:  # drawn on the generator's device, used on the CI's
         return torch.rand(v.shape, generator=generator, device=generator.device).to(v.device)
 
-    masks = {
-        "ci": g,
-        "stochastic": {n: v + (1 - v) * r(v) for n, v in g.items()},
-        "ones": {n: torch.ones_like(v) for n, v in g.items()},
-        "rounded": {n: (v > ev.ci_threshold).to(v.dtype) for n, v in g.items()},
-        **{
-            f"rounded>{t:g}": {n: (v > t).to(v.dtype) for n, v in g.items()}
-            for t in ev.round_thresholds
-        },
-        "zero": {n: torch.zeros_like(v) for n, v in g.items()},
-    }
-    if ev.pgd_steps:
-        prepared = kl_divergence.prepare(logits_target)
+    def scores(piece: Tensor, masks: dict[str, dict[str, Tensor]], record) -> dict:  # noqa: ANN001
+        record = record or model.record(piece)
+        out = {"target": {"ce": next_token_ce(record.output, piece)}}
+        for kind, m in masks.items():
+            logits = model.masked_forward(piece, m, record)
+            out[kind] = {
+                "ce": next_token_ce(logits, piece),
+                "kl": kl_divergence(logits, record.output).item(),
+            }
+        return out
 
-        def kl_at(sources: dict[str, Tensor]) -> Tensor:
-            logits = model.masked_forward(ids, adversarial_masks(g, sources), record)
-            return kl_divergence.compare(logits, prepared)
-
-        shapes = {n: (v.shape[-1],) for n, v in g.items()}
-        ladder = fresh_pgd_ladder(kl_at, shapes, ev.pgd_steps, ev.pgd_step_size, generator)
-        for n_steps, sources in ladder.items():
-            masks[f"pgd_{n_steps}"] = adversarial_masks(g, sources)
-    out: dict[str, dict[str, float]] = {"target": {"ce": ce_target}}
-    for kind, m in masks.items():
-        logits = model.masked_forward(ids, m, record)
-        out[kind] = {
-            "ce": next_token_ce(logits, ids),
-            "kl": kl_divergence(logits, logits_target).item(),
+    per_chunk, gs, kept = [], [], None
+    for share, piece in pieces:
+        record = model.record(piece)
+        kept = record if len(pieces) == 1 else None  # one chunk: its record serves the PGD
+        g, _ = model.causal_importances(record.inputs, model.inner_acts(record.inputs))
+        gs.append(g)
+        masks = {
+            "ci": g,
+            "stochastic": {n: v + (1 - v) * r(v) for n, v in g.items()},
+            "ones": {n: torch.ones_like(v) for n, v in g.items()},
+            "rounded": {n: (v > ev.ci_threshold).to(v.dtype) for n, v in g.items()},
+            **{
+                f"rounded>{t:g}": {n: (v > t).to(v.dtype) for n, v in g.items()}
+                for t in ev.round_thresholds
+            },
+            "zero": {n: torch.zeros_like(v) for n, v in g.items()},
         }
-    gap = out["zero"]["ce"] - ce_target
-    for kind in masks:
-        out[kind]["ce_gap_recovered"] = (
-            (out["zero"]["ce"] - out[kind]["ce"]) / gap if gap else float("nan")
-        )
+        per_chunk.append((share, scores(piece, masks, record)))
+        del record
+        bar.update(1)
+    if ev.pgd_steps:
+
+        def kl_at(piece: Tensor, g: dict[str, Tensor]):
+            def kl(sources: dict[str, Tensor]) -> Tensor:
+                record = kept or model.record(piece)  # else recomputed: none is kept
+                logits = model.masked_forward(piece, adversarial_masks(g, sources), record)
+                bar.update(1)
+                return kl_divergence(logits, record.output)
+
+            return kl
+
+        parts = [(share, kl_at(piece, g)) for (share, piece), g in zip(pieces, gs, strict=True)]
+        shapes = {n: (v.shape[-1],) for n, v in gs[0].items()}
+        ladder = fresh_pgd_ladder(parts, shapes, ev.pgd_steps, ev.pgd_step_size, generator)
+        for i, ((_, piece), g) in enumerate(zip(pieces, gs, strict=True)):
+            adv = {f"pgd_{n}": adversarial_masks(g, s) for n, s in ladder.items()}
+            extra = scores(piece, adv, kept)
+            per_chunk[i][1].update({k: v for k, v in extra.items() if k != "target"})
+            bar.update(1)
+    bar.close()
+    out = {
+        kind: weighted_sum([(share, d[kind]) for share, d in per_chunk]) for kind in per_chunk[0][1]
+    }
+    gap = out["zero"]["ce"] - out["target"]["ce"]
+    for kind in out:
+        if kind != "target":
+            out[kind]["ce_gap_recovered"] = (
+                (out["zero"]["ce"] - out[kind]["ce"]) / gap if gap else float("nan")
+            )
     return out
 
 

@@ -67,6 +67,12 @@ class EvalConfig(StrictModel):
         "the batch) after each number of ascent steps; [] for none",
     )
     pgd_step_size: float = Field(default=0.1, gt=0, description="the evaluation PGD's step")
+    batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="samples per evaluation chunk: bounds its memory (a large LM's logits); "
+        "null: the whole evaluation batch at once",
+    )
 
 
 class SubsetRoutingConfig(StrictModel):
