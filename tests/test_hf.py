@@ -60,6 +60,7 @@ def lm_config(patterns: list[str], C: int, steps: int = 200):
             "optimizer": {"lr": 1e-3},
             "log_every": 50,
             "checkpoint_every": 100,
+            "eval": {"n_eval_samples": 64},
         }
     )
 

@@ -278,6 +278,12 @@ def test_decompose_and_load_a_user_model(tmp_path):
     config = parse_config(data)
     decomp = spdkit.decompose(make(), Data(), config, run_dir=tmp_path / "mine", progress=False)
     assert decomp.subcomponents("0")[0].shape == (8, 6)
+    # an API run directory is complete: summary and figures as `spdkit run` writes them
+    summary = json.loads((tmp_path / "mine" / "summary.json").read_text())
+    assert set(summary["modules"]) == {"0", "2"} and summary == decomp.summary
+    assert (tmp_path / "mine" / "figures" / "ci_histograms.png").is_file()
+    again = decomp.evaluate(tmp_path / "elsewhere", progress=False)
+    assert again["output_losses"] == summary["output_losses"]
     with pytest.raises(runs.RunDirError, match="pass load"):
         load(tmp_path / "mine")
     again = load(tmp_path / "mine", target=make())

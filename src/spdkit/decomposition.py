@@ -26,6 +26,20 @@ class Decomposition:
     config: SPDConfig
     run_dir: Path | None = None
     summary: dict[str, Any] = field(default_factory=dict)
+    data: DataSource | None = None  # the API's data; a config's target names its own
+
+    def evaluate(self, out_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+        """The end-of-run metrics into summary.json and the figures into figures/ of
+        `out_dir` (default: the run directory), as `spdkit run` writes them; returns the
+        summary."""
+        from spdkit.experiment import evaluate
+
+        where = Path(out_dir) if out_dir is not None else self.run_dir
+        if where is None:
+            raise ValueError("this decomposition has no run directory: pass evaluate(out_dir=...)")
+        where.mkdir(parents=True, exist_ok=True)
+        self.summary = evaluate(self, self.run_dir or where, out_dir=where, progress=progress)
+        return self.summary
 
     @property
     def module_names(self) -> list[str]:
@@ -86,7 +100,8 @@ def decompose(
 
     `data.sample(batch_size, generator)` gives input batches. The model is frozen and its
     matched modules are wrapped in place. With `run_dir`, config, target weights, metrics,
-    checkpoints and components are written there.
+    checkpoints, components, summary.json and figures are written there (as `spdkit run`
+    writes them).
     """
     trainer = build_trainer(model, data, config, device)
     path = Path(run_dir) if run_dir is not None else None
@@ -95,7 +110,10 @@ def decompose(
         runs.save_config(path, config)
         runs.save_tensors(path / "target.safetensors", runs.target_state_dict(trainer.model))
     train_in_run_dir(trainer, path, progress)
-    return Decomposition(trainer.model, config, path)
+    decomp = Decomposition(trainer.model, config, path, data=data)
+    if path is not None:
+        decomp.evaluate(progress=progress)
+    return decomp
 
 
 def load(
@@ -129,7 +147,8 @@ def data_source(config: SPDConfig) -> DataSource:
     return target_kind(config.target).data(config.target)
 
 
-def eval_data_source(config: SPDConfig) -> DataSource:
-    """What the evaluation draws from: the corpus's held-out part where it has one."""
-    source = data_source(config)
+def eval_data_source(config: SPDConfig, data: DataSource | None = None) -> DataSource:
+    """What the evaluation draws from (`data`, else the config target's): the corpus's
+    held-out part where it has one."""
+    source = data if data is not None else data_source(config)
     return getattr(source, "heldout", None) or source

@@ -188,7 +188,7 @@ def evaluate(
     device = next(model.parameters()).device
     ev = config.eval
     gen = torch.Generator(device=device).manual_seed(config.seed + 3000)
-    x = eval_data_source(config).sample(ev.n_eval_samples, gen)
+    x = eval_data_source(config, decomp.data).sample(ev.n_eval_samples, gen)
     step = partial["step"] if partial else config.steps  # the annealed p of that step
     losses = []
     for share, piece in chunks(x, ev.batch_size):
@@ -241,8 +241,9 @@ def evaluate(
             )
             for name, d in model.identity_modules.items()
         }
-    analysis = TARGET_ANALYSES.get(config.target.kind)
-    if config.target.kind == "python" and config.target.lm:
+    kind = config.target.kind if config.target is not None else None
+    analysis = TARGET_ANALYSES.get(kind)
+    if kind == "python" and config.target.lm:
         analysis = lm_analysis
     if analysis is not None:
         summary.update(analysis(decomp, ci_onehot, out_dir / "figures", progress))
@@ -327,7 +328,7 @@ def lm_analysis(
     config, model = decomp.config, decomp.model
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(config.seed + 4000)
-    ids = eval_data_source(config).sample(config.eval.n_eval_samples, gen)
+    ids = eval_data_source(config, decomp.data).sample(config.eval.n_eval_samples, gen)
     out: dict[str, Any] = {"lm": lm_mask_evaluation(model, ids, config.eval, gen, progress)}
     decoder = target_kind(config.target).decoder
     decode = decoder(config.target) if decoder is not None else None
@@ -381,7 +382,7 @@ def draw_figures(
             show_all=config.target.kind == "resid_mlp",
             ncols=2 if config.target.kind == "resid_mlp" else None,
         )
-    feature_module = target_kind(config.target).feature_module
+    feature_module = target_kind(config.target).feature_module if config.target else None
     for name in model.module_names:
         U, V = decomp.subcomponents(name)
         W = model.target_weight(name)
