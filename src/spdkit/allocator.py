@@ -30,3 +30,15 @@ def keep_freed_memory(trim_threshold: int = 1 << 30, mmap_threshold: int = 1 << 
     return bool(mallopt(M_TRIM_THRESHOLD, trim_threshold)) and bool(
         mallopt(M_MMAP_THRESHOLD, mmap_threshold)
     )
+
+
+def release_free_memory() -> bool:
+    """Give the heap's free memory back to the OS now (glibc malloc_trim): afterwards RSS
+    counts live memory only, which is what a memory probe must start from. False where it
+    does not apply."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return False
+    return bool(trim(0)) or True

@@ -309,6 +309,32 @@ def check(
 
 
 @app.command()
+def plan(
+    config: str = typer.Argument(..., help="bundled config name or YAML path"),
+    target_hf: Path | None = typer.Option(  # noqa: UP007
+        None, "--target-hf", help="its target is this local transformers model directory"
+    ),
+    set_: list[str] = typer.Option([], "--set", help="override any field, as for `run`"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+) -> None:
+    """Peak memory and FLOPs of a run's training step and evaluation, before it runs (two
+    small probe steps on the untrained target, extrapolated to the batch)."""
+    from spdkit.experiment import plan_config
+    from spdkit.plan import format_plan
+
+    try:
+        overrides = _parse_overrides(set_)
+        if target_hf is not None:
+            overrides = {"target": hf_target_override(target_hf, config), **overrides}
+        result = plan_config(load_config(config, overrides), device)
+    except USER_ERRORS as err:
+        _fail(err)
+    typer.echo(format_plan(result))
+    if result.fits is False:
+        typer.echo("this run will not fit: `spdkit run` would refuse it", err=True)
+
+
+@app.command()
 def modules(
     source: str = typer.Argument(
         ..., help="a local transformers model directory, or a config (bundled name or YAML)"

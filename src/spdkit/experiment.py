@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from spdkit import plots, runs
-from spdkit.config import SPDConfig
+from spdkit.allocator import release_free_memory
+from spdkit.config import ConfigError, SPDConfig
 from spdkit.decomposition import (
     Decomposition,
     build_trainer,
@@ -44,6 +45,7 @@ from spdkit.metrics import (
     top_contexts,
     weighted_sum,
 )
+from spdkit.plan import GIB, Plan, check_fits, make_plan
 from spdkit.profiling import StepProfiler
 from spdkit.step import LOSS_TERMS, spd_losses
 from spdkit.targets import target_kind
@@ -149,6 +151,15 @@ def _decompose_into(
         except CheckpointError as err:
             raise runs.RunDirError(f"{ckpt}: {err}") from None
         log.info("resuming %s from step %d", run_dir, trainer.step)
+    plan = make_plan(trainer)
+    check_fits(plan)  # a run that will not fit stops here, not at step 0 by the OOM killer
+    if plan.peak_bytes is not None:
+        log.info(
+            "memory plan: peak %.2f GiB (training), %.2f GiB (evaluation); %.2f GiB available",
+            plan.peak_bytes / GIB,
+            (plan.eval_peak_bytes or 0) / GIB,
+            (plan.available or 0) / GIB,
+        )
     runs.truncate_metrics(run_dir, trainer.step)
     on_step = StepProfiler(run_dir) if profile else None
     return _train_and_finish(trainer, run_dir, progress, on_step)
@@ -185,6 +196,7 @@ def evaluate(
     training."""
     out_dir = run_dir if out_dir is None else out_dir
     config, model = decomp.config, decomp.model
+    release_free_memory()  # what training kept for reuse: the evaluation's shapes differ
     device = next(model.parameters()).device
     ev = config.eval
     gen = torch.Generator(device=device).manual_seed(config.seed + 3000)
@@ -396,6 +408,20 @@ def draw_figures(
             plots.plot_matrix_decomposition(
                 W, U, V, fig_dir / f"matrix_{safe}.png", n_show=min(n_live + 1, 6), title=name
             )
+
+
+def plan_config(config: SPDConfig, device: str = "cpu") -> Plan:
+    """`spdkit plan`: the plan of a config's run, on its target built untrained (the same
+    shapes and memory as the trained one; nothing is trained or read but a model directory)."""
+    device = resolve_device(device)
+    if config.target is None:
+        raise ConfigError("the config names no target to plan for")
+    kind = target_kind(config.target)
+    if config.target.kind in ("hf", "python"):
+        target, _ = kind.train(config.target, config.seed, device)  # loaded, not trained
+    else:
+        target = kind.build(config.target).to(device)
+    return make_plan(build_trainer(target, data_source(config), config, device))
 
 
 def evaluate_run_dir(run_dir: Path, device: str = "cpu") -> dict[str, Any]:
