@@ -258,6 +258,7 @@ def evaluate(
     if kind == "python" and config.target.lm:
         analysis = lm_analysis
     if analysis is not None:
+        release_free_memory()  # the losses' freed blocks fit the report's tensors badly
         summary.update(analysis(decomp, ci_onehot, out_dir / "figures", progress))
     if ci_onehot is not None:
         summary["ci_one_hot"] = {

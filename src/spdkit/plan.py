@@ -31,7 +31,7 @@ from spdkit.step import spd_losses
 from spdkit.train import Trainer
 
 PROBE_BATCH = 8  # the second training probe's batch (the first is 1)
-PROBE_EVAL = 16  # the second evaluation probe's samples
+PROBE_EVAL = 64  # the second evaluation probe's samples
 MEASURABLE = 16 * 2**20  # bytes two probes must differ by for a per-sample slope
 PROBE_SEED = 1_000_003  # the probes' own data and mask numbers
 GIB = 2**30
@@ -171,6 +171,8 @@ def make_plan(trainer: Trainer) -> Plan:
     cfg = trainer.config
     B = cfg.batch_size
     tokens = int(getattr(cfg.target, "seq_len", 1) or 1)
+    import spdkit.plots  # noqa: F401  (the evaluation draws figures: matplotlib is resident)
+
     release_free_memory()
     rss = _status_kib("VmRSS")
     base = rss * 1024 if rss is not None else None
