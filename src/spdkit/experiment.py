@@ -48,7 +48,7 @@ from spdkit.metrics import (
 from spdkit.plan import GIB, Plan, check_fits, make_plan
 from spdkit.profiling import StepProfiler
 from spdkit.step import LOSS_TERMS, spd_losses
-from spdkit.targets import target_kind
+from spdkit.targets import reports_lm, target_kind
 from spdkit.train import CheckpointError, Trainer
 
 log = logging.getLogger(__name__)
@@ -254,9 +254,7 @@ def evaluate(
             for name, d in model.identity_modules.items()
         }
     kind = config.target.kind if config.target is not None else None
-    analysis = TARGET_ANALYSES.get(kind)
-    if kind == "python" and config.target.lm:
-        analysis = lm_analysis
+    analysis = lm_analysis if reports_lm(config.target) else TARGET_ANALYSES.get(kind)
     if analysis is not None:
         release_free_memory()  # the losses' freed blocks fit the report's tensors badly
         summary.update(analysis(decomp, ci_onehot, out_dir / "figures", progress))
@@ -353,26 +351,7 @@ def lm_analysis(
     return out
 
 
-def hf_analysis(
-    decomp: Decomposition, ci_onehot: dict | None, fig_dir: Path, progress: bool = False
-) -> dict[str, Any]:
-    """Hugging Face targets: the language-model report for causal LMs compared on their
-    logits; other models (encoders, masked LMs) have no next-token CE to report."""
-    from spdkit.targets.hf import is_causal_lm
-
-    target = decomp.config.target
-    if target.output in (None, "logits") and is_causal_lm(target.hf_config or {}):
-        return lm_analysis(decomp, ci_onehot, fig_dir, progress)
-    return {}
-
-
-TARGET_ANALYSES = {
-    "tms": tms_feature_match,
-    "resid_mlp": resid_mlp_analysis,
-    "induction": lm_analysis,
-    "tiny_lm": lm_analysis,
-    "hf": hf_analysis,
-}
+TARGET_ANALYSES = {"tms": tms_feature_match, "resid_mlp": resid_mlp_analysis}
 
 
 def draw_figures(

@@ -28,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from spdkit.allocator import release_free_memory
 from spdkit.masks import MaskStream
 from spdkit.step import spd_losses
+from spdkit.targets import reports_lm
 from spdkit.train import Trainer
 
 PROBE_BATCH = 8  # the second training probe's batch (the first is 1)
@@ -140,7 +141,7 @@ def _evaluation_work(trainer: Trainer, x: torch.Tensor, gen: torch.Generator) ->
         spd_losses(model, x, cfg, MaskStream(PROBE_SEED), trainer.step, None)
         causal_importance(model, x)
         output_losses(model, x, DIVERGENCES[cfg.output_loss])
-    if not x.is_floating_point():
+    if reports_lm(cfg.target):
         ev = cfg.eval.model_copy(update={"pgd_steps": [1], "batch_size": None})
         lm_mask_evaluation(model, x, ev, gen)
 

@@ -84,3 +84,18 @@ TARGET_KINDS: dict[str, TargetKind] = {
 
 def target_kind(config: TargetConfig) -> TargetKind:
     return TARGET_KINDS[config.kind]
+
+
+def reports_lm(config: TargetConfig | None) -> bool:
+    """Does the target map token ids to next-token logits (the CE / KL report applies)?"""
+    if config is None:
+        return False
+    if config.kind in ("induction", "tiny_lm"):
+        return True
+    if config.kind == "python":
+        return config.lm
+    if config.kind == "hf":
+        return config.output in (None, "logits") and hf.is_causal_lm(
+            config.hf_config or hf.read_hf_config(config.path)
+        )
+    return False
