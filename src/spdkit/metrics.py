@@ -3,6 +3,7 @@ causal importance on one-hot inputs, CI-L0, and output losses under several mask
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -274,6 +275,24 @@ def next_token_ce(logits: Tensor, ids: Tensor) -> float:
     ).item()
 
 
+def mask_kinds(
+    g: dict[str, Tensor], ev: EvalConfig, draw: Callable[[Tensor], Tensor]
+) -> dict[str, dict[str, Tensor]]:
+    """The evaluation's masks per kind, from the CI g: CI, stochastic g + (1 − g) r (r from
+    `draw`), all ones, rounded at `ci_threshold` and at each `round_thresholds`, all zeros."""
+    return {
+        "ci": g,
+        "stochastic": {n: v + (1 - v) * draw(v) for n, v in g.items()},
+        "ones": {n: torch.ones_like(v) for n, v in g.items()},
+        "rounded": {n: (v > ev.ci_threshold).to(v.dtype) for n, v in g.items()},
+        **{
+            f"rounded>{t:g}": {n: (v > t).to(v.dtype) for n, v in g.items()}
+            for t in ev.round_thresholds
+        },
+        "zero": {n: torch.zeros_like(v) for n, v in g.items()},
+    }
+
+
 @torch.no_grad()
 def lm_mask_evaluation(
     model: ComponentModel,
@@ -321,18 +340,7 @@ def lm_mask_evaluation(
         kept = record if len(pieces) == 1 else None  # one chunk: its record serves the PGD
         g, _ = model.causal_importances(record.inputs, model.inner_acts(record.inputs))
         gs.append(g)
-        masks = {
-            "ci": g,
-            "stochastic": {n: v + (1 - v) * r(v) for n, v in g.items()},
-            "ones": {n: torch.ones_like(v) for n, v in g.items()},
-            "rounded": {n: (v > ev.ci_threshold).to(v.dtype) for n, v in g.items()},
-            **{
-                f"rounded>{t:g}": {n: (v > t).to(v.dtype) for n, v in g.items()}
-                for t in ev.round_thresholds
-            },
-            "zero": {n: torch.zeros_like(v) for n, v in g.items()},
-        }
-        per_chunk.append((share, scores(piece, masks, record)))
+        per_chunk.append((share, scores(piece, mask_kinds(g, ev, r), record)))
         del record
         bar.update(1)
     if ev.pgd_steps:
