@@ -47,6 +47,7 @@ from spdkit.metrics import (
 )
 from spdkit.plan import GIB, Plan, check_fits, make_plan
 from spdkit.profiling import StepProfiler
+from spdkit.progress import progress_bar
 from spdkit.step import LOSS_TERMS, spd_losses
 from spdkit.targets import reports_lm, target_kind
 from spdkit.train import CheckpointError, Trainer
@@ -203,14 +204,21 @@ def evaluate(
     x = eval_data_source(config, decomp.data).sample(ev.n_eval_samples, gen)
     step = partial["step"] if partial else config.steps  # the annealed p of that step
     losses = []
-    for share, piece in chunks(x, ev.batch_size):
+    pieces = chunks(x, ev.batch_size)
+    bar = progress_bar(len(pieces) + 2, "eval losses", progress)
+    for share, piece in pieces:
         with torch.no_grad():
             terms, _ = spd_losses(model, piece, config, MaskStream(config.seed + 3000), step)
         losses.append((share, {k: terms[k].item() for k in ("total", *LOSS_TERMS) if k in terms}))
+        bar.update(1)
     ci_data = causal_importance(model, x, chunk=ev.batch_size)
+    bar.update(1)
+    outputs = output_losses(model, x, DIVERGENCES[config.output_loss], ev.batch_size)
+    bar.update(1)
+    bar.close()
     summary: dict[str, Any] = {
         "final_losses": weighted_sum(losses),
-        "output_losses": output_losses(model, x, DIVERGENCES[config.output_loss], ev.batch_size),
+        "output_losses": outputs,
         "mean_ci_l0": mean_l0(ci_data, ev.ci_threshold),
         "modules": {},
     }
