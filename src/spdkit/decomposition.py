@@ -32,7 +32,7 @@ class Decomposition:
         """The end-of-run metrics into summary.json and the figures into figures/ of
         `out_dir` (default: the run directory), as `spdkit run` writes them; returns the
         summary."""
-        from spdkit.experiment import evaluate
+        from spdkit.evaluation import evaluate
 
         where = Path(out_dir) if out_dir is not None else self.run_dir
         if where is None:
