@@ -74,9 +74,15 @@ def test_frequency_minimality_by_hand():
     one = torch.tensor([[1.0, 0.0]] * 4)
     two = torch.tensor([[1.0, 0.0]] * 2 + [[0.0, 1.0]] * 2)
     assert frequency_minimality_loss([one]) > frequency_minimality_loss([two])
-    # the log's count can come from elsewhere (all data-parallel ranks): s log2(1 + 2s)
-    doubled = frequency_minimality_loss([phi], global_sum=lambda s: 2 * s)
-    assert doubled.item() == pytest.approx((3 * math.log2(7) + 0.5 * math.log2(2)) / 4, abs=1e-6)
+    # two data-parallel ranks holding the same shard: s = 2 (3, 0.5) over 8 positions, the
+    # gradient of the global loss with respect to this rank's φ: log2(1 + S) + S / ((1 + S) ln 2)
+    leaf = phi.clone().requires_grad_(True)
+    doubled = frequency_minimality_loss([leaf], global_sum=lambda s: 2 * s, world=2)
+    assert doubled.item() == pytest.approx((6 * math.log2(7) + 1 * math.log2(2)) / 8, abs=1e-6)
+    doubled.backward()
+    S = torch.tensor([6.0, 1.0])
+    per_c = (torch.log2(1 + S) + S / ((1 + S) * math.log(2))) / 8
+    torch.testing.assert_close(leaf.grad, per_c.expand_as(phi))
 
 
 def test_smooth_l0_penalty_saturates_and_has_a_finite_slope_at_zero():

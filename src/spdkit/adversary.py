@@ -49,13 +49,16 @@ def initial_sources(
     init: str,
     stream: MaskStream,
     device: torch.device | str,
+    per_sample: bool = False,
 ) -> dict[str, Tensor]:
     """s⁰ per module: U(0, 1) from the step's counter stream (so a resumed run draws the same
-    numbers), or all ones (the unablated model), or all zeros (m = g, the CI masks)."""
+    numbers), or all ones (the unablated model), or all zeros (m = g, the CI masks).
+    `per_sample`: the shapes' dim 0 is the batch (scope position), so each data-parallel
+    rank draws its rows of the global draw."""
     out = {}
     for name, shape in shapes.items():
         if init == "random":
-            out[name] = stream.uniforms(math.prod(shape), device).view(shape)
+            out[name] = stream.uniforms(math.prod(shape), device, per_sample).view(shape)
         else:
             fill = 1.0 if init == "ones" else 0.0
             out[name] = torch.full(shape, fill, device=device)
@@ -118,12 +121,16 @@ def ascend(
     n_steps: int,
     ascent: Ascent,
     lr: float,
+    reduce: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
 ) -> dict[str, Tensor]:
     """n projected ascent steps on `sources` of D = `divergence_at(sources)`, or of the
-    weighted sum Σ_i w_i D_i of a sequence of (w_i, D_i) parts. Returns the new sources."""
+    weighted sum Σ_i w_i D_i of a sequence of (w_i, D_i) parts. Returns the new sources.
+    `reduce` combines the gradients of sources shared across data-parallel ranks."""
     parts = [(1.0, divergence_at)] if callable(divergence_at) else list(divergence_at)
     for _ in range(n_steps):
         grads = source_gradients(parts, sources)
+        if reduce is not None:
+            grads = reduce(grads)
         sources = {n: ascent.update(n, s.detach(), grads[n], lr) for n, s in sources.items()}
     return sources
 
@@ -148,7 +155,10 @@ class PersistentSources:
         """The current sources of these modules (initialised on first use)."""
         missing = {n: s for n, s in shapes.items() if n not in self.sources}
         if missing:
-            self.sources.update(initial_sources(missing, self.config.init, stream, device))
+            per_sample = self.config.scope == "position"
+            self.sources.update(
+                initial_sources(missing, self.config.init, stream, device, per_sample)
+            )
         wrong = [n for n, s in shapes.items() if tuple(self.sources[n].shape) != tuple(s)]
         if wrong:
             raise ValueError(

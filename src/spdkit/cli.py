@@ -13,6 +13,7 @@ from typing import Any
 import typer
 
 from spdkit.config import ConfigError, bundled_config_names, load_config
+from spdkit.distributed import PeerLostError
 from spdkit.runs import RunDirError
 from spdkit.train import NonFiniteError
 
@@ -28,6 +29,7 @@ USER_ERRORS = (
     FileExistsError,
     FileNotFoundError,
     OSError,
+    PeerLostError,
 )
 
 
@@ -54,8 +56,53 @@ def _terminate_as_interrupt(signum: int, frame: Any) -> None:  # noqa: ARG001
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+NPROC_HELP = (
+    "data-parallel processes on this machine: relaunches itself under `torchrun --standalone "
+    "--nproc_per_node N` (cores / N threads each)"
+)
+
+
+def _launch_torchrun(nproc: int) -> None:
+    """Replace this process by `torchrun --standalone --nproc_per_node N -m spdkit <args>`
+    (the same arguments without --nproc), with cores / N threads per rank."""
+    import os
+
+    from spdkit.distributed import threads_per_process
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(nproc)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc_per_node={nproc}", "-m", "spdkit", *args]
+    typer.echo("launching: " + " ".join(cmd[1:]), err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, cmd)
+
+
+def _join_ranks(device: str, nproc: int) -> tuple[Any, str]:
+    """(Parallel, device): this rank's place under torchrun; alone, (SINGLE, device). With
+    --nproc N > 1 outside torchrun, this process becomes the torchrun launcher instead."""
+    from spdkit.distributed import init_from_env, launched_by_torchrun
+
+    if nproc > 1 and not launched_by_torchrun():
+        _launch_torchrun(nproc)
+    parallel, device = init_from_env(device)
+    if not parallel.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 tells the story
+    return parallel, device
+
+
 def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     """The headline numbers of a run, then where everything else is."""
+    if not summary:  # a data-parallel rank other than 0: rank 0 prints
+        return
     fl = summary["final_losses"]
     typer.echo("\n== spdkit summary ==")
     typer.echo("final losses: " + ", ".join(f"{k} {v:.4g}" for k, v in fl.items()))
@@ -176,12 +223,14 @@ def run(
         help="PATTERN[:C]: insert a d×d identity before matched nn.Linear/Conv1D modules and "
         "decompose it too (default C = 2d); the summary says how many subcomponents it used",
     ),
+    nproc: int = typer.Option(1, min=1, help=NPROC_HELP),
 ) -> None:
     """Train (or load) the target and decompose it."""
     from spdkit.experiment import run_experiment
 
     run_dir = None
     try:
+        parallel, device = _join_ranks(device, nproc)
         overrides = _parse_overrides(set_)
         if seed is not None:
             overrides["seed"] = seed
@@ -199,7 +248,7 @@ def run(
         cfg = load_config(config, overrides)
         name = Path(config).stem if config.endswith((".yaml", ".yml")) else config
         run_dir = out or Path("runs") / f"{name}-seed{cfg.seed}"
-        summary = run_experiment(cfg, run_dir, device, target, not quiet, profile)
+        summary = run_experiment(cfg, run_dir, device, target, not quiet, profile, parallel)
     except USER_ERRORS as err:
         _fail(err)
     except KeyboardInterrupt:
@@ -212,12 +261,14 @@ def resume(
     run_dir: Path = typer.Argument(..., help="a run directory with a checkpoint"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     quiet: bool = typer.Option(False, help="no progress bar"),
+    nproc: int = typer.Option(1, min=1, help=NPROC_HELP),
 ) -> None:
-    """Continue an interrupted run from its last checkpoint."""
+    """Continue an interrupted run from its last checkpoint (at any number of processes)."""
     from spdkit.experiment import resume_run
 
     try:
-        summary = resume_run(run_dir, device, progress=not quiet)
+        parallel, device = _join_ranks(device, nproc)
+        summary = resume_run(run_dir, device, progress=not quiet, parallel=parallel)
     except USER_ERRORS as err:
         _fail(err)
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from spdkit import runs
 from spdkit.config import SPDConfig
+from spdkit.distributed import SINGLE, Parallel
 from spdkit.metrics import causal_importance
 from spdkit.model import ComponentModel
 from spdkit.targets import DataSource, target_kind
@@ -59,11 +60,18 @@ class Decomposition:
         return comps.U.detach(), comps.V.detach()
 
 
-def build_trainer(target: nn.Module, data: DataSource, config: SPDConfig, device: str) -> Trainer:
-    """Wrap the target and set up training; the component init is fixed by config.seed."""
+def build_trainer(
+    target: nn.Module,
+    data: DataSource,
+    config: SPDConfig,
+    device: str,
+    parallel: Parallel = SINGLE,
+) -> Trainer:
+    """Wrap the target and set up training; the component init is fixed by config.seed (the
+    same on every data-parallel rank)."""
     torch.manual_seed(config.seed)
     model = ComponentModel.from_config(target.to(device), config).to(device)
-    return Trainer(model, data, config, device)
+    return Trainer(model, data, config, device, parallel)
 
 
 def train_in_run_dir(
@@ -72,20 +80,26 @@ def train_in_run_dir(
     progress: bool = True,
     on_step: Callable[[Trainer], None] | None = None,
 ) -> None:
-    """Run the loop, appending metrics and writing atomic checkpoints into run_dir if given."""
+    """Run the loop, appending metrics and writing atomic checkpoints into run_dir if given
+    (data-parallel: rank 0 writes; a checkpoint gathers state from every rank)."""
     if run_dir is None:
         trainer.run(progress=progress, on_step=on_step)
         return
+    main = trainer.parallel.is_main
 
     def on_log(step: int, record: dict[str, float]) -> None:
-        runs.append_metrics(run_dir, {"step": step, **record})
+        if main:
+            runs.append_metrics(run_dir, {"step": step, **record})
 
     def on_checkpoint(t: Trainer) -> None:
         tensors, meta = t.state_tensors()
-        runs.save_checkpoint(run_dir, tensors, meta)
+        if main:
+            runs.save_checkpoint(run_dir, tensors, meta)
 
     trainer.run(on_log=on_log, on_checkpoint=on_checkpoint, progress=progress, on_step=on_step)
-    runs.save_tensors(run_dir / "components.safetensors", runs.component_tensors(trainer.model))
+    if main:
+        components = runs.component_tensors(trainer.model)
+        runs.save_tensors(run_dir / "components.safetensors", components)
 
 
 def decompose(

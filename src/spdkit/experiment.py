@@ -23,6 +23,7 @@ from spdkit.decomposition import (
     load,
     train_in_run_dir,
 )
+from spdkit.distributed import SINGLE, Parallel
 from spdkit.evaluation import evaluate
 from spdkit.plan import GIB, Plan, check_fits, make_plan
 from spdkit.profiling import StepProfiler
@@ -62,9 +63,12 @@ def run_experiment(
     target_path: Path | None = None,
     progress: bool = True,
     profile: bool = False,
+    parallel: Parallel = SINGLE,
 ) -> dict[str, Any]:
     """Train or load the target, decompose it into `out`, then evaluate and draw figures.
-    With `profile`, steps 6-15 run under torch.profiler and profile.txt is written."""
+    With `profile`, steps 6-15 run under torch.profiler and profile.txt is written.
+    Data-parallel ranks all call this; rank 0 writes the run directory and evaluates, the
+    others return an empty summary."""
     device = resolve_device(device)
     if config.target is None:
         raise ValueError("the config has no `target` section: `spdkit run` needs a bundled target")
@@ -79,17 +83,22 @@ def run_experiment(
                 )
             }
         )
-    out = prepare_run_dir(Path(out))
-    runs.save_config(out, config)
-    if target_path is not None:
-        target, info = runs.load_target(target_path, config.target)
-        info = {**info, "loaded_from": str(target_path)}
-        runs.save_target(out, target, config.target, info)
-    return _decompose_into(out, config, device, progress, profile)
+    out = Path(out)
+    if parallel.is_main:
+        prepare_run_dir(out)
+        runs.save_config(out, config)
+        if target_path is not None:
+            target, info = runs.load_target(target_path, config.target)
+            info = {**info, "loaded_from": str(target_path)}
+            runs.save_target(out, target, config.target, info)
+    return _decompose_into(out, config, device, progress, profile, parallel)
 
 
-def resume_run(run_dir: Path, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
-    """Continue a killed or interrupted run from its last checkpoint, then finish it.
+def resume_run(
+    run_dir: Path, device: str = "cpu", progress: bool = True, parallel: Parallel = SINGLE
+) -> dict[str, Any]:
+    """Continue a killed or interrupted run from its last checkpoint, then finish it (at any
+    world size: see docs/distributed.md for what changes with it).
 
     A run killed before its target was saved trains the target again (same seed, same target).
     """
@@ -98,30 +107,26 @@ def resume_run(run_dir: Path, device: str = "cpu", progress: bool = True) -> dic
     config = runs.load_run_config(run_dir)
     if config.target is None:
         raise runs.RunDirError(f"{run_dir}: `spdkit resume` needs a bundled target in config.yaml")
-    return _decompose_into(run_dir, config, device, progress)
+    return _decompose_into(run_dir, config, device, progress, parallel=parallel)
 
 
 def _decompose_into(
-    run_dir: Path, config: SPDConfig, device: str, progress: bool, profile: bool = False
+    run_dir: Path,
+    config: SPDConfig,
+    device: str,
+    progress: bool,
+    profile: bool = False,
+    parallel: Parallel = SINGLE,
 ) -> dict:
-    """Target (saved one, else trained and saved), then training from the last checkpoint."""
+    """Target (saved one, else trained and saved), then training from the last checkpoint.
+    Data-parallel: rank 0 trains or loads the target, the others then read the saved one."""
     ckpt = run_dir / runs.CHECKPOINT
-    if (run_dir / "target.safetensors").exists():
+    if parallel.is_main:
+        target = _target_of(run_dir, config, device, progress)
+    parallel.barrier()
+    if not parallel.is_main:
         target, _ = runs.load_target(run_dir, config.target)
-    elif ckpt.exists():
-        # the checkpoint was trained against the saved target; retraining it on another
-        # machine or torch build could give a different one, silently
-        raise runs.RunDirError(
-            f"{run_dir / 'target.safetensors'} is missing but {ckpt} exists: restore the "
-            "target file the run was trained against, or start a new run"
-        )
-    else:
-        t0 = time.perf_counter()
-        kind = target_kind(config.target)
-        target, info = kind.train(config.target, config.seed, device, progress=progress)
-        info["train_seconds"] = round(time.perf_counter() - t0, 2)
-        runs.save_target(run_dir, target, config.target, info)
-    trainer = build_trainer(target, data_source(config), config, device)
+    trainer = build_trainer(target, data_source(config), config, device, parallel)
     if ckpt.exists():
         tensors, meta = runs.load_tensors(ckpt)
         try:
@@ -138,9 +143,31 @@ def _decompose_into(
             (plan.eval_peak_bytes or 0) / GIB,
             (plan.available or 0) / GIB,
         )
-    runs.truncate_metrics(run_dir, trainer.step)
-    on_step = StepProfiler(run_dir) if profile else None
+    if parallel.is_main:
+        runs.truncate_metrics(run_dir, trainer.step)
+    on_step = StepProfiler(run_dir) if profile and parallel.is_main else None
     return _train_and_finish(trainer, run_dir, progress, on_step)
+
+
+def _target_of(run_dir: Path, config: SPDConfig, device: str, progress: bool):  # noqa: ANN202
+    """The run's saved target, else the target trained now and saved."""
+    ckpt = run_dir / runs.CHECKPOINT
+    if (run_dir / "target.safetensors").exists():
+        target, _ = runs.load_target(run_dir, config.target)
+    elif ckpt.exists():
+        # the checkpoint was trained against the saved target; retraining it on another
+        # machine or torch build could give a different one, silently
+        raise runs.RunDirError(
+            f"{run_dir / 'target.safetensors'} is missing but {ckpt} exists: restore the "
+            "target file the run was trained against, or start a new run"
+        )
+    else:
+        t0 = time.perf_counter()
+        kind = target_kind(config.target)
+        target, info = kind.train(config.target, config.seed, device, progress=progress)
+        info["train_seconds"] = round(time.perf_counter() - t0, 2)
+        runs.save_target(run_dir, target, config.target, info)
+    return target
 
 
 def _train_and_finish(
@@ -149,6 +176,8 @@ def _train_and_finish(
     t0 = time.perf_counter()
     start_step = trainer.step
     train_in_run_dir(trainer, run_dir, progress, on_step)
+    if not trainer.parallel.is_main:
+        return {}
     seconds = time.perf_counter() - t0
     decomp = Decomposition(trainer.model, trainer.config, run_dir)
     timing = {

@@ -100,7 +100,9 @@ def smooth_l0_penalty(g_upper: Tensor, scale: float) -> Tensor:
 
 
 def frequency_minimality_loss(
-    penalties: Sequence[Tensor], global_sum: Callable[[Tensor], Tensor] | None = None
+    penalties: Sequence[Tensor],
+    global_sum: Callable[[Tensor], Tensor] | None = None,
+    world: int = 1,
 ) -> Tensor:
     """L_frequency = (1/BT) Σ_l Σ_c s^l_c · log2(1 + s^l_c),   s^l_c = Σ_{b,t} φ(g⁺^l_{b,t,c})
 
@@ -109,15 +111,18 @@ def frequency_minimality_loss(
     often a subcomponent fires, so one subcomponent firing on two unrelated sets of inputs
     costs more than two that fire on one set each: it splits "bisemantic" subcomponents.
 
-    `global_sum(s)` [C] → [C] sums s over every data-parallel rank (identity in one process):
-    the log's count is then the global batch's, as one process with the whole batch would
-    see it, while the outer s and 1/BT stay local (the ranks' losses are averaged).
+    Data parallelism: the sums run over the global batch, not one rank's shard of it.
+    `global_sum(s)` [C] → [C] sums over the `world` ranks (equal shards), and s enters as
+    s_rank + (Σ_ranks s − s_rank) held constant, so every rank returns the global value, and
+    its gradient with respect to this rank's φ is the global loss's.
     """
     total = None
     for phi in penalties:
         s = phi.reshape(-1, phi.shape[-1]).sum(0)  # [C]
-        s_all = global_sum(s) if global_sum is not None else s
-        term = (s * torch.log2(1.0 + s_all)).sum() / phi[..., 0].numel()
+        if global_sum is not None:
+            local = s.detach()
+            s = s + (global_sum(local.clone()) - local)
+        term = (s * torch.log2(1.0 + s)).sum() / (phi[..., 0].numel() * world)
         total = term if total is None else total + term
     return total if total is not None else torch.zeros(())
 

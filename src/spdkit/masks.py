@@ -63,26 +63,39 @@ class _FusedMask(torch.autograd.Function):
 
 class MaskStream:
     """Where the masks' r come from: a key fixed by the seed and an offset that every draw
-    advances by the number of values it used."""
+    advances by the number of values it used.
 
-    def __init__(self, seed: int) -> None:
+    Data-parallel ranks (`spdkit.distributed`) share the key and the offset. A per-sample draw
+    (dim 0 the batch: masks, per-position routing and sources) of n values on each of W ranks
+    is one draw of W·n values of which rank r takes the r-th n, its rows of the global batch;
+    a shared draw (per-batch routing and sources) is the same n values on every rank."""
+
+    def __init__(self, seed: int, rank: int = 0, world: int = 1) -> None:
         self.key = _signed(splitmix64(seed))
         self.offset = 0
+        self.rank, self.world = rank, world
+
+    def _claim(self, n: int, per_sample: bool) -> int:
+        """The first counter of this draw of n values; advances the stream past it."""
+        offset = self.offset
+        if per_sample and self.world > 1:
+            self.offset += n * self.world
+            return offset + self.rank * n
+        self.offset += n
+        return offset
 
     def masks(self, g: Tensor) -> Tensor:
         """m = g + (1 − g) r with fresh r, shaped like g (any device, float32)."""
-        key, offset = self.key, self.offset
-        self.offset += g.numel()
+        key, offset = self.key, self._claim(g.numel(), per_sample=True)
         if g.device.type == "cpu" and g.dtype == torch.float32 and load_extension() is not None:
             return _FusedMask.apply(g, key, offset)
         r = uniform(g.numel(), key, offset, g.device).view(g.shape).to(g.dtype)
         return stochastic_masks(g, r)
 
-    def uniforms(self, n: int, device: torch.device | str) -> Tensor:
-        """n fresh r ~ U(0, 1) [n] (float32) from the same stream (subset routing draws)."""
-        key, offset = self.key, self.offset
-        self.offset += n
-        return uniform(n, key, offset, device)
+    def uniforms(self, n: int, device: torch.device | str, per_sample: bool = False) -> Tensor:
+        """n fresh r ~ U(0, 1) [n] (float32) from the same stream (routing draws, sources);
+        `per_sample`: the n belong to this rank's rows of the batch."""
+        return uniform(n, self.key, self._claim(n, per_sample), device)
 
     def state(self) -> Tensor:
         """[key, offset] as int64, for a checkpoint."""

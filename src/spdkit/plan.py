@@ -168,9 +168,11 @@ def _affine_fit(
 
 def make_plan(trainer: Trainer) -> Plan:
     """Probe the trainer's step and extrapolate to config.batch_size; the evaluation likewise
-    to its chunk (plus the CI of the whole evaluation batch, held while chunks are scored)."""
-    cfg = trainer.config
-    B = cfg.batch_size
+    to its chunk (plus the CI of the whole evaluation batch, held while chunks are scored).
+    A data-parallel rank plans its shard of the batch and, on a CPU, its share of the
+    machine's memory."""
+    cfg, par = trainer.config, trainer.parallel
+    B = cfg.batch_size // par.world
     tokens = int(getattr(cfg.target, "seq_len", 1) or 1)
     import spdkit.plots  # noqa: F401  (the evaluation draws figures: matplotlib is resident)
 
@@ -201,8 +203,12 @@ def make_plan(trainer: Trainer) -> Plan:
         eval_peak_bytes=eval_peak,
         train_flops=flops1 * B,
         eval_flops=eflops1 * cfg.eval.n_eval_samples * _eval_passes(cfg),
-        available=available_bytes(),
+        available=_share(available_bytes(), par.local_world),
     )
+
+
+def _share(available: int | None, processes: int) -> int | None:
+    return available // processes if available is not None else None
 
 
 def _eval_passes(cfg) -> float:  # noqa: ANN001

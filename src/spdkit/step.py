@@ -35,6 +35,7 @@ from spdkit.adversary import (
     source_shape,
 )
 from spdkit.config import SPDConfig
+from spdkit.distributed import SINGLE, Parallel
 from spdkit.losses import (
     DIVERGENCES,
     faithfulness_loss,
@@ -96,10 +97,15 @@ def spd_losses(
     stream: MaskStream,
     step: int = 0,
     persistent: PersistentSources | None = None,
+    parallel: Parallel = SINGLE,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Every loss term of one step on batch x, detached ("total" included), and g per module.
     `step` (0-based) sets the annealed p; `persistent` holds persistent PGD's sources (the
     trainer's; updated here), else the adversary starts afresh.
+
+    Data-parallel (`parallel.active`): x is this rank's shard and every term is its share of
+    the global term (`spdkit.distributed`): the shares and their gradients sum over ranks to
+    the global ones.
 
     With gradients enabled (training), ∂total/∂θ is accumulated into each trainable
     parameter's `.grad` on the way (zero them first). `stream` gives the masks' r and the
@@ -111,6 +117,8 @@ def spd_losses(
     names = model.module_names
     loss = StepLoss(coeffs, per_pass=config.per_pass_backward)
 
+    share = share_of_global(parallel)
+
     record = model.record(x)
     y_target = divergence.prepare(record.output)
     faithfulness = faithfulness_loss(
@@ -119,16 +127,24 @@ def spd_losses(
     inner = model.inner_acts(record.inputs)
     ci_lower, ci_upper = model.causal_importances(record.inputs, inner)
     penalties = importance_penalties(ci_upper, config, step)
-    per_step = {"importance_minimality": minimality_loss(list(penalties.values()))}
+    per_step = {
+        "faithfulness": share(faithfulness),
+        "importance_minimality": share(minimality_loss(list(penalties.values()))),
+    }
     if coeffs["frequency_minimality"] > 0:
-        per_step["frequency_minimality"] = frequency_minimality_loss(list(penalties.values()))
+        frequency = frequency_minimality_loss(
+            list(penalties.values()),
+            parallel.sum_ if parallel.active else None,
+            parallel.world,
+        )  # the global value on every rank, with this rank's gradient
+        per_step["frequency_minimality"] = _value_share(frequency, parallel.world)
     g, h = loss.cut(ci_lower), loss.cut(inner)  # what the masked passes differentiate
 
     def D(masks: Mapping[str, Tensor], routes: Mapping[str, Tensor] | None = None) -> Tensor:
         """D(f(x | W' on the modules in `masks`), f(x | W)): one masked pass."""
         with masked_pass_precision(config, x.device):
             y = model.masked_forward(x, masks, record, inner=h, routes=routes)
-        return divergence.compare(y.float(), y_target)
+        return share(divergence.compare(y.float(), y_target))
 
     S, L = config.n_mask_samples, len(names)
     for _ in range(S):
@@ -148,11 +164,27 @@ def spd_losses(
     if coeffs["adversarial_recon"] > 0:
         gx = {n: with_delta_slot(g[n], config) for n in names}
         for group, routes, weight in adversarial_problems(gx, config, stream):
-            d = adversarial_divergence(D, group, routes, config, stream, step, persistent)
+            d = adversarial_divergence(D, group, routes, config, stream, step, persistent, parallel)
             loss.add("adversarial_recon", d * weight)
 
-    terms = loss.finish(faithfulness=faithfulness, **per_step)
+    terms = loss.finish(**per_step)
     return terms, {n: t.detach() for n, t in ci_lower.items()}
+
+
+def share_of_global(parallel: Parallel) -> Callable[[Tensor], Tensor]:
+    """A rank's share of a term that is a mean over its shard (or the same on every rank):
+    term / W, so that the shares of W equal shards sum to the global mean. Identity alone."""
+    if not parallel.active:
+        return lambda t: t
+    return lambda t: t / parallel.world
+
+
+def _value_share(term: Tensor, world: int) -> Tensor:
+    """A term every rank computes in full (the global value, each with its own φ's gradient):
+    value term / W, gradient unchanged, so values sum to the term and gradients to its own."""
+    if world == 1:
+        return term
+    return term + (term / world - term).detach()
 
 
 def adversarial_problems(
@@ -178,21 +210,30 @@ def adversarial_divergence(
     stream: MaskStream,
     step: int,
     persistent: PersistentSources | None,
+    parallel: Parallel = SINGLE,
 ) -> Tensor:
     """D at adversarial masks m = g + (1 − g) ⊙ s*: s* after `pgd.n_steps` ascent steps on
     D with g held fixed (from fresh sources, or the persistent ones, which are then kept);
-    gradients of the returned D reach U, V and the CI function, not s*."""
+    gradients of the returned D reach U, V and the CI function, not s*. Sources shared by
+    the batch (scope batch) ascend the global D: their gradients are summed over ranks."""
     pgd, device = config.pgd, next(iter(g.values())).device
     shapes = {n: source_shape(v, pgd.scope) for n, v in g.items()}
+    per_sample = pgd.scope == "position"
     if persistent is not None:
         start, ascent = persistent.get(shapes, stream, device), persistent.ascent
         lr = persistent.lr(step, config.steps)
     else:
-        start = initial_sources(shapes, pgd.init, stream, device)
+        start = initial_sources(shapes, pgd.init, stream, device, per_sample)
         ascent, lr = Ascent(pgd.optimizer, pgd.adam_betas), pgd.step_size
     fixed = {n: v.detach() for n, v in g.items()}
+    reduce = parallel.sum_dict if parallel.active and not per_sample else None
     sources = ascend(
-        lambda s: D(adversarial_masks(fixed, s), routes), start, pgd.n_steps, ascent, lr
+        lambda s: D(adversarial_masks(fixed, s), routes),
+        start,
+        pgd.n_steps,
+        ascent,
+        lr,
+        reduce,
     )
     if persistent is not None:
         persistent.set(sources)
@@ -234,7 +275,11 @@ def subset_masks(
             f"{names[0]} {list(positions)} (use subset_routing.scope=batch)"
         )
     routes = draw_routes(
-        routing.kind, routing.p, positions, len(names), lambda n: stream.uniforms(n, first.device)
+        routing.kind,
+        routing.p,
+        positions,
+        len(names),
+        lambda n: stream.uniforms(n, first.device, per_sample=bool(positions)),
     )
     if routing.scope == "batch":
         routed = [n for i, n in enumerate(names) if bool(routes[i])]

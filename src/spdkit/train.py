@@ -20,6 +20,7 @@ from torch import Tensor
 
 from spdkit.adversary import PersistentSources
 from spdkit.config import OptimizerConfig, SPDConfig
+from spdkit.distributed import SINGLE, Parallel, shard_size
 from spdkit.losses import faithfulness_loss
 from spdkit.masks import MaskStream
 from spdkit.model import ComponentModel
@@ -73,10 +74,21 @@ def lr_at(step: int, total_steps: int, opt: OptimizerConfig) -> float:
 
 
 class Trainer:
-    """Optimises a ComponentModel; owns every piece of state a bit-exact resume needs."""
+    """Optimises a ComponentModel; owns every piece of state a bit-exact resume needs.
+    With `parallel` (one of several torchrun ranks) it trains on its shard of each batch and
+    agrees with the other ranks on gradients, loss values and stopping (`spdkit.distributed`)."""
 
-    def __init__(self, model: ComponentModel, data: DataSource, config: SPDConfig, device: str):
+    def __init__(
+        self,
+        model: ComponentModel,
+        data: DataSource,
+        config: SPDConfig,
+        device: str,
+        parallel: Parallel = SINGLE,
+    ):
         self.model, self.data, self.config, self.device = model, data, config, device
+        self.parallel = parallel
+        shard_size(config.batch_size, parallel.world)  # a batch that does not split: error now
         self.optimizer = torch.optim.AdamW(
             model.trainable_parameters(),
             lr=config.optimizer.lr,
@@ -86,7 +98,8 @@ class Trainer:
             fused=torch.device(device).type in ("cpu", "cuda"),
         )
         self.data_generator = torch.Generator(device=device).manual_seed(config.seed + 1000)
-        self.mask_stream = MaskStream(config.seed + 2000)
+        self.mask_stream = MaskStream(config.seed + 2000, parallel.rank, parallel.world)
+        self.stop_agreed = False  # every rank's stop request, combined at the last step
         self.step = 0
         self.skipped_steps = 0  # steps whose update was skipped for a non-finite loss/gradient
         # how often each subcomponent's CI exceeded eval.ci_threshold, over the last 10% of
@@ -104,18 +117,28 @@ class Trainer:
             else None
         )
 
-    def train_step(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def train_step(
+        self, stop_requested: bool = False
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """One optimiser step; `stop_requested` (this rank's SIGTERM) is combined with the
+        other ranks' into `stop_agreed`, so that every rank stops after the same step."""
         if self.step == 0 and self.config.faithfulness_warmup.steps > 0:
             self.faithfulness_warmup()
         lr = lr_at(self.step, self.config.steps, self.config.optimizer)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x = self.data.sample(self.config.batch_size, self.data_generator)
+        # the global batch on every rank (the same numbers per sample at any world size)
+        x = self.parallel.local(self.data.sample(self.config.batch_size, self.data_generator))
         self.optimizer.zero_grad(set_to_none=True)
         # + grads
         terms, ci_lower = spd_losses(
-            self.model, x, self.config, self.mask_stream, self.step, self.pgd_sources
+            self.model, x, self.config, self.mask_stream, self.step, self.pgd_sources, self.parallel
         )
+        if self.parallel.active:
+            self.parallel.sum_gradients(self.model.trainable_parameters())
+            terms, self.stop_agreed = self._agree(terms, stop_requested)
+        else:
+            self.stop_agreed = stop_requested
         problem = nonfinite_problem(terms, self.model.trainable_parameters())
         if problem is None:
             self.clip_gradients()
@@ -128,6 +151,14 @@ class Trainer:
         if self.step > self.config.steps - max(1, self.config.steps // 10):
             self._count_firing(ci_lower)
         return terms, ci_lower
+
+    def _agree(self, terms: dict[str, Tensor], stop: bool) -> tuple[dict[str, Tensor], bool]:
+        """The ranks' loss shares summed into the global terms, and whether any rank asked to
+        stop: one all-reduce of a short vector."""
+        names = list(terms)
+        flat = torch.stack([terms[n].float() for n in names] + [torch.tensor(float(stop))])
+        flat = self.parallel.sum_(flat.to(self.device)).cpu()
+        return {n: flat[i] for i, n in enumerate(names)}, bool(flat[-1] > 0)
 
     def clip_gradients(self) -> None:
         """Scale the gradients of all U, V (and, separately, of the CI function) down to a
@@ -179,13 +210,13 @@ class Trainer:
         nothing is lost and `spdkit resume` continues exactly.
         """
         cfg = self.config
-        bar = progress_bar(cfg.steps, "spd", progress, initial=self.step)
+        bar = progress_bar(cfg.steps, "spd", progress and self.parallel.is_main, initial=self.step)
         seq_len = getattr(cfg.target, "seq_len", None)  # language models: tokens per second
         tokens_per_step = cfg.batch_size * seq_len if seq_len else 0
         with _stop_requests() as stop:
             try:
                 while self.step < cfg.steps:
-                    terms, ci_lower = self.train_step()
+                    terms, ci_lower = self.train_step(stop.is_set())
                     bar.update(1)
                     if on_step:
                         on_step(self)
@@ -200,9 +231,11 @@ class Trainer:
                         if on_log:
                             on_log(self.step, record)
                     due = self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps
-                    if on_checkpoint and (due or stop.is_set()):
+                    # together: the ranks' requests as of this step's reduction
+                    stopping = self.stop_agreed if self.parallel.active else stop.is_set()
+                    if on_checkpoint and (due or stopping):
                         on_checkpoint(self)
-                    if stop.is_set():
+                    if stopping:
                         raise KeyboardInterrupt("stopped by signal; checkpoint written")
             finally:
                 bar.close()
@@ -221,14 +254,19 @@ class Trainer:
         tensors["rng.data"] = self.data_generator.get_state()
         tensors["rng.mask"] = self.mask_stream.state()
         tensors["rng.torch"] = torch.get_rng_state()
+        par = self.parallel  # the checkpoint holds global state, whatever the world size
         for name, counts in self.firing.items():
-            tensors[f"firing.{name}"] = counts
+            tensors[f"firing.{name}"] = par.sum_(counts.clone())
+        positions = par.sum_(torch.tensor([self.firing_positions], device=self.device))
         if self.pgd_sources is not None:
-            tensors.update(self.pgd_sources.state_tensors())
+            per_sample = self.config.pgd.scope == "position"
+            for key, value in self.pgd_sources.state_tensors().items():
+                rows = per_sample and not key.endswith(".t")
+                tensors[key] = par.gather_rows(value) if rows else value
         meta = {
             "step": str(self.step),
             "skipped_steps": str(self.skipped_steps),
-            "firing_positions": str(self.firing_positions),
+            "firing_positions": str(int(positions.item())),
             "param_groups": json.dumps(opt_state["param_groups"]),
         }
         return tensors, meta
@@ -277,12 +315,21 @@ class Trainer:
         torch.set_rng_state(tensors["rng.torch"])
         self.step = int(meta["step"])
         self.skipped_steps = int(meta.get("skipped_steps", 0))
+        # global firing counts: rank 0 carries them on, the others count from zero
+        main = self.parallel.is_main
         for name in self.firing:
-            if f"firing.{name}" in tensors:  # absent in checkpoints older than the counter
+            if f"firing.{name}" in tensors and main:  # absent in checkpoints older than it
                 self.firing[name] = tensors[f"firing.{name}"].to(self.device)
-        self.firing_positions = int(meta.get("firing_positions", 0))
+        self.firing_positions = int(meta.get("firing_positions", 0)) if main else 0
         if self.pgd_sources is not None:
-            self.pgd_sources.load_state(tensors, self.device)
+            per_sample = self.config.pgd.scope == "position"
+            self.pgd_sources.load_state(
+                {
+                    k: self.parallel.local(v) if per_sample and not k.endswith(".t") else v
+                    for k, v in tensors.items()
+                },
+                self.device,
+            )
 
 
 @contextlib.contextmanager
@@ -311,12 +358,15 @@ def _stop_requests() -> Iterator[threading.Event]:
 def step_record(
     trainer: Trainer, terms: dict[str, Tensor], ci_lower: dict[str, Tensor]
 ) -> dict[str, float]:
-    """One metrics.jsonl row: loss terms, LR, and mean CI-L0 per module on this batch."""
+    """One metrics.jsonl row: loss terms, LR, and mean CI-L0 per module on this batch (on
+    the global batch: every data-parallel rank calls this at the same steps)."""
     record = {k: v.item() for k, v in terms.items()}
     record["lr"] = trainer.optimizer.param_groups[0]["lr"]
     if trainer.skipped_steps:
         record["skipped_steps"] = trainer.skipped_steps
     threshold = trainer.config.eval.ci_threshold
-    for name, g in ci_lower.items():
-        record[f"l0/{name}"] = (g.detach() > threshold).float().sum(-1).mean().item()
+    l0 = torch.stack([(g.detach() > threshold).float().sum(-1).mean() for g in ci_lower.values()])
+    l0 = trainer.parallel.sum_(l0) / trainer.parallel.world if trainer.parallel.active else l0
+    for name, value in zip(ci_lower, l0.tolist(), strict=True):
+        record[f"l0/{name}"] = value
     return record

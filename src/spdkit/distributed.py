@@ -1,0 +1,194 @@
+"""Data-parallel SPD over torch.distributed: one process per device, started by torchrun.
+
+Every rank holds the whole component model (U, V, the CI function and the frozen target) and
+the global batch of `batch_size` rows is split into equal contiguous shards, rank r taking
+rows [r·B/W, (r+1)·B/W). Three rules make W ranks compute what one process computes:
+
+* **Random numbers per sample.** The data generator draws the global batch on every rank and
+  each keeps its rows; the counter-based mask stream (`masks.MaskStream`) gives each rank the
+  counters of its rows of the global draw. Sample i sees the same numbers at any world size,
+  so a run is reproducible for a given world size, and (up to float summation order) the same
+  run as in one process.
+* **Shares of the global loss.** Each rank's loss is its share of the global mean: a mean
+  over its rows divided by W (equal shards: (1/W)·Σ_r mean_r = mean), the batch-independent
+  faithfulness term divided by W, and frequency minimality computed from the globally summed
+  firing (`losses.frequency_minimality_loss`), its value divided by W. The shares sum to the
+  global loss and their gradients to its gradient.
+* **One reduction per step.** After the step's backward the gradients of every trainable
+  parameter are summed across ranks in one flattened all-reduce, with the loss values and the
+  stop flag in a second small one; every rank then holds the same gradients and values, so
+  the optimiser step, gradient clipping, the non-finite check and a stop request (SIGTERM to
+  any rank) are decided identically everywhere.
+
+Why not `DistributedDataParallel`: a step runs several backward calls (one per masked pass,
+`step.StepLoss`), persistent PGD's ascent differentiates with `torch.autograd.grad`, and
+the faithfulness warm-up has its own loop; DDP's hooks would all-reduce on every backward or
+need `no_sync` juggling. One explicit all-reduce after the step is what DDP does for a step
+with one backward, without the hooks.
+
+Rank 0 alone writes the run directory (config, target, metrics, checkpoints, figures) and
+evaluates at the end. Persistent PGD's per-position sources are gathered into the checkpoint
+and sliced again on resume, so a checkpoint does not depend on the world size.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+class PeerLostError(RuntimeError):
+    """A collective failed: another rank died or stopped answering."""
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """This process's place among the data-parallel ranks (rank 0 of 1 when alone)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def rows(self, batch: int) -> slice:
+        """This rank's rows of a global batch of `batch` rows."""
+        per = shard_size(batch, self.world)
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def local(self, x: Tensor) -> Tensor:
+        """This rank's rows (dim 0) of a global batch."""
+        return x[self.rows(x.shape[0])] if self.active else x
+
+    # --- collectives (no-ops in one process) -------------------------------------------------
+    def sum_(self, t: Tensor) -> Tensor:
+        """t summed over ranks, in place (returned)."""
+        if self.active:
+            _collective(torch.distributed.all_reduce, t)
+        return t
+
+    def sum_dict(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Each tensor summed over ranks (one flattened all-reduce)."""
+        if not self.active or not tensors:
+            return dict(tensors)
+        names = list(tensors)
+        flat = self.sum_(torch.cat([tensors[n].reshape(-1) for n in names]))
+        out, at = {}, 0
+        for n in names:
+            size = tensors[n].numel()
+            out[n] = flat[at : at + size].view_as(tensors[n])
+            at += size
+        return out
+
+    def gather_rows(self, t: Tensor) -> Tensor:
+        """The ranks' shards [b, ...] concatenated into the global [W·b, ...] (every rank)."""
+        if not self.active:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        _collective(torch.distributed.all_gather, parts, t.contiguous())
+        return torch.cat(parts)
+
+    def barrier(self) -> None:
+        if self.active:
+            _collective(torch.distributed.barrier)
+
+    def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Every parameter's .grad summed over ranks in one flattened all-reduce. A parameter
+        without a gradient on every rank keeps none (as one process would: AdamW skips it);
+        one with a gradient somewhere gets zeros where it had none."""
+        if not self.active:
+            return
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
+        has = self.sum_(has.to(params[0].device))
+        live = [p for p, h in zip(params, has.tolist(), strict=True) if h > 0]
+        for p in live:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if not live:
+            return
+        flat = self.sum_(torch.cat([p.grad.reshape(-1) for p in live]))
+        at = 0
+        for p in live:
+            p.grad.copy_(flat[at : at + p.numel()].view_as(p))
+            at += p.numel()
+
+
+SINGLE = Parallel()
+
+
+def shard_size(batch: int, world: int) -> int:
+    if batch % world:
+        raise ValueError(
+            f"batch_size {batch} does not split into {world} equal shards: use a multiple of {world}"
+        )
+    return batch // world
+
+
+def _collective(fn, *args) -> None:
+    try:
+        fn(*args)
+    except (RuntimeError, torch.distributed.DistError) as err:
+        rank = torch.distributed.get_rank()
+        raise PeerLostError(
+            f"rank {rank}: lost contact with another rank ({str(err).splitlines()[0]}); "
+            "the last checkpoint is kept and `spdkit resume` continues from it"
+        ) from None
+
+
+def launched_by_torchrun() -> bool:
+    return all(v in os.environ for v in ENV_VARS) and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def threads_per_process(local_world: int) -> int:
+    """The cores this process may use (its affinity mask), shared by the processes of this
+    machine: ranks that each start as many threads as there are cores fight over them."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, local_world))
+
+
+def init_from_env(device: str, timeout_s: float = 600.0) -> tuple[Parallel, str]:
+    """Join the torchrun job this process belongs to (gloo on CPU, NCCL on CUDA, one device
+    per local rank); returns (its Parallel, the device it runs on). Outside torchrun:
+    (SINGLE, device)."""
+    if not launched_by_torchrun():
+        return SINGLE, device
+    par = Parallel(
+        rank=int(os.environ["RANK"]),
+        world=int(os.environ["WORLD_SIZE"]),
+        local_rank=int(os.environ["LOCAL_RANK"]),
+        local_world=int(os.environ["LOCAL_WORLD_SIZE"]),
+    )
+    if device.startswith("cuda"):
+        device = f"cuda:{par.local_rank}"
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    if "OMP_NUM_THREADS" not in os.environ:  # torchrun sets 1 unless told; --nproc sets it
+        torch.set_num_threads(threads_per_process(par.local_world))
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return par, device
+
+
+def shutdown() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
