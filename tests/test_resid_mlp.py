@@ -10,6 +10,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from spdkit import runs
 from spdkit.cli import app
 from spdkit.config import ModuleSpec, ResidMLPTargetConfig, load_config, parse_config
 from spdkit.experiment import run_experiment
@@ -224,10 +225,10 @@ def test_an_unfinished_run_is_evaluated_at_its_checkpoint(tmp_path, monkeypatch)
 
     train_step = Trainer.train_step
 
-    def stop_at_25(self):
+    def stop_at_25(self, *args):
         if self.step == 25:
             raise KeyboardInterrupt
-        return train_step(self)
+        return train_step(self, *args)
 
     monkeypatch.setattr(Trainer, "train_step", stop_at_25)
     config = parse_config(tiny_resid_dict(steps=40, checkpoint_every=20))
@@ -292,3 +293,29 @@ def test_sweep_summarises_each_value_across_seeds():
     assert summary[0]["ground_truth"] == "1/2" and summary[1]["ground_truth"] == "0/1"
     assert summary[0]["w_in_monosemantic"] == "98.5 [97, 100]"
     assert summary[1]["w_in_monosemantic"] == "40 [40, 40]"
+
+
+def test_sweep_with_jobs_runs_points_side_by_side_and_matches_one_at_a_time(tmp_path):
+    """--jobs 2: child processes with half the cores each; the same runs as --jobs 1 (a
+    run's numbers do not depend on its thread count here: CPU kernels reduce in a fixed order
+    for these sizes), each with its log.txt, the target trained once per seed."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_resid_dict(steps=10)))
+    grid = ["--set", "importance_minimality_coeff=1e-5,1e-3", "--seeds", "0,1", "--quiet"]
+    one = CliRunner().invoke(app, ["sweep", str(cfg), *grid, "--out", str(tmp_path / "a")])
+    assert one.exit_code == 0, one.output
+    two = CliRunner().invoke(
+        app, ["sweep", str(cfg), *grid, "--out", str(tmp_path / "b"), "--jobs", "2"]
+    )
+    assert two.exit_code == 0, two.output
+    rows = json.loads((tmp_path / "b" / "sweep.json").read_text())
+    assert len(rows) == 4
+    for row in rows:
+        run = tmp_path / "b" / row["run"]
+        assert (run / "log.txt").exists()
+        a, _ = runs.load_tensors(tmp_path / "a" / row["run"] / "components.safetensors")
+        b, _ = runs.load_tensors(run / "components.safetensors")
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7)
+    info = [json.loads((tmp_path / "b" / r["run"] / "target.json").read_text()) for r in rows]
+    assert sum("loaded_from" in i["info"] for i in info) == 2  # one trained target per seed

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import typer
 
 from spdkit.config import ConfigError, bundled_config_names, load_config
 from spdkit.distributed import PeerLostError
+from spdkit.jobs import JobsFailed
 from spdkit.runs import RunDirError
 from spdkit.train import NonFiniteError
 
@@ -30,6 +32,7 @@ USER_ERRORS = (
     FileNotFoundError,
     OSError,
     PeerLostError,
+    JobsFailed,
 )
 
 
@@ -39,7 +42,10 @@ def _fail(err: Exception) -> None:
 
 
 def _interrupted(run_dir: Path | None) -> None:
-    """Ctrl-C or SIGTERM: exit 130 with how to continue (if the run directory exists yet)."""
+    """Ctrl-C or SIGTERM: exit 130 with how to continue (if the run directory exists yet);
+    data-parallel ranks other than 0 exit without repeating it."""
+    if os.environ.get("RANK", "0") != "0":
+        raise typer.Exit(130)
     if run_dir is not None and (run_dir / "config.yaml").exists():
         typer.echo(
             f"interrupted: continue from the last checkpoint with `spdkit resume {run_dir}`",
@@ -65,8 +71,6 @@ NPROC_HELP = (
 def _launch_torchrun(nproc: int) -> None:
     """Replace this process by `torchrun --standalone --nproc_per_node N -m spdkit <args>`
     (the same arguments without --nproc), with cores / N threads per rank."""
-    import os
-
     from spdkit.distributed import threads_per_process
 
     args, skip = [], False
@@ -290,6 +294,9 @@ def sweep(
         None, help="reuse a trained target for every run (run dir or .safetensors)"
     ),  # noqa: UP007
     quiet: bool = typer.Option(False, help="no progress bars"),
+    jobs: int = typer.Option(
+        1, min=1, help="runs at a time, in child processes with cores / jobs threads each"
+    ),
 ) -> None:
     """Run a grid of configs x seeds; write sweep.md, sweep.json and sweep.png comparing them.
     Re-running the same command reuses finished runs and resumes interrupted ones."""
@@ -301,7 +308,7 @@ def sweep(
         grid = parse_grid(set_)
         seed_list = [int(s) for s in seeds.split(",")]
         overrides = {"steps": steps} if steps is not None else {}
-        run_sweep(config, grid, seed_list, sweep_dir, overrides, device, not quiet, target)
+        run_sweep(config, grid, seed_list, sweep_dir, overrides, device, not quiet, target, jobs)
     except USER_ERRORS as err:
         _fail(err)
     except KeyboardInterrupt:

@@ -186,6 +186,7 @@ def init_from_env(device: str, timeout_s: float = 600.0) -> tuple[Parallel, str]
         torch.set_num_threads(threads_per_process(par.local_world))
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        atexit.register(shutdown)
     return par, device
 
 

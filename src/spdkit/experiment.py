@@ -72,26 +72,42 @@ def run_experiment(
     device = resolve_device(device)
     if config.target is None:
         raise ValueError("the config has no `target` section: `spdkit run` needs a bundled target")
-    if config.target.kind == "hf" and config.target.hf_config is None:
-        # record the architecture: the run directory must rebuild the model on its own
-        from spdkit.targets.hf import read_hf_config
-
-        config = config.model_copy(
-            update={
-                "target": config.target.model_copy(
-                    update={"hf_config": read_hf_config(config.target.path)}
-                )
-            }
-        )
     out = Path(out)
     if parallel.is_main:
-        prepare_run_dir(out)
-        runs.save_config(out, config)
-        if target_path is not None:
-            target, info = runs.load_target(target_path, config.target)
-            info = {**info, "loaded_from": str(target_path)}
-            runs.save_target(out, target, config.target, info)
+        config = create_run_dir(config, out, target_path)
+    else:
+        config = with_architecture(config)
     return _decompose_into(out, config, device, progress, profile, parallel)
+
+
+def with_architecture(config: SPDConfig) -> SPDConfig:
+    """A Hugging Face target's config with its architecture recorded (`hf_config`): the run
+    directory must rebuild the model on its own."""
+    if config.target is None or config.target.kind != "hf" or config.target.hf_config is not None:
+        return config
+    from spdkit.targets.hf import read_hf_config
+
+    hf_config = read_hf_config(config.target.path)
+    return config.model_copy(
+        update={"target": config.target.model_copy(update={"hf_config": hf_config})}
+    )
+
+
+def create_run_dir(config: SPDConfig, out: Path, target_path: Path | None = None) -> SPDConfig:
+    """A new run directory holding the config (and a copy of a trained target to reuse):
+    `spdkit resume` then runs it from the start. Returns the config as saved."""
+    config = with_architecture(config)
+    prepare_run_dir(out)
+    runs.save_config(out, config)
+    if target_path is not None:
+        copy_target(target_path, out, config)
+    return config
+
+
+def copy_target(source: Path, out: Path, config: SPDConfig) -> None:
+    """The trained target of `source` (a run directory or .safetensors) saved into run `out`."""
+    target, info = runs.load_target(source, config.target)
+    runs.save_target(out, target, config.target, {**info, "loaded_from": str(source)})
 
 
 def resume_run(

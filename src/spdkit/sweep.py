@@ -81,19 +81,23 @@ def run_sweep(
     device: str = "cpu",
     progress: bool = True,
     target_path: Path | None = None,
+    jobs: int = 1,
 ) -> list[dict[str, Any]]:
     """Run (or reuse, or resume) every grid point, then write sweep.json, sweep.md, sweep.png.
-    Points with the same target config and seed share one trained target (or `target_path`)."""
+    Points with the same target config and seed share one trained target (or `target_path`).
+    With `jobs` > 1, that many runs at a time in child processes (`spdkit.jobs`)."""
     from spdkit.experiment import resume_run, run_experiment
 
     points = grid_points(grid, seeds)
     configs = [point_config(base, p, overrides or {}) for p in points]  # validate all first
     out.mkdir(parents=True, exist_ok=True)
+    if jobs > 1:
+        _run_points_in_parallel(points, configs, out, jobs, device, progress, target_path)
     rows = []
     targets: dict[str, Path] = {}  # one trained target per (target config, seed), shared
     for i, (point, config) in enumerate(zip(points, configs, strict=True)):
         run_dir = out / point.name
-        target_key = json.dumps([config.target.model_dump(mode="json"), config.seed])
+        target_key = _target_key(config)
         log.info("sweep %d/%d: %s", i + 1, len(points), point.name)
         if (run_dir / "summary.json").exists():
             summary = json.loads((run_dir / "summary.json").read_text())
@@ -106,6 +110,46 @@ def run_sweep(
         rows.append(sweep_row(point, summary, run_dir))
     write_sweep_report(rows, out, configs[0].eval.ci_threshold)
     return rows
+
+
+def _target_key(config: SPDConfig) -> str:
+    return json.dumps([config.target.model_dump(mode="json"), config.seed])
+
+
+def _run_points_in_parallel(
+    points: list[GridPoint],
+    configs: list[SPDConfig],
+    out: Path,
+    jobs: int,
+    device: str,
+    progress: bool,
+    target_path: Path | None,
+) -> None:
+    """Every unfinished point run to its end, `jobs` at a time: first the points that have a
+    target or train one (one per target config and seed), then those that reuse one."""
+    from spdkit.experiment import copy_target, create_run_dir
+    from spdkit.jobs import run_jobs
+
+    owners: dict[str, Path] = {}  # target key -> the run that trains (or holds) that target
+    now: list[Path] = []
+    later: list[tuple[Path, Path, SPDConfig]] = []  # (run, the run whose target it reuses)
+    for point, config in zip(points, configs, strict=True):
+        run_dir = out / point.name
+        owner = owners.setdefault(_target_key(config), run_dir)
+        if (run_dir / "summary.json").exists():
+            continue
+        if not (run_dir / "config.yaml").exists():
+            create_run_dir(config, run_dir, target_path)
+        if (run_dir / "target.safetensors").exists() or owner == run_dir:
+            now.append(run_dir)
+        else:
+            later.append((run_dir, owner, config))
+    if now:
+        run_jobs(now, min(jobs, len(now)), device, progress)
+    for run_dir, owner, config in later:
+        copy_target(owner, run_dir, config)
+    if later:
+        run_jobs([r for r, _, _ in later], min(jobs, len(later)), device, progress)
 
 
 def sweep_row(point: GridPoint, summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
