@@ -195,3 +195,21 @@ def test_sigterm_to_one_rank_stops_both_after_the_same_step(one_process, tmp_pat
     expected, _ = runs.load_tensors(single / "components.safetensors")
     got, _ = runs.load_tensors(out / "components.safetensors")
     assert _relative_gap(expected, got) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "code,env,expected",
+    [
+        ("import spdkit", {}, "1000"),  # spdkit first: libgomp will spin briefly
+        ("import spdkit", {"GOMP_SPINCOUNT": "7"}, "7"),  # the user's setting wins
+        ("import torch, spdkit", {}, None),  # too late: torch has loaded libgomp
+    ],
+)
+def test_openmp_threads_spin_briefly_unless_told_otherwise(code, env, expected):
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    script = f"{code}; import os; print(os.environ.get('GOMP_SPINCOUNT'))"
+    result = subprocess.run(
+        [sys.executable, "-c", script], env={**base, **env}, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(expected)

@@ -8,9 +8,13 @@ U, V = decomp.subcomponents("linear1")
 decomp = spdkit.load("runs/mine")
 """
 
-from spdkit.config import ConfigError, ModuleSpec, SPDConfig, load_config
-from spdkit.decomposition import Decomposition, decompose, load
-from spdkit.model import ComponentModel
+from spdkit.cores import set_short_spin
+
+set_short_spin()  # before torch loads libgomp: OpenMP threads that yield (spdkit/cores.py)
+
+from spdkit.config import ConfigError, ModuleSpec, SPDConfig, load_config  # noqa: E402
+from spdkit.decomposition import Decomposition, decompose, load  # noqa: E402
+from spdkit.model import ComponentModel  # noqa: E402
 
 __all__ = [
     "ComponentModel",

@@ -71,7 +71,7 @@ NPROC_HELP = (
 def _launch_torchrun(nproc: int) -> None:
     """Replace this process by `torchrun --standalone --nproc_per_node N -m spdkit <args>`
     (the same arguments without --nproc), with cores / N threads per rank."""
-    from spdkit.distributed import threads_per_process
+    from spdkit.cores import threads_per_process
 
     args, skip = [], False
     for arg in sys.argv[1:]:

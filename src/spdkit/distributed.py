@@ -42,6 +42,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from spdkit.cores import threads_per_process
+
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
@@ -152,16 +154,6 @@ def _collective(fn, *args) -> None:
 
 def launched_by_torchrun() -> bool:
     return all(v in os.environ for v in ENV_VARS) and int(os.environ["WORLD_SIZE"]) > 1
-
-
-def threads_per_process(local_world: int) -> int:
-    """The cores this process may use (its affinity mask), shared by the processes of this
-    machine: ranks that each start as many threads as there are cores fight over them."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, local_world))
 
 
 def init_from_env(device: str, timeout_s: float = 600.0) -> tuple[Parallel, str]:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from spdkit.distributed import threads_per_process
+from spdkit.cores import threads_per_process
 from spdkit.progress import progress_bar
 
 LOG = "log.txt"
