@@ -213,3 +213,29 @@ def test_openmp_threads_spin_briefly_unless_told_otherwise(code, env, expected):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(expected)
+
+
+def test_a_one_process_run_continues_on_two_ranks(one_process, tmp_path):
+    """1 → 2: SIGTERM a one-process run after its first checkpoint, `spdkit resume --nproc 2`;
+    the same data, masks and sources per sample, so within float rounding of never stopping."""
+    config, single = one_process
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [*SPDKIT, "run", str(config), "--out", str(out), "--quiet"],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not (out / runs.CHECKPOINT).exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    result = _run([*SPDKIT, "resume", str(out), "--quiet", "--nproc", "2"])
+    assert result.returncode == 0, result.stderr
+    expected, _ = runs.load_tensors(single / "components.safetensors")
+    got, _ = runs.load_tensors(out / "components.safetensors")
+    assert _relative_gap(expected, got) < 1e-5

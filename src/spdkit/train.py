@@ -31,6 +31,10 @@ from spdkit.targets import DataSource
 __all__ = ["LOSS_TERMS", "Trainer", "loss_coefficients", "lr_at", "spd_losses"]
 
 
+# persistent PGD's per-position state: one row per sample of the batch (the step count is not)
+SHARDED_PGD = (".source", ".m", ".v")
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot restore this trainer (missing or mis-shaped state)."""
 
@@ -261,7 +265,7 @@ class Trainer:
         if self.pgd_sources is not None:
             per_sample = self.config.pgd.scope == "position"
             for key, value in self.pgd_sources.state_tensors().items():
-                rows = per_sample and not key.endswith(".t")
+                rows = per_sample and key.endswith(SHARDED_PGD)
                 tensors[key] = par.gather_rows(value) if rows else value
         meta = {
             "step": str(self.step),
@@ -325,8 +329,9 @@ class Trainer:
             per_sample = self.config.pgd.scope == "position"
             self.pgd_sources.load_state(
                 {
-                    k: self.parallel.local(v) if per_sample and not k.endswith(".t") else v
+                    k: self.parallel.local(v) if per_sample and k.endswith(SHARDED_PGD) else v
                     for k, v in tensors.items()
+                    if k.startswith("pgd.")
                 },
                 self.device,
             )
