@@ -7,7 +7,9 @@ For each case, `spdkit run` once in one process and once with `--nproc N` (torch
 CPU, NCCL on CUDA), the second reusing the first's target, the same config and global batch;
 then the largest relative difference ‖a − b‖ / ‖a‖ over the tensors of components.safetensors,
 and each run's training ms per step (its summary's timing: the loop only, no target training,
-planning or evaluation).
+planning or evaluation). A control pair isolates float summation order: the same one-process
+run with a different thread count (OMP_NUM_THREADS 1 against 2), which changes only the order
+in which CPU kernels add; its difference is printed next to the data-parallel one.
 
   tms      bundled tms_5-2, 200 steps
   llama    the Llama-style LM of benchmarks/bench_lm.py (8 layers, d_model 256, MLP 1024,
@@ -44,20 +46,23 @@ def case_args(name: str, work: Path) -> list[str]:
     return args
 
 
-def run(args: list[str], out: Path, extra: list[str], device: str) -> dict:
+def run(args: list[str], out: Path, extra: list[str], device: str, threads: int = 1) -> dict:
     cmd = [*SPDKIT, "run", *args, "--out", str(out), "--quiet", "--device", device, *extra]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
     return json.loads((out / "summary.json").read_text())
 
 
-def relative_gap(a: Path, b: Path) -> float:
+def relative_gaps(a: Path, b: Path) -> dict[str, float]:
+    """‖a − b‖ / ‖a‖ per tensor of components.safetensors, largest first."""
     from spdkit.runs import load_tensors
 
     ta, _ = load_tensors(a / "components.safetensors")
     tb, _ = load_tensors(b / "components.safetensors")
-    return max(float((ta[k] - tb[k]).norm() / ta[k].norm().clamp_min(1e-30)) for k in ta)
+    gaps = {k: float((ta[k] - tb[k]).norm() / ta[k].norm().clamp_min(1e-30)) for k in ta}
+    return dict(sorted(gaps.items(), key=lambda kv: -kv[1]))
 
 
 def main() -> None:
@@ -79,12 +84,18 @@ def main() -> None:
                 ["--nproc", str(opts.nproc), "--target", str(work / f"{name}-1")],
                 opts.device,
             )
+            control = work / f"{name}-1-2threads"
+            run(args, control, ["--target", str(work / f"{name}-1")], opts.device, threads=2)
+            gaps = relative_gaps(work / f"{name}-1", work / f"{name}-{opts.nproc}")
+            control_gaps = relative_gaps(work / f"{name}-1", control)
             row = {
                 "case": name,
                 "nproc": opts.nproc,
-                "max_relative_difference": relative_gap(
-                    work / f"{name}-1", work / f"{name}-{opts.nproc}"
-                ),
+                "threads_per_process": 1,
+                "max_relative_difference": max(gaps.values()),
+                "largest": dict(list(gaps.items())[:3]),
+                "control_1_vs_2_threads_max": max(control_gaps.values()),
+                "control_largest": dict(list(control_gaps.items())[:3]),
                 "ms_per_step_1": one["timing"]["ms_per_step"],
                 f"ms_per_step_{opts.nproc}": many["timing"]["ms_per_step"],
                 "cores": len(os.sched_getaffinity(0)),
