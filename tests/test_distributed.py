@@ -239,3 +239,63 @@ def test_a_one_process_run_continues_on_two_ranks(one_process, tmp_path):
     expected, _ = runs.load_tensors(single / "components.safetensors")
     got, _ = runs.load_tensors(out / "components.safetensors")
     assert _relative_gap(expected, got) < 1e-5
+
+
+class _PoisonedRows:
+    """The config's data, with NaN in the last row (rank 1's shard) of the `at`-th batch."""
+
+    def __init__(self, data, at: int) -> None:
+        self.data, self.at, self.calls = data, at, 0
+
+    def sample(self, batch_size, generator):
+        x = self.data.sample(batch_size, generator)
+        self.calls += 1
+        if self.calls == self.at:
+            x = x.clone()
+            x[-1] = float("nan")
+        return x
+
+
+def _rank_with_poison(rank: int, store_path: str, mode: str, out: str) -> None:
+    """One of 2 gloo ranks training the tiny config on data poisoned in rank 1's shard."""
+    import json
+
+    from spdkit.config import parse_config
+    from spdkit.decomposition import build_trainer, data_source
+    from spdkit.distributed import Parallel
+    from spdkit.targets import target_kind
+    from spdkit.train import NonFiniteError
+
+    torch.set_num_threads(1)
+    store = torch.distributed.FileStore(store_path, 2)
+    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    config = parse_config(tiny_tms_dict(on_nonfinite=mode, steps=6))
+    torch.manual_seed(0)  # the same (untrained) target on both ranks
+    target = target_kind(config.target).build(config.target)
+    data = _PoisonedRows(data_source(config), at=3)
+    trainer = build_trainer(target, data, config, "cpu", Parallel(rank, 2, rank, 2))
+    outcome = "finished"
+    try:
+        trainer.run(progress=False)
+    except NonFiniteError as err:
+        outcome = str(err)
+    params = [p.detach().sum().item() for p in trainer.model.trainable_parameters()]
+    result = {"outcome": outcome, "step": trainer.step, "skipped": trainer.skipped_steps}
+    Path(out, f"rank{rank}.json").write_text(json.dumps({**result, "params": params}))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_a_nonfinite_loss_on_one_rank_is_decided_on_every_rank(tmp_path, mode):
+    import json
+
+    torch.multiprocessing.spawn(
+        _rank_with_poison, args=(str(tmp_path / "store"), mode, str(tmp_path)), nprocs=2
+    )
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["step"] == ranks[1]["step"]
+    assert ranks[0]["params"] == ranks[1]["params"]  # still the same model on both
+    if mode == "stop":
+        assert all("step 3: non-finite" in r["outcome"] for r in ranks)
+    else:
+        assert all(r["outcome"] == "finished" and r["skipped"] == 1 for r in ranks)

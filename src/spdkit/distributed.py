@@ -109,6 +109,16 @@ class Parallel:
         if self.active:
             _collective(torch.distributed.barrier)
 
+    def check_same(self, fingerprint: Tensor, what: str) -> None:
+        """A ValueError on every rank unless all ranks hold the same `fingerprint` [n]."""
+        if not self.active:
+            return
+        low, high = fingerprint.double().clone(), fingerprint.double().clone()
+        _collective(torch.distributed.all_reduce, low, torch.distributed.ReduceOp.MIN)
+        _collective(torch.distributed.all_reduce, high, torch.distributed.ReduceOp.MAX)
+        if not torch.equal(low, high):
+            raise ValueError(f"the ranks hold different {what}: every rank must start alike")
+
     def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Every parameter's .grad summed over ranks in one flattened all-reduce. A parameter
         without a gradient on every rank keeps none (as one process would: AdamW skips it);
@@ -142,6 +152,7 @@ def shard_size(batch: int, world: int) -> int:
 
 
 def _collective(fn, *args) -> None:
+    """fn(*args), a torch.distributed collective; a lost peer becomes PeerLostError."""
     try:
         fn(*args)
     except (RuntimeError, torch.distributed.DistError) as err:
@@ -185,3 +196,12 @@ def init_from_env(device: str, timeout_s: float = 600.0) -> tuple[Parallel, str]
 def shutdown() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def finish(parallel: Parallel) -> None:
+    """Leave the process group together once training is over (a barrier, then its teardown
+    on every rank), so that no rank tears down while a peer still talks to it; rank 0 then
+    evaluates alone."""
+    if parallel.active:
+        parallel.barrier()
+        shutdown()

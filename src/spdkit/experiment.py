@@ -23,7 +23,7 @@ from spdkit.decomposition import (
     load,
     train_in_run_dir,
 )
-from spdkit.distributed import SINGLE, Parallel
+from spdkit.distributed import SINGLE, Parallel, finish
 from spdkit.evaluation import evaluate
 from spdkit.plan import GIB, Plan, check_fits, make_plan
 from spdkit.profiling import StepProfiler
@@ -192,6 +192,7 @@ def _train_and_finish(
     t0 = time.perf_counter()
     start_step = trainer.step
     train_in_run_dir(trainer, run_dir, progress, on_step)
+    finish(trainer.parallel)
     if not trainer.parallel.is_main:
         return {}
     seconds = time.perf_counter() - t0

@@ -93,6 +93,9 @@ class Trainer:
         self.model, self.data, self.config, self.device = model, data, config, device
         self.parallel = parallel
         shard_size(config.batch_size, parallel.world)  # a batch that does not split: error now
+        if parallel.active:  # the same target and initial components on every rank
+            sums = torch.stack([t.detach().double().sum() for t in model.state_dict().values()])
+            parallel.check_same(sums, "models (target weights or initial components)")
         self.optimizer = torch.optim.AdamW(
             model.trainable_parameters(),
             lr=config.optimizer.lr,
