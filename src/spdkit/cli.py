@@ -37,7 +37,8 @@ USER_ERRORS = (
 
 
 def _fail(err: Exception) -> None:
-    typer.echo(f"error: {err}", err=True)
+    rank = os.environ.get("RANK", "0")  # data-parallel ranks other than 0 say who they are
+    typer.echo(f"error: {err}" if rank == "0" else f"error (rank {rank}): {err}", err=True)
     raise typer.Exit(3 if isinstance(err, NonFiniteError) else 2)
 
 
