@@ -299,3 +299,26 @@ def test_a_nonfinite_loss_on_one_rank_is_decided_on_every_rank(tmp_path, mode):
         assert all("step 3: non-finite" in r["outcome"] for r in ranks)
     else:
         assert all(r["outcome"] == "finished" and r["skipped"] == 1 for r in ranks)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds ranks through /proc")
+def test_resume_at_the_same_world_size_is_bit_exact(one_process, tmp_path):
+    config, single = one_process
+    whole = tmp_path / "whole"
+    cmd = [*TORCHRUN, "--nproc_per_node=2", "-m", "spdkit", "run", str(config), "--quiet"]
+    result = _run([*cmd, "--out", str(whole), "--target", str(single)])
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "run"
+    proc = _start_two_ranks(config, out)
+    rank1 = _rank_pid(proc.pid, 1)
+    if rank1 is None or proc.poll() is not None:
+        pytest.skip("the run finished before the signal could be sent")
+    os.kill(rank1, signal.SIGTERM)
+    proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    result = _run([*SPDKIT, "resume", str(out), "--quiet", "--nproc", "2"])
+    assert result.returncode == 0, result.stderr
+    expected, _ = runs.load_tensors(whole / "components.safetensors")
+    got, _ = runs.load_tensors(out / "components.safetensors")
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
