@@ -106,8 +106,10 @@ def _join_ranks(device: str, nproc: int) -> tuple[Any, str]:
 
 def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     """The headline numbers of a run, then where everything else is."""
-    if not summary:  # a data-parallel rank other than 0: rank 0 prints
-        return
+    if not summary:  # a data-parallel rank other than 0, done: rank 0 evaluates and prints
+        from spdkit.distributed import leave
+
+        leave()
     fl = summary["final_losses"]
     typer.echo("\n== spdkit summary ==")
     typer.echo("final losses: " + ", ".join(f"{k} {v:.4g}" for k, v in fl.items()))

@@ -33,9 +33,9 @@ and sliced again on resume, so a checkpoint does not depend on the world size.
 
 from __future__ import annotations
 
-import atexit
 import datetime
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -189,19 +189,20 @@ def init_from_env(device: str, timeout_s: float = 600.0) -> tuple[Parallel, str]
         torch.set_num_threads(threads_per_process(par.local_world))
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-        atexit.register(shutdown)
     return par, device
 
 
-def shutdown() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 def finish(parallel: Parallel) -> None:
-    """Leave the process group together once training is over (a barrier, then its teardown
-    on every rank), so that no rank tears down while a peer still talks to it; rank 0 then
-    evaluates alone."""
+    """Training is over on every rank (a barrier): rank 0 then evaluates alone and the others
+    leave (`leave`)."""
     if parallel.active:
         parallel.barrier()
-        shutdown()
+
+
+def leave() -> None:
+    """End a data-parallel rank other than 0 at once, without running gloo's teardown while
+    rank 0 is still alive (that teardown aborted a rank now and then: "terminate called
+    without an active exception")."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
