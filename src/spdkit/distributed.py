@@ -167,10 +167,11 @@ def launched_by_torchrun() -> bool:
     return all(v in os.environ for v in ENV_VARS) and int(os.environ["WORLD_SIZE"]) > 1
 
 
-def init_from_env(device: str, timeout_s: float = 600.0) -> tuple[Parallel, str]:
+def init_from_env(device: str, timeout_s: float = 3600.0) -> tuple[Parallel, str]:
     """Join the torchrun job this process belongs to (gloo on CPU, NCCL on CUDA, one device
     per local rank); returns (its Parallel, the device it runs on). Outside torchrun:
-    (SINGLE, device)."""
+    (SINGLE, device). `timeout_s` bounds a wait on a rank that is alive but silent: the other
+    ranks wait at a barrier while rank 0 trains the target (a dead rank is noticed at once)."""
     if not launched_by_torchrun():
         return SINGLE, device
     par = Parallel(
