@@ -137,9 +137,14 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
 
 
 def _start_two_ranks(config: Path, out: Path) -> subprocess.Popen:
+    cmd = [*TORCHRUN, "--nproc_per_node=2", "-m", "spdkit", "run", str(config)]
+    return _start_until_checkpoint([*cmd, "--out", str(out), "--quiet"], out)
+
+
+def _start_until_checkpoint(cmd: list[str], out: Path) -> subprocess.Popen:
+    """Start cmd; return once out has a checkpoint (or after 120 s)."""
     proc = subprocess.Popen(
-        [*TORCHRUN, "--nproc_per_node=2", "-m", "spdkit", "run", str(config), "--out", str(out)]
-        + ["--quiet"],
+        cmd,
         env=_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -220,16 +225,7 @@ def test_a_one_process_run_continues_on_two_ranks(one_process, tmp_path):
     the same data, masks and sources per sample, so within float rounding of never stopping."""
     config, single = one_process
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [*SPDKIT, "run", str(config), "--out", str(out), "--quiet"],
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 120
-    while not (out / runs.CHECKPOINT).exists() and time.time() < deadline:
-        time.sleep(0.02)
+    proc = _start_until_checkpoint([*SPDKIT, "run", str(config), "--out", str(out), "--quiet"], out)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
     if proc.returncode == 0:
