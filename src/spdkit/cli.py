@@ -346,6 +346,60 @@ def eval_(
     _print_summary(summary, out_dir)
 
 
+@app.command()
+def cluster(
+    run_dir: Path = typer.Argument(..., help="a finished run directory"),
+    samples: int = typer.Option(20000, min=1, help="CI rows: toy inputs or LM token positions"),
+    threshold: float = typer.Option(0.1, min=0, max=1, help="τ: a subcomponent fires if CI > τ"),
+    alpha: float = typer.Option(10.0, min=0, help="bits per rank-one piece of a firing group"),
+    min_count: int = typer.Option(1, min=1, help="fewer firings than this: dead"),
+    seed: int = typer.Option(0, min=0, help="seed of the data drawn"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    checkpoint: bool = typer.Option(
+        False, "--checkpoint", help="an unfinished run at its last checkpoint (into partial/)"
+    ),
+    quiet: bool = typer.Option(False, help="no progress bars"),
+) -> None:
+    """Group subcomponents into mechanisms (minimum description length over co-activations);
+    write RUN_DIR/clusters.json and figures/clusters.png."""
+    from spdkit.clusters import ClusterParams, write_clusters
+    from spdkit.clusters import cluster as find_clusters
+    from spdkit.decomposition import load
+    from spdkit.experiment import PARTIAL_DIR, load_checkpoint, resolve_device
+
+    try:
+        if checkpoint:
+            decomp, step = load_checkpoint(run_dir, device)
+            out_dir = run_dir / PARTIAL_DIR / f"step_{step}"
+        else:
+            decomp, out_dir = load(run_dir, resolve_device(device)), run_dir
+        params = ClusterParams(samples, threshold, alpha, min_count, seed)
+        found = find_clusters(decomp, params, out_dir / "figures", progress=not quiet)
+        path = write_clusters(out_dir, found)
+    except USER_ERRORS as err:
+        _fail(err)
+    info = found.info
+    typer.echo(
+        f"{len(found.clusters)} clusters of {info['n_live']} live subcomponents "
+        f"({len(found.dead)} dead) from {info['n_samples']} samples"
+    )
+    for c in found.clusters[:40]:
+        typer.echo(c.summary_line())
+    if len(found.clusters) > 40:
+        typer.echo(f"... {len(found.clusters) - 40} more in {path}")
+    if "ground_truth" in info:
+        gt = info["ground_truth"]
+        typer.echo(
+            f"ground truth: ARI {gt['ari']:.4f}, mechanisms found {gt['n_mechanisms_found']}"
+            f" (expected {gt['n_mechanisms_expected']})"
+        )
+    cost = info["cost"]
+    typer.echo(
+        f"{cost['gather_seconds']:.1f} s gathering, {cost['merge_seconds']:.1f} s merging,"
+        f" peak memory {cost['peak_rss_bytes'] / 2**20:.0f} MiB; wrote {path}"
+    )
+
+
 @app.command(name="list")
 def list_() -> None:
     """The bundled configs."""

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +17,9 @@ from spdkit.metrics import causal_importance
 from spdkit.model import ComponentModel
 from spdkit.targets import DataSource, target_kind
 from spdkit.train import Trainer
+
+if TYPE_CHECKING:
+    from spdkit.clusters import Cluster, Clustering, ClusterParams
 
 
 @dataclass
@@ -49,6 +52,36 @@ class Decomposition:
     def causal_importance(self, x: Tensor, upper: bool = True) -> dict[str, Tensor]:
         """CI of every subcomponent on inputs x: {module: [..., C]}."""
         return causal_importance(self.model, x, upper=upper)
+
+    def cluster(self, params: ClusterParams | None = None, progress: bool = True) -> Clustering:
+        """Group the subcomponents into mechanisms (`spdkit cluster`: co-activations on the
+        run's data, merged by description length); with a run directory, also writes
+        clusters.json and figures/clusters.png there."""
+        from spdkit.clusters import ClusterParams, cluster, write_clusters
+
+        fig_dir = self.run_dir / "figures" if self.run_dir is not None else None
+        found = cluster(self, params or ClusterParams(), fig_dir, progress)
+        if self.run_dir is not None:
+            write_clusters(self.run_dir, found)
+        return found
+
+    def clusters(self) -> list[Cluster]:
+        """The mechanisms saved in RUN_DIR/clusters.json (`spdkit cluster` or `cluster()`)."""
+        from spdkit.clusters import read_clusters
+
+        if self.run_dir is None:
+            raise ValueError("this decomposition has no run directory: call cluster() instead")
+        return read_clusters(self.run_dir).clusters
+
+    def mechanism_masks(
+        self, off: Sequence[int] = (), only: Sequence[int] | None = None
+    ) -> dict[str, Tensor]:
+        """Masks [C] per module switching whole clusters (ids of `clusters()`) off, or only
+        them on: `decomp.model(x, decomp.mechanism_masks(off=[3]))` runs the model without
+        mechanism 3 (its members' rank-one weights removed)."""
+        from spdkit.clusters import mechanism_masks
+
+        return mechanism_masks(self, self.clusters(), off, only)
 
     def subcomponents(self, module: str) -> tuple[Tensor, Tensor]:
         """(U [d_out, C], V [C, d_in]) of one decomposed module."""

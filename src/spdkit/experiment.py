@@ -234,12 +234,20 @@ def evaluate_checkpoint(run_dir: Path, device: str = "cpu") -> tuple[dict[str, A
     """`spdkit eval --checkpoint`: the end-of-run metrics and figures of an unfinished run, at
     its last checkpoint, into `<run_dir>/partial/step_<N>/` (the run's own summary.json and
     figures/ are left alone: they describe finished runs only). Returns (summary, out_dir)."""
+    decomp, step = load_checkpoint(run_dir, device)
+    out_dir = Path(run_dir) / PARTIAL_DIR / f"step_{step}"
+    partial = {"step": step, "steps": decomp.config.steps}
+    return evaluate(decomp, Path(run_dir), out_dir=out_dir, partial=partial), out_dir
+
+
+def load_checkpoint(run_dir: Path, device: str = "cpu") -> tuple[Decomposition, int]:
+    """The decomposition of an unfinished run at its last checkpoint, and that step."""
     device = resolve_device(device)
     run_dir = Path(run_dir)
     config = runs.load_run_config(run_dir)
     ckpt = run_dir / runs.CHECKPOINT
     if config.target is None:
-        raise runs.RunDirError(f"{run_dir}: evaluating a checkpoint needs a target in config.yaml")
+        raise runs.RunDirError(f"{run_dir}: loading a checkpoint needs a target in config.yaml")
     if not ckpt.is_file():
         raise runs.RunDirError(f"{run_dir}: no checkpoint ({ckpt} does not exist)")
     target, _ = runs.load_target(run_dir, config.target)
@@ -251,7 +259,4 @@ def evaluate_checkpoint(run_dir: Path, device: str = "cpu") -> tuple[dict[str, A
             trainer.load_state(tensors, meta)
     except CheckpointError as err:
         raise runs.RunDirError(f"{ckpt}: {err}") from None
-    out_dir = run_dir / PARTIAL_DIR / f"step_{trainer.step}"
-    decomp = Decomposition(trainer.model, config, run_dir)
-    partial = {"step": trainer.step, "steps": config.steps}
-    return evaluate(decomp, run_dir, out_dir=out_dir, partial=partial), out_dir
+    return Decomposition(trainer.model, config, run_dir), trainer.step

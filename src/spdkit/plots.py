@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from spdkit.metrics import greedy_feature_order  # noqa: E402
@@ -305,4 +306,29 @@ def plot_pareto(
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6, loc="best")
+    return _save(fig, path)
+
+
+def plot_coactivation(pair_counts: Tensor, sizes: Sequence[int], path: Path) -> Path:
+    """The co-activation matrix of live subcomponents ordered by cluster, normalised as
+    s_ij / √(s_i s_j) (1: always fire together, 0: never), each cluster's block outlined."""
+    s = pair_counts.double()
+    d = s.diagonal().clamp_min(1).sqrt()
+    norm = (s / d[:, None] / d[None, :]).numpy()
+    n = norm.shape[0]
+    side = min(12.0, max(4.0, 0.04 * n + 3))
+    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    start = 0
+    for size in sizes:
+        if size > 1 or len(sizes) <= 200:
+            ax.add_patch(
+                Rectangle((start - 0.5, start - 0.5), size, size, fill=False, ec="red", lw=0.8)
+            )
+        start += size
+    n_multi = sum(1 for size in sizes if size > 1)
+    ax.set_title(f"{n} live subcomponents in {len(sizes)} clusters ({n_multi} of 2 or more)")
+    ax.set_xlabel("subcomponent (ordered by cluster)")
+    ax.set_ylabel("subcomponent (ordered by cluster)")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="co-activation  s_ij / √(s_i s_j)")
     return _save(fig, path)

@@ -1,0 +1,255 @@
+"""Clustering subcomponents into mechanisms: the firing record, the MDL merge, the ground
+truth of the toy targets, `spdkit cluster` and clusters.json, mechanism masks."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import spdkit
+from spdkit.cli import app
+from spdkit.clustering import description_length, merge_costs, merge_greedy
+from spdkit.clusters import ClusterParams
+from spdkit.coactivation import Firings, gather_firings
+from spdkit.config import parse_config
+from spdkit.decomposition import eval_data_source
+from spdkit.ground_truth import score, true_mechanisms
+from spdkit.model import ComponentModel
+from spdkit.targets import target_kind
+from tests.conftest import tiny_tms_dict
+
+runner = CliRunner()
+
+
+def firings_of(g: np.ndarray) -> Firings:
+    """The record of a dense bool matrix g [samples, n] (tests only: spdkit never builds one)."""
+    rows, cols = np.nonzero(g)
+    ptr = np.concatenate([[0], np.cumsum(g.sum(1))]).astype(np.int64)
+    return Firings([f"m:{i}" for i in range(g.shape[1])], ptr, cols.astype(np.int32))
+
+
+def planted(n_samples: int, seed: int = 0) -> tuple[np.ndarray, list[int]]:
+    """Firings with known mechanisms: 8 sparse groups of 1-3 members (each group active on 5 %
+    of samples, each member firing on 95 % of its group's samples, plus 0.2 % noise), one dense
+    group of 6 (active on 60 %), and 2 never-firing columns. Returns (g, true group per column)."""
+    rng = np.random.default_rng(seed)
+    sizes = [1, 2, 3, 2, 1, 3, 2, 2]
+    truth = [k for k, s in enumerate(sizes) for _ in range(s)] + [8] * 6 + [9, 10]
+    g = np.zeros((n_samples, len(truth)), dtype=bool)
+    col = 0
+    for k, size in enumerate([*sizes, 6]):
+        on = rng.random(n_samples) < (0.6 if k == 8 else 0.05)
+        for _ in range(size):
+            g[:, col] = (on & (rng.random(n_samples) < 0.95)) | (rng.random(n_samples) < 0.002)
+            col += 1
+    return g, truth
+
+
+def test_firing_record_matches_the_dense_matrix():
+    rng = np.random.default_rng(1)
+    g = rng.random((300, 12)) < 0.2
+    g[:, 5] = False
+    f = firings_of(g)
+    assert f.n_samples == 300 and (f.counts() == g.sum(0)).all()
+    S = f.pair_counts(chunk=64).numpy()
+    assert ((g.T.astype(np.int64) @ g.astype(np.int64)) == S).all()
+    for i, samples in enumerate(f.samples_of()):
+        assert (samples == np.flatnonzero(g[:, i])).all()
+    keep = np.array([0, 3, 7, 11])
+    sub = f.restricted(keep)
+    assert sub.names == ["m:0", "m:3", "m:7", "m:11"]
+    assert (sub.pair_counts().numpy() == S[np.ix_(keep, keep)]).all()
+
+
+def test_merge_costs_are_the_change_in_description_length():
+    """ΔL of every pair = L after merging it − L before, with the merged group's s the OR count."""
+    rng = np.random.default_rng(2)
+    g = rng.random((500, 6)) < np.array([0.05, 0.3, 0.3, 0.1, 0.6, 0.02])
+    groups = [[0], [1, 2], [3], [4], [5]]  # a state with one merge done: ranks 1, 2, 1, 1, 1
+    G = np.stack([g[:, m].any(1) for m in groups], 1).astype(np.float64)
+    S = torch.from_numpy(G.T @ G)
+    r = torch.tensor([len(m) for m in groups], dtype=torch.float64)
+    alpha = 3.0
+    costs = merge_costs(S, r, alpha)
+    before = description_length(S.diagonal(), r, alpha)
+    for i, j in itertools.combinations(range(len(groups)), 2):
+        rest = [k for k in range(len(groups)) if k not in (i, j)]
+        s_after = torch.tensor([G[:, k].sum() for k in rest] + [np.maximum(G[:, i], G[:, j]).sum()])
+        r_after = torch.cat([r[rest], (r[i] + r[j]).view(1)])
+        after = description_length(s_after.double(), r_after, alpha)
+        assert costs[i, j].item() == pytest.approx(after - before, rel=1e-9, abs=1e-9)
+    assert torch.isinf(costs[torch.ones(5, 5, dtype=torch.bool).tril()]).all()
+
+
+def test_greedy_merge_recovers_planted_mechanisms_and_stops_at_a_local_minimum():
+    g, truth = planted(20000)
+    live = np.flatnonzero(g.sum(0) > 0)
+    assert list(live) == list(range(len(truth) - 2))  # the two never-firing columns are dead
+    f = firings_of(g).restricted(live)
+    merges = merge_greedy(f, f.pair_counts(), alpha=3.0)
+    labels = {f"m:{i}": str(truth[i]) for i in live}
+    found = [[f.names[i] for i in grp] for grp in merges.groups]
+    assert score(labels, found, 9)["ari"] == 1.0
+    assert merges.cost_final == pytest.approx(merges.cost_singletons + sum(merges.deltas))
+    # no further merge shortens the description: recompute every ΔL from the raw firings
+    G = np.stack([g[:, grp].any(1) for grp in merges.groups], 1).astype(np.float64)
+    r = torch.tensor([len(grp) for grp in merges.groups], dtype=torch.float64)
+    assert merges.fired == [int(v) for v in G.sum(0)]
+    assert merge_costs(torch.from_numpy(G.T @ G), r, 3.0).min() >= 0
+
+
+def test_alpha_trades_rank_against_co_firing():
+    """Two always-together columns merge at any α; two independent ones merge only when a
+    rank-one piece is cheap (α small), as the formula says."""
+    rng = np.random.default_rng(3)
+    on = rng.random(4000) < 0.1
+    g = np.stack([on, on, rng.random(4000) < 0.1, rng.random(4000) < 0.1], 1)
+    f = firings_of(g)
+    for alpha in (0.5, 3.0, 30.0):
+        groups = merge_greedy(f, f.pair_counts(), alpha).groups
+        assert any({0, 1} <= set(group) for group in groups)
+    assert len(merge_greedy(f, f.pair_counts(), 3.0).groups) == 3
+    assert len(merge_greedy(f, f.pair_counts(), 0.5).groups) == 1
+
+
+def exact_tms_decomposition(n_hidden_layers: int = 0) -> spdkit.Decomposition:
+    """A TMS 5-2 whose components are set to the ground truth: linear1 subcomponent f is
+    W[:, f] e_fᵀ (at column 2f), linear2's is e_f W[:, f]ᵀ (at column 2f + 1); the rest zero."""
+    data = tiny_tms_dict(eval={"n_eval_samples": 64, "one_hot_value": 1.0})
+    data["target"]["n_hidden_layers"] = n_hidden_layers
+    data["modules"] = [{"pattern": "linear1", "C": 10}, {"pattern": "linear2", "C": 10}]
+    if n_hidden_layers:
+        data["modules"].append({"pattern": "hidden_layers.*", "C": 4})
+    config = parse_config(data)
+    target = target_kind(config.target).build(config.target)
+    model = ComponentModel.from_config(target, config)
+    W = target.linear1.weight.detach()  # [2, 5]
+    with torch.no_grad():
+        for name in ("linear1", "linear2"):
+            comps = model.components(name)
+            comps.U.zero_()
+            comps.V.zero_()
+        for f in range(5):
+            model.components("linear1").U[:, 2 * f] = W[:, f]
+            model.components("linear1").V[2 * f, f] = 1.0
+            model.components("linear2").U[f, 2 * f + 1] = 1.0
+            model.components("linear2").V[2 * f + 1] = W[:, f]
+    return spdkit.Decomposition(model, config)
+
+
+def test_tms_ground_truth_pairs_each_features_two_subcomponents():
+    decomp = exact_tms_decomposition()
+    live = [f"linear1:{2 * f}" for f in range(5)] + [f"linear2:{2 * f + 1}" for f in range(5)]
+    labels, expected = true_mechanisms(decomp, live, 0.1)
+    assert expected == 5
+    assert labels == {
+        **{f"linear1:{2 * f}": f"feature {f}" for f in range(5)},
+        **{f"linear2:{2 * f + 1}": f"feature {f}" for f in range(5)},
+    }
+    right = [[f"linear1:{2 * f}", f"linear2:{2 * f + 1}"] for f in range(5)]
+    wrong = [[f"linear1:{2 * f}", f"linear2:{(2 * f + 3) % 10}"] for f in range(5)]
+    assert score(labels, right, expected)["ari"] == 1.0
+    assert score(labels, wrong, expected)["ari"] < 0.1
+
+
+def test_identity_layers_form_one_more_mechanism():
+    decomp = exact_tms_decomposition(n_hidden_layers=1)
+    labels, expected = true_mechanisms(decomp, ["hidden_layers.0:0", "hidden_layers.0:3"], 0.1)
+    assert expected == 6 and set(labels.values()) == {"identity"}
+
+
+def test_targets_without_ground_truth_get_none():
+    decomp = exact_tms_decomposition()
+    decomp.config = decomp.config.model_copy(update={"target": None})
+    assert true_mechanisms(decomp, [], 0.1) is None
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    cfg = out.parent / "tiny.yaml"
+    cfg.write_text(json.dumps(tiny_tms_dict(steps=200)))
+    result = runner.invoke(app, ["run", str(cfg), "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_gather_firings_thresholds_the_ci_of_every_module(tiny_run):
+    decomp = spdkit.load(tiny_run)
+    data = eval_data_source(decomp.config)
+    firings = gather_firings(
+        decomp.model, data, 700, 0.1, 256, torch.Generator().manual_seed(5), False
+    )
+    x = data.sample(256, torch.Generator().manual_seed(5))
+    ci = decomp.causal_importance(x)
+    dense = torch.cat([ci["linear1"], ci["linear2"]], -1) > 0.1  # [256, 16]
+    assert firings.n_samples == 700
+    assert firings.names[:2] == ["linear1:0", "linear1:1"] and len(firings.names) == 16
+    head = Firings(
+        firings.names, firings.sample_ptr[:257], firings.fired[: firings.sample_ptr[256]]
+    )
+    assert (head.pair_counts().numpy() == (dense.T.double() @ dense.double()).numpy()).all()
+
+
+def test_cluster_command_writes_the_contract(tiny_run):
+    result = runner.invoke(app, ["cluster", str(tiny_run), "--samples", "3000", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "ground truth: ARI" in result.output and "live subcomponents" in result.output
+    data = json.loads((tiny_run / "clusters.json").read_text())
+    assert data["method"] == "mdl-greedy"
+    assert data["params"]["samples"] == 3000 and data["params"]["alpha"] == ClusterParams().alpha
+    members = [m for c in data["clusters"] for m in c["members"]]
+    every = [f"{m}:{i}" for m in ("linear1", "linear2") for i in range(8)]
+    assert sorted(members + data["dead"]) == sorted(every)  # a partition of all subcomponents
+    assert len(set(members)) == len(members)
+    assert [c["id"] for c in data["clusters"]] == list(range(len(data["clusters"])))
+    assert -1 <= data["ground_truth"]["ari"] <= 1
+    assert data["ground_truth"]["n_mechanisms_expected"] == 5
+    assert (tiny_run / "figures" / "clusters.png").stat().st_size > 0
+    assert data["cost"]["firings"] > 0 and data["n_samples"] == 3000
+
+
+def test_mechanism_masks_ablate_a_cluster(tiny_run):
+    decomp = spdkit.load(tiny_run)
+    if not (tiny_run / "clusters.json").exists():
+        decomp.cluster(progress=False)
+    clusters = decomp.clusters()
+    x = torch.eye(5)
+    full = decomp.model(x, decomp.model.ones_masks())
+    k = 0
+    masks = decomp.mechanism_masks(off=[k])
+    for module, indices in clusters[k].indices().items():
+        assert (masks[module][indices] == 0).all()
+        assert masks[module].sum() == masks[module].numel() - len(indices)
+    ablated = decomp.model(x, masks)
+    assert not torch.allclose(ablated, full)  # its members carry weight: the output changes
+    only = decomp.mechanism_masks(only=[k])
+    assert sum(int(m.sum()) for m in only.values()) == len(clusters[k].members)
+    with pytest.raises(KeyError, match="no cluster with id 999"):
+        decomp.mechanism_masks(off=[999])
+
+
+def test_cluster_errors_are_one_line(tmp_path):
+    result = runner.invoke(app, ["cluster", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    decomp = exact_tms_decomposition()
+    with pytest.raises(ValueError, match="no run directory"):
+        decomp.clusters()
+
+
+@pytest.mark.slow
+def test_tms_5_2_clusters_match_ground_truth(tmp_path):
+    """The real thing: a full tms_5-2 decomposition, clustered, scores ARI ≥ 0.95."""
+    out = tmp_path / "tms"
+    assert runner.invoke(app, ["run", "tms_5-2", "--out", str(out), "--quiet"]).exit_code == 0
+    result = runner.invoke(app, ["cluster", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    gt = json.loads((out / "clusters.json").read_text())["ground_truth"]
+    assert gt["ari"] >= 0.95 and gt["n_mechanisms_found"] == 5, gt
+    assert not math.isnan(gt["ari"])
