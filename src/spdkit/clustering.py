@@ -77,6 +77,87 @@ def _group_row(firings: Firings, samples: np.ndarray, slot_of: np.ndarray, n_slo
     return torch.from_numpy(np.bincount(pairs % n_slots, minlength=n_slots)).double()
 
 
+def rank_terms(S: Tensor, s: Tensor, r: Tensor, alpha: float) -> Tensor:
+    """α (s_i r_j + s_j r_i − s_ij (r_i + r_j)) for the rows of S [m, k] (groups `s`, `r` [k]
+    index the columns; the rows are the first m groups): the part of ΔL that does not change
+    with k. Rows of one group at a time keep each merge's update O(k)."""
+    m = S.shape[0]
+    s_row, r_row = s[:m, None], r[:m, None]
+    return alpha * (s_row * r[None, :] + s[None, :] * r_row - S * (r_row + r[None, :]))
+
+
+@dataclass
+class _Groups:
+    """The merge's state, by slot: co-activations S [n, n] (diagonal s_i), ranks r [n], the
+    k-independent ΔL part A [n, n] (+inf on the diagonal and for empty slots), members, and
+    the samples each group fires on. Merging a < b keeps the union in slot a, empties b."""
+
+    S: Tensor
+    r: Tensor
+    A: Tensor
+    members: list[list[int]]
+    fired_on: list[np.ndarray]
+    slot_of: np.ndarray  # int [subcomponents]: the slot of each subcomponent's group
+    active: Tensor  # bool [n]
+
+    @classmethod
+    def singletons(cls, firings: Firings, pair_counts: Tensor, alpha: float) -> _Groups:
+        n = pair_counts.shape[0]
+        S = pair_counts.clone()
+        r = torch.ones(n, dtype=torch.float64)
+        A = rank_terms(S, S.diagonal(), r, alpha)
+        A.fill_diagonal_(math.inf)
+        members = [[i] for i in range(n)]
+        active = torch.ones(n, dtype=torch.bool)
+        return cls(S, r, A, members, firings.samples_of(), np.arange(n), active)
+
+    def merge(self, a: int, b: int, firings: Firings, alpha: float) -> None:
+        self.fired_on[a] = np.union1d(self.fired_on[a], self.fired_on[b])
+        self.fired_on[b] = self.fired_on[b][:0]
+        self.members[a] += self.members[b]
+        self.members[b] = []
+        self.active[b] = False
+        self.r[a] += self.r[b]
+        self.slot_of[self.members[a]] = a
+        n = len(self.members)
+        row = _group_row(firings, self.fired_on[a], self.slot_of, n)
+        row[~self.active] = 0
+        for M in (self.S, self.A):
+            M[b, :] = 0
+            M[:, b] = 0
+        self.S[a, :] = row
+        self.S[:, a] = row
+        s = self.S.diagonal()
+        terms = _row_terms(row, s, self.r, a, alpha)
+        terms[~self.active] = math.inf
+        terms[a] = math.inf
+        self.A[a, :] = terms
+        self.A[:, a] = terms
+        self.A[b, :] = math.inf
+        self.A[:, b] = math.inf
+
+    def compacted(self) -> _Groups:
+        """The same groups in slots 0..k-1 (dropping the empty slots)."""
+        keep = self.active.nonzero().flatten()
+        idx = keep.tolist()
+        new_slot = np.full(len(self.members), -1)
+        new_slot[idx] = np.arange(len(idx))
+        return _Groups(
+            self.S[keep][:, keep],
+            self.r[keep],
+            self.A[keep][:, keep],
+            [self.members[i] for i in idx],
+            [self.fired_on[i] for i in idx],
+            new_slot[self.slot_of],
+            torch.ones(len(idx), dtype=torch.bool),
+        )
+
+
+def _row_terms(row: Tensor, s: Tensor, r: Tensor, a: int, alpha: float) -> Tensor:
+    """rank_terms for the single group in slot a against every slot."""
+    return alpha * (s[a] * r + s * r[a] - row * (r[a] + r))
+
+
 def merge_greedy(
     firings: Firings,
     pair_counts: Tensor,
@@ -86,44 +167,38 @@ def merge_greedy(
     """Greedy MDL merging of the record's subcomponents (all live: s_i > 0), starting from
     their pair counts [n, n] (`firings.pair_counts()`).
 
-    Groups live in slots 0..n-1 (the singletons); merging i < j puts the union in slot i and
-    empties slot j. Each iteration works on the active slots only, so its cost is O(k²).
-    `on_merge(k)` is called after each merge (progress).
+    Since ΔL_ij = s_Σ log2(1 − 1/k) + (A_ij − log2(k − 1) s_ij) with A the rank terms, only
+    the bracket decides which pair; A and s change only in the merged group's row and column,
+    so an iteration is one pass over the k × k matrices (empty slots are dropped whenever
+    they are half of them). `on_merge(k)` is called after each merge (progress).
     """
-    n = len(firings.names)
-    S = pair_counts.clone()  # group co-activations, by slot
-    r = torch.ones(n, dtype=torch.float64)
-    members: list[list[int]] = [[i] for i in range(n)]
-    fired_on = firings.samples_of()
-    slot_of = np.arange(n)
-    active = torch.arange(n)  # slot ids of the current groups
-    cost0 = description_length(S.diagonal(), r, alpha)
+    groups = _Groups.singletons(firings, pair_counts, alpha)
+    s0 = groups.S.diagonal()
+    cost0 = description_length(s0, groups.r, alpha)
+    s_sum = float(s0.sum())
+    k = len(groups.members)
     deltas: list[float] = []
-    while len(active) > 1:
-        sub = S[active][:, active]
-        costs = merge_costs(sub, r[active], alpha)
-        best = int(costs.argmin())
-        delta = float(costs.view(-1)[best])
+    score = torch.empty_like(groups.A)
+    while k > 1:
+        torch.add(groups.A, groups.S, alpha=-math.log2(k - 1), out=score)
+        best = int(score.argmin())
+        n = score.shape[0]
+        a, b = sorted((best // n, best % n))
+        delta = s_sum * math.log2(1 - 1 / k) + float(score[a, b])
         if delta >= 0:
             break
-        a, b = (int(active[best // len(active)]), int(active[best % len(active)]))
-        fired_on[a] = np.union1d(fired_on[a], fired_on[b])
-        fired_on[b] = fired_on[b][:0]
-        members[a] += members[b]
-        members[b] = []
-        slot_of[members[a]] = a
-        row = _group_row(firings, fired_on[a], slot_of, n)
-        S[a, :] = row
-        S[:, a] = row
-        S[a, a] = len(fired_on[a])
-        S[b, :] = 0
-        S[:, b] = 0
-        r[a] += r[b]
-        active = active[active != b]
+        s_a, s_b = float(groups.S[a, a]), float(groups.S[b, b])
+        groups.merge(a, b, firings, alpha)
+        s_sum += float(groups.S[a, a]) - s_a - s_b
+        k -= 1
         deltas.append(delta)
         if on_merge is not None:
-            on_merge(len(active))
-    groups = [members[int(i)] for i in active]
-    fired = [int(S[i, i]) for i in active]
-    cost = description_length(S.diagonal()[active], r[active], alpha)
-    return Merges(groups, fired, cost0, cost, deltas)
+            on_merge(k)
+        if k < n // 2 and n > 64:
+            groups = groups.compacted()
+            score = torch.empty_like(groups.A)
+    live = groups.active.nonzero().flatten().tolist()
+    fired = [int(groups.S[i, i]) for i in live]
+    s = groups.S.diagonal()[live]
+    cost = description_length(s, groups.r[live], alpha)
+    return Merges([groups.members[i] for i in live], fired, cost0, cost, deltas)
