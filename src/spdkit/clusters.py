@@ -153,10 +153,11 @@ def cluster(
         labels, expected = truth
         info["ground_truth"] = score(labels, [c.members for c in clusters], expected)
     if fig_dir is not None:
-        order = [live.names.index(n) for c in clusters for n in c.members]
-        plots.plot_coactivation(
-            pairs[order][:, order], [len(c.members) for c in clusters], fig_dir / "clusters.png"
-        )
+        position = {name: i for i, name in enumerate(live.names)}
+        ordered = [n for c in clusters for n in c.members]
+        order = [position[n] for n in ordered]
+        sizes = [len(c.members) for c in clusters]
+        plots.plot_coactivation(pairs[order][:, order], sizes, ordered, fig_dir / "clusters.png")
     return Clustering(params, clusters, dead, info)
 
 

@@ -309,9 +309,12 @@ def plot_pareto(
     return _save(fig, path)
 
 
-def plot_coactivation(pair_counts: Tensor, sizes: Sequence[int], path: Path) -> Path:
+def plot_coactivation(
+    pair_counts: Tensor, sizes: Sequence[int], names: Sequence[str], path: Path
+) -> Path:
     """The co-activation matrix of live subcomponents ordered by cluster, normalised as
-    s_ij / √(s_i s_j) (1: always fire together, 0: never), each cluster's block outlined."""
+    s_ij / √(s_i s_j) (1: always fire together, 0: never), each cluster's block outlined;
+    `names` label the axes when there are few."""
     s = pair_counts.double()
     d = s.diagonal().clamp_min(1).sqrt()
     norm = (s / d[:, None] / d[None, :]).numpy()
@@ -330,5 +333,8 @@ def plot_coactivation(pair_counts: Tensor, sizes: Sequence[int], path: Path) -> 
     ax.set_title(f"{n} live subcomponents in {len(sizes)} clusters ({n_multi} of 2 or more)")
     ax.set_xlabel("subcomponent (ordered by cluster)")
     ax.set_ylabel("subcomponent (ordered by cluster)")
-    fig.colorbar(im, ax=ax, shrink=0.8, label="co-activation  s_ij / √(s_i s_j)")
+    if n <= 60:
+        ax.set_xticks(range(n), names, fontsize=7, rotation=90)
+        ax.set_yticks(range(n), names, fontsize=7)
+    fig.colorbar(im, ax=ax, shrink=0.8, label=r"co-activation $s_{ij} / \sqrt{s_i s_j}$")
     return _save(fig, path)
