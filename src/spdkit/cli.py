@@ -400,6 +400,27 @@ def cluster(
     )
 
 
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="a finished run directory"),
+    rows: int = typer.Option(None, min=1, help="data rows for the CI statistics"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    quiet: bool = typer.Option(False, help="no progress bars"),
+) -> None:
+    """Write RUN_DIR/report/index.html: one page to open in a browser (no server needed)."""
+    from spdkit.decomposition import load
+    from spdkit.experiment import resolve_device
+    from spdkit.report.content import gather
+    from spdkit.report.render import write_report
+
+    try:
+        decomp = load(run_dir, resolve_device(device))
+        index = write_report(gather(decomp, run_dir, rows), run_dir, progress=not quiet)
+    except USER_ERRORS as err:
+        _fail(err)
+    typer.echo(f"wrote {index}")
+
+
 @app.command(name="list")
 def list_() -> None:
     """The bundled configs."""

@@ -31,6 +31,8 @@ class TargetKind:
     architecture: tuple[str, ...]
     # config -> (token ids -> readable text), for language-model targets (top contexts)
     decoder: Callable[[Any], Callable[[list[int]], str] | None] | None = None
+    # config -> (text -> token ids), for typing a prompt (`spdkit serve`)
+    encoder: Callable[[Any], Callable[[str], list[int]] | None] | None = None
 
 
 TARGET_KINDS: dict[str, TargetKind] = {
@@ -55,6 +57,7 @@ TARGET_KINDS: dict[str, TargetKind] = {
         feature_module=None,
         architecture=("vocab_size", "seq_len", "d_model", "n_layers", "n_heads"),
         decoder=lambda c: lambda ids: " ".join(str(i) for i in ids),
+        encoder=lambda c: lambda text: transformer.parse_token_ids(text, c.vocab_size),
     ),
     "tiny_lm": TargetKind(
         build=transformer.build_tiny_lm,
@@ -63,6 +66,7 @@ TARGET_KINDS: dict[str, TargetKind] = {
         feature_module=None,
         architecture=("seq_len", "d_model", "n_layers", "n_heads", "d_mlp"),
         decoder=lambda c: transformer.CharCorpus.decode,
+        encoder=lambda c: transformer.CharCorpus.encode,
     ),
     "hf": TargetKind(
         build=hf.build_hf,
@@ -71,6 +75,7 @@ TARGET_KINDS: dict[str, TargetKind] = {
         feature_module=None,
         architecture=("hf_config",),
         decoder=hf.hf_decoder,
+        encoder=hf.hf_encoder,
     ),
     "python": TargetKind(
         build=python.build_python,

@@ -154,6 +154,15 @@ def hf_decoder(config: HFTargetConfig) -> Callable[[list[int]], str] | None:
     return lambda ids: tok.decode(ids).replace("\n", "⏎")
 
 
+def hf_encoder(config: HFTargetConfig) -> Callable[[str], list[int]] | None:
+    """Text to token ids with the directory's tokenizer; None without one."""
+    try:
+        tok = _tokenizer(config.path)
+    except ValueError:
+        return None
+    return lambda text: tok(text, return_attention_mask=False)["input_ids"]
+
+
 @dataclass(frozen=True)
 class RandomTokens:
     """Uniformly random token ids [batch, seq_len]: enough to exercise a model's parameters

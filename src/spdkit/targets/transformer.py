@@ -180,6 +180,18 @@ def corpus_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
+def parse_token_ids(text: str, vocab_size: int) -> list[int]:
+    """ "3 17 5 ..." to ids (the induction target's prompts), each checked against the vocabulary."""
+    try:
+        ids = [int(t) for t in text.split()]
+    except ValueError:
+        raise ValueError(f"expected token ids separated by spaces, got {text!r}") from None
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"token {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+    return ids
+
+
 @dataclass(frozen=True)
 class CharCorpus:
     """Char-level tokens of `corpus_text()` with a fixed vocabulary (printable ASCII + newline;
@@ -195,10 +207,14 @@ class CharCorpus:
         """Ids to text, newlines shown as ⏎ so a context stays on one line."""
         return "".join(cls.VOCAB[i] for i in ids).replace("\n", "⏎")
 
+    @classmethod
+    def encode(cls, text: str) -> list[int]:
+        """Text to ids; characters outside the vocabulary become '?'."""
+        lookup = {ch: i for i, ch in enumerate(cls.VOCAB)}
+        return [lookup.get(ch, lookup["?"]) for ch in text]
+
     def tokens(self) -> Tensor:
-        lookup = {ch: i for i, ch in enumerate(self.VOCAB)}
-        unknown = lookup["?"]
-        ids = torch.tensor([lookup.get(ch, unknown) for ch in corpus_text()], dtype=torch.long)
+        ids = torch.tensor(self.encode(corpus_text()), dtype=torch.long)
         cut = int(0.9 * ids.numel())
         return ids[:cut] if self.split == "train" else ids[cut:]
 
