@@ -421,6 +421,29 @@ def report(
     typer.echo(f"wrote {index}")
 
 
+@app.command()
+def serve(
+    run_dir: Path = typer.Argument(..., help="a finished run directory"),
+    port: int = typer.Option(8765, min=1, max=65535, help="port on 127.0.0.1"),
+    rows: int = typer.Option(None, min=1, help="data rows for the CI statistics"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+) -> None:
+    """Serve the report on 127.0.0.1 with live tools: CI of a typed input, mechanisms off."""
+    from spdkit.decomposition import load
+    from spdkit.experiment import resolve_device
+    from spdkit.report.content import gather
+    from spdkit.report.serve import create_app
+    from spdkit.report.serve import serve as run_server
+
+    try:
+        decomp = load(run_dir, resolve_device(device))
+        app_ = create_app(decomp, gather(decomp, run_dir, rows), run_dir)
+    except USER_ERRORS as err:
+        _fail(err)
+    typer.echo(f"serving {run_dir} on http://127.0.0.1:{port}/ (live tools: /live); Ctrl-C stops")
+    run_server(app_, port)
+
+
 @app.command(name="list")
 def list_() -> None:
     """The bundled configs."""

@@ -1,0 +1,77 @@
+// spdkit serve: the live page. CI of a typed input per module, and the output with
+// clusters / subcomponents switched off, from the server's JSON API.
+"use strict";
+
+async function post(url, body) {
+  const r = await fetch(url, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+  const data = await r.json();
+  if (!r.ok) throw new Error(data.error || r.statusText);
+  return data;
+}
+
+function drawCI(result) {
+  const box = document.getElementById("ci-plots");
+  box.innerHTML = "";
+  for (const [module, t] of Object.entries(result.modules)) {
+    const div = document.createElement("div");
+    div.className = "plot";
+    div.dataset.module = module;
+    box.appendChild(div);
+    const x = result.tokens ? result.tokens.map((tok, i) => i + ":" + tok) : t.ci.map((_, i) => String(i));
+    const title = module + ": " + t.indices.length + " active";
+    if (!t.indices.length) {
+      Plotly.newPlot(div, [], Object.assign({}, LAYOUT, { title: { text: title } }), { displaylogo: false });
+      continue;
+    }
+    const z = t.indices.map((_, j) => t.ci.map((row) => row[j]));
+    Plotly.newPlot(div, [{ z, x, y: t.indices.map((c) => "c" + c), type: "heatmap", zmin: 0, zmax: 1, colorscale: "Reds" }],
+      Object.assign({}, LAYOUT, { title: { text: title }, xaxis: { type: "category", title: { text: result.tokens ? "token" : "input" } } }),
+      { responsive: true, displaylogo: false });
+  }
+}
+
+function table(rows, headers) {
+  const h = "<tr>" + headers.map((x) => "<th>" + x + "</th>").join("") + "</tr>";
+  return "<table class='kv'>" + h + rows.map((r) => "<tr>" + r.map((x) => "<td>" + x + "</td>").join("") + "</tr>").join("") + "</table>";
+}
+
+function esc(s) {
+  return String(s).replace(/[&<>"]/g, (ch) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" }[ch]));
+}
+
+function drawAblation(r) {
+  const box = document.getElementById("ablate-result");
+  if (r.kind === "text") {
+    const rows = r.top.target.map((_, i) => ["target", "all_on", "ablated"].map((k) => esc(r.top[k][i].token) + " " + r.top[k][i].p));
+    box.innerHTML = "<p>KL(target ‖ ·) at the last token: all on " + r.kl_last.all_on.toFixed(4) + ", ablated <b id='kl-ablated'>" + r.kl_last.ablated.toFixed(4) +
+      "</b>; mean over tokens: " + r.kl_mean.all_on.toFixed(4) + " / " + r.kl_mean.ablated.toFixed(4) + "</p>" +
+      table(rows, ["target", "all subcomponents on", "with those off"]);
+  } else {
+    const n = r.outputs.target.length;
+    box.innerHTML = "<p>MSE to the target: all on " + r.mse.all_on.toExponential(3) + ", ablated <b id='mse-ablated'>" + r.mse.ablated.toExponential(3) + "</b></p><div id='plot-out' class='plot'></div>";
+    const x = Array.from({ length: n }, (_, i) => String(i));
+    Plotly.newPlot("plot-out", ["target", "all_on", "ablated"].map((k) => ({ x, y: r.outputs[k], name: k, type: "bar" })),
+      Object.assign({}, LAYOUT, { title: { text: "output" }, xaxis: { type: "category", title: { text: "output index" } } }), { responsive: true, displaylogo: false });
+  }
+}
+
+window.setUpLive = function () {
+  const input = () => document.getElementById("input").value;
+  const formIn = document.getElementById("form-input");
+  if (!formIn) return;
+  formIn.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const err = document.getElementById("ci-error");
+    err.textContent = "";
+    try { drawCI(await post("/api/ci", { input: input() })); } catch (x) { err.textContent = x.message; }
+  });
+  document.getElementById("form-ablate").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const err = document.getElementById("ablate-error");
+    err.textContent = "";
+    const sel = document.getElementById("clusters");
+    const clusters = sel ? Array.from(sel.selectedOptions).map((o) => parseInt(o.value, 10)) : [];
+    const subs = document.getElementById("subs").value.split(",").map((s) => s.trim()).filter((s) => s);
+    try { drawAblation(await post("/api/ablate", { input: input(), clusters, subcomponents: subs })); } catch (x) { err.textContent = x.message; }
+  });
+};
