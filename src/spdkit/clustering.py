@@ -59,12 +59,8 @@ def merge_costs(S: Tensor, r: Tensor, alpha: float) -> Tensor:
     """ΔL [k, k] of merging each pair of the k groups (upper triangle; +inf elsewhere), from the
     group co-activations S [k, k] (diagonal: s_i) and ranks r [k]."""
     k = S.shape[0]
-    s = S.diagonal()
     delta = (
-        s.sum() * math.log2(1 - 1 / k)
-        - S * math.log2(k - 1)
-        + alpha
-        * (s[:, None] * r[None, :] + s[None, :] * r[:, None] - S * (r[:, None] + r[None, :]))
+        S.diagonal().sum() * math.log2(1 - 1 / k) - S * math.log2(k - 1) + rank_terms(S, r, alpha)
     )
     return delta.masked_fill(~torch.ones(k, k, dtype=torch.bool).triu(1), math.inf)
 
@@ -77,13 +73,13 @@ def _group_row(firings: Firings, samples: np.ndarray, slot_of: np.ndarray, n_slo
     return torch.from_numpy(np.bincount(pairs % n_slots, minlength=n_slots)).double()
 
 
-def rank_terms(S: Tensor, s: Tensor, r: Tensor, alpha: float) -> Tensor:
-    """α (s_i r_j + s_j r_i − s_ij (r_i + r_j)) for the rows of S [m, k] (groups `s`, `r` [k]
-    index the columns; the rows are the first m groups): the part of ΔL that does not change
-    with k. Rows of one group at a time keep each merge's update O(k)."""
-    m = S.shape[0]
-    s_row, r_row = s[:m, None], r[:m, None]
-    return alpha * (s_row * r[None, :] + s[None, :] * r_row - S * (r_row + r[None, :]))
+def rank_terms(S: Tensor, r: Tensor, alpha: float) -> Tensor:
+    """α (s_i r_j + s_j r_i − s_ij (r_i + r_j)) [k, k] from the co-activations S [k, k]
+    (diagonal s_i) and ranks r [k]: the part of ΔL that does not change with k."""
+    s = S.diagonal()
+    return alpha * (
+        s[:, None] * r[None, :] + s[None, :] * r[:, None] - S * (r[:, None] + r[None, :])
+    )
 
 
 @dataclass
@@ -105,7 +101,7 @@ class _Groups:
         n = pair_counts.shape[0]
         S = pair_counts.clone()
         r = torch.ones(n, dtype=torch.float64)
-        A = rank_terms(S, S.diagonal(), r, alpha)
+        A = rank_terms(S, r, alpha)
         A.fill_diagonal_(math.inf)
         members = [[i] for i in range(n)]
         active = torch.ones(n, dtype=torch.bool)
@@ -154,7 +150,8 @@ class _Groups:
 
 
 def _row_terms(row: Tensor, s: Tensor, r: Tensor, a: int, alpha: float) -> Tensor:
-    """rank_terms for the single group in slot a against every slot."""
+    """rank_terms of the group in slot a against every slot (its co-activations `row` [n],
+    every group's s and r [n]): a merge's update costs O(n), not O(n²)."""
     return alpha * (s[a] * r + s * r[a] - row * (r[a] + r))
 
 
