@@ -21,6 +21,15 @@ from spdkit.clusters import ClusterParams, cluster
 from spdkit.experiment import load_checkpoint
 
 
+def decomposition_quality(summary: dict) -> str:
+    """The run's own verdict on its decomposition: MMCS (TMS), ground truth or not (resid)."""
+    if "feature_match" in summary:
+        return f"MMCS {summary['feature_match']['mmcs']:.4f}"
+    if "resid_mlp" in summary:
+        return f"ground truth: {summary['resid_mlp']['verdict']['ground_truth']}"
+    return "-"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
@@ -31,13 +40,19 @@ def main() -> None:
     args = parser.parse_args()
     alphas = [float(a) for a in args.alphas.split(",")]
     rows = []
-    print("| run | step | live | dead | " + " | ".join(f"α {a:g}" for a in alphas) + " |")
-    print("|---|---|---|---|" + "---|" * len(alphas))
+    print(
+        "| run | step | decomposition | live | dead | "
+        + " | ".join(f"α {a:g}" for a in alphas)
+        + " |"
+    )
+    print("|---|---|---|---|---|" + "---|" * len(alphas))
     for run_dir in args.runs:
         if args.checkpoint:
             decomp, step = load_checkpoint(run_dir)
         else:
-            decomp, step = spdkit.load(run_dir), spdkit.load(run_dir).config.steps
+            decomp = spdkit.load(run_dir)
+            step = decomp.config.steps
+        quality = decomposition_quality(decomp.summary if not args.checkpoint else {})
         cells, per_alpha = [], {}
         for alpha in alphas:
             params = replace(ClusterParams(), alpha=alpha, samples=args.samples)
@@ -48,12 +63,11 @@ def main() -> None:
                 f"{gt['ari']:.3f} ({gt['n_mechanisms_found']}/{gt['n_mechanisms_expected']})"
             )
         info = per_alpha[alphas[0]]
-        print(
-            f"| {run_dir.name} | {step} | {info['n_live']} | {info['n_dead']} | "
-            + " | ".join(cells)
-            + " |"
+        head = f"| {run_dir.name} | {step} | {quality} | {info['n_live']} | {info['n_dead']} | "
+        print(head + " | ".join(cells) + " |")
+        rows.append(
+            {"run": str(run_dir), "step": step, "decomposition": quality, "alphas": per_alpha}
         )
-        rows.append({"run": str(run_dir), "step": step, "alphas": per_alpha})
     out = args.out or Path(
         f"benchmarks/results/{datetime.date.today().isoformat()}_cluster_ground_truth.json"
     )
