@@ -257,3 +257,12 @@ def test_tms_5_2_clusters_match_ground_truth(tmp_path):
     gt = json.loads((out / "clusters.json").read_text())["ground_truth"]
     assert gt["ari"] >= 0.95 and gt["n_mechanisms_found"] == 5, gt
     assert not math.isnan(gt["ari"])
+
+
+def test_cluster_an_unfinished_run_at_its_checkpoint(tiny_run):
+    result = runner.invoke(
+        app, ["cluster", str(tiny_run), "--checkpoint", "--samples", "500", "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    written = list((tiny_run / "partial").glob("step_*/clusters.json"))
+    assert len(written) == 1 and (written[0].parent / "figures" / "clusters.png").exists()
