@@ -193,3 +193,9 @@ def test_served_prompt_returns_ci_in_chromium(browser, served):
     assert errors + more == [], errors + more
     text = json.loads(page.locator("#page-data").inner_text())
     assert text["page"] == "index"
+
+
+def test_report_and_serve_errors_are_one_line(tmp_path):
+    for command in ("report", "serve"):
+        result = runner.invoke(app, [command, str(tmp_path / "missing")])
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
