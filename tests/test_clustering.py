@@ -266,3 +266,21 @@ def test_cluster_an_unfinished_run_at_its_checkpoint(tiny_run):
     assert result.exit_code == 0, result.output
     written = list((tiny_run / "partial").glob("step_*/clusters.json"))
     assert len(written) == 1 and (written[0].parent / "figures" / "clusters.png").exists()
+
+
+def test_switching_a_mechanism_off_removes_exactly_its_feature():
+    """On the exact TMS decomposition, mechanism f = {linear1:2f, linear2:2f+1}: without it the
+    model cannot reconstruct feature f, and features it does not touch come out unchanged."""
+    from spdkit.clusters import Cluster, mechanism_masks
+
+    decomp = exact_tms_decomposition()
+    clusters = [Cluster(f, [f"linear1:{2 * f}", f"linear2:{2 * f + 1}"], 0.05) for f in range(5)]
+    x = torch.eye(5)
+    with torch.no_grad():
+        full = decomp.model(x, decomp.model.ones_masks())
+        assert torch.allclose(full, decomp.model.target(x), atol=1e-6)  # the sum of components is W
+        for f in range(5):
+            out = decomp.model(x, mechanism_masks(decomp, clusters, off=[f]))
+            assert out[f, f] == 0 and full[f, f] > 0  # feature f alone: its output is gone
+            only = decomp.model(x, mechanism_masks(decomp, clusters, only=[f]))
+            assert torch.isclose(only[f, f], full[f, f], atol=1e-6)  # its output needs only it
