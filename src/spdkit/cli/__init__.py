@@ -1,0 +1,25 @@
+"""`spdkit` command line: parses, calls the API, prints. Errors a user can cause print one line
+per problem and exit with status 2, never a traceback.
+
+common.py holds the app and what every command shares; training.py, analysis.py and
+configs.py register the commands."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+from spdkit.cli import analysis, configs, training  # noqa: F401 (they register the commands)
+from spdkit.cli.common import _terminate_as_interrupt, app, hf_target_override
+
+__all__ = ["app", "hf_target_override", "main"]
+
+
+def main() -> None:  # pragma: no cover
+    from spdkit.allocator import keep_freed_memory
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    keep_freed_memory()  # a training step then reuses its memory instead of faulting it in
+    app()

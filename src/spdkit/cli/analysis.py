@@ -1,0 +1,133 @@
+"""`spdkit eval`, `cluster`, `report`, `serve`: looking at a finished run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from spdkit.cli.common import USER_ERRORS, _fail, app
+from spdkit.cli.training import _print_summary
+
+
+@app.command(name="eval")
+def eval_(
+    run_dir: Path = typer.Argument(..., help="a finished run directory"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    checkpoint: bool = typer.Option(
+        False,
+        "--checkpoint",
+        help="evaluate an unfinished run at its last checkpoint, into RUN_DIR/partial/step_N/",
+    ),
+) -> None:
+    """Recompute a run's metrics (summary.json) and figures."""
+    from spdkit.experiment import evaluate_checkpoint, evaluate_run_dir
+
+    try:
+        if checkpoint:
+            summary, out_dir = evaluate_checkpoint(run_dir, device)
+        else:
+            summary, out_dir = evaluate_run_dir(run_dir, device), run_dir
+    except USER_ERRORS as err:
+        _fail(err)
+    if checkpoint:
+        typer.echo(f"step {summary['partial']['step']} of {summary['partial']['steps']}")
+    _print_summary(summary, out_dir)
+
+
+@app.command()
+def cluster(
+    run_dir: Path = typer.Argument(..., help="a finished run directory"),
+    samples: int = typer.Option(20000, min=1, help="CI rows: toy inputs or LM token positions"),
+    threshold: float = typer.Option(0.1, min=0, max=1, help="τ: a subcomponent fires if CI > τ"),
+    alpha: float = typer.Option(10.0, min=0, help="bits per rank-one piece of a firing group"),
+    min_count: int = typer.Option(1, min=1, help="fewer firings than this: dead"),
+    seed: int = typer.Option(0, min=0, help="seed of the data drawn"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    checkpoint: bool = typer.Option(
+        False, "--checkpoint", help="an unfinished run at its last checkpoint (into partial/)"
+    ),
+    quiet: bool = typer.Option(False, help="no progress bars"),
+) -> None:
+    """Group subcomponents into mechanisms (minimum description length over co-activations);
+    write RUN_DIR/clusters.json and figures/clusters.png."""
+    from spdkit.clusters import ClusterParams, write_clusters
+    from spdkit.clusters import cluster as find_clusters
+    from spdkit.decomposition import load
+    from spdkit.experiment import PARTIAL_DIR, load_checkpoint, resolve_device
+
+    try:
+        if checkpoint:
+            decomp, step = load_checkpoint(run_dir, device)
+            out_dir = run_dir / PARTIAL_DIR / f"step_{step}"
+        else:
+            decomp, out_dir = load(run_dir, resolve_device(device)), run_dir
+        params = ClusterParams(samples, threshold, alpha, min_count, seed)
+        found = find_clusters(decomp, params, out_dir / "figures", progress=not quiet)
+        path = write_clusters(out_dir, found)
+    except USER_ERRORS as err:
+        _fail(err)
+    info = found.info
+    typer.echo(
+        f"{len(found.clusters)} clusters of {info['n_live']} live subcomponents "
+        f"({len(found.dead)} dead) from {info['n_samples']} samples"
+    )
+    for c in found.clusters[:40]:
+        typer.echo(c.summary_line())
+    if len(found.clusters) > 40:
+        typer.echo(f"... {len(found.clusters) - 40} more in {path}")
+    if "ground_truth" in info:
+        gt = info["ground_truth"]
+        typer.echo(
+            f"ground truth: ARI {gt['ari']:.4f}, mechanisms found {gt['n_mechanisms_found']}"
+            f" (expected {gt['n_mechanisms_expected']})"
+        )
+    cost = info["cost"]
+    typer.echo(
+        f"{cost['gather_seconds']:.1f} s gathering, {cost['merge_seconds']:.1f} s merging,"
+        f" peak memory {cost['peak_rss_bytes'] / 2**20:.0f} MiB; wrote {path}"
+    )
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="a finished run directory"),
+    rows: int = typer.Option(None, min=1, help="data rows for the CI statistics"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    quiet: bool = typer.Option(False, help="no progress bars"),
+) -> None:
+    """Write RUN_DIR/report/index.html: one page to open in a browser (no server needed)."""
+    from spdkit.decomposition import load
+    from spdkit.experiment import resolve_device
+    from spdkit.report.content import gather
+    from spdkit.report.render import write_report
+
+    try:
+        decomp = load(run_dir, resolve_device(device))
+        index = write_report(gather(decomp, run_dir, rows), run_dir, progress=not quiet)
+    except USER_ERRORS as err:
+        _fail(err)
+    typer.echo(f"wrote {index}")
+
+
+@app.command()
+def serve(
+    run_dir: Path = typer.Argument(..., help="a finished run directory"),
+    port: int = typer.Option(8765, min=1, max=65535, help="port on 127.0.0.1"),
+    rows: int = typer.Option(None, min=1, help="data rows for the CI statistics"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+) -> None:
+    """Serve the report on 127.0.0.1 with live tools: CI of a typed input, mechanisms off."""
+    from spdkit.decomposition import load
+    from spdkit.experiment import resolve_device
+    from spdkit.report.content import gather
+    from spdkit.report.serve import create_app
+    from spdkit.report.serve import serve as run_server
+
+    try:
+        decomp = load(run_dir, resolve_device(device))
+        app_ = create_app(decomp, gather(decomp, run_dir, rows), run_dir)
+    except USER_ERRORS as err:
+        _fail(err)
+    typer.echo(f"serving {run_dir} on http://127.0.0.1:{port}/ (live tools: /live); Ctrl-C stops")
+    run_server(app_, port)
