@@ -44,7 +44,7 @@ class ClusterParams:
 
     samples: int = 20000
     threshold: float = 0.1
-    alpha: float = 10.0
+    alpha: float = 2.0
     min_count: int = 1
     seed: int = 0
 

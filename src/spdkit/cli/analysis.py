@@ -40,7 +40,7 @@ def cluster(
     run_dir: Path = typer.Argument(..., help="a finished run directory"),
     samples: int = typer.Option(20000, min=1, help="CI rows: toy inputs or LM token positions"),
     threshold: float = typer.Option(0.1, min=0, max=1, help="τ: a subcomponent fires if CI > τ"),
-    alpha: float = typer.Option(10.0, min=0, help="bits per rank-one piece of a firing group"),
+    alpha: float = typer.Option(2.0, min=0, help="bits per rank-one piece of a firing group"),
     min_count: int = typer.Option(1, min=1, help="fewer firings than this: dead"),
     seed: int = typer.Option(0, min=0, help="seed of the data drawn"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
