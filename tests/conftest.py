@@ -43,3 +43,14 @@ def tiny_config() -> SPDConfig:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tms_run(tmp_path_factory):
+    """A finished tiny TMS run directory (200 steps), shared by the clustering and report
+    tests; they may add clusters.json and report/ to it."""
+    from spdkit.experiment import run_experiment
+
+    out = tmp_path_factory.mktemp("tiny_tms") / "run"
+    run_experiment(parse_config(tiny_tms_dict(steps=200)), out, progress=False)
+    return out

@@ -174,14 +174,9 @@ def test_targets_without_ground_truth_get_none():
     assert true_mechanisms(decomp, [], 0.1) is None
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "run"
-    cfg = out.parent / "tiny.yaml"
-    cfg.write_text(json.dumps(tiny_tms_dict(steps=200)))
-    result = runner.invoke(app, ["run", str(cfg), "--out", str(out), "--quiet"])
-    assert result.exit_code == 0, result.output
-    return out
+@pytest.fixture
+def tiny_run(tiny_tms_run):
+    return tiny_tms_run
 
 
 def test_gather_firings_thresholds_the_ci_of_every_module(tiny_run):

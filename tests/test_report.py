@@ -20,7 +20,6 @@ from spdkit.experiment import run_experiment
 from spdkit.report import live
 from spdkit.report.content import gather
 from spdkit.report.serve import create_app
-from tests.conftest import tiny_tms_dict
 
 runner = CliRunner()
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "report"
@@ -28,11 +27,10 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
-def tms_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tms") / "tms_run"
-    run_experiment(parse_config(tiny_tms_dict(steps=200)), out, progress=False)
-    assert runner.invoke(app, ["cluster", str(out), "--samples", "2000", "--quiet"]).exit_code == 0
-    return out
+def tms_run(tiny_tms_run) -> Path:
+    args = ["cluster", str(tiny_tms_run), "--samples", "2000", "--quiet"]
+    assert runner.invoke(app, args).exit_code == 0
+    return tiny_tms_run
 
 
 @pytest.fixture(scope="module")
