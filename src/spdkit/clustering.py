@@ -65,14 +65,6 @@ def merge_costs(S: Tensor, r: Tensor, alpha: float) -> Tensor:
     return delta.masked_fill(~torch.ones(k, k, dtype=torch.bool).triu(1), math.inf)
 
 
-def _group_row(firings: Firings, samples: np.ndarray, slot_of: np.ndarray, n_slots: int) -> Tensor:
-    """Co-activation of one group (firing on `samples`) with every group: the number of those
-    samples on which each group fires at least once (an OR over its members)."""
-    local, ids = firings.firing_ids(samples)
-    pairs = np.unique(local * n_slots + slot_of[ids])
-    return torch.from_numpy(np.bincount(pairs % n_slots, minlength=n_slots)).double()
-
-
 def rank_terms(S: Tensor, r: Tensor, alpha: float) -> Tensor:
     """α (s_i r_j + s_j r_i − s_ij (r_i + r_j)) [k, k] from the co-activations S [k, k]
     (diagonal s_i) and ranks r [k]: the part of ΔL that does not change with k."""
@@ -86,14 +78,15 @@ def rank_terms(S: Tensor, r: Tensor, alpha: float) -> Tensor:
 class _Groups:
     """The merge's state, by slot: co-activations S [n, n] (diagonal s_i), ranks r [n], the
     k-independent ΔL part A [n, n] (+inf on the diagonal and for empty slots), members, and
-    the samples each group fires on. Merging a < b keeps the union in slot a, empties b."""
+    the rows each group fires on as bits (uint8 [n, rows / 8]: the OR of its members'), so a
+    merged group's co-activation with every group is one AND + popcount over n × rows bits.
+    Merging a < b keeps the union in slot a, empties b."""
 
     S: Tensor
     r: Tensor
     A: Tensor
     members: list[list[int]]
-    fired_on: list[np.ndarray]
-    slot_of: np.ndarray  # int [subcomponents]: the slot of each subcomponent's group
+    bits: np.ndarray
     active: Tensor  # bool [n]
 
     @classmethod
@@ -105,26 +98,23 @@ class _Groups:
         A.fill_diagonal_(math.inf)
         members = [[i] for i in range(n)]
         active = torch.ones(n, dtype=torch.bool)
-        return cls(S, r, A, members, firings.samples_of(), np.arange(n), active)
+        return cls(S, r, A, members, firings.row_bits(), active)
 
-    def merge(self, a: int, b: int, firings: Firings, alpha: float) -> None:
-        self.fired_on[a] = np.union1d(self.fired_on[a], self.fired_on[b])
-        self.fired_on[b] = self.fired_on[b][:0]
+    def merge(self, a: int, b: int, alpha: float) -> None:
+        self.bits[a] |= self.bits[b]
+        self.bits[b] = 0
         self.members[a] += self.members[b]
         self.members[b] = []
         self.active[b] = False
         self.r[a] += self.r[b]
-        self.slot_of[self.members[a]] = a
-        n = len(self.members)
-        row = _group_row(firings, self.fired_on[a], self.slot_of, n)
-        row[~self.active] = 0
+        counts = np.bitwise_count(self.bits & self.bits[a]).sum(1, dtype=np.int64)
+        row = torch.from_numpy(counts).double()
         for M in (self.S, self.A):
             M[b, :] = 0
             M[:, b] = 0
         self.S[a, :] = row
         self.S[:, a] = row
-        s = self.S.diagonal()
-        terms = _row_terms(row, s, self.r, a, alpha)
+        terms = _row_terms(row, self.S.diagonal(), self.r, a, alpha)
         terms[~self.active] = math.inf
         terms[a] = math.inf
         self.A[a, :] = terms
@@ -136,15 +126,12 @@ class _Groups:
         """The same groups in slots 0..k-1 (dropping the empty slots)."""
         keep = self.active.nonzero().flatten()
         idx = keep.tolist()
-        new_slot = np.full(len(self.members), -1)
-        new_slot[idx] = np.arange(len(idx))
         return _Groups(
             self.S[keep][:, keep],
             self.r[keep],
             self.A[keep][:, keep],
             [self.members[i] for i in idx],
-            [self.fired_on[i] for i in idx],
-            new_slot[self.slot_of],
+            self.bits[idx],
             torch.ones(len(idx), dtype=torch.bool),
         )
 
@@ -185,7 +172,7 @@ def merge_greedy(
         if delta >= 0:
             break
         s_a, s_b = float(groups.S[a, a]), float(groups.S[b, b])
-        groups.merge(a, b, firings, alpha)
+        groups.merge(a, b, alpha)
         s_sum += float(groups.S[a, a]) - s_a - s_b
         k -= 1
         deltas.append(delta)

@@ -67,6 +67,15 @@ class Firings:
         by_comp = sample[order]
         return [by_comp[bounds[i] : bounds[i + 1]] for i in range(len(self.names))]
 
+    def row_bits(self) -> np.ndarray:
+        """uint8 [n, ⌈samples / 8⌉]: bit t of row i set when subcomponent i fired on sample t
+        (one bit per sample: the merge's OR counts; 1/8 byte per live subcomponent and sample)."""
+        n, width = len(self.names), (self.n_samples + 7) // 8
+        bits = np.zeros((n, width), dtype=np.uint8)
+        sample = np.repeat(np.arange(self.n_samples), np.diff(self.sample_ptr))
+        np.bitwise_or.at(bits, (self.fired, sample >> 3), (128 >> (sample & 7)).astype(np.uint8))
+        return bits
+
     def firing_ids(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(position in `samples`, subcomponent id) of every firing on those samples."""
         starts = self.sample_ptr[samples]
