@@ -59,14 +59,6 @@ class Firings:
         ptr = np.concatenate([[0], np.cumsum(per_sample)]).astype(np.int64)
         return Firings([self.names[i] for i in ids], ptr, mapped[keep].astype(np.int32))
 
-    def samples_of(self) -> list[np.ndarray]:
-        """Per subcomponent, the ascending sample ids it fired on (the transposed record)."""
-        sample = np.repeat(np.arange(self.n_samples), np.diff(self.sample_ptr))
-        order = np.argsort(self.fired, kind="stable")  # stable: samples stay ascending
-        bounds = np.concatenate([[0], np.cumsum(self.counts())])
-        by_comp = sample[order]
-        return [by_comp[bounds[i] : bounds[i + 1]] for i in range(len(self.names))]
-
     def row_bits(self) -> np.ndarray:
         """uint8 [n, ⌈samples / 8⌉]: bit t of row i set when subcomponent i fired on sample t
         (one bit per sample: the merge's OR counts; 1/8 byte per live subcomponent and sample)."""
