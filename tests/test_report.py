@@ -10,7 +10,6 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import spdkit
@@ -172,7 +171,6 @@ def served(lm_run):
     thread.start()
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
-    torch.set_grad_enabled(True)  # create_app switched autograd off for the server
 
 
 def test_served_prompt_returns_ci_in_chromium(browser, served):

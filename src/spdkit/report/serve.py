@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from flask import Flask, Response, abort, jsonify, request, send_from_directory
 
 from spdkit.decomposition import Decomposition
@@ -40,7 +39,6 @@ def create_app(decomp: Decomposition, content: ReportContent, run_dir: Path) -> 
         "live.js": (static_file("live.js"), "text/javascript"),
         "report.css": (static_file("report.css"), "text/css"),
     }
-    torch.set_grad_enabled(False)
 
     @app.get("/")
     @app.get("/index.html")
