@@ -5,7 +5,8 @@
 
 For each run directory (finished, or at its last checkpoint with --checkpoint) and each α:
 adjusted Rand index over live subcomponents, mechanisms found vs expected, live / dead counts,
-the run's own ground-truth verdict where it has one. Prints a markdown table, writes JSON.
+the run's own ground-truth verdict where it has one (at a checkpoint: run `spdkit eval
+--checkpoint RUN_DIR` first for it). Prints a markdown table, writes JSON.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import spdkit
 from spdkit.clusters import ClusterParams, cluster
-from spdkit.experiment import load_checkpoint
+from spdkit.experiment import PARTIAL_DIR, load_checkpoint
 
 
 def decomposition_quality(summary: dict) -> str:
@@ -28,6 +29,14 @@ def decomposition_quality(summary: dict) -> str:
     if "resid_mlp" in summary:
         return f"ground truth: {summary['resid_mlp']['verdict']['ground_truth']}"
     return "-"
+
+
+def run_summary(run_dir: Path, decomp: spdkit.Decomposition, checkpoint: bool, step: int) -> dict:
+    """The finished run's summary, or `spdkit eval --checkpoint`'s one for this step if made."""
+    if not checkpoint:
+        return decomp.summary
+    partial = run_dir / PARTIAL_DIR / f"step_{step}" / "summary.json"
+    return json.loads(partial.read_text()) if partial.is_file() else {}
 
 
 def main() -> None:
@@ -52,7 +61,7 @@ def main() -> None:
         else:
             decomp = spdkit.load(run_dir)
             step = decomp.config.steps
-        quality = decomposition_quality(decomp.summary if not args.checkpoint else {})
+        quality = decomposition_quality(run_summary(run_dir, decomp, args.checkpoint, step))
         cells, per_alpha = [], {}
         for alpha in alphas:
             params = replace(ClusterParams(), alpha=alpha, samples=args.samples)

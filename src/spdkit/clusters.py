@@ -48,6 +48,17 @@ class ClusterParams:
     min_count: int = 1
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        checks = {
+            "samples": (self.samples >= 1, "≥ 1"),
+            "threshold": (0 <= self.threshold < 1, "in [0, 1): CI above 1 is only the leak"),
+            "alpha": (self.alpha >= 0, "≥ 0"),
+            "min_count": (self.min_count >= 1, "≥ 1"),
+        }
+        for name, (ok, allowed) in checks.items():
+            if not ok:
+                raise ValueError(f"cluster {name} = {getattr(self, name)}: must be {allowed}")
+
 
 @dataclass(frozen=True)
 class Cluster:
@@ -101,19 +112,13 @@ class Clustering:
         return cls(params, clusters, list(data["dead"]), info, data["method"])
 
 
-def cluster(
-    decomp: Decomposition,
-    params: ClusterParams = ClusterParams(),  # noqa: B008 (frozen dataclass)
-    fig_dir: Path | None = None,
-    progress: bool = True,
-) -> Clustering:
-    """Gather co-activations on the run's (held-out) data, merge by description length, score
-    against the toy target's known mechanisms, and draw the ordered co-activation matrix."""
+def gather(decomp: Decomposition, params: ClusterParams, progress: bool = True) -> Firings:
+    """The firing record `cluster` works from: `params.samples` CI rows of the run's held-out
+    data (seed: the run's + 4000 + params.seed), thresholded at `params.threshold`."""
     config, model = decomp.config, decomp.model
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(config.seed + 4000 + params.seed)
-    started = time.perf_counter()
-    firings = gather_firings(
+    return gather_firings(
         model,
         eval_data_source(config, decomp.data),
         params.samples,
@@ -122,10 +127,27 @@ def cluster(
         gen,
         progress,
     )
+
+
+def cluster(
+    decomp: Decomposition,
+    params: ClusterParams = ClusterParams(),  # noqa: B008 (frozen dataclass)
+    fig_dir: Path | None = None,
+    progress: bool = True,
+) -> Clustering:
+    """Gather co-activations on the run's (held-out) data, merge by description length, score
+    against the toy target's known mechanisms, and draw the ordered co-activation matrix."""
+    started = time.perf_counter()
+    firings = gather(decomp, params, progress)
     gathered = time.perf_counter()
     counts = firings.counts()
     live_ids = np.flatnonzero(counts >= params.min_count)
     dead = [firings.names[i] for i in np.flatnonzero(counts < params.min_count)]
+    if len(live_ids) == 0:
+        raise ValueError(
+            f"all {len(dead)} subcomponents fire on fewer than {params.min_count} of "
+            f"{firings.n_samples} samples at τ = {params.threshold}: nothing to cluster"
+        )
     live = firings.restricted(live_ids)
     pairs = live.pair_counts()
     bar = progress_bar(max(1, len(live_ids) - 1), "merging", progress)
@@ -148,7 +170,7 @@ def cluster(
         },
         "cost": _cost(firings, len(live_ids), gathered - started, merged - gathered),
     }
-    truth = true_mechanisms(decomp, live.names, params.threshold)
+    truth = true_mechanisms(decomp, live.names)
     if truth is not None:
         labels, expected = truth
         info["ground_truth"] = score(labels, [c.members for c in clusters], expected)
@@ -162,8 +184,9 @@ def cluster(
 
 
 def _cost(firings: Firings, n_live: int, pass_s: float, merge_s: float) -> dict[str, Any]:
-    """What `spdkit cluster` held and took: the firing record, the [live, live] count matrices
-    (the pair counts and the merge's working copy), the process's peak resident memory."""
+    """What `spdkit cluster` held and took: the firing record, one [live, live] float64 count
+    matrix (the merge holds a few of that size: pair counts, its working copy, ΔL scores), the
+    process's peak resident memory."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak_bytes = peak if sys.platform == "darwin" else peak * 1024
     return {
@@ -186,7 +209,12 @@ def read_clusters(run_dir: Path) -> Clustering:
     path = run_dir / FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run `spdkit cluster {run_dir}` first")
-    return Clustering.from_json(files.read_json_object(path))
+    try:
+        return Clustering.from_json(files.read_json_object(path))
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise files.RunDirError(
+            f"{path}: not a clusters.json ({type(err).__name__}: {err})"
+        ) from err
 
 
 def mechanism_masks(
@@ -198,11 +226,17 @@ def mechanism_masks(
     """Masks [C] per module for `decomp.model(x, masks)`: every subcomponent on except the
     members of the clusters in `off` (ablation), or, with `only`, just the members of those
     clusters on (dead subcomponents included in "every" / excluded by "only")."""
+    if only is not None and off:
+        raise ValueError("give either `off` (clusters to switch off) or `only`, not both")
     by_id = {c.id: c for c in clusters}
     unknown = [k for k in [*off, *(only or [])] if k not in by_id]
     if unknown:
         raise KeyError(f"no cluster with id {unknown[0]} (ids 0..{len(clusters) - 1})")
     masks = decomp.model.ones_masks()
+    for k in [*off, *(only or [])]:
+        for module, indices in by_id[k].indices().items():
+            if module not in masks or max(indices) >= len(masks[module]):
+                raise ValueError(f"cluster {k}: {module}:{max(indices)} is not in this model")
     if only is not None:
         masks = {m: torch.zeros_like(v) for m, v in masks.items()}
     for k, value in [(k, 0.0) for k in off] + [(k, 1.0) for k in only or []]:

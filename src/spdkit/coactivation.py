@@ -105,23 +105,44 @@ def gather_firings(
     generator: torch.Generator,
     progress: bool = True,
 ) -> Firings:
-    """Stream batches of `batch_rows` data rows until `n_samples` samples (CI rows) are seen;
-    keep only which subcomponents fired (CI > `threshold`, σ_H,upper) on each."""
+    """Stream batches of at most `batch_rows` data rows until `n_samples` samples (CI rows) are
+    seen; keep only which subcomponents fired (CI > `threshold`, σ_H,upper) on each.
+
+    Memory: the CI of one batch (what the CI functions produce anyway) and the firing ids; each
+    module is thresholded on its own, so no [rows, total C] block is built, and the last batch
+    asks only for the data rows still needed (an LM row is many samples: its token positions)."""
     names = subcomponent_names(model)
+    offsets = np.cumsum([0] + [model.components(m).C for m in model.module_names])
     ptr_parts: list[np.ndarray] = []
     fired_parts: list[np.ndarray] = []
-    seen = 0
+    seen, samples_per_row = 0, 1
     bar = progress_bar(n_samples, "co-activations", progress)
     while seen < n_samples:
-        x = data.sample(batch_rows, generator)
-        ci = causal_importance(model, x)
-        g = torch.cat([ci[m].reshape(-1, ci[m].shape[-1]) for m in model.module_names], dim=-1)
-        g = g[: n_samples - seen] > threshold  # [rows, total C], this batch only
-        per_sample = g.sum(-1).cpu().numpy()
+        rows = min(batch_rows, -(-(n_samples - seen) // samples_per_row))
+        ci = causal_importance(model, data.sample(rows, generator))
+        per_sample, fired = _batch_firings(ci, model.module_names, offsets, threshold)
+        samples_per_row = max(1, len(per_sample) // rows)
+        per_sample = per_sample[: n_samples - seen]
         ptr_parts.append(per_sample)
-        fired_parts.append(g.nonzero()[:, 1].to(torch.int32).cpu().numpy())  # row-major
-        seen += g.shape[0]
-        bar.update(g.shape[0])
+        fired_parts.append(fired[: int(per_sample.sum())])
+        seen += len(per_sample)
+        bar.update(len(per_sample))
     bar.close()
     ptr = np.concatenate([[0], np.cumsum(np.concatenate(ptr_parts))]).astype(np.int64)
     return Firings(names, ptr, np.concatenate(fired_parts))
+
+
+def _batch_firings(
+    ci: dict[str, Tensor], modules: list[str], offsets: np.ndarray, threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(firings per sample [rows], the global ids of the firings in row-major order) of one
+    batch's CI ([..., C_m] per module), module by module."""
+    rows_parts, ids_parts = [], []
+    for m, offset in zip(modules, offsets, strict=False):
+        hit = (ci[m].reshape(-1, ci[m].shape[-1]) > threshold).nonzero().cpu().numpy()
+        rows_parts.append(hit[:, 0])
+        ids_parts.append(hit[:, 1] + offset)
+    n_rows = ci[modules[0]].reshape(-1, ci[modules[0]].shape[-1]).shape[0]
+    rows, ids = np.concatenate(rows_parts), np.concatenate(ids_parts)
+    order = np.lexsort((ids, rows))  # by row, then subcomponent id
+    return np.bincount(rows, minlength=n_rows), ids[order].astype(np.int32)

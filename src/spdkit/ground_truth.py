@@ -3,7 +3,8 @@
 Each live subcomponent gets the label of the mechanism it belongs to: for TMS from its
 weights (the feature coordinate it reads or writes), for the residual MLPs from its CI on
 one-hot inputs (feature f alone at the config's `eval.one_hot_value`; it *responds* to f when
-its CI exceeds τ).
+its CI exceeds the verdict's 0.1, `ResidVerdictRules.dense_ci`, whatever τ the clustering uses,
+so that scores at different τ compare against the same labels).
 
 - TMS (`tms_*`): one mechanism per feature, made of its subcomponent in `linear1` and its
   subcomponent in `linear2`; with +ID, the live subcomponents of the identity layers
@@ -13,8 +14,8 @@ its CI exceeds τ).
   more (the rank-(layers × d_mlp) computation every feature goes through).
 
 Rule per live subcomponent (identity layers aside): touches / responds to exactly one feature f →
-"feature f"; to at least `dense_fraction` of the features → "dense" (resid_mlp; for TMS such a
-subcomponent has no true mechanism and stays alone); to none or a few → a label of its own
+"feature f"; a W_out (`mlp_out`) subcomponent responding to at least `dense_fraction` of the
+features → "dense" (resid_mlp; elsewhere such a subcomponent has no true mechanism and stays alone); to none or a few → a label of its own
 (it belongs to no known mechanism, so a clustering can only be right to leave it alone).
 Score: the adjusted Rand index between these labels and the clusters, over live subcomponents.
 """
@@ -26,14 +27,12 @@ from typing import Any
 import torch
 
 from spdkit.decomposition import Decomposition
-from spdkit.metrics import causal_importance, one_hot_inputs
+from spdkit.metrics import ResidVerdictRules, causal_importance, one_hot_inputs
 
-DENSE_FRACTION = 0.25  # as ResidVerdictRules.dense_fraction
+RULES = ResidVerdictRules()
 
 
-def true_mechanisms(
-    decomp: Decomposition, live: list[str], threshold: float
-) -> tuple[dict[str, str], int] | None:
+def true_mechanisms(decomp: Decomposition, live: list[str]) -> tuple[dict[str, str], int] | None:
     """({"<module>:<index>": mechanism label} for every live subcomponent, the number of
     mechanisms the target has), or None for a target without known ground truth."""
     target = decomp.config.target
@@ -41,7 +40,7 @@ def true_mechanisms(
     if kind == "tms":
         features = _tms_features(decomp)
     elif kind == "resid_mlp":
-        features = _responding_features(decomp, threshold)
+        features = _responding_features(decomp, RULES.dense_ci)
     else:
         return None
     model = decomp.model
@@ -56,11 +55,11 @@ def true_mechanisms(
             labels[name] = "identity"
         elif len(hit) == 1:
             labels[name] = f"feature {hit[0]}"
-        elif kind == "resid_mlp" and len(hit) >= DENSE_FRACTION * target.n_features:
+        elif "mlp_out" in module and len(hit) >= RULES.dense_fraction * target.n_features:
             labels[name] = "dense"
         else:
             labels[name] = f"alone {name}"
-    expected = target.n_features + (1 if kind == "resid_mlp" or identities else 0)
+    expected = target.n_features + (kind == "resid_mlp") + bool(identities)
     return labels, expected
 
 

@@ -57,12 +57,12 @@ def cluster(
     from spdkit.experiment import PARTIAL_DIR, load_checkpoint, resolve_device
 
     try:
+        params = ClusterParams(samples, threshold, alpha, min_count, seed)
         if checkpoint:
             decomp, step = load_checkpoint(run_dir, device)
             out_dir = run_dir / PARTIAL_DIR / f"step_{step}"
         else:
             decomp, out_dir = load(run_dir, resolve_device(device)), run_dir
-        params = ClusterParams(samples, threshold, alpha, min_count, seed)
         found = find_clusters(decomp, params, out_dir / "figures", progress=not quiet)
         path = write_clusters(out_dir, found)
     except USER_ERRORS as err:
