@@ -90,6 +90,7 @@ def test_merge_costs_are_the_change_in_description_length():
         after = description_length(s_after.double(), r_after, alpha)
         assert costs[i, j].item() == pytest.approx(after - before, rel=1e-9, abs=1e-9)
     assert torch.isinf(costs[torch.ones(5, 5, dtype=torch.bool).tril()]).all()
+    assert torch.isinf(merge_costs(S[:1, :1], r[:1], alpha)).all()  # one group: nothing to merge
 
 
 @pytest.mark.parametrize("sizes", [(1, 2, 3, 2, 1, 3, 2, 2), (1, 2, 3) * 15])

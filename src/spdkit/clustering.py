@@ -59,6 +59,8 @@ def merge_costs(S: Tensor, r: Tensor, alpha: float) -> Tensor:
     """ΔL [k, k] of merging each pair of the k groups (upper triangle; +inf elsewhere), from the
     group co-activations S [k, k] (diagonal: s_i) and ranks r [k]."""
     k = S.shape[0]
+    if k < 2:  # no pair to merge (and log2(k - 1) has no value)
+        return torch.full((k, k), math.inf, dtype=S.dtype)
     delta = (
         S.diagonal().sum() * math.log2(1 - 1 / k) - S * math.log2(k - 1) + rank_terms(S, r, alpha)
     )
