@@ -249,7 +249,13 @@ def test_resid_mlp_labels_follow_one_hot_responses(monkeypatch):
     """W_in: one feature → that feature's mechanism; W_out responding to ≥ 25 % → the dense one;
     W_in that broad, or either to a few features (here 2 of 10), → alone."""
     data = tiny_tms_dict()
-    data["target"] = {"kind": "resid_mlp", "n_features": 10, "d_resid": 8, "n_layers": 1, "d_mlp": 2}
+    data["target"] = {
+        "kind": "resid_mlp",
+        "n_features": 10,
+        "d_resid": 8,
+        "n_layers": 1,
+        "d_mlp": 2,
+    }
     data["modules"] = [
         {"pattern": "layers.*.mlp_in", "C": 4},
         {"pattern": "layers.*.mlp_out", "C": 3},
