@@ -33,6 +33,9 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=ClusterParams().alpha)
     args = parser.parse_args()
     decomp = load_checkpoint(args.run)[0] if args.checkpoint else spdkit.load(args.run)
+    target = decomp.config.target
+    if target is None or target.kind != "resid_mlp":
+        raise SystemExit(f"{args.run}: not a resid_mlp run (its pieces are labelled by one-hot CI)")
     found = cluster(decomp, replace(ClusterParams(), alpha=args.alpha), progress=False)
     live = [m for c in found.clusters for m in c.members]
     labels, _ = true_mechanisms(decomp, live)
