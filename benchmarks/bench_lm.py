@@ -95,9 +95,9 @@ def rss_mb() -> float:
 
 def one_setting(n_layers: int, routing: str, steps: int, device: str, ci_fn: str) -> dict:
     """Runs in a child process: one decomposition setting, timed."""
-    from spdkit.allocator import keep_freed_memory
-    from spdkit.decomposition import build_trainer
+    from spdkit.engine.malloc import keep_freed_memory
     from spdkit.targets.hf import RandomTokens
+    from spdkit.training.loop import build_trainer
 
     keep_freed_memory()
     target = build_llama().to(device)
@@ -151,7 +151,7 @@ def replay_profile(device: str, repeats: int = 5) -> list[dict]:
     gradient), so replay saves the prefix's forward; the unembedding (vocabulary 8192) and the
     loss are a cost no replay can skip."""
     from spdkit.config import ModuleSpec
-    from spdkit.model import ALL_SHORTCUTS, NO_SHORTCUTS, ComponentModel
+    from spdkit.method.model import ALL_SHORTCUTS, NO_SHORTCUTS, ComponentModel
     from spdkit.targets.hf import RandomTokens
 
     target = build_llama().to(device)

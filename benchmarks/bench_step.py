@@ -3,18 +3,18 @@
     python benchmarks/bench_step.py [--configs tms_5-2 resid_mlp1] [--steps 30] [--threads 2]
         [--ci-backend auto|eager|compiled|fused] [--device cpu|cuda] [--json out.json]
         [--set key=value ...]   # config overrides, e.g. --set per_pass_backward=false
-        [--reference]           # also time the plain implementation (spdkit.reference)
+        [--reference]           # also time the plain implementation (spdkit.method.reference)
 
 For each config: median / min / max ms per step over `--steps` timed steps after `--warmup`
 steps; FLOPs of one step (matmuls counted op by op by torch's FlopCounterMode, forward and
 backward, plus the fused CI kernel's multiply-adds from its shapes; see
-`spdkit.profiling.step_flops`); achieved GFLOP/s; that as a fraction of this machine's matmul
+`spdkit.training.profiling.step_flops`); achieved GFLOP/s; that as a fraction of this machine's matmul
 peak, measured in the same run (best of a few 2048³ matmuls, fp32 and bf16, same threads);
 peak RSS; and one forward + backward of the target itself on the same batch (its weights
 made trainable for that, a mean-square loss on its output), timed in the same process, with
 the SPD step as a multiple of it. The target is built untrained: step time does not depend
 on its weights.
-With --reference, the plain implementation of the same step (`spdkit.reference`: the paper's
+With --reference, the plain implementation of the same step (`spdkit.method.reference`: the paper's
 loss as written, eager PyTorch, a plain AdamW; no fused kernels or shared work) is timed too,
 after the fast steps on the same model, and the table gains its median ms and the speed-up.
 
@@ -34,14 +34,14 @@ from collections.abc import Callable
 import torch
 import yaml
 
-from spdkit.allocator import keep_freed_memory
 from spdkit.config import bundled_config_names, load_config
-from spdkit.decomposition import build_trainer, data_source
-from spdkit.model import model_output
-from spdkit.profiling import matmul_peak_gflops, step_flops
-from spdkit.reference import reference_spd_losses
-from spdkit.targets import target_kind
-from spdkit.train import Trainer
+from spdkit.engine.malloc import keep_freed_memory
+from spdkit.method.model import model_output
+from spdkit.method.reference import reference_spd_losses
+from spdkit.targets import data_source, target_kind
+from spdkit.training.loop import build_trainer
+from spdkit.training.profiling import matmul_peak_gflops, step_flops
+from spdkit.training.trainer import Trainer
 
 
 def time_config(
@@ -122,7 +122,7 @@ def target_forward_backward(trainer: Trainer) -> Callable[[], None]:
 
 
 def reference_step(trainer: Trainer) -> Callable[[], None]:
-    """One training step of the plain implementation (`spdkit.reference`: the paper's loss as
+    """One training step of the plain implementation (`spdkit.method.reference`: the paper's loss as
     written, eager PyTorch, a plain AdamW) on the trainer's model, data and mask stream."""
     optimizer = torch.optim.AdamW(
         trainer.model.trainable_parameters(),
@@ -162,7 +162,7 @@ def main() -> None:
     parser.add_argument(
         "--reference",
         action="store_true",
-        help="also time the plain implementation (spdkit.reference) after the fast steps",
+        help="also time the plain implementation (spdkit.method.reference) after the fast steps",
     )
     parser.add_argument(
         "--set", action="append", default=[], help="config override key=value (repeatable)"

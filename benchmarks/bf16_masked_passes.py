@@ -23,11 +23,12 @@ from pathlib import Path
 
 import torch
 
-from spdkit.decomposition import build_trainer, data_source, load
-from spdkit.masks import MaskStream
-from spdkit.model import ComponentModel
-from spdkit.targets import target_kind
-from spdkit.train import spd_losses
+from spdkit.api import load
+from spdkit.engine.random_stream import MaskStream
+from spdkit.method.model import ComponentModel
+from spdkit.targets import data_source, target_kind
+from spdkit.training.loop import build_trainer
+from spdkit.training.trainer import spd_losses
 
 
 @contextlib.contextmanager

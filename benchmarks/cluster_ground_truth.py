@@ -18,8 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import spdkit
-from spdkit.clusters import ClusterParams, cluster
-from spdkit.experiment import PARTIAL_DIR, load_checkpoint
+from spdkit.analysis.mechanisms.clusters import ClusterParams, cluster
+from spdkit.pipeline.run import PARTIAL_DIR, load_checkpoint
 
 
 def decomposition_quality(summary: dict) -> str:

@@ -23,8 +23,8 @@ from pathlib import Path
 SYNTHETIC = r"""
 import json, resource, sys, time
 import numpy as np
-from spdkit.clustering import merge_greedy
-from spdkit.coactivation import Firings
+from spdkit.analysis.mechanisms.merge import merge_greedy
+from spdkit.analysis.mechanisms.firings import Firings
 n_live, n_rows = int(sys.argv[1]), int(sys.argv[2])
 rng = np.random.default_rng(0)
 rows, cols = [], []

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 import spdkit
-from spdkit.clusters import ClusterParams, cluster
-from spdkit.experiment import load_checkpoint
-from spdkit.ground_truth import true_mechanisms
-from spdkit.metrics import causal_importance, one_hot_inputs
+from spdkit.analysis.mechanisms.clusters import ClusterParams, cluster
+from spdkit.analysis.mechanisms.ground_truth import true_mechanisms
+from spdkit.analysis.metrics import causal_importance, one_hot_inputs
+from spdkit.pipeline.run import load_checkpoint
 
 
 def main() -> None:

@@ -57,7 +57,7 @@ def run(args: list[str], out: Path, extra: list[str], device: str, threads: int 
 
 def relative_gaps(a: Path, b: Path) -> dict[str, float]:
     """‖a − b‖ / ‖a‖ per tensor of components.safetensors, largest first."""
-    from spdkit.runs import load_tensors
+    from spdkit.store.runs import load_tensors
 
     ta, _ = load_tensors(a / "components.safetensors")
     tb, _ = load_tensors(b / "components.safetensors")

@@ -28,7 +28,7 @@ def write_corpus(root: Path) -> dict[str, Path]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from spdkit.targets.transformer import corpus_text
+    from spdkit.targets.text import corpus_text
 
     docs = [d.strip() for d in corpus_text().split("\n\n\n") if len(d.strip()) > 200]
     (root / "txt").mkdir(parents=True, exist_ok=True)

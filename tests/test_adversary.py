@@ -1,15 +1,15 @@
-"""The adversary (spdkit.adversary): ascent updates by hand, the projection, persistent
+"""The adversary (spdkit.method.adversary): ascent updates by hand, the projection, persistent
 sources across steps and through a checkpoint."""
 
 import pytest
 import torch
 
-from spdkit.adversary import Ascent, ascend, initial_sources, source_shape
 from spdkit.config import parse_config
-from spdkit.decomposition import build_trainer, data_source
-from spdkit.masks import MaskStream, uniform
-from spdkit.targets import target_kind
-from tests.conftest import tiny_tms_dict
+from spdkit.engine.random_stream import MaskStream, uniform
+from spdkit.method.adversary import Ascent, ascend, initial_sources, source_shape
+from spdkit.targets import data_source, target_kind
+from spdkit.training.loop import build_trainer
+from tests.helpers import tiny_tms_dict
 
 
 def test_sign_ascent_by_hand_and_projected_onto_the_unit_interval():
@@ -105,7 +105,7 @@ def test_persistent_position_sources_need_a_fixed_batch_shape():
 
 
 def test_the_adversarial_loss_can_be_evaluated_without_gradients():
-    from spdkit.train import spd_losses
+    from spdkit.training.trainer import spd_losses
 
     trainer = _trainer(persistent=False)
     x = trainer.data.sample(32, trainer.data_generator)
@@ -115,7 +115,7 @@ def test_the_adversarial_loss_can_be_evaluated_without_gradients():
 
 
 def test_the_evaluation_ladder_is_one_trajectory_read_at_each_count():
-    from spdkit.adversary import fresh_pgd_ladder
+    from spdkit.method.adversary import fresh_pgd_ladder
 
     def divergence(sources):
         return ((sources["a"] - 0.3) ** 2 * torch.arange(4.0)).sum()

@@ -10,7 +10,7 @@ import pytest
 
 SCRIPT = """
 import resource, sys, torch
-from spdkit.allocator import keep_freed_memory
+from spdkit.engine.malloc import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 def step():  # a few 8 MB activations alive at once, then all freed, as in a training step

@@ -9,8 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spdkit import runs
-from spdkit.ci import ModuleSlot, build_ci_function
+from spdkit.api import load
 from spdkit.config import (
     GlobalMLPCIConfig,
     GlobalTransformerCIConfig,
@@ -18,10 +17,12 @@ from spdkit.config import (
     VectorMLPCIConfig,
     parse_config,
 )
-from spdkit.decomposition import build_trainer, data_source, load
-from spdkit.experiment import run_experiment
-from spdkit.targets import target_kind
-from tests.conftest import tiny_tms_dict
+from spdkit.method.ci import ModuleSlot, build_ci_function
+from spdkit.pipeline.run import run_experiment
+from spdkit.store import runs
+from spdkit.targets import data_source, target_kind
+from spdkit.training.loop import build_trainer
+from tests.helpers import tiny_tms_dict
 
 SLOTS = [ModuleSlot("b.lin", 3, 5), ModuleSlot("a.lin", 2, 4)]
 KINDS = {
@@ -178,7 +179,7 @@ def test_a_run_directory_written_before_ci_fn_existed_loads_and_resumes(tmp_path
 
     from safetensors.torch import load_file
 
-    from spdkit.experiment import resume_run
+    from spdkit.pipeline.run import resume_run
 
     fixture = Path(__file__).parent / "fixtures" / "run_26f5880"
     decomp = load(fixture)

@@ -6,7 +6,7 @@ import yaml
 from typer.testing import CliRunner
 
 from spdkit.cli import app
-from tests.conftest import tiny_tms_dict
+from tests.helpers import tiny_tms_dict
 
 runner = CliRunner()
 

@@ -13,19 +13,18 @@ import torch
 from typer.testing import CliRunner
 
 import spdkit
-from spdkit import ground_truth
+from spdkit.analysis.mechanisms import ground_truth
+from spdkit.analysis.mechanisms.clusters import ClusterParams, cluster, gather, read_clusters
+from spdkit.analysis.mechanisms.firings import Firings, gather_firings
+from spdkit.analysis.mechanisms.ground_truth import score, true_mechanisms
+from spdkit.analysis.mechanisms.merge import description_length, merge_costs, merge_greedy
+from spdkit.analysis.metrics import causal_importance
 from spdkit.cli import app
-from spdkit.clustering import description_length, merge_costs, merge_greedy
-from spdkit.clusters import ClusterParams, cluster, gather, read_clusters
-from spdkit.coactivation import Firings, gather_firings
 from spdkit.config import load_config, parse_config
-from spdkit.decomposition import data_source, eval_data_source
-from spdkit.files import RunDirError
-from spdkit.ground_truth import score, true_mechanisms
-from spdkit.metrics import causal_importance
-from spdkit.model import ComponentModel
-from spdkit.targets import target_kind
-from tests.conftest import tiny_tms_dict
+from spdkit.errors import RunDirError
+from spdkit.method.model import ComponentModel
+from spdkit.targets import data_source, eval_data_source, target_kind
+from tests.helpers import tiny_tms_dict
 
 runner = CliRunner()
 
@@ -355,7 +354,7 @@ def test_cluster_an_unfinished_run_at_its_checkpoint(tiny_run):
 def test_switching_a_mechanism_off_removes_exactly_its_feature():
     """On the exact TMS decomposition, mechanism f = {linear1:2f, linear2:2f+1}: without it the
     model cannot reconstruct feature f, and features it does not touch come out unchanged."""
-    from spdkit.clusters import Cluster, mechanism_masks
+    from spdkit.analysis.mechanisms.clusters import Cluster, mechanism_masks
 
     decomp = exact_tms_decomposition()
     clusters = [Cluster(f, [f"linear1:{2 * f}", f"linear2:{2 * f + 1}"], 0.05) for f in range(5)]

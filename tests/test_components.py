@@ -7,18 +7,18 @@ import pytest
 import torch
 from torch import nn
 
-from spdkit.components import (
+from spdkit.config import parse_config
+from spdkit.engine.random_stream import MaskStream
+from spdkit.method.components import (
     Conv1DComponents,
     EmbeddingComponents,
     LinearComponents,
     is_decomposable,
     make_components,
 )
-from spdkit.config import parse_config
-from spdkit.masks import MaskStream
-from spdkit.model import ComponentModel
-from spdkit.train import spd_losses
-from tests.test_model import exact_components
+from spdkit.method.model import ComponentModel
+from spdkit.training.trainer import spd_losses
+from tests.helpers import exact_components
 
 
 class Conv1D(nn.Module):

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from spdkit.config import ConfigError, bundled_config_names, load_config, parse_config
-from tests.conftest import tiny_tms_dict
+from tests.helpers import tiny_tms_dict
 
 
 def test_bundled_tms_configs_have_the_paper_hyperparameters():

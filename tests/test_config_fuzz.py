@@ -15,7 +15,7 @@ from spdkit.config import (
     TMSTargetConfig,
     parse_config,
 )
-from tests.conftest import tiny_tms_dict
+from tests.helpers import tiny_tms_dict
 
 BASE = tiny_tms_dict()
 

@@ -9,7 +9,7 @@ import torch
 
 from spdkit.config import CorpusConfig
 from spdkit.targets import corpus
-from spdkit.targets.hf import TokenWindows
+from spdkit.targets.text import TokenWindows
 from tests.hf_models import SENTENCES, VOCAB, char_tokenizer
 
 pytest.importorskip("transformers")

@@ -9,14 +9,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from spdkit.analysis.metrics import lm_mask_evaluation
 from spdkit.config import parse_config
-from spdkit.decomposition import build_trainer, data_source
-from spdkit.masks import MaskStream
-from spdkit.metrics import lm_mask_evaluation
-from spdkit.targets import target_kind
-from spdkit.targets.hf import TokenWindows
+from spdkit.engine.random_stream import MaskStream
+from spdkit.targets import data_source, target_kind
+from spdkit.targets.text import TokenWindows
+from spdkit.training.loop import build_trainer
 from tests import hf_models
-from tests.conftest import tiny_tms_dict
+from tests.helpers import tiny_tms_dict
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

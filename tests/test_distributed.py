@@ -1,4 +1,4 @@
-"""Data-parallel SPD (spdkit.distributed): per-sample random numbers, and 2 gloo ranks under
+"""Data-parallel SPD (spdkit.engine.distributed): per-sample random numbers, and 2 gloo ranks under
 torchrun against one process with the same global batch."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import pytest
 import torch
 import yaml
 
-from spdkit import runs
-from spdkit.distributed import Parallel, shard_size
-from spdkit.masks import MaskStream
-from tests.conftest import tiny_tms_dict
+from spdkit.engine.distributed import Parallel, shard_size
+from spdkit.engine.random_stream import MaskStream
+from spdkit.store import runs
+from tests.helpers import tiny_tms_dict
 
 SPDKIT = [sys.executable, "-m", "spdkit"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -205,9 +205,10 @@ def test_sigterm_to_one_rank_stops_both_after_the_same_step(one_process, tmp_pat
 @pytest.mark.parametrize(
     "code,env,expected",
     [
-        ("import spdkit", {}, "1000"),  # spdkit first: libgomp will spin briefly
-        ("import spdkit", {"GOMP_SPINCOUNT": "7"}, "7"),  # the user's setting wins
-        ("import torch, spdkit", {}, None),  # too late: torch has loaded libgomp
+        ("import spdkit.cli", {}, "1000"),  # the command line first: libgomp will spin briefly
+        ("import spdkit.cli", {"GOMP_SPINCOUNT": "7"}, "7"),  # the user's setting wins
+        ("import torch, spdkit.cli", {}, None),  # too late: torch has loaded libgomp
+        ("import spdkit; spdkit.decompose", {}, None),  # the library changes nothing
     ],
 )
 def test_openmp_threads_spin_briefly_unless_told_otherwise(code, env, expected):
@@ -257,10 +258,10 @@ def _rank_with_poison(rank: int, store_path: str, mode: str, out: str) -> None:
     import json
 
     from spdkit.config import parse_config
-    from spdkit.decomposition import build_trainer, data_source
-    from spdkit.distributed import Parallel
-    from spdkit.targets import target_kind
-    from spdkit.train import NonFiniteError
+    from spdkit.engine.distributed import Parallel
+    from spdkit.targets import data_source, target_kind
+    from spdkit.training.loop import build_trainer
+    from spdkit.training.trainer import NonFiniteError
 
     torch.set_num_threads(1)
     store = torch.distributed.FileStore(store_path, 2)

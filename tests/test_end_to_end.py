@@ -9,8 +9,8 @@ land there (README, "Known limitations"), so the fast test pins a seed.
 import pytest
 
 from spdkit.config import load_config, parse_config
-from spdkit.experiment import run_experiment
-from tests.conftest import tiny_tms_dict
+from spdkit.pipeline.run import run_experiment
+from tests.helpers import tiny_tms_dict
 
 
 def short_tms_config(seed: int):

@@ -11,11 +11,11 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from spdkit import runs
 from spdkit.cli import app
 from spdkit.config import parse_config
-from spdkit.experiment import resume_run, run_experiment
-from tests.conftest import tiny_tms_dict
+from spdkit.pipeline.run import resume_run, run_experiment
+from spdkit.store import runs
+from tests.helpers import tiny_tms_dict
 
 
 def short_run_dict() -> dict:
@@ -129,7 +129,7 @@ def test_write_failures_are_one_line_cli_errors(tmp_path, monkeypatch, fault):
 
 def test_run_files_are_readable_by_others_as_the_umask_allows(tmp_path):
     """mkstemp creates 0600 files; run directories are shared, so writes follow the umask."""
-    from spdkit import runs
+    from spdkit.store import runs
 
     runs.atomic_write_text(tmp_path / "a.json", "{}")
     mask = os.umask(0)

@@ -11,7 +11,7 @@ import torch
 from spdkit import decompose, load
 from spdkit.config import parse_config
 from spdkit.targets.hf import RandomTokens, TokenWindows, load_hf_model
-from tests.test_model import exact_components
+from tests.helpers import exact_components
 
 transformers = pytest.importorskip("transformers")
 
@@ -110,7 +110,7 @@ def test_decompose_hf_models_by_pattern(tmp_path, build, patterns, expected):
 
 @pytest.mark.parametrize(("build", "pattern"), [(gpt2, "*.mlp.c_*"), (llama, "*.mlp.*")])
 def test_masks_of_ones_with_exact_components_reproduce_the_logits(build, pattern):
-    from spdkit.model import ComponentModel
+    from spdkit.method.model import ComponentModel
 
     model = build()
     ids = RandomTokens(VOCAB, SEQ).sample(2, torch.Generator().manual_seed(0))

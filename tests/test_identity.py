@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from spdkit.analysis.metrics import identity_check
 from spdkit.config import IdentitySpec, ModuleSpec
-from spdkit.metrics import identity_check
-from spdkit.model import ComponentModel
-from tests.test_model import Net, exact_components
+from spdkit.method.model import ComponentModel
+from tests.helpers import Net, exact_components
 
 
 def test_inserted_identity_is_decomposed_and_changes_nothing_when_exact():

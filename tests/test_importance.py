@@ -1,12 +1,8 @@
 import pytest
 import torch
 
-from spdkit.importance import (
-    CausalImportance,
-    ci_mlp,
-    lower_leaky_hard_sigmoid,
-    upper_leaky_hard_sigmoid,
-)
+from spdkit.method.ci.mlp import CausalImportance, ci_mlp
+from spdkit.method.ci.sigmoids import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
 
 POINTS = torch.tensor([-2.0, -0.5, 0.25, 0.5, 0.75, 1.5, 3.0])
 

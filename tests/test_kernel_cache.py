@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from spdkit import kernels
+from spdkit.engine import kernels
 
-LOAD = "from spdkit.kernels import load_extension as f; assert f() is not None, 'no kernel'"
+LOAD = "from spdkit.engine.kernels import load_extension as f; assert f() is not None, 'no kernel'"
 
 
 def load_in_subprocess(cache, timeout: float) -> subprocess.CompletedProcess:

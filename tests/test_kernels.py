@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from spdkit.importance import CausalImportance
-from spdkit.kernels import fused_available
+from spdkit.engine.kernels import fused_available
+from spdkit.method.ci.mlp import CausalImportance
 
 pytestmark = pytest.mark.skipif(
     not fused_available("cpu"), reason="fused kernel not buildable here"

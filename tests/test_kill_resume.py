@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from spdkit import runs
-from tests.conftest import tiny_tms_dict
+from spdkit.store import runs
+from tests.helpers import tiny_tms_dict
 
 SPDKIT = [sys.executable, "-c", "from spdkit.cli import main; main()"]
 

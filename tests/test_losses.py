@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from spdkit.importance import lower_hard_sigmoid_ste, lower_leaky_hard_sigmoid
-from spdkit.losses import (
+from spdkit.method.ci.sigmoids import lower_hard_sigmoid_ste, lower_leaky_hard_sigmoid
+from spdkit.method.losses import (
     faithfulness_loss,
     frequency_minimality_loss,
     importance_minimality_loss,

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from spdkit.kernels import load_extension
-from spdkit.losses import stochastic_masks
-from spdkit.masks import MaskStream, splitmix64, uniform
+from spdkit.engine.kernels import load_extension
+from spdkit.engine.random_stream import MaskStream, splitmix64, uniform
+from spdkit.method.losses import stochastic_masks
 
 needs_kernel = pytest.mark.skipif(load_extension() is None, reason="kernels not buildable here")
 

@@ -5,35 +5,8 @@ import torch
 from torch import nn
 
 from spdkit.config import ModuleSpec
-from spdkit.model import ComponentModel
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(
-            nn.ModuleDict({"mlp_in": nn.Linear(6, 5), "mlp_out": nn.Linear(5, 6)}) for _ in range(2)
-        )
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = x + layer["mlp_out"](torch.relu(layer["mlp_in"](x)))
-        return self.head(x)
-
-
-def exact_components(model: ComponentModel) -> None:
-    """Set U V = W exactly, via the SVD padded with zero subcomponents."""
-    with torch.no_grad():
-        for name in model.module_names:
-            comps = model.components(name)
-            W = model.target_weight(name)
-            Uf, S, Vh = torch.linalg.svd(W, full_matrices=False)
-            k = S.numel()
-            comps.U.zero_()
-            comps.V.zero_()
-            comps.U[:, :k] = Uf * S
-            comps.V[:k] = Vh
+from spdkit.method.model import ComponentModel
+from tests.helpers import Net, exact_components
 
 
 def test_masks_of_ones_with_exact_components_reproduce_the_target():

@@ -9,10 +9,9 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from spdkit import plan
 from spdkit.cli import app
-from tests.conftest import tiny_tms_dict
-from tests.test_train import tiny_trainer
+from spdkit.pipeline import plan
+from tests.helpers import tiny_tms_dict, tiny_trainer
 
 
 def test_probing_leaves_the_training_unchanged():
@@ -62,9 +61,9 @@ def test_a_plan_that_does_not_fit_is_one_line_naming_numbers_and_knobs():
 def test_run_refuses_a_run_that_will_not_fit(tmp_path, monkeypatch):
     """The wiring: `run` stops on a plan that does not fit (a fixed plan: how much a real
     probe measures is the allocator's business, never asserted)."""
-    import spdkit.experiment
+    import spdkit.pipeline.run
 
-    monkeypatch.setattr(spdkit.experiment, "make_plan", lambda trainer: example_plan())
+    monkeypatch.setattr(spdkit.pipeline.run, "make_plan", lambda trainer: example_plan())
     cfg = tmp_path / "c.yaml"
     data = tiny_tms_dict(steps=5)
     data["target"]["train_steps"] = 50

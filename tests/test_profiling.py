@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from spdkit.config import parse_config
-from spdkit.decomposition import build_trainer, data_source
-from spdkit.experiment import run_experiment
-from spdkit.profiling import step_flops
-from spdkit.targets import target_kind
-from tests.conftest import tiny_tms_dict
+from spdkit.pipeline.run import run_experiment
+from spdkit.targets import data_source, target_kind
+from spdkit.training.loop import build_trainer
+from spdkit.training.profiling import step_flops
+from tests.helpers import tiny_tms_dict
 
 
 def test_profile_writes_a_summary_and_leaves_results_unchanged(tmp_path):

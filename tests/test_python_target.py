@@ -8,8 +8,7 @@ import yaml
 from typer.testing import CliRunner
 
 from spdkit.cli import app
-from tests.conftest import tiny_tms_dict
-from tests.test_model import Net
+from tests.helpers import Net, tiny_tms_dict
 
 
 @dataclass(frozen=True)

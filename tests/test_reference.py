@@ -1,5 +1,5 @@
 """The fast training step (`spd_losses`: fused kernels, reused inner activations, prefix
-replay, per-pass backward, memoised embeddings) against the plain one (`spdkit.reference`):
+replay, per-pass backward, memoised embeddings) against the plain one (`spdkit.method.reference`):
 same batch, same random numbers, same loss terms and gradients, for every routing.
 
 Tolerance: the fused CI kernel's erf/exp approximations and the matmul orders differ from
@@ -13,14 +13,13 @@ import pytest
 import torch
 
 from spdkit.config import load_config, parse_config
-from spdkit.decomposition import build_trainer, data_source
-from spdkit.masks import MaskStream
-from spdkit.reference import reference_spd_losses
-from spdkit.targets import target_kind
-from spdkit.train import spd_losses
+from spdkit.engine.random_stream import MaskStream
+from spdkit.method.reference import reference_spd_losses
+from spdkit.targets import data_source, target_kind
+from spdkit.training.loop import build_trainer
+from spdkit.training.trainer import spd_losses
 from tests import hf_models
-from tests.conftest import tiny_tms_dict
-from tests.test_resid_mlp import tiny_resid_dict
+from tests.helpers import tiny_resid_dict, tiny_tms_dict
 
 
 def _induction(**overrides) -> dict:

@@ -13,12 +13,12 @@ import pytest
 from typer.testing import CliRunner
 
 import spdkit
+from spdkit.analysis.report import live
+from spdkit.analysis.report.content import gather
+from spdkit.analysis.report.serve import create_app
 from spdkit.cli import app
 from spdkit.config import load_config, parse_config
-from spdkit.experiment import run_experiment
-from spdkit.report import live
-from spdkit.report.content import gather
-from spdkit.report.serve import create_app
+from spdkit.pipeline.run import run_experiment
 
 runner = CliRunner()
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "report"

@@ -10,50 +10,22 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from spdkit import runs
-from spdkit.cli import app
-from spdkit.config import ModuleSpec, ResidMLPTargetConfig, load_config, parse_config
-from spdkit.experiment import run_experiment
-from spdkit.metrics import (
+from spdkit.analysis.metrics import (
     greedy_feature_order,
     neuron_contributions_subcomponents,
     neuron_contributions_target,
     pearson_and_slope,
     resid_mlp_verdict,
 )
-from spdkit.model import NO_SHORTCUTS, ComponentModel
-from spdkit.sweep import across_seeds
+from spdkit.cli import app
+from spdkit.config import ModuleSpec, ResidMLPTargetConfig, load_config, parse_config
+from spdkit.method.model import NO_SHORTCUTS, ComponentModel
+from spdkit.pipeline.run import run_experiment
+from spdkit.pipeline.sweep import across_seeds
+from spdkit.store import runs
 from spdkit.targets.data import sample_sparse_features
 from spdkit.targets.resid_mlp import ResidMLP, labels, train_resid_mlp
-
-
-def tiny_resid_dict(**overrides) -> dict:
-    data = {
-        "seed": 0,
-        "target": {
-            "kind": "resid_mlp",
-            "n_features": 12,
-            "d_resid": 64,
-            "n_layers": 2,
-            "d_mlp": 4,
-            "feature_probability": 0.05,
-            "train_steps": 200,
-            "train_batch_size": 256,
-        },
-        "modules": [
-            {"pattern": "layers.*.mlp_in", "C": 16},
-            {"pattern": "layers.*.mlp_out", "C": 16},
-        ],
-        "importance_minimality_coeff": 1e-4,
-        "pnorm": 2,
-        "steps": 40,
-        "batch_size": 128,
-        "optimizer": {"lr": 2e-3},
-        "log_every": 10,
-        "eval": {"one_hot_value": 0.75, "n_eval_samples": 256},
-    }
-    data.update(overrides)
-    return data
+from tests.helpers import tiny_resid_dict
 
 
 def test_model_shapes_embedding_and_labels():
@@ -221,7 +193,7 @@ def test_short_spd_run_on_a_small_resid_mlp_finds_the_ground_truth(tmp_path):
 def test_an_unfinished_run_is_evaluated_at_its_checkpoint(tmp_path, monkeypatch):
     """`spdkit eval --checkpoint` on a run stopped at step 25 (last checkpoint: 20) writes the
     full analysis into partial/step_20/ and touches nothing the finished-run contract owns."""
-    from spdkit.train import Trainer
+    from spdkit.training.trainer import Trainer
 
     train_step = Trainer.train_step
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from spdkit import runs
+from spdkit.api import load
 from spdkit.cli import app
 from spdkit.config import parse_config
-from spdkit.decomposition import load
-from spdkit.experiment import resume_run, run_experiment
-from tests.conftest import tiny_tms_dict
+from spdkit.pipeline.run import resume_run, run_experiment
+from spdkit.store import runs
+from tests.helpers import tiny_tms_dict
 
 
 def small_config(**kw):
@@ -100,7 +100,7 @@ def test_resume_continues_bit_exactly(tmp_path, monkeypatch, stop_step):
     full = tmp_path / "full"
     run_experiment(small_config(), full, progress=False)
 
-    from spdkit import train
+    from spdkit.training import trainer as train
 
     original = train.Trainer.train_step
 

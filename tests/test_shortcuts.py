@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from spdkit.config import ModuleSpec
-from spdkit.model import ALL_SHORTCUTS, NO_SHORTCUTS, ComponentModel
+from spdkit.method.model import ALL_SHORTCUTS, NO_SHORTCUTS, ComponentModel
 from tests import hf_models
 
 

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from spdkit.config import ModuleSpec, parse_config
-from spdkit.masks import MaskStream
-from spdkit.model import ComponentModel
-from spdkit.routing import bernoulli_subsets, draw_routes, uniform_k_subsets
-from spdkit.step import spd_losses
-from tests.conftest import tiny_tms_dict
+from spdkit.engine.random_stream import MaskStream
+from spdkit.method.model import ComponentModel
+from spdkit.method.routing import bernoulli_subsets, draw_routes, uniform_k_subsets
+from spdkit.method.step import spd_losses
+from tests.helpers import tiny_tms_dict
 
 
 def test_uniform_k_subsets_by_hand():

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from spdkit.config import OptimizerConfig, parse_config
-from spdkit.decomposition import build_trainer, data_source
-from spdkit.losses import faithfulness_loss
-from spdkit.targets import target_kind
-from spdkit.train import NonFiniteError, lr_at, nonfinite_problem, spd_losses
-from tests.conftest import tiny_tms_dict
+from spdkit.method.losses import faithfulness_loss
+from spdkit.targets import data_source, target_kind
+from spdkit.training.loop import build_trainer
+from spdkit.training.trainer import NonFiniteError, lr_at, nonfinite_problem, spd_losses
+from tests.helpers import tiny_tms_dict, tiny_trainer
 
 
 def test_lr_schedules():
@@ -65,12 +65,6 @@ def test_a_nonfinite_gradient_is_found_in_small_and_large_parameters(numel, bad)
     assert nonfinite_problem(terms, params) is None
     params[1].grad[-1] = bad
     assert nonfinite_problem(terms, params) == "non-finite gradient"
-
-
-def tiny_trainer(**overrides):
-    config = parse_config(tiny_tms_dict(steps=10, **overrides))
-    target = target_kind(config.target).build(config.target)
-    return build_trainer(target, data_source(config), config, "cpu")
 
 
 def test_checkpoint_with_an_old_generator_mask_state_resumes_on_a_fresh_stretch():

@@ -6,7 +6,7 @@ import torch
 import yaml
 
 from spdkit.config import load_config, parse_config
-from spdkit.experiment import run_experiment
+from spdkit.pipeline.run import run_experiment
 from spdkit.targets.transformer import CharCorpus, RepeatedTokens, Transformer
 
 
@@ -60,7 +60,7 @@ def test_short_induction_run_reports_lm_metrics_and_alive_counts(tmp_path):
 
 
 def test_top_contexts_picks_the_most_used_subcomponent_and_its_best_positions():
-    from spdkit.metrics import top_contexts
+    from spdkit.analysis.metrics import top_contexts
 
     ci = torch.zeros(2, 5, 3)
     ci[0, 3, 1] = 0.9  # subcomponent 1 fires twice, 2 once, 0 never
@@ -77,7 +77,7 @@ def test_a_language_model_sweep_draws_its_pareto_front(tmp_path):
     and draws L0 against KL instead."""
     import json
 
-    from spdkit.sweep import run_sweep
+    from spdkit.pipeline.sweep import run_sweep
 
     data = load_config("induction").model_dump(mode="json")
     data["target"].update(train_steps=30, d_model=16, vocab_size=32, seq_len=16)

@@ -10,14 +10,20 @@ import logging
 import signal
 import sys
 
-from spdkit.cli import analysis, configs, training  # noqa: F401 (they register the commands)
-from spdkit.cli.common import _terminate_as_interrupt, app, hf_target_override
+from spdkit.engine.threads import set_short_spin
+
+# The command line is an application: before torch loads libgomp, OpenMP threads that yield
+# their core soon (`spdkit.engine.threads`); a library import of spdkit leaves this alone.
+set_short_spin()
+
+from spdkit.cli import analysis, configs, training  # noqa: E402, F401 (they register the commands)
+from spdkit.cli.common import _terminate_as_interrupt, app, hf_target_override  # noqa: E402
 
 __all__ = ["app", "hf_target_override", "main"]
 
 
 def main() -> None:  # pragma: no cover
-    from spdkit.allocator import keep_freed_memory
+    from spdkit.engine.malloc import keep_freed_memory
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)

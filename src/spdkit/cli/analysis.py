@@ -21,7 +21,7 @@ def eval_(
     ),
 ) -> None:
     """Recompute a run's metrics (summary.json) and figures."""
-    from spdkit.experiment import evaluate_checkpoint, evaluate_run_dir
+    from spdkit.pipeline.run import evaluate_checkpoint, evaluate_run_dir
 
     try:
         if checkpoint:
@@ -51,10 +51,10 @@ def cluster(
 ) -> None:
     """Group subcomponents into mechanisms (minimum description length over co-activations);
     write RUN_DIR/clusters.json and figures/clusters.png."""
-    from spdkit.clusters import ClusterParams, write_clusters
-    from spdkit.clusters import cluster as find_clusters
-    from spdkit.decomposition import load
-    from spdkit.experiment import PARTIAL_DIR, load_checkpoint, resolve_device
+    from spdkit.analysis.mechanisms.clusters import ClusterParams, write_clusters
+    from spdkit.analysis.mechanisms.clusters import cluster as find_clusters
+    from spdkit.api import load
+    from spdkit.pipeline.run import PARTIAL_DIR, load_checkpoint, resolve_device
 
     try:
         params = ClusterParams(samples, threshold, alpha, min_count, seed)
@@ -97,10 +97,10 @@ def report(
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
     """Write RUN_DIR/report/index.html: one page to open in a browser (no server needed)."""
-    from spdkit.decomposition import load
-    from spdkit.experiment import resolve_device
-    from spdkit.report.content import gather
-    from spdkit.report.render import write_report
+    from spdkit.analysis.report.content import gather
+    from spdkit.analysis.report.render import write_report
+    from spdkit.api import load
+    from spdkit.pipeline.run import resolve_device
 
     try:
         decomp = load(run_dir, resolve_device(device))
@@ -118,11 +118,11 @@ def serve(
     device: str = typer.Option("cpu", help="cpu or cuda"),
 ) -> None:
     """Serve the report on 127.0.0.1 with live tools: CI of a typed input, mechanisms off."""
-    from spdkit.decomposition import load
-    from spdkit.experiment import resolve_device
-    from spdkit.report.content import gather
-    from spdkit.report.serve import create_app
-    from spdkit.report.serve import serve as run_server
+    from spdkit.analysis.report.content import gather
+    from spdkit.analysis.report.serve import create_app
+    from spdkit.analysis.report.serve import serve as run_server
+    from spdkit.api import load
+    from spdkit.pipeline.run import resolve_device
 
     try:
         decomp = load(run_dir, resolve_device(device))

@@ -11,11 +11,8 @@ from typing import Any
 
 import typer
 
-from spdkit.config import ConfigError, load_config
-from spdkit.distributed import PeerLostError
-from spdkit.jobs import JobsFailed
-from spdkit.runs import RunDirError
-from spdkit.train import NonFiniteError
+from spdkit.config import load_config
+from spdkit.errors import ConfigError, JobsFailed, NonFiniteError, PeerLostError, RunDirError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Stochastic Parameter Decomposition"
@@ -70,7 +67,7 @@ NPROC_HELP = (
 def _launch_torchrun(nproc: int) -> None:
     """Replace this process by `torchrun --standalone --nproc_per_node N -m spdkit <args>`
     (the same arguments without --nproc), with cores / N threads per rank."""
-    from spdkit.cores import threads_per_process
+    from spdkit.engine.threads import threads_per_process
 
     args, skip = [], False
     for arg in sys.argv[1:]:
@@ -92,7 +89,7 @@ def _launch_torchrun(nproc: int) -> None:
 def _join_ranks(device: str, nproc: int) -> tuple[Any, str]:
     """(Parallel, device): this rank's place under torchrun; alone, (SINGLE, device). With
     --nproc N > 1 outside torchrun, this process becomes the torchrun launcher instead."""
-    from spdkit.distributed import init_from_env, launched_by_torchrun
+    from spdkit.engine.distributed import init_from_env, launched_by_torchrun
 
     if nproc > 1 and not launched_by_torchrun():
         _launch_torchrun(nproc)

@@ -52,8 +52,8 @@ def plan(
 ) -> None:
     """Peak memory and FLOPs of a run's training step and evaluation, before it runs (two
     small probe steps on the untrained target, extrapolated to the batch)."""
-    from spdkit.experiment import plan_config
-    from spdkit.plan import format_plan
+    from spdkit.pipeline.plan import format_plan
+    from spdkit.pipeline.run import plan_config
 
     try:
         overrides = _parse_overrides(set_)
@@ -82,7 +82,7 @@ def modules(
     """Every decomposable module of a model (name, kind, shape, parameters), what the config's
     patterns pick and a suggested C; built on the meta device, so nothing is loaded."""
     from spdkit.config import HFTargetConfig, ModuleSpec
-    from spdkit.inventory import format_rows, module_rows, on_meta_device
+    from spdkit.method.inventory import format_rows, module_rows, on_meta_device
     from spdkit.targets import target_kind
     from spdkit.targets.hf import build_hf, read_hf_config
 

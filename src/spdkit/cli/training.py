@@ -24,7 +24,7 @@ from spdkit.config import ConfigError, load_config
 def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     """The headline numbers of a run, then where everything else is."""
     if not summary:  # a data-parallel rank other than 0, done: rank 0 evaluates and prints
-        from spdkit.distributed import leave
+        from spdkit.engine.distributed import leave
 
         leave()
     fl = summary["final_losses"]
@@ -119,7 +119,7 @@ def run(
     nproc: int = typer.Option(1, min=1, help=NPROC_HELP),
 ) -> None:
     """Train (or load) the target and decompose it."""
-    from spdkit.experiment import run_experiment
+    from spdkit.pipeline.run import run_experiment
 
     run_dir = None
     try:
@@ -157,7 +157,7 @@ def resume(
     nproc: int = typer.Option(1, min=1, help=NPROC_HELP),
 ) -> None:
     """Continue an interrupted run from its last checkpoint (at any number of processes)."""
-    from spdkit.experiment import resume_run
+    from spdkit.pipeline.run import resume_run
 
     try:
         parallel, device = _join_ranks(device, nproc)
@@ -189,7 +189,7 @@ def sweep(
 ) -> None:
     """Run a grid of configs x seeds; write sweep.md, sweep.json and sweep.png comparing them.
     Re-running the same command reuses finished runs and resumes interrupted ones."""
-    from spdkit.sweep import parse_grid, run_sweep
+    from spdkit.pipeline.sweep import parse_grid, run_sweep
 
     name = Path(config).stem if config.endswith((".yaml", ".yml")) else config
     sweep_dir = out or Path("runs") / f"sweep-{name}"

@@ -50,6 +50,7 @@ from spdkit.config.targets import (
     TinyLMTargetConfig,
     TMSTargetConfig,
 )
+from spdkit.errors import ConfigError
 
 __all__ = [
     "CIFnConfig",
@@ -170,7 +171,7 @@ class SPDConfig(StrictModel):
     importance_penalty: Literal["lp", "smooth_l0"] = Field(
         default="lp",
         description="per-CI penalty: lp = |g⁺|^p (the paper's); smooth_l0 = 1 − exp(−g⁺/σ), "
-        "a saturating L0 stand-in with a finite gradient at 0 (spdkit.losses)",
+        "a saturating L0 stand-in with a finite gradient at 0 (spdkit.method.losses)",
     )
     smooth_l0_scale: float = Field(
         default=0.1, gt=0, description="σ of the smooth_l0 penalty (CI ≫ σ costs about 1)"
@@ -240,10 +241,6 @@ class SPDConfig(StrictModel):
         if dupes:
             raise ValueError(f"modules: pattern(s) listed twice: {dupes}")
         return self
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message has one line per problem."""
 
 
 def format_validation_error(err: ValidationError, model: type[BaseModel] = SPDConfig) -> str:

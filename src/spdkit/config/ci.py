@@ -1,6 +1,6 @@
 """The causal-importance function's section (`ci_fn: {kind: ...}`), one model per kind.
 
-The formulas are in `spdkit.ci.<kind>`; the `mlp` kind's hidden width is the top-level
+The formulas are in `spdkit.method.ci.<kind>`; the `mlp` kind's hidden width is the top-level
 `ci_hidden_dim` (d_gate, as before this section existed).
 """
 

@@ -1,6 +1,6 @@
 """Sections of the training objective beyond the paper's (VPD notes §2-§5): p-annealing,
-gradient clipping, the faithfulness warm-up and the adversary. The formulas are in `spdkit.losses` and
-`spdkit.train`; every section is off by default, which is the paper's method."""
+gradient clipping, the faithfulness warm-up and the adversary. The formulas are in `spdkit.method.losses` and
+`spdkit.training.trainer`; every section is off by default, which is the paper's method."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class FaithfulnessWarmupConfig(StrictModel):
 
 
 class PGDConfig(StrictModel):
-    """The adversary of L_adversarial (spdkit.adversary has the formulas; VPD notes §2.3)."""
+    """The adversary of L_adversarial (spdkit.method.adversary has the formulas; VPD notes §2.3)."""
 
     n_steps: int = Field(default=1, ge=1, description="ascent steps on the sources per step")
     step_size: float = Field(default=0.1, gt=0, description="η: sign step, or Adam's lr")

@@ -76,7 +76,7 @@ class EvalConfig(StrictModel):
 
 
 class SubsetRoutingConfig(StrictModel):
-    """Which modules a subset-reconstruction pass masks (spdkit.routing has the formulas)."""
+    """Which modules a subset-reconstruction pass masks (spdkit.method.routing has the formulas)."""
 
     kind: Literal["uniform_k", "bernoulli"] = Field(
         default="uniform_k",

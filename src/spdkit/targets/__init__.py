@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from spdkit.config import TargetConfig
+from spdkit.config import SPDConfig, TargetConfig
 from spdkit.targets import hf, python, resid_mlp, tms, transformer
 
 
@@ -104,3 +104,14 @@ def reports_lm(config: TargetConfig | None) -> bool:
             config.hf_config or hf.read_hf_config(config.path)
         )
     return False
+
+
+def data_source(config: SPDConfig) -> DataSource:
+    return target_kind(config.target).data(config.target)
+
+
+def eval_data_source(config: SPDConfig, data: DataSource | None = None) -> DataSource:
+    """What the evaluation draws from (`data`, else the config target's): the corpus's
+    held-out part where it has one."""
+    source = data if data is not None else data_source(config)
+    return getattr(source, "heldout", None) or source

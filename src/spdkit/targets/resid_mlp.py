@@ -37,7 +37,7 @@ class ResidBlock(nn.Module):
 class SparseEmbedding(nn.Module):
     """r⁰ = x W_E. A module of its own (holding nothing: W_E stays the target's buffer) so that
     an SPD step's masked passes replay its output from the step's record instead of redoing
-    the product (`spdkit.record`)."""
+    the product (`spdkit.engine.record`)."""
 
     def forward(self, x: Tensor, W_E: Tensor) -> Tensor:
         """The inputs are ~1% non-zero, so a sparse product does a fraction of the work of the

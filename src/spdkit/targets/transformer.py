@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from spdkit.config import InductionTargetConfig, TinyLMTargetConfig
 from spdkit.targets.data import training_steps
-from spdkit.targets.hf import TokenWindows
+from spdkit.targets.text import TokenWindows, corpus_text
 
 log = logging.getLogger(__name__)
 
@@ -172,14 +172,6 @@ def train_induction(
 
 
 # --- tiny language model -------------------------------------------------------------------
-def corpus_text() -> str:
-    """English text that ships with every CPython: the pydoc topic help (no download). Its
-    exact content follows the Python version; the target records its vocabulary."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
-
-
 def parse_token_ids(text: str, vocab_size: int) -> list[int]:
     """ "3 17 5 ..." to ids (the induction target's prompts), each checked against the vocabulary."""
     try:

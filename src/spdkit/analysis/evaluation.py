@@ -1,0 +1,272 @@
+"""The end-of-run evaluation: summary.json (losses, L0, norms, alive counts, the target's own
+report: TMS feature match, residual-MLP verdict, the LM CE / KL report) and figures/."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from spdkit.analysis import plots
+from spdkit.analysis.decomposed import Decomposed
+from spdkit.analysis.metrics import (
+    causal_importance,
+    chunks,
+    identity_check,
+    lm_mask_evaluation,
+    mean_l0,
+    mmcs_ml2r,
+    neuron_contributions_subcomponents,
+    neuron_contributions_target,
+    non_negligible,
+    one_hot_inputs,
+    output_losses,
+    pearson_and_slope,
+    resid_mlp_verdict,
+    subcomponent_norms,
+    top_contexts,
+    weighted_sum,
+)
+from spdkit.config import SPDConfig
+from spdkit.engine.malloc import release_free_memory
+from spdkit.engine.random_stream import MaskStream
+from spdkit.method.losses import DIVERGENCES
+from spdkit.method.model import ComponentModel
+from spdkit.method.step import LOSS_TERMS, spd_losses
+from spdkit.progress import progress_bar
+from spdkit.store import runs
+from spdkit.targets import eval_data_source, reports_lm, target_kind
+
+
+def evaluate(
+    decomp: Decomposed,
+    run_dir: Path,
+    timing: dict[str, Any] | None = None,
+    out_dir: Path | None = None,
+    partial: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """All end-of-run metrics into summary.json, and the figures into figures/, both in
+    `out_dir` (default: the run directory). `partial` marks the evaluation of an unfinished
+    run (its step); firing counts are then left out, as they cover only the last 10 % of
+    training."""
+    out_dir = run_dir if out_dir is None else out_dir
+    config, model = decomp.config, decomp.model
+    release_free_memory()  # what training kept for reuse: the evaluation's shapes differ
+    device = next(model.parameters()).device
+    ev = config.eval
+    gen = torch.Generator(device=device).manual_seed(config.seed + 3000)
+    x = eval_data_source(config, decomp.data).sample(ev.n_eval_samples, gen)
+    step = partial["step"] if partial else config.steps  # the annealed p of that step
+    bar = progress_bar(len(chunks(x, ev.batch_size)) + 2, "eval losses", progress)
+    final_losses = evaluation_losses(model, x, config, step, on_chunk=lambda: bar.update(1))
+    ci_data = causal_importance(model, x, chunk=ev.batch_size)
+    bar.update(1)
+    outputs = output_losses(model, x, DIVERGENCES[config.output_loss], ev.batch_size)
+    bar.update(1)
+    bar.close()
+    summary: dict[str, Any] = {
+        "final_losses": final_losses,
+        "output_losses": outputs,
+        "mean_ci_l0": mean_l0(ci_data, ev.ci_threshold),
+        "modules": {},
+    }
+    ci_onehot = None  # toy targets with input features: CI of each feature alone
+    if hasattr(config.target, "n_features"):
+        onehot = one_hot_inputs(config.target.n_features, ev.one_hot_value, device)
+        ci_onehot = causal_importance(model, onehot)
+    firing = None if partial else runs.read_firing(run_dir)
+    for name in model.module_names:
+        U, V = decomp.subcomponents(name)
+        norms = subcomponent_norms(U, V)
+        live = non_negligible(norms, ev.norm_threshold)
+        summary["modules"][name] = {
+            "C": U.shape[1],
+            "n_non_negligible": int(live.sum()),
+            "norms_sorted": [round(v, 5) for v in norms.sort(descending=True).values.tolist()],
+        }
+        if ci_onehot is not None:
+            active = int((ci_onehot[name].max(0).values > ev.ci_threshold).sum())
+            summary["modules"][name]["n_active_on_one_hot"] = active
+        if firing is not None and name in firing[0]:
+            counts, positions = firing[0][name], firing[1]
+            alive = counts > 0
+            freq = (counts.float() / max(1, positions)).sort(descending=True).values
+            summary["modules"][name].update(
+                {
+                    "n_alive": int(alive.sum()),
+                    "n_dead": int((~alive).sum()),
+                    "firing_frequency_sorted": [round(v, 6) for v in freq.tolist()],
+                }
+            )
+    if model.identity_modules:
+        summary["identity_check"] = {
+            name: identity_check(
+                ci_data[name],
+                subcomponent_norms(*decomp.subcomponents(name)),
+                d,
+                ev.ci_threshold,
+                ev.norm_threshold,
+            )
+            for name, d in model.identity_modules.items()
+        }
+    kind = config.target.kind if config.target is not None else None
+    analysis = lm_analysis if reports_lm(config.target) else TARGET_ANALYSES.get(kind)
+    if analysis is not None:
+        release_free_memory()  # the losses' freed blocks fit the report's tensors badly
+        summary.update(analysis(decomp, ci_onehot, out_dir / "figures", progress))
+    if ci_onehot is not None:
+        summary["ci_one_hot"] = {
+            "input_value": ev.one_hot_value,
+            "ci": {
+                n: [[round(v, 4) for v in row] for row in g.tolist()] for n, g in ci_onehot.items()
+            },
+        }
+    if timing:
+        summary["timing"] = timing
+    if partial:
+        summary["partial"] = partial
+    runs.write_summary(out_dir, summary)
+    draw_figures(decomp, run_dir, ci_onehot, ci_data, out_dir / "figures")
+    return summary
+
+
+def evaluation_losses(
+    model: ComponentModel,
+    x: Tensor,
+    config: SPDConfig,
+    step: int,
+    on_chunk: Callable[[], object] | None = None,
+) -> dict[str, float]:
+    """The training loss terms on the evaluation batch x [n, ...], in chunks of
+    `eval.batch_size`, weighted by chunk size. One mask stream (seed + 3000) for the whole
+    batch: each chunk draws its own random numbers, so the result does not depend on how the
+    batch is chunked beyond which counter each sample's r comes from."""
+    stream = MaskStream(config.seed + 3000)
+    losses = []
+    for share, piece in chunks(x, config.eval.batch_size):
+        with torch.no_grad():
+            terms, _ = spd_losses(model, piece, config, stream, step)
+        losses.append((share, {k: terms[k].item() for k in ("total", *LOSS_TERMS) if k in terms}))
+        if on_chunk is not None:
+            on_chunk()
+    return weighted_sum(losses)
+
+
+def tms_feature_match(
+    decomp: Decomposed, ci_onehot: dict, fig_dir: Path, progress: bool = False
+) -> dict[str, Any]:
+    """TMS: MMCS / ML2R of W's columns against the non-negligible subcomponents (paper §3.1)."""
+    config, model = decomp.config, decomp.model
+    feature_module = target_kind(config.target).feature_module
+    if feature_module not in model.module_names:
+        return {}
+    U, V = decomp.subcomponents(feature_module)
+    live = non_negligible(subcomponent_norms(U, V), config.eval.norm_threshold)
+    match = mmcs_ml2r(model.target_weight(feature_module), U, V, live)
+    return {
+        "feature_match": {
+            "module": feature_module,
+            "mmcs": match.mmcs,
+            "ml2r": match.ml2r,
+            "matched_subcomponent": match.match,
+        }
+    }
+
+
+def resid_mlp_analysis(
+    decomp: Decomposed, ci_onehot: dict, fig_dir: Path, progress: bool = False
+) -> dict[str, Any]:
+    """Residual MLP: the ground-truth verdict from CI on one-hot inputs, and neuron
+    contributions of the target vs each feature's W_in subcomponent (paper Figures 6-13)."""
+    model, target_cfg = decomp.model, decomp.config.target
+    names_in = [n for n in model.module_names if n.endswith("mlp_in")]
+    names_out = [n for n in model.module_names if n.endswith("mlp_out")]
+    verdict = resid_mlp_verdict(
+        {n: ci_onehot[n] for n in names_in},
+        {n: ci_onehot[n] for n in names_out},
+        n_neurons=target_cfg.n_layers * target_cfg.d_mlp,
+    )
+    out: dict[str, Any] = {"resid_mlp": {"verdict": verdict}}
+    layers = [n.removesuffix(".mlp_in") for n in names_in if f"{n[:-7]}.mlp_out" in names_out]
+    if not layers:
+        return out
+    W_E = model.target.W_E.detach().float().cpu()
+    target_parts, sub_parts = [], []
+    for layer in layers:
+        W_in = model.target_weight(f"{layer}.mlp_in").detach().float().cpu()
+        W_out = model.target_weight(f"{layer}.mlp_out").detach().float().cpu()
+        U_in, V_in = (t.float().cpu() for t in decomp.subcomponents(f"{layer}.mlp_in"))
+        U_out, V_out = (t.float().cpu() for t in decomp.subcomponents(f"{layer}.mlp_out"))
+        match = ci_onehot[f"{layer}.mlp_in"].argmax(dim=1).tolist()
+        target_parts.append(neuron_contributions_target(W_E, W_in, W_out))
+        sub_parts.append(neuron_contributions_subcomponents(W_E, U_in, V_in, U_out @ V_out, match))
+    target_nc, sub_nc = torch.cat(target_parts, dim=1), torch.cat(sub_parts, dim=1)
+    r, slope = pearson_and_slope(target_nc, sub_nc)
+    out["resid_mlp"]["neuron_contributions"] = {"pearson_r": r, "slope": slope}
+    plots.plot_neuron_contributions(target_nc, sub_nc, fig_dir / "neuron_contributions.png")
+    plots.plot_contribution_scatter(
+        target_nc, sub_nc, fig_dir / "neuron_contribution_pairs.png", r, slope
+    )
+    return out
+
+
+def lm_analysis(
+    decomp: Decomposed, ci_onehot: dict | None, fig_dir: Path, progress: bool = False
+) -> dict[str, Any]:
+    """Language-model targets: CE / KL under each kind of mask, CE gap recovered."""
+    config, model = decomp.config, decomp.model
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(config.seed + 4000)
+    ids = eval_data_source(config, decomp.data).sample(config.eval.n_eval_samples, gen)
+    out: dict[str, Any] = {"lm": lm_mask_evaluation(model, ids, config.eval, gen, progress)}
+    decoder = target_kind(config.target).decoder
+    decode = decoder(config.target) if decoder is not None else None
+    if decode is not None:
+        ci = causal_importance(model, ids, chunk=config.eval.batch_size)
+        table = {name: top_contexts(ci[name].cpu(), ids.cpu(), decode) for name in ci}
+        out["lm"]["top_contexts"] = table
+        plots.plot_top_contexts(table, fig_dir / "top_contexts.png")
+    return out
+
+
+TARGET_ANALYSES = {"tms": tms_feature_match, "resid_mlp": resid_mlp_analysis}
+
+
+def draw_figures(
+    decomp: Decomposed, run_dir: Path, ci_onehot: dict | None, ci_data: dict, fig_dir: Path
+) -> None:
+    """The figures into fig_dir; the training curves from run_dir's metrics.jsonl."""
+    config, model = decomp.config, decomp.model
+    ev = config.eval
+    records = runs.read_metrics(run_dir)
+    plots.plot_losses(records, fig_dir / "losses.png", ["total", *LOSS_TERMS])
+    plots.plot_l0_over_training(records, fig_dir / "l0.png")
+    plots.plot_ci_histograms(ci_data, fig_dir / "ci_histograms.png")
+    if ci_onehot is not None:
+        plots.plot_ci_heatmaps(
+            ci_onehot,
+            fig_dir / "ci_one_hot.png",
+            ev.ci_threshold,
+            f"input feature (value {ev.one_hot_value})",
+            # residual MLPs: all C columns as in the paper, W_in | W_out side by side per layer
+            show_all=config.target.kind == "resid_mlp",
+            ncols=2 if config.target.kind == "resid_mlp" else None,
+        )
+    feature_module = target_kind(config.target).feature_module if config.target else None
+    for name in model.module_names:
+        U, V = decomp.subcomponents(name)
+        W = model.target_weight(name)
+        n_live = int(non_negligible(subcomponent_norms(U, V), ev.norm_threshold).sum())
+        safe = name.replace(".", "_")
+        if name == feature_module and W.shape[0] == 2:
+            plots.plot_tms_vectors(
+                W, U, V, fig_dir / f"vectors_{safe}.png", n_show=min(n_live + 1, 8)
+            )
+        if W.shape[0] == W.shape[1] and W.shape[0] <= 64:
+            plots.plot_matrix_decomposition(
+                W, U, V, fig_dir / f"matrix_{safe}.png", n_show=min(n_live + 1, 6), title=name
+            )

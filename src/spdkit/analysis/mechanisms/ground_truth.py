@@ -1,0 +1,109 @@
+"""The known mechanisms of the toy targets, and how well a clustering recovers them.
+
+Each live subcomponent gets the label of the mechanism it belongs to: for TMS from its
+weights (the feature coordinate it reads or writes), for the residual MLPs from its CI on
+one-hot inputs (feature f alone at the config's `eval.one_hot_value`; it *responds* to f when
+its CI exceeds the verdict's 0.1, `ResidVerdictRules.dense_ci`, whatever τ the clustering uses,
+so that scores at different τ compare against the same labels).
+
+- TMS (`tms_*`): one mechanism per feature, made of its subcomponent in `linear1` and its
+  subcomponent in `linear2`; with +ID, the live subcomponents of the identity layers
+  (`hidden_layers.*`, or identities inserted with --insert-identity) form one more.
+- Residual MLPs (`resid_mlp1/2/3`): one mechanism per feature, made of its W_in (`mlp_in`)
+  subcomponent in every layer; all dense W_out (`mlp_out`) subcomponents of all layers form one
+  more (the rank-(layers × d_mlp) computation every feature goes through).
+
+Rule per live subcomponent (identity layers aside): touches / responds to exactly one feature f →
+"feature f"; a W_out (`mlp_out`) subcomponent responding to at least `dense_fraction` of the
+features → "dense" (resid_mlp; elsewhere such a subcomponent has no true mechanism and stays alone); to none or a few → a label of its own
+(it belongs to no known mechanism, so a clustering can only be right to leave it alone).
+Score: the adjusted Rand index between these labels and the clusters, over live subcomponents.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from spdkit.analysis.decomposed import Decomposed
+from spdkit.analysis.metrics import ResidVerdictRules, causal_importance, one_hot_inputs
+
+RULES = ResidVerdictRules()
+
+
+def true_mechanisms(decomp: Decomposed, live: list[str]) -> tuple[dict[str, str], int] | None:
+    """({"<module>:<index>": mechanism label} for every live subcomponent, the number of
+    mechanisms the target has), or None for a target without known ground truth."""
+    target = decomp.config.target
+    kind = target.kind if target is not None else None
+    if kind == "tms":
+        features = _tms_features(decomp)
+    elif kind == "resid_mlp":
+        features = _responding_features(decomp, RULES.dense_ci)
+    else:
+        return None
+    model = decomp.model
+    identities = set(model.identity_modules) | {
+        m for m in model.module_names if m.startswith("hidden_layers.")
+    }
+    labels = {}
+    for name in live:
+        module, index = name.rsplit(":", 1)
+        hit = features[module][int(index)] if module in features else []
+        if module in identities:
+            labels[name] = "identity"
+        elif len(hit) == 1:
+            labels[name] = f"feature {hit[0]}"
+        elif "mlp_out" in module and len(hit) >= RULES.dense_fraction * target.n_features:
+            labels[name] = "dense"
+        else:
+            labels[name] = f"alone {name}"
+    expected = target.n_features + (kind == "resid_mlp") + bool(identities)
+    return labels, expected
+
+
+def _tms_features(decomp: Decomposed, purity: float = 0.5) -> dict[str, list[list[int]]]:
+    """TMS: the feature a subcomponent touches, from its weights: `linear1` reads the features
+    (V_c's largest coordinate), `linear2` writes them (U_c's); [f] when that coordinate holds at
+    least `purity` of the squared norm, [] otherwise. (CI on one-hot inputs cannot tell: at the
+    largest feature value `linear2`'s CI also responds to the neighbouring features.)"""
+    out = {}
+    for module, side in (("linear1", "V"), ("linear2", "U")):
+        if module not in decomp.module_names:
+            continue
+        U, V = decomp.subcomponents(module)
+        w = (V if side == "V" else U.T).detach().float().cpu() ** 2  # [C, n_features]
+        share, f = (w / w.sum(-1, keepdim=True).clamp_min(1e-30)).max(-1)
+        out[module] = [[int(fi)] if si >= purity else [] for si, fi in zip(share, f, strict=True)]
+    return out
+
+
+def _responding_features(decomp: Decomposed, threshold: float) -> dict[str, list[list[int]]]:
+    """Per module and subcomponent, the features whose one-hot input (at the config's
+    `eval.one_hot_value`) gives it CI > τ."""
+    model = decomp.model
+    device = next(model.parameters()).device
+    x = one_hot_inputs(decomp.config.target.n_features, decomp.config.eval.one_hot_value, device)
+    with torch.no_grad():
+        ci = causal_importance(model, x)
+    return {
+        m: [col.nonzero().flatten().tolist() for col in (g > threshold).T.cpu()]
+        for m, g in ci.items()
+    }
+
+
+def score(labels: dict[str, str], clusters: list[list[str]], expected: int) -> dict[str, Any]:
+    """Adjusted Rand index of the clusters against the true labels (over live subcomponents),
+    and the count of mechanisms found vs expected."""
+    from sklearn.metrics import adjusted_rand_score
+
+    found = {name: i for i, members in enumerate(clusters) for name in members}
+    names = sorted(labels)
+    true_ids = [labels[n] for n in names]
+    return {
+        "ari": float(adjusted_rand_score(true_ids, [found[n] for n in names])),
+        "n_mechanisms_found": len(clusters),
+        "n_mechanisms_expected": expected,
+        "n_mechanisms_in_decomposition": len(set(true_ids)),
+    }

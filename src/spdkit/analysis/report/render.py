@@ -1,0 +1,159 @@
+"""Write RUN_DIR/report/: index.html, a page per live subcomponent (sub/<module>_<index>.html),
+the run's figures, and the Plotly bundle, CSS and JS next to them. Opens with a double click:
+no server, nothing fetched from the network."""
+
+from __future__ import annotations
+
+import shutil
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from spdkit.analysis.report.content import HIST_BINS, TOP_ENTRIES, ReportContent
+from spdkit.progress import progress_bar
+from spdkit.store import atomic
+
+SKIP = {  # long lists the summary holds for figures and scripts, not for reading
+    "ci_one_hot",
+    "top_contexts",
+    "norms_sorted",
+    "firing_frequency_sorted",
+    "matched_subcomponent",
+    "final_losses",
+}
+
+
+def fmt(v: Any) -> str:
+    """Numbers with 4 significant digits; everything else as it is."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.4g}"
+
+
+def alpha(ci: float) -> str:
+    return f"{min(1.0, max(0.0, ci)):.3f}"
+
+
+def environment() -> Environment:
+    env = Environment(
+        loader=PackageLoader("spdkit.analysis.report", "templates"),
+        autoescape=select_autoescape(["html"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["fmt"] = fmt
+    env.filters["alpha"] = alpha
+    env.globals["skip"] = SKIP
+    return env
+
+
+def verdicts(summary: dict[str, Any], clusters: dict[str, Any] | None) -> list[tuple[str, Any]]:
+    """The reproduction verdicts a run has, as (label, value) rows."""
+    out: list[tuple[str, Any]] = []
+    match = summary.get("feature_match")
+    if match:
+        out += [("TMS MMCS", match["mmcs"]), ("TMS ML2R", match["ml2r"])]
+    resid = summary.get("resid_mlp")
+    if resid:
+        out.append(("resid_mlp ground truth", resid["verdict"]["ground_truth"]))
+        nc = resid.get("neuron_contributions")
+        if nc:
+            out.append(("neuron contributions r", nc["pearson_r"]))
+    for name, check in (summary.get("identity_check") or {}).items():
+        out.append(
+            (f"identity {name}: one dense group of rank d", check["one_dense_group_of_rank_d"])
+        )
+    if clusters and clusters.get("ground_truth"):
+        out.append(("clusters vs ground truth: ARI", clusters["ground_truth"]["ari"]))
+    return out
+
+
+def static_file(name: str) -> bytes:
+    return resources.files("spdkit.analysis.report").joinpath("static", name).read_bytes()
+
+
+def plotly_js() -> bytes:
+    from plotly.offline import get_plotlyjs
+
+    return get_plotlyjs().encode()
+
+
+def render_index(env: Environment, c: ReportContent, served: bool = False) -> str:
+    steps = c.metrics[-1]["step"] if c.metrics else 0
+    loss_keys = sorted(
+        {k for m in c.metrics for k in m if k not in ("step", "lr") and not k.startswith("l0/")}
+    )
+    l0_keys = sorted({k for m in c.metrics for k in m if k.startswith("l0/")})
+    metrics = {k: v for k, v in c.summary.items() if k not in ("timing", "modules")}
+    pages = {s.name: s.page for subs in c.modules.values() for s in subs}
+    data = {"page": "index", "metrics": c.metrics, "loss_keys": loss_keys, "l0_keys": l0_keys}
+    return env.get_template("index.html").render(
+        c=c,
+        root="",
+        served=served,
+        steps=steps,
+        metrics=metrics,
+        verdicts=verdicts(c.summary, c.clusters),
+        figures=[f"figures/{f.name}" for f in c.figures],
+        pages=pages,
+        data=data,
+    )
+
+
+def render_subcomponents(env: Environment, c: ReportContent, served: bool = False):  # noqa: ANN201
+    """(relative path, html) of every subcomponent page."""
+    template = env.get_template("subcomponent.html")
+    pages = {s.name: s.page for subs in c.modules.values() for s in subs}
+    members = {}
+    if c.clusters:
+        members = {cl.id: cl.members for cl in c.clusters["clusters"]}
+    for subs in c.modules.values():
+        for s in subs:
+            data = {
+                "page": "subcomponent",
+                "u": s.u,
+                "v": s.v,
+                "u_top": len(s.u["index"]) == TOP_ENTRIES,
+                "v_top": len(s.v["index"]) == TOP_ENTRIES,
+                "bins": HIST_BINS,
+                "hist": s.ci_histogram,
+                "n_rows": c.n_rows,
+                "one_hot": s.one_hot_ci,
+            }
+            cluster_members = members.get(s.cluster, []) if s.cluster is not None else []
+            html = template.render(
+                c=c,
+                s=s,
+                root="../",
+                served=served,
+                pages=pages,
+                cluster_members=cluster_members[:40],
+                data=data,
+            )
+            yield s.page, html
+
+
+def write_report(c: ReportContent, run_dir: Path, progress: bool = True) -> Path:
+    """RUN_DIR/report/index.html and everything it needs, next to it. Returns its path."""
+    out = run_dir / "report"
+    (out / "sub").mkdir(parents=True, exist_ok=True)
+    (out / "figures").mkdir(exist_ok=True)
+    env = environment()
+    atomic.atomic_write_bytes(out / "plotly.min.js", plotly_js())
+    for name in ("report.css", "report.js"):
+        atomic.atomic_write_bytes(out / name, static_file(name))
+    for fig in c.figures:
+        shutil.copyfile(fig, out / "figures" / fig.name)
+    n_pages = sum(len(s) for s in c.modules.values())
+    bar = progress_bar(n_pages, "report pages", progress)
+    for path, html in render_subcomponents(env, c):
+        atomic.atomic_write_text(out / path, html)
+        bar.update(1)
+    bar.close()
+    index = out / "index.html"
+    atomic.atomic_write_text(index, render_index(env, c))
+    return index

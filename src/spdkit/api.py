@@ -1,0 +1,131 @@
+"""The Python API: `decompose` any nn.Module, `load` a run directory, and `Decomposition`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from spdkit.analysis.evaluation import evaluate
+from spdkit.analysis.mechanisms.clusters import (
+    Cluster,
+    Clustering,
+    ClusterParams,
+    cluster,
+    mechanism_masks,
+    read_clusters,
+    write_clusters,
+)
+from spdkit.analysis.metrics import causal_importance
+from spdkit.config import SPDConfig
+from spdkit.method.model import ComponentModel
+from spdkit.store import runs
+from spdkit.store.restore import restore
+from spdkit.targets import DataSource
+from spdkit.training.loop import build_trainer, train_in_run_dir
+
+
+@dataclass
+class Decomposition:
+    """A trained decomposition: the component model, its config, and where it is stored."""
+
+    model: ComponentModel
+    config: SPDConfig
+    run_dir: Path | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+    data: DataSource | None = None  # the API's data; a config's target names its own
+
+    def evaluate(self, out_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+        """The end-of-run metrics into summary.json and the figures into figures/ of
+        `out_dir` (default: the run directory), as `spdkit run` writes them; returns the
+        summary."""
+        where = Path(out_dir) if out_dir is not None else self.run_dir
+        if where is None:
+            raise ValueError("this decomposition has no run directory: pass evaluate(out_dir=...)")
+        where.mkdir(parents=True, exist_ok=True)
+        self.summary = evaluate(self, self.run_dir or where, out_dir=where, progress=progress)
+        return self.summary
+
+    @property
+    def module_names(self) -> list[str]:
+        return self.model.module_names
+
+    def causal_importance(self, x: Tensor, upper: bool = True) -> dict[str, Tensor]:
+        """CI of every subcomponent on inputs x: {module: [..., C]}."""
+        return causal_importance(self.model, x, upper=upper)
+
+    def cluster(self, params: ClusterParams | None = None, progress: bool = True) -> Clustering:
+        """Group the subcomponents into mechanisms (`spdkit cluster`: co-activations on the
+        run's data, merged by description length); with a run directory, also writes
+        clusters.json and figures/clusters.png there."""
+        fig_dir = self.run_dir / "figures" if self.run_dir is not None else None
+        found = cluster(self, params or ClusterParams(), fig_dir, progress)
+        if self.run_dir is not None:
+            write_clusters(self.run_dir, found)
+        return found
+
+    def clusters(self) -> list[Cluster]:
+        """The mechanisms saved in RUN_DIR/clusters.json (`spdkit cluster` or `cluster()`)."""
+        if self.run_dir is None:
+            raise ValueError("this decomposition has no run directory: call cluster() instead")
+        return read_clusters(self.run_dir).clusters
+
+    def mechanism_masks(
+        self, off: Sequence[int] = (), only: Sequence[int] | None = None
+    ) -> dict[str, Tensor]:
+        """Masks [C] per module switching whole clusters (ids of `clusters()`) off, or only
+        them on: `decomp.model(x, decomp.mechanism_masks(off=[3]))` runs the model without
+        mechanism 3 (its members' rank-one weights removed)."""
+        return mechanism_masks(self, self.clusters(), off, only)
+
+    def subcomponents(self, module: str) -> tuple[Tensor, Tensor]:
+        """(U [d_out, C], V [C, d_in]) of one decomposed module."""
+        if module not in self.model.module_names:
+            raise KeyError(
+                f"{module!r} is not decomposed (decomposed: {', '.join(self.module_names)})"
+            )
+        comps = self.model.components(module)
+        return comps.U.detach(), comps.V.detach()
+
+
+def decompose(
+    model: nn.Module,
+    data: DataSource,
+    config: SPDConfig,
+    run_dir: str | Path | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Decomposition:
+    """Decompose the modules of `model` named by `config.modules` with SPD.
+
+    `data.sample(batch_size, generator)` gives input batches. The model is frozen and its
+    matched modules are wrapped in place. With `run_dir`, config, target weights, metrics,
+    checkpoints, components, summary.json and figures are written there (as `spdkit run`
+    writes them).
+    """
+    trainer = build_trainer(model, data, config, device)
+    path = Path(run_dir) if run_dir is not None else None
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        runs.save_config(path, config)
+        runs.save_tensors(path / "target.safetensors", runs.target_state_dict(trainer.model))
+    train_in_run_dir(trainer, path, progress)
+    decomp = Decomposition(trainer.model, config, path, data=data)
+    if path is not None:
+        decomp.evaluate(progress=progress)
+    return decomp
+
+
+def load(
+    run_dir: str | Path, device: str = "cpu", target: nn.Module | None = None
+) -> Decomposition:
+    """Load a finished run directory (safetensors only; nothing is unpickled).
+
+    Bundled targets are rebuilt from target.json + target.safetensors; for your own model pass
+    a fresh instance as `target` (its weights are replaced by the saved ones).
+    """
+    model, config, _ = restore(Path(run_dir), device, target)
+    return Decomposition(model, config, Path(run_dir), runs.read_summary(Path(run_dir)))

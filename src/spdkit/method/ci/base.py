@@ -1,0 +1,121 @@
+"""The causal-importance function's interface: one object for the whole decomposition.
+
+    Γ : ({a^l}, {h^l}) ↦ {raw^l [..., C_l]}           a^l [..., d_in] the module inputs of the
+    g^l = σ_H,lower(raw^l),  g⁺^l = σ_H,upper(raw^l)    step record, h^l = a^l Vˡᵀ [..., C_l]
+
+Each kind (`spdkit.method.ci.<kind>`) implements `raw`; the leaky hard sigmoids are applied here, the
+same for every kind (the `mlp` kind fuses them into its CPU kernel). `tensors()` names the
+function's tensors as the run directory stores them in components.safetensors:
+`<module>.ci.<param>` for kinds with one function per module, `ci.<param>` for global kinds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from spdkit.config.ci import InputNorm
+from spdkit.method.ci.sigmoids import LOWER_SIGMOIDS, upper_leaky_hard_sigmoid
+
+
+@dataclass(frozen=True)
+class ModuleSlot:
+    """What a CI function needs to know of one decomposed module. `reads_inner`: its input
+    is token ids (an embedding), so functions that read module inputs read its h instead."""
+
+    name: str
+    C: int
+    d_in: int
+    reads_inner: bool = False
+
+    @property
+    def width(self) -> int:
+        """Width of the feature a reading function sees: d_in, or C for an embedding."""
+        return self.C if self.reads_inner else self.d_in
+
+
+def key(name: str) -> str:
+    """ModuleDict keys cannot contain '.'."""
+    return name.replace(".", "__")
+
+
+class CIFunction(nn.Module):
+    """Base of every kind: `raw` per kind, the sigmoids and the serialised names here."""
+
+    per_module = False  # one function per module (tensors named `<module>.ci.*`)
+
+    def __init__(self, slots: list[ModuleSlot], input_norm: InputNorm = "rms") -> None:
+        super().__init__()
+        self.slots = list(slots)
+        self.input_norm = input_norm
+        self.lower_sigmoid = "leaky"  # the masks' sigmoid (`LOWER_SIGMOIDS`), set once built
+
+    def raw(self, inputs: Mapping[str, Tensor], inner: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def forward(
+        self, inputs: Mapping[str, Tensor], inner: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(g, g⁺) per module, each [..., C]: σ_H,lower (the masks'; the paper's leaky one or
+        VPD's straight-through clamp) and σ_H,upper (penalised)."""
+        raw = self.raw(inputs, inner)
+        lower = LOWER_SIGMOIDS[self.lower_sigmoid]
+        return (
+            {n: lower(r) for n, r in raw.items()},
+            {n: upper_leaky_hard_sigmoid(r) for n, r in raw.items()},
+        )
+
+    def set_backend(self, backend: str, device: torch.device | str) -> str:
+        """How the function runs; only the `mlp` kind has a fused kernel."""
+        return "eager"
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every tensor under its run-directory name (the live parameters, for loading)."""
+        if self.per_module:
+            return {
+                f"{slot.name}.ci.{k}": v
+                for slot in self.slots
+                for k, v in self.functions[key(slot.name)].state_dict(keep_vars=True).items()  # type: ignore[index]
+            }
+        return {f"ci.{k}": v for k, v in self.state_dict(keep_vars=True).items()}
+
+    # --- shared by the kinds that read module inputs -----------------------------------------
+    def feature(
+        self, slot: ModuleSlot, inputs: Mapping[str, Tensor], inner: Mapping[str, Tensor]
+    ) -> Tensor:
+        """The module's input, RMS-normalised over its last dimension (no gain) with
+        `input_norm: rms`: every module then enters at the same scale (VPD notes §4), but the
+        input's magnitude is lost (a one-hot input of any size maps to the same point).
+        `input_norm: none` passes it as it is. An embedding's h instead of its ids."""
+        x = (inner[slot.name] if slot.reads_inner else inputs[slot.name]).float()
+        return F.rms_norm(x, (x.shape[-1],)) if self.input_norm == "rms" else x
+
+    def concatenated(self, inputs: Mapping[str, Tensor], inner: Mapping[str, Tensor]) -> Tensor:
+        """[..., Σ widths]: every module's feature, in the slots' (sorted-name) order."""
+        feats = [self.feature(s, inputs, inner) for s in self.slots]
+        shapes = {tuple(f.shape[:-1]) for f in feats}
+        if len(shapes) > 1:
+            raise ValueError(
+                "a global CI function needs every decomposed module to see the same positions; "
+                f"got leading shapes {sorted(shapes)} (use ci_fn kind mlp or vector_mlp)"
+            )
+        return torch.cat(feats, dim=-1)
+
+    def split(self, out: Tensor) -> dict[str, Tensor]:
+        """[..., Σ C] → {module: [..., C]} in the slots' order."""
+        parts = out.split([s.C for s in self.slots], dim=-1)
+        return {s.name: p for s, p in zip(self.slots, parts, strict=True)}
+
+
+def mlp(d_in: int, hidden: list[int], d_out: int) -> nn.Sequential:
+    """Linear → GELU → … → Linear."""
+    layers: list[nn.Module] = []
+    widths = [d_in, *hidden]
+    for a, b in zip(widths[:-1], widths[1:], strict=True):
+        layers += [nn.Linear(a, b), nn.GELU()]
+    layers.append(nn.Linear(widths[-1], d_out))
+    return nn.Sequential(*layers)

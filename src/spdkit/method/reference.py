@@ -1,0 +1,251 @@
+"""The SPD training loss written plainly, as the paper's pseudocode reads: the yardstick.
+
+`spd_losses` (step.py) computes the same loss with every shortcut spdkit has: fused C++
+kernels for the CI MLPs and the masks, the first masked module's inner activations reused,
+prefix replay of recorded outputs (the residual MLPs' embedding included), per-pass backward.
+This module has none of them: every masked pass runs the whole target from its input through
+`ComponentModel.masked_forward` with `NO_SHORTCUTS`, the CI MLPs materialise their
+[..., C, d_gate] hidden layer, subset routes are drawn plainly, and every loss is its formula
+in one autograd graph. Each forward gets its own copy of the batch, so a target that memoises
+work on its input would recompute it.
+
+It exists for two jobs: tests/test_reference.py checks that `spd_losses` gives the same loss
+terms and gradients (same batch, same random numbers), and `benchmarks/bench_step.py
+--reference` times it as the plain eager step the fast one is measured against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from spdkit.config import SPDConfig
+from spdkit.engine.random_stream import MaskStream, uniform
+from spdkit.method.model import NO_SHORTCUTS, ComponentModel
+
+
+def _draw(stream: MaskStream, n: int, device: torch.device) -> Tensor:
+    r = uniform(n, stream.key, stream.offset, device)
+    stream.offset += n
+    return r
+
+
+def _divergence(kind: str, y_masked: Tensor, y_target: Tensor) -> Tensor:
+    if kind == "mse":
+        return ((y_masked - y_target) ** 2).mean()
+    p_target = F.softmax(y_target, dim=-1)
+    kl = p_target * (F.log_softmax(y_target, dim=-1) - F.log_softmax(y_masked, dim=-1))
+    return kl.sum(-1).mean()
+
+
+def reference_spd_losses(
+    model: ComponentModel, x: Tensor, config: SPDConfig, mask_stream: MaskStream, step: int = 0
+) -> dict[str, Tensor]:
+    """Every SPD loss term and "total" for batch x at training step `step`, drawing r from
+    `mask_stream` in the order `spd_losses` does (per mask sample, one draw per module in
+    `model.module_names` order)."""
+    names = model.module_names
+    record = model.record(x.clone())
+    y_target, inputs = record.output, record.inputs
+    terms: dict[str, Tensor] = {}
+
+    def masked(masks: dict[str, Tensor], routes: dict[str, Tensor] | None = None) -> Tensor:
+        return model.masked_forward(x.clone(), masks, routes=routes, shortcuts=NO_SHORTCUTS)
+
+    # 1. faithfulness: (1/N) Σ_l ‖W^l − U^l V^l‖²
+    sq = sum(((model.target_weight(n) - model.components(n).weight()) ** 2).sum() for n in names)
+    terms["faithfulness"] = sq / sum(model.target_weight(n).numel() for n in names)
+
+    # 2. causal importances, raw → σ_H,lower (masks) and σ_H,upper (penalty). The paper's
+    #    kind: γ_c(h_c) = w_out_c · GELU(w_in_c h_c + b_in_c) + b_out_c; the other kinds
+    #    are plain PyTorch already (no kernels, no shortcuts): their own `raw`.
+    h = {n: model.components(n).inner(inputs[n]) for n in names}  # [..., C]
+    if config.ci_fn.kind == "mlp":
+        raw = {}
+        for n in names:
+            ci = model.ci.of(n)  # type: ignore[attr-defined]
+            hidden = F.gelu(h[n].unsqueeze(-1) * ci.w_in + ci.b_in)  # [..., C, d_gate]
+            raw[n] = (hidden * ci.w_out).sum(-1) + ci.b_out
+    else:
+        raw = model.ci.raw(inputs, h)
+    g_lower, g_upper = {}, {}
+    for n in names:
+        if config.lower_sigmoid == "leaky":
+            g_lower[n] = torch.where(raw[n] <= 0, 0.01 * raw[n], torch.clamp(raw[n], max=1.0))
+        else:  # VPD: clamp forward; below 0 only negative gradients pass, times 0.01
+            g_lower[n] = _ClampLeakNegativeGrads.apply(raw[n])
+        g_upper[n] = torch.where(raw[n] >= 1, 1 + 0.01 * (raw[n] - 1), torch.clamp(raw[n], min=0.0))
+
+    # 3. importance minimality: Σ_l Σ_c φ(g⁺), averaged over the batch; φ = (g⁺)^p with p
+    #    linear from pnorm to p_end between two fractions of training, or 1 − exp(−g⁺/σ)
+    p = config.pnorm
+    if config.pnorm_anneal is not None:
+        a = config.pnorm_anneal
+        t = (step / config.steps - a.start_frac) / (a.end_frac - a.start_frac)
+        p = config.pnorm + (a.p_end - config.pnorm) * min(max(t, 0.0), 1.0)
+    if config.importance_penalty == "lp":
+        phi = {n: (g + 1e-12) ** p for n, g in g_upper.items()}
+    else:
+        phi = {n: 1 - torch.exp(-g / config.smooth_l0_scale) for n, g in g_upper.items()}
+    terms["importance_minimality"] = sum(v.sum(-1).mean() for v in phi.values())
+    # frequency minimality: Σ_l Σ_c s_c log2(1 + s_c) / (number of positions), s_c = Σ φ
+    if config.frequency_minimality_coeff > 0:
+        freq = 0.0
+        for v in phi.values():
+            s_c = v.reshape(-1, v.shape[-1]).sum(0)
+            freq = freq + (s_c * torch.log2(1 + s_c)).sum() / (v.numel() / v.shape[-1])
+        terms["frequency_minimality"] = freq
+
+    # 4. S stochastic masks m = g + (1 − g) r: all modules masked, each one alone, a subset
+    full, layerwise, subset = [], [], []
+    for _ in range(config.n_mask_samples):
+        masks = {}
+        for n in names:
+            g = g_lower[n]
+            if config.delta_component:  # one more slot, CI ≡ 0: its mask is r alone
+                g = torch.cat([g, torch.zeros_like(g[..., :1])], dim=-1)
+            masks[n] = g + (1 - g) * _draw(mask_stream, g.numel(), g.device).view(g.shape)
+        if config.stochastic_recon_coeff > 0:
+            full.append(masked(masks))
+        if config.stochastic_recon_layerwise_coeff > 0:
+            layerwise += [masked({n: masks[n]}) for n in names]
+        if config.stochastic_recon_subset_coeff > 0:
+            subset.append(_subset_pass(masks, config, mask_stream, masked, y_target))
+
+    # 5. adversarial: sources s ascend D by n projected sign / Adam steps with g fixed, then
+    #    D at m = g + (1 − g) s with s fixed (fresh sources each step)
+    div = config.output_loss
+    if config.adversarial_recon_coeff > 0:
+        g_full = {}
+        for n in names:
+            g = g_lower[n]
+            if config.delta_component:
+                g = torch.cat([g, torch.zeros_like(g[..., :1])], dim=-1)
+            g_full[n] = g
+        terms["adversarial_recon"] = _adversarial(g_full, config, mask_stream, masked, y_target)
+
+    if full:
+        terms["stochastic_recon"] = sum(_divergence(div, y, y_target) for y in full) / len(full)
+    if layerwise:
+        terms["stochastic_recon_layerwise"] = sum(
+            _divergence(div, y, y_target) for y in layerwise
+        ) / len(layerwise)
+    if subset:
+        terms["stochastic_recon_subset"] = sum(_divergence(div, y, y_target) for y in subset) / len(
+            subset
+        )
+    coeffs = {
+        "faithfulness": config.faithfulness_coeff,
+        "stochastic_recon": config.stochastic_recon_coeff,
+        "stochastic_recon_layerwise": config.stochastic_recon_layerwise_coeff,
+        "stochastic_recon_subset": config.stochastic_recon_subset_coeff,
+        "adversarial_recon": config.adversarial_recon_coeff,
+        "importance_minimality": config.importance_minimality_coeff,
+        "frequency_minimality": config.frequency_minimality_coeff,
+    }
+    terms["total"] = sum(coeffs[k] * v for k, v in terms.items())  # type: ignore[assignment]
+    return terms
+
+
+def _adversarial(g_full, config: SPDConfig, stream: MaskStream, masked, y_target: Tensor):
+    pgd, names = config.pgd, list(g_full)
+    if pgd.routing == "all":
+        problems = [(names, None, 1.0)]
+    elif pgd.routing == "layerwise":
+        problems = [([n], None, 1.0 / len(names)) for n in names]
+    else:
+        routes = _routes(g_full, config, stream)
+        if routes is None:
+            return y_target.new_zeros(())
+        if isinstance(routes, list):  # scope batch: the routed modules, all positions
+            problems = [(routes, None, 1.0)]
+        else:  # per position: the modules routed somewhere
+            somewhere = {n: r for n, r in routes.items() if r.any()}
+            problems = [(list(somewhere), somewhere, 1.0)]
+    total = 0.0
+    for group, routes, weight in problems:
+        sources = {}
+        for n in group:
+            shape = g_full[n].shape if pgd.scope == "position" else g_full[n].shape[-1:]
+            if pgd.init == "random":
+                sources[n] = _draw(stream, math.prod(shape), g_full[n].device).view(shape)
+            else:
+                sources[n] = torch.full(shape, 1.0 if pgd.init == "ones" else 0.0)
+        m1 = {n: torch.zeros_like(s) for n, s in sources.items()}
+        m2 = {n: torch.zeros_like(s) for n, s in sources.items()}
+        for t in range(1, pgd.n_steps + 1):
+            live = {n: s.clone().requires_grad_(True) for n, s in sources.items()}
+            masks = {n: g_full[n].detach() + (1 - g_full[n].detach()) * live[n] for n in group}
+            d = _divergence(config.output_loss, masked(masks, routes), y_target)
+            grads = torch.autograd.grad(d, [live[n] for n in group])
+            for n, grad in zip(group, grads, strict=True):
+                if pgd.optimizer == "sign":
+                    step = torch.sign(grad)
+                else:
+                    b1, b2 = pgd.adam_betas
+                    m1[n] = b1 * m1[n] + (1 - b1) * grad
+                    m2[n] = b2 * m2[n] + (1 - b2) * grad**2
+                    step = (m1[n] / (1 - b1**t)) / (torch.sqrt(m2[n] / (1 - b2**t)) + 1e-8)
+                sources[n] = torch.clamp(sources[n] + pgd.step_size * step, 0, 1)
+        masks = {n: g_full[n] + (1 - g_full[n]) * sources[n] for n in group}
+        total = total + weight * _divergence(config.output_loss, masked(masks, routes), y_target)
+    return total
+
+
+def _routes(g_full, config: SPDConfig, stream: MaskStream):
+    """Subset routes drawn plainly: per position {name: bool [...]}, per batch the routed
+    names (None if no module is routed anywhere)."""
+    names, routing = list(g_full), config.subset_routing
+    positions = tuple(g_full[names[0]].shape[:-1]) if routing.scope == "position" else ()
+    routed = _route_draws(routing, positions, len(names), stream, g_full[names[0]].device)
+    if routing.scope == "batch":
+        chosen = [n for i, n in enumerate(names) if routed[i]]
+        return chosen or None
+    return {n: routed[..., i] for i, n in enumerate(names)} if routed.any() else None
+
+
+def _route_draws(routing, positions: tuple[int, ...], L: int, stream: MaskStream, device):
+    """bool [*positions, L]: which modules each position routes."""
+    P = math.prod(positions)
+    if routing.kind == "uniform_k":
+        k = torch.clamp(torch.floor(_draw(stream, P, device) * L).long(), max=L - 1) + 1  # [P]
+        u = _draw(stream, P * L, device).view(P, L)
+        ranks = torch.empty(P, L, dtype=torch.long, device=device)
+        for i in range(P):  # rank of each module in a random permutation
+            ranks[i, torch.argsort(u[i])] = torch.arange(L, device=device)
+        routed = ranks < k[:, None]
+    else:
+        routed = _draw(stream, P * L, device).view(P, L) < routing.p
+    return routed.view(*positions, L)
+
+
+class _ClampLeakNegativeGrads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, raw: Tensor) -> Tensor:
+        ctx.save_for_backward(raw)
+        return torch.clamp(raw, 0.0, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (raw,) = ctx.saved_tensors
+        out = grad.clone()
+        out[raw > 1] = 0.0
+        below = raw <= 0
+        out[below] = torch.where(grad[below] < 0, 0.01 * grad[below], 0.0)
+        return out
+
+
+def _subset_pass(masks, config: SPDConfig, stream: MaskStream, masked, y_target: Tensor) -> Tensor:
+    """One subset-routed output: routes drawn plainly (per position or per batch), modules
+    routed nowhere run their original weights like every unrouted position."""
+    names, routing = list(masks), config.subset_routing
+    positions = tuple(masks[names[0]].shape[:-1]) if routing.scope == "position" else ()
+    routed = _route_draws(routing, positions, len(names), stream, masks[names[0]].device)
+    if routing.scope == "batch":
+        chosen = {n: masks[n] for i, n in enumerate(names) if routed[i]}
+        return masked(chosen) if chosen else y_target
+    routes = {n: routed[..., i] for i, n in enumerate(names)}
+    return masked(masks, routes)

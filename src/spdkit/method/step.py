@@ -1,0 +1,352 @@
+"""One SPD training step: the paper's pseudocode (appendix), plus VPD's subset term.
+
+    record   = model.record(x)                       no grad: f(x|W), each module's input a^l
+    h^l      = a^l Vˡᵀ                                inner activations
+    g, g⁺    = σ_H,lower/upper(Γ(h))                 causal importances
+    for s in 1..S:
+        m^l  = g^l + (1 − g^l) ⊙ r,  r ~ U(0, 1)        (+ m_Δ = r for the Δ-component)
+        L_stochastic-recon           += D(f(x | all modules masked), f(x|W)) / S
+        L_stochastic-recon-layerwise += Σ_l D(f(x | module l masked), f(x|W)) / (S L)
+        L_stochastic-recon-subset    += D(f(x | a routed subset masked), f(x|W)) / S
+    L_adversarial = D(f(x | m = g + (1 − g) ⊙ s*), f(x|W)),  s* = PGD ascent on D    (VPD)
+    L_importance-minimality = Σ_l mean_b Σ_c φ(g⁺),  φ = (g⁺)^p  (p annealed with the step)
+    L_frequency-minimality  = Σ_l Σ_c s_c log2(1 + s_c) / BT,  s_c = Σ_bt φ(g⁺)    (VPD)
+    L_faithfulness = Σ_l ‖W − UV‖² / N
+    total = Σ coefficient × term
+
+`StepLoss` holds the weighted terms and runs their backward: per pass by default, so a step's
+memory is one masked pass plus the CI graph, whatever the number of passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from spdkit.config import SPDConfig
+from spdkit.engine.distributed import SINGLE, Parallel
+from spdkit.engine.random_stream import MaskStream
+from spdkit.method.adversary import (
+    Ascent,
+    PersistentSources,
+    adversarial_masks,
+    ascend,
+    initial_sources,
+    source_shape,
+)
+from spdkit.method.losses import (
+    DIVERGENCES,
+    faithfulness_loss,
+    frequency_minimality_loss,
+    lp_penalty,
+    minimality_loss,
+    pnorm_at,
+    smooth_l0_penalty,
+)
+from spdkit.method.model import ComponentModel
+from spdkit.method.routing import draw_routes, routes_by_module
+
+LOSS_TERMS = (
+    "faithfulness",
+    "stochastic_recon",
+    "stochastic_recon_layerwise",
+    "stochastic_recon_subset",
+    "adversarial_recon",
+    "importance_minimality",
+    "frequency_minimality",
+)
+
+
+def loss_coefficients(config: SPDConfig) -> dict[str, float]:
+    return {
+        "faithfulness": config.faithfulness_coeff,
+        "stochastic_recon": config.stochastic_recon_coeff,
+        "stochastic_recon_layerwise": config.stochastic_recon_layerwise_coeff,
+        "stochastic_recon_subset": config.stochastic_recon_subset_coeff,
+        "adversarial_recon": config.adversarial_recon_coeff,
+        "importance_minimality": config.importance_minimality_coeff,
+        "frequency_minimality": config.frequency_minimality_coeff,
+    }
+
+
+def current_pnorm(config: SPDConfig, step: int) -> float:
+    """p of the importance penalty at `step`: `pnorm`, or its anneal (`pnorm_anneal`)."""
+    a = config.pnorm_anneal
+    if a is None:
+        return config.pnorm
+    return pnorm_at(step, config.steps, config.pnorm, a.p_end, a.start_frac, a.end_frac)
+
+
+def importance_penalties(
+    ci_upper: Mapping[str, Tensor], config: SPDConfig, step: int
+) -> dict[str, Tensor]:
+    """φ(g⁺) per module [..., C]: (g⁺)^p (the paper's) or the smooth-L0 penalty."""
+    if config.importance_penalty == "smooth_l0":
+        return {n: smooth_l0_penalty(g, config.smooth_l0_scale) for n, g in ci_upper.items()}
+    p = current_pnorm(config, step)
+    return {n: lp_penalty(g, p) for n, g in ci_upper.items()}
+
+
+def spd_losses(
+    model: ComponentModel,
+    x: Tensor,
+    config: SPDConfig,
+    stream: MaskStream,
+    step: int = 0,
+    persistent: PersistentSources | None = None,
+    parallel: Parallel = SINGLE,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Every loss term of one step on batch x, detached ("total" included), and g per module.
+    `step` (0-based) sets the annealed p; `persistent` holds persistent PGD's sources (the
+    trainer's; updated here), else the adversary starts afresh.
+
+    Data-parallel (`parallel.active`): x is this rank's shard and every term is its share of
+    the global term (`spdkit.engine.distributed`): the shares and their gradients sum over ranks to
+    the global ones.
+
+    With gradients enabled (training), ∂total/∂θ is accumulated into each trainable
+    parameter's `.grad` on the way (zero them first). `stream` gives the masks' r and the
+    routing draws: per mask sample, one draw per module in `model.module_names` order, then
+    the subset term's routes.
+    """
+    divergence = DIVERGENCES[config.output_loss]
+    coeffs = loss_coefficients(config)
+    names = model.module_names
+    loss = StepLoss(coeffs, per_pass=config.per_pass_backward)
+
+    share = share_of_global(parallel)
+
+    record = model.record(x)
+    y_target = divergence.prepare(record.output)
+    faithfulness = faithfulness_loss(
+        [model.target_weight(n) for n in names], [model.components(n).weight() for n in names]
+    )
+    inner = model.inner_acts(record.inputs)
+    ci_lower, ci_upper = model.causal_importances(record.inputs, inner)
+    penalties = importance_penalties(ci_upper, config, step)
+    per_step = {
+        "faithfulness": share(faithfulness),
+        "importance_minimality": share(minimality_loss(list(penalties.values()))),
+    }
+    if coeffs["frequency_minimality"] > 0:
+        frequency = frequency_minimality_loss(
+            list(penalties.values()),
+            parallel.sum_ if parallel.active else None,
+            parallel.world,
+        )  # the global value on every rank, with this rank's gradient
+        per_step["frequency_minimality"] = _value_share(frequency, parallel.world)
+    g, h = loss.cut(ci_lower), loss.cut(inner)  # what the masked passes differentiate
+
+    def D(masks: Mapping[str, Tensor], routes: Mapping[str, Tensor] | None = None) -> Tensor:
+        """D(f(x | W' on the modules in `masks`), f(x | W)): one masked pass."""
+        with masked_pass_precision(config, x.device):
+            y = model.masked_forward(x, masks, record, inner=h, routes=routes)
+        return share(divergence.compare(y.float(), y_target))
+
+    S, L = config.n_mask_samples, len(names)
+    for _ in range(S):
+        # m = g + (1 − g) ⊙ r; with the Δ-component, g_Δ ≡ 0: m_Δ = r
+        masks = {n: stream.masks(with_delta_slot(g[n], config)) for n in names}
+        if coeffs["stochastic_recon"] > 0:
+            loss.add("stochastic_recon", D(masks) / S)
+        if coeffs["stochastic_recon_layerwise"] > 0:
+            for n in names:
+                loss.add("stochastic_recon_layerwise", D({n: masks[n]}) / (S * L))
+        if coeffs["stochastic_recon_subset"] > 0:
+            routed, routes = subset_masks(masks, config, stream)
+            # nothing routed anywhere: the pass is the target itself, D = 0
+            d = D(routed, routes) if routed else record.output.new_zeros(())
+            loss.add("stochastic_recon_subset", d / S)
+
+    if coeffs["adversarial_recon"] > 0:
+        gx = {n: with_delta_slot(g[n], config) for n in names}
+        for group, routes, weight in adversarial_problems(gx, config, stream):
+            d = adversarial_divergence(D, group, routes, config, stream, step, persistent, parallel)
+            loss.add("adversarial_recon", d * weight)
+
+    terms = loss.finish(**per_step)
+    return terms, {n: t.detach() for n, t in ci_lower.items()}
+
+
+def share_of_global(parallel: Parallel) -> Callable[[Tensor], Tensor]:
+    """A rank's share of a term that is a mean over its shard (or the same on every rank):
+    term / W, so that the shares of W equal shards sum to the global mean. Identity alone."""
+    if not parallel.active:
+        return lambda t: t
+    return lambda t: t / parallel.world
+
+
+def _value_share(term: Tensor, world: int) -> Tensor:
+    """A term every rank computes in full (the global value, each with its own φ's gradient):
+    value term / W, gradient unchanged, so values sum to the term and gradients to its own."""
+    if world == 1:
+        return term
+    return term + (term / world - term).detach()
+
+
+def adversarial_problems(
+    g: Mapping[str, Tensor], config: SPDConfig, stream: MaskStream
+) -> list[tuple[dict[str, Tensor], dict[str, Tensor] | None, float]]:
+    """The adversary's passes by `pgd.routing`, each (g of its masked modules, routes, weight):
+    all modules at once; a routed subset (routes drawn like the subset term's); or each
+    module alone with weight 1/L, like the layerwise term."""
+    routing = config.pgd.routing
+    if routing == "all":
+        return [(dict(g), None, 1.0)]
+    if routing == "layerwise":
+        return [({n: v}, None, 1.0 / len(g)) for n, v in g.items()]
+    routed, routes = subset_masks(g, config, stream)
+    return [(routed, routes, 1.0)] if routed else []
+
+
+def adversarial_divergence(
+    D: Callable[[Mapping[str, Tensor], Mapping[str, Tensor] | None], Tensor],
+    g: Mapping[str, Tensor],
+    routes: Mapping[str, Tensor] | None,
+    config: SPDConfig,
+    stream: MaskStream,
+    step: int,
+    persistent: PersistentSources | None,
+    parallel: Parallel = SINGLE,
+) -> Tensor:
+    """D at adversarial masks m = g + (1 − g) ⊙ s*: s* after `pgd.n_steps` ascent steps on
+    D with g held fixed (from fresh sources, or the persistent ones, which are then kept);
+    gradients of the returned D reach U, V and the CI function, not s*. Sources shared by
+    the batch (scope batch) ascend the global D: their gradients are summed over ranks."""
+    pgd, device = config.pgd, next(iter(g.values())).device
+    shapes = {n: source_shape(v, pgd.scope) for n, v in g.items()}
+    per_sample = pgd.scope == "position"
+    if persistent is not None:
+        start, ascent = persistent.get(shapes, stream, device), persistent.ascent
+        lr = persistent.lr(step, config.steps)
+    else:
+        start = initial_sources(shapes, pgd.init, stream, device, per_sample)
+        ascent, lr = Ascent(pgd.optimizer, pgd.adam_betas), pgd.step_size
+    fixed = {n: v.detach() for n, v in g.items()}
+    reduce = parallel.sum_dict if parallel.active and not per_sample else None
+    sources = ascend(
+        lambda s: D(adversarial_masks(fixed, s), routes),
+        start,
+        pgd.n_steps,
+        ascent,
+        lr,
+        reduce,
+    )
+    if persistent is not None:
+        persistent.set(sources)
+    return D(adversarial_masks(g, sources), routes)
+
+
+def with_delta_slot(g: Tensor, config: SPDConfig) -> Tensor:
+    """g [..., C] → [..., C + 1] with the Δ-component's CI (≡ 0) last, when it is on."""
+    if not config.delta_component:
+        return g
+    return torch.cat([g, g.new_zeros(*g.shape[:-1], 1)], dim=-1)
+
+
+def masked_pass_precision(
+    config: SPDConfig, device: torch.device
+) -> contextlib.AbstractContextManager:
+    """torch.autocast to bfloat16 for the masked passes when the config asks for it. The
+    divergence is computed in float32 from the (autocast) output."""
+    if config.masked_pass_dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def subset_masks(
+    masks: Mapping[str, Tensor], config: SPDConfig, stream: MaskStream
+) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+    """The masks of the routed modules and, for per-position routing, each one's route
+    (bool [...]); `spdkit.method.routing` has the formula. Modules routed nowhere are left out."""
+    routing, names = config.subset_routing, list(masks)
+    first = masks[names[0]]
+    positions = tuple(first.shape[:-1]) if routing.scope == "position" else ()
+    mismatched = [
+        n for n in names if routing.scope == "position" and masks[n].shape[:-1] != positions
+    ]
+    if mismatched:
+        raise ValueError(
+            f"subset_routing.scope=position needs every decomposed module to see the same "
+            f"positions; {mismatched[0]} has {list(masks[mismatched[0]].shape[:-1])}, "
+            f"{names[0]} {list(positions)} (use subset_routing.scope=batch)"
+        )
+    routes = draw_routes(
+        routing.kind,
+        routing.p,
+        positions,
+        len(names),
+        lambda n: stream.uniforms(n, first.device, per_sample=bool(positions)),
+    )
+    if routing.scope == "batch":
+        routed = [n for i, n in enumerate(names) if bool(routes[i])]
+        return {n: masks[n] for n in routed}, None
+    by_module = routes_by_module(routes, names)
+    return {n: masks[n] for n in by_module}, by_module
+
+
+class StepLoss:
+    """The weighted terms of one step and their backward.
+
+    Per-pass backward (`per_pass_backward`, on by default) is a memory shortcut, exact up to
+    float summation order: the masked passes read the CI outputs g and the inner activations h
+    through detached copies (`cut`); each pass's term is differentiated as soon as it is
+    known, which frees that pass's graph and adds ∂L_pass/∂g to the copy's .grad; `finish`
+    then runs one backward through the CI graph with those gradients (the chain rule):
+
+        ∂total/∂θ = ∂(rest)/∂θ + Σ_pass [∂L_pass/∂θ]_direct + Σ_pass ⟨∂L_pass/∂g, ∂g/∂θ⟩
+
+    so peak memory is one masked pass plus the CI graph, not 1 + L (+ 1) passes at once.
+    With it off, every term stays in one graph and one backward runs at the end.
+    """
+
+    def __init__(self, coeffs: Mapping[str, float], per_pass: bool) -> None:
+        self.coeffs = coeffs
+        self.grad = torch.is_grad_enabled()
+        self.per_pass = per_pass and self.grad
+        self.values: dict[str, Tensor] = {}  # detached
+        self.graph: list[Tensor] = []  # weighted terms still holding their graph
+        self.cuts: list[tuple[Tensor, Tensor]] = []  # (source in the CI graph, its copy)
+
+    def cut(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        if not self.per_pass:
+            return dict(tensors)
+        copies = {}
+        for name, t in tensors.items():
+            copies[name] = t.detach().requires_grad_(t.requires_grad)
+            self.cuts.append((t, copies[name]))
+        return copies
+
+    def add(self, name: str, value: Tensor) -> None:
+        """One pass's share of term `name` (its value, with graph)."""
+        previous = self.values.get(name)
+        self.values[name] = value.detach() if previous is None else previous + value.detach()
+        weighted = self.coeffs[name] * value
+        if not weighted.requires_grad:
+            return
+        if self.per_pass:
+            weighted.backward()
+        else:
+            self.graph.append(weighted)
+
+    def finish(self, **rest: Tensor) -> dict[str, Tensor]:
+        """Add the terms computed once per step (with graph), run the remaining backward and
+        return every term's value and "total"."""
+        for name, value in rest.items():
+            self.values[name] = value.detach()
+            self.graph.append(self.coeffs[name] * value)
+        if self.grad:
+            outputs = [t for t in self.graph if t.requires_grad]
+            grads: list[Tensor | None] = [None] * len(outputs)
+            for source, copy in self.cuts:
+                if copy.grad is not None and source.requires_grad:
+                    outputs.append(source)
+                    grads.append(copy.grad)
+            if outputs:
+                torch.autograd.backward(outputs, grads)
+        terms = {k: self.values[k] for k in self.coeffs if k in self.values}  # canonical order
+        terms["total"] = sum(self.coeffs[k] * v for k, v in terms.items())  # type: ignore[assignment]
+        return terms

@@ -1,0 +1,263 @@
+"""A memory and compute plan before a run (`spdkit plan`, and the check in `spdkit run`).
+
+A step's memory is hard to derive from shapes alone for an arbitrary model (which tensors its
+forward saves for the backward, what the allocator keeps), and easy to measure. So the plan
+measures it: one probe step (the real loss and backward, no optimiser update, its own random
+numbers, so the run is unchanged) at batch 1 and at a small batch b, each from the live memory
+(glibc malloc_trim) with the process's peak RSS reset before it (Linux
+`/proc/self/clear_refs`). Memory is affine in the batch:
+
+    peak(B) ≈ peak(1) + (B − 1) · (peak(b) − peak(1)) / (b − 1)
+              + Adam's two moments of U, V and the CI function (allocated at the first update)
+              + persistent PGD's sources and moments (3 tensors [B, T, C(+1)] per module)
+
+FLOPs per step are counted on the batch-1 probe (matmuls, torch's FlopCounterMode) × B; the
+evaluation's from a batch-1 probe of the same loss in evaluation form. Where the peak cannot
+be reset (not Linux), the plan says so and gives FLOPs only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from spdkit.engine.malloc import release_free_memory
+from spdkit.engine.random_stream import MaskStream
+from spdkit.method.step import spd_losses
+from spdkit.targets import reports_lm
+from spdkit.training.trainer import Trainer
+
+PROBE_BATCH = 8  # the second training probe's batch (the first is 1)
+PROBE_EVAL = 64  # the second evaluation probe's samples
+MEASURABLE = 16 * 2**20  # bytes two probes must differ by for a per-sample slope
+PROBE_SEED = 1_000_003  # the probes' own data and mask numbers
+GIB = 2**30
+
+
+def _status_kib(field: str) -> int | None:
+    """A field of /proc/self/status (VmRSS, VmHWM) in KiB; None where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Set the peak RSS (VmHWM) to the current RSS; False where the OS cannot (not Linux)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _status_kib("VmHWM") is not None
+
+
+def available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (what a new allocation can get without swapping)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+@dataclass(frozen=True)
+class Plan:
+    batch_size: int
+    tokens_per_sample: int  # seq_len for language models, else 1
+    base_bytes: int | None  # RSS before the probes: weights, components, CI function, data
+    peak_bytes: int | None  # the training step's peak RSS at batch_size
+    per_sample_bytes: int | None
+    optimizer_bytes: int
+    persistent_bytes: int
+    eval_peak_bytes: int | None
+    train_flops: float  # per step
+    eval_flops: float  # per evaluation
+    available: int | None  # MemAvailable now
+
+    @property
+    def fits(self) -> bool | None:
+        if self.peak_bytes is None or self.available is None or self.base_bytes is None:
+            return None
+        need = max(self.peak_bytes, self.eval_peak_bytes or 0) - self.base_bytes
+        return need <= self.available
+
+
+def _trainable_bytes(trainer: Trainer) -> int:
+    return sum(p.numel() * p.element_size() for p in trainer.model.trainable_parameters())
+
+
+def _total_C(trainer: Trainer) -> int:
+    return sum(trainer.model.components(n).C for n in trainer.model.module_names)
+
+
+def _persistent_pgd_bytes(trainer: Trainer, batch: int, tokens: int) -> int:
+    """Persistent PGD keeps source, m, v per module: [B, T, C(+1)] each (scope position)."""
+    cfg = trainer.config
+    if cfg.adversarial_recon_coeff == 0 or not cfg.pgd.persistent:
+        return 0
+    extra = 1 if cfg.delta_component else 0
+    per = sum(trainer.model.components(n).C + extra for n in trainer.model.module_names)
+    rows = batch * tokens if cfg.pgd.scope == "position" else 1
+    n_tensors = 3 if cfg.pgd.optimizer == "adam" else 1
+    return 4 * n_tensors * rows * per
+
+
+def probe(trainer: Trainer, batch: int, evaluation: bool = False) -> tuple[int | None, float]:
+    """(peak RSS in bytes, FLOPs) of one training step's losses and backward at `batch`, or
+    with `evaluation` of the end-of-run evaluation's work on `batch` samples (the losses
+    without gradients, CI, output losses and, for token inputs, the LM report with a
+    one-step attack), leaving the trainer as it was."""
+    model, cfg = trainer.model, trainer.config
+    gen = torch.Generator(device=trainer.device).manual_seed(PROBE_SEED)
+    x = trainer.data.sample(batch, gen)
+    release_free_memory()  # RSS = live memory, not what earlier probes left to reuse
+    measured = reset_peak_rss()
+    with FlopCounterMode(display=False) as counter:
+        if evaluation:
+            _evaluation_work(trainer, x, gen)
+        else:
+            spd_losses(model, x, cfg, MaskStream(PROBE_SEED), trainer.step, None)
+    for p in model.trainable_parameters():
+        p.grad = None
+    peak = _status_kib("VmHWM") if measured else None
+    return (peak * 1024 if peak is not None else None), float(counter.get_total_flops())
+
+
+def _evaluation_work(trainer: Trainer, x: torch.Tensor, gen: torch.Generator) -> None:
+    from spdkit.analysis.metrics import causal_importance, lm_mask_evaluation, output_losses
+    from spdkit.method.losses import DIVERGENCES
+
+    model, cfg = trainer.model, trainer.config
+    with torch.no_grad():
+        spd_losses(model, x, cfg, MaskStream(PROBE_SEED), trainer.step, None)
+        causal_importance(model, x)
+        output_losses(model, x, DIVERGENCES[cfg.output_loss])
+    if reports_lm(cfg.target):
+        ev = cfg.eval.model_copy(update={"pgd_steps": [1], "batch_size": None})
+        lm_mask_evaluation(model, x, ev, gen)
+
+
+def _affine_fit(
+    trainer: Trainer, target: int, start: int, evaluation: bool
+) -> tuple[int | None, float]:
+    """(peak RSS at `target` samples, FLOPs per sample) from probes at 1 and b: b from
+    `start`, ×8 until the probes differ by MEASURABLE bytes (a small model's per-sample memory
+    drowns in allocator noise at a few samples) or b reaches `target` (then measured, not
+    extrapolated)."""
+    p1, flops1 = probe(trainer, 1, evaluation)
+    b = min(target, start)
+    while True:
+        pb, _ = probe(trainer, b, evaluation) if b > 1 else (p1, flops1)
+        if p1 is None or pb is None:
+            return None, flops1
+        if b == target:
+            return pb, flops1
+        if pb - p1 >= MEASURABLE:
+            return int(p1 + (target - 1) * max(0.0, (pb - p1) / (b - 1))), flops1
+        b = min(target, 8 * b)
+
+
+def make_plan(trainer: Trainer) -> Plan:
+    """Probe the trainer's step and extrapolate to config.batch_size; the evaluation likewise
+    to its chunk (plus the CI of the whole evaluation batch, held while chunks are scored).
+    A data-parallel rank plans its shard of the batch and, on a CPU, its share of the
+    machine's memory."""
+    cfg, par = trainer.config, trainer.parallel
+    B = cfg.batch_size // par.world
+    tokens = int(getattr(cfg.target, "seq_len", 1) or 1)
+    import spdkit.analysis.plots  # noqa: F401  (the evaluation draws figures: matplotlib is resident)
+
+    release_free_memory()
+    rss = _status_kib("VmRSS")
+    base = rss * 1024 if rss is not None else None
+    measured, flops1 = _affine_fit(trainer, B, PROBE_BATCH, evaluation=False)
+    opt = 2 * _trainable_bytes(trainer)
+    persistent = _persistent_pgd_bytes(trainer, B, tokens)
+    peak = int(measured + opt + persistent) if measured is not None else None
+    chunk = min(cfg.eval.batch_size or cfg.eval.n_eval_samples, cfg.eval.n_eval_samples)
+    eval_measured, eflops1 = _affine_fit(trainer, chunk, PROBE_EVAL, evaluation=True)
+    eval_peak = None
+    if eval_measured is not None:
+        held_ci = 4 * cfg.eval.n_eval_samples * tokens * _total_C(trainer)
+        eval_peak = int(eval_measured + held_ci + opt + persistent)
+    per_sample = None
+    if peak is not None and base is not None:
+        per_sample = max(0, int((measured - base) / B))
+    return Plan(
+        batch_size=B,
+        tokens_per_sample=tokens,
+        base_bytes=base,
+        peak_bytes=peak,
+        per_sample_bytes=per_sample,
+        optimizer_bytes=opt,
+        persistent_bytes=persistent,
+        eval_peak_bytes=eval_peak,
+        train_flops=flops1 * B,
+        eval_flops=eflops1 * cfg.eval.n_eval_samples * _eval_passes(cfg),
+        available=_share(available_bytes(), par.local_world),
+    )
+
+
+def _share(available: int | None, processes: int) -> int | None:
+    return available // processes if available is not None else None
+
+
+def _eval_passes(cfg) -> float:  # noqa: ANN001
+    """The LM report's forward passes per sample relative to one loss evaluation: ~10 mask
+    kinds and the PGD ladder (max steps forward + backward); 1 for other targets."""
+    if not cfg.eval.pgd_steps and getattr(cfg.target, "seq_len", None) is None:
+        return 1.0
+    return 1.0 + 10.0 / 3.0 + max(cfg.eval.pgd_steps, default=0)
+
+
+def _gib(n: int | None) -> str:
+    if n is None:
+        return "?"
+    return f"{n / GIB:.2f} GiB" if abs(n) >= GIB / 4 else f"{n / 2**20:.1f} MiB"
+
+
+def _flops(n: float) -> str:
+    if n <= 0:
+        return "0"
+    exp = min(int(math.log10(n)) // 3, 5)
+    return f"{n / 10 ** (3 * exp):.2f} {['', 'k', 'M', 'G', 'T', 'P'][exp]}FLOP"
+
+
+def format_plan(plan: Plan) -> str:
+    tok = f" x {plan.tokens_per_sample} tokens" if plan.tokens_per_sample > 1 else ""
+    lines = [
+        f"batch {plan.batch_size}{tok}",
+        f"  memory before the first step: {_gib(plan.base_bytes)} (weights, components, CI, data)",
+        f"  training step peak:           {_gib(plan.peak_bytes)} "
+        f"({_gib(plan.per_sample_bytes)} per sample; Adam {_gib(plan.optimizer_bytes)}; "
+        f"persistent PGD {_gib(plan.persistent_bytes)})",
+        f"  evaluation peak:              {_gib(plan.eval_peak_bytes)}",
+        f"  available now:                {_gib(plan.available)}",
+        f"  compute: {_flops(plan.train_flops)} per step (matmuls), "
+        f"{_flops(plan.eval_flops)} per evaluation",
+    ]
+    if plan.peak_bytes is None:
+        lines.append("  (peak memory not measurable here: /proc/self/clear_refs is Linux only)")
+    return "\n".join(lines)
+
+
+def check_fits(plan: Plan) -> None:
+    """A ValueError (one line: the numbers and the knobs) for a run that will not fit."""
+    if plan.fits is False:
+        need = max(plan.peak_bytes or 0, plan.eval_peak_bytes or 0)
+        raise ValueError(
+            f"this run needs about {_gib(need)} at its peak ({_gib(plan.per_sample_bytes)} per "
+            f"sample at batch {plan.batch_size}) but {_gib(plan.available)} is available: "
+            "lower batch_size, target.seq_len or eval.batch_size, decompose fewer modules "
+            "(modules patterns), or mask a subset per pass (stochastic_recon_subset_coeff "
+            "instead of the layerwise term); `spdkit plan` shows the estimate"
+        )

@@ -1,0 +1,242 @@
+"""A whole run of a bundled toy target: train (or load) the target, decompose it, evaluate, draw.
+
+This is what `spdkit run / resume / eval` call; the library API is in `decomposition.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spdkit.analysis.evaluation import evaluate
+from spdkit.api import Decomposition, load
+from spdkit.config import SPDConfig
+from spdkit.engine.distributed import SINGLE, Parallel, finish
+from spdkit.errors import CheckpointError, ConfigError, RunDirError
+from spdkit.pipeline.plan import GIB, Plan, check_fits, make_plan
+from spdkit.store import runs
+from spdkit.store.restore import restore
+from spdkit.targets import data_source, target_kind
+from spdkit.training.loop import build_trainer, train_in_run_dir
+from spdkit.training.profiling import StepProfiler
+from spdkit.training.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> str:
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available on this machine")
+    return device
+
+
+def prepare_run_dir(out: Path) -> Path:
+    if (out / "config.yaml").exists():
+        raise FileExistsError(
+            f"{out} already holds a run; continue it with `spdkit resume {out}` or pick another --out"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"output directory {out} is not writable ({err.strerror})") from None
+    return out
+
+
+def run_experiment(
+    config: SPDConfig,
+    out: Path,
+    device: str = "cpu",
+    target_path: Path | None = None,
+    progress: bool = True,
+    profile: bool = False,
+    parallel: Parallel = SINGLE,
+) -> dict[str, Any]:
+    """Train or load the target, decompose it into `out`, then evaluate and draw figures.
+    With `profile`, steps 6-15 run under torch.profiler and profile.txt is written.
+    Data-parallel ranks all call this; rank 0 writes the run directory and evaluates, the
+    others return an empty summary."""
+    device = resolve_device(device)
+    if config.target is None:
+        raise ValueError("the config has no `target` section: `spdkit run` needs a bundled target")
+    out = Path(out)
+    if parallel.is_main:
+        config = create_run_dir(config, out, target_path)
+    else:
+        config = with_architecture(config)
+    return _decompose_into(out, config, device, progress, profile, parallel)
+
+
+def with_architecture(config: SPDConfig) -> SPDConfig:
+    """A Hugging Face target's config with its architecture recorded (`hf_config`): the run
+    directory must rebuild the model on its own."""
+    if config.target is None or config.target.kind != "hf" or config.target.hf_config is not None:
+        return config
+    from spdkit.targets.hf import read_hf_config
+
+    hf_config = read_hf_config(config.target.path)
+    return config.model_copy(
+        update={"target": config.target.model_copy(update={"hf_config": hf_config})}
+    )
+
+
+def create_run_dir(config: SPDConfig, out: Path, target_path: Path | None = None) -> SPDConfig:
+    """A new run directory holding the config (and a copy of a trained target to reuse):
+    `spdkit resume` then runs it from the start. Returns the config as saved."""
+    config = with_architecture(config)
+    prepare_run_dir(out)
+    runs.save_config(out, config)
+    if target_path is not None:
+        copy_target(target_path, out, config)
+    return config
+
+
+def copy_target(source: Path, out: Path, config: SPDConfig) -> None:
+    """The trained target of `source` (a run directory or .safetensors) saved into run `out`."""
+    target, info = runs.load_target(source, config.target)
+    runs.save_target(out, target, config.target, {**info, "loaded_from": str(source)})
+
+
+def resume_run(
+    run_dir: Path, device: str = "cpu", progress: bool = True, parallel: Parallel = SINGLE
+) -> dict[str, Any]:
+    """Continue a killed or interrupted run from its last checkpoint, then finish it (at any
+    world size: see docs/distributed.md for what changes with it).
+
+    A run killed before its target was saved trains the target again (same seed, same target).
+    """
+    device = resolve_device(device)
+    run_dir = Path(run_dir)
+    config = runs.load_run_config(run_dir)
+    if config.target is None:
+        raise RunDirError(f"{run_dir}: `spdkit resume` needs a bundled target in config.yaml")
+    return _decompose_into(run_dir, config, device, progress, parallel=parallel)
+
+
+def _decompose_into(
+    run_dir: Path,
+    config: SPDConfig,
+    device: str,
+    progress: bool,
+    profile: bool = False,
+    parallel: Parallel = SINGLE,
+) -> dict:
+    """Target (saved one, else trained and saved), then training from the last checkpoint.
+    Data-parallel: rank 0 trains or loads the target, the others then read the saved one."""
+    ckpt = run_dir / runs.CHECKPOINT
+    if parallel.is_main:
+        target = _target_of(run_dir, config, device, progress)
+    parallel.barrier()
+    if not parallel.is_main:
+        target, _ = runs.load_target(run_dir, config.target)
+    trainer = build_trainer(target, data_source(config), config, device, parallel)
+    if ckpt.exists():
+        tensors, meta = runs.load_tensors(ckpt)
+        try:
+            trainer.load_state(tensors, meta)
+        except CheckpointError as err:
+            raise RunDirError(f"{ckpt}: {err}") from None
+        log.info("resuming %s from step %d", run_dir, trainer.step)
+    plan = make_plan(trainer)
+    check_fits(plan)  # a run that will not fit stops here, not at step 0 by the OOM killer
+    if plan.peak_bytes is not None:
+        log.info(
+            "memory plan: peak %.2f GiB (training), %.2f GiB (evaluation); %.2f GiB available",
+            plan.peak_bytes / GIB,
+            (plan.eval_peak_bytes or 0) / GIB,
+            (plan.available or 0) / GIB,
+        )
+    if parallel.is_main:
+        runs.truncate_metrics(run_dir, trainer.step)
+    on_step = StepProfiler(run_dir) if profile and parallel.is_main else None
+    return _train_and_finish(trainer, run_dir, progress, on_step)
+
+
+def _target_of(run_dir: Path, config: SPDConfig, device: str, progress: bool):  # noqa: ANN202
+    """The run's saved target, else the target trained now and saved."""
+    ckpt = run_dir / runs.CHECKPOINT
+    if (run_dir / "target.safetensors").exists():
+        target, _ = runs.load_target(run_dir, config.target)
+    elif ckpt.exists():
+        # the checkpoint was trained against the saved target; retraining it on another
+        # machine or torch build could give a different one, silently
+        raise RunDirError(
+            f"{run_dir / 'target.safetensors'} is missing but {ckpt} exists: restore the "
+            "target file the run was trained against, or start a new run"
+        )
+    else:
+        t0 = time.perf_counter()
+        kind = target_kind(config.target)
+        target, info = kind.train(config.target, config.seed, device, progress=progress)
+        info["train_seconds"] = round(time.perf_counter() - t0, 2)
+        runs.save_target(run_dir, target, config.target, info)
+    return target
+
+
+def _train_and_finish(
+    trainer: Trainer, run_dir: Path, progress: bool, on_step: Callable | None = None
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    start_step = trainer.step
+    train_in_run_dir(trainer, run_dir, progress, on_step)
+    finish(trainer.parallel)
+    if not trainer.parallel.is_main:
+        return {}
+    seconds = time.perf_counter() - t0
+    decomp = Decomposition(trainer.model, trainer.config, run_dir)
+    timing = {
+        "train_seconds": round(seconds, 2),
+        "steps_this_session": trainer.step - start_step,
+        "ms_per_step": round(1000 * seconds / max(1, trainer.step - start_step), 3),
+        "device": trainer.device,
+    }
+    return evaluate(decomp, run_dir, timing, progress=progress)
+
+
+def plan_config(config: SPDConfig, device: str = "cpu") -> Plan:
+    """`spdkit plan`: the plan of a config's run, on its target built untrained (the same
+    shapes and memory as the trained one; nothing is trained or read but a model directory)."""
+    device = resolve_device(device)
+    if config.target is None:
+        raise ConfigError("the config names no target to plan for")
+    kind = target_kind(config.target)
+    if config.target.kind in ("hf", "python"):
+        target, _ = kind.train(config.target, config.seed, device)  # loaded, not trained
+    else:
+        target = kind.build(config.target).to(device)
+    return make_plan(build_trainer(target, data_source(config), config, device))
+
+
+def evaluate_run_dir(run_dir: Path, device: str = "cpu") -> dict[str, Any]:
+    """`spdkit eval`: recompute the summary and figures of a finished run."""
+    decomp = load(run_dir, resolve_device(device))
+    previous = decomp.summary.get("timing")
+    return evaluate(decomp, Path(run_dir), previous)
+
+
+PARTIAL_DIR = "partial"
+
+
+def evaluate_checkpoint(run_dir: Path, device: str = "cpu") -> tuple[dict[str, Any], Path]:
+    """`spdkit eval --checkpoint`: the end-of-run metrics and figures of an unfinished run, at
+    its last checkpoint, into `<run_dir>/partial/step_<N>/` (the run's own summary.json and
+    figures/ are left alone: they describe finished runs only). Returns (summary, out_dir)."""
+    decomp, step = load_checkpoint(run_dir, device)
+    out_dir = Path(run_dir) / PARTIAL_DIR / f"step_{step}"
+    partial = {"step": step, "steps": decomp.config.steps}
+    return evaluate(decomp, Path(run_dir), out_dir=out_dir, partial=partial), out_dir
+
+
+def load_checkpoint(run_dir: Path, device: str = "cpu") -> tuple[Decomposition, int]:
+    """The decomposition of an unfinished run at its last checkpoint, and that step."""
+    model, config, step = restore(Path(run_dir), resolve_device(device), checkpoint=True)
+    return Decomposition(model, config, Path(run_dir)), step

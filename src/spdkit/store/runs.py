@@ -1,0 +1,269 @@
+"""The run directory: a public contract other tools read (documented in the README).
+
+    config.yaml              fully resolved SPDConfig
+    target.safetensors       the target's state dict (`<module>.weight` = original weights)
+    target.json              {"kind", "config", "info"}: how to rebuild the target
+    components.safetensors   `<module>.U` [d_out, C], `<module>.V` [C, d_in], `<module>.ci.*`
+    checkpoint/latest.safetensors   training state for `spdkit resume` (metadata: step, ...)
+    metrics.jsonl            one JSON object per logged step
+    summary.json             end-of-run metrics
+    figures/*.png
+
+Weights are only ever written as safetensors and loaded with safetensors (never unpickled);
+the file primitives are in `spdkit.store.atomic`.
+Every file is written atomically: temp file, fsync, rename; a reader sees the old or the new.
+A damaged file is reported by name with what is wrong (missing, empty, truncated, not valid
+...); a failed write (disk full, no permission) names the file and leaves the old one intact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+from spdkit.config import ConfigError, SPDConfig, TargetConfig, dump_config, parse_config
+from spdkit.errors import CheckpointError
+from spdkit.method.model import ComponentModel
+from spdkit.store.atomic import (  # re-exported: callers use runs.<name> for run-directory files
+    RunDirError,
+    RunWriteError,
+    atomic_write_text,
+    load_tensors,
+    read_json_object,
+    read_nonempty_text,
+    save_tensors,
+)
+from spdkit.targets import target_kind
+
+log = logging.getLogger(__name__)
+
+
+# --- the target ------------------------------------------------------------------------------
+def target_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The target's own state dict (spdkit never wraps or renames its modules)."""
+    target = model.target if isinstance(model, ComponentModel) else model
+    return dict(target.state_dict())
+
+
+def save_target(run_dir: Path, model: nn.Module, config: TargetConfig, info: dict) -> None:
+    """target.json first: a run killed in between has no target.safetensors and retrains."""
+    meta = {"kind": config.kind, "config": config.model_dump(mode="json"), "info": info}
+    atomic_write_text(run_dir / "target.json", json.dumps(meta, indent=2))
+    save_tensors(run_dir / "target.safetensors", target_state_dict(model))
+
+
+def load_target(path: Path, config: TargetConfig) -> tuple[nn.Module, dict]:
+    """Rebuild the target of `config` from a run directory or a target.safetensors file."""
+    path = Path(path)
+    st_path = path / "target.safetensors" if path.is_dir() else path
+    json_path = st_path.with_name("target.json")
+    if not st_path.is_file():
+        raise RunDirError(f"target file not found: {st_path}")
+    if not json_path.is_file():
+        raise RunDirError(f"missing {json_path} (kind and constructor args of the target)")
+    meta = read_json_object(json_path)
+    saved = meta.get("config")
+    if not isinstance(saved, dict):
+        raise RunDirError(f"{json_path}: no `config` object (the target's constructor args)")
+    if saved.get("kind") != config.kind:
+        raise RunDirError(
+            f"{st_path}: target kind {saved.get('kind')!r} does not match the config's "
+            f"{config.kind!r}"
+        )
+    arch_keys = [k for k in target_kind(config).architecture if k in saved]
+    mismatch = {
+        k: (saved[k], getattr(config, k)) for k in arch_keys if saved[k] != getattr(config, k)
+    }
+    if mismatch:
+        detail = ", ".join(f"{k}: file {a!r} vs config {b!r}" for k, (a, b) in mismatch.items())
+        raise RunDirError(f"target {st_path} does not match the config's target ({detail})")
+    model = target_kind(config).build(config)
+    tensors, _ = load_tensors(st_path)
+    load_state_checked(model, tensors, st_path)
+    return model.eval(), meta.get("info", {})
+
+
+def check_tensors(expected: dict[str, Tensor], tensors: dict[str, Tensor], path: Path) -> None:
+    """Every inconsistency between a file's tensors and what the config builds, in one error;
+    loading would otherwise fail later and vaguely, or (a dtype) silently convert."""
+    problems = [f"missing tensor {k!r}" for k in expected if k not in tensors]
+    problems += [f"unexpected tensor {k!r}" for k in tensors if k not in expected]
+    for k, v in tensors.items():
+        if k in expected and v.shape != expected[k].shape:
+            problems.append(f"{k!r} has shape {list(v.shape)}, expected {list(expected[k].shape)}")
+        elif k in expected and v.dtype != expected[k].dtype:
+            problems.append(f"{k!r} has dtype {v.dtype}, expected {expected[k].dtype}")
+    if problems:
+        raise RunDirError(f"{path}: " + "; ".join(problems))
+
+
+def load_state_checked(model: nn.Module, tensors: dict[str, Tensor], path: Path) -> None:
+    check_tensors(model.state_dict(), tensors, path)
+    model.load_state_dict(tensors)
+
+
+# --- components ------------------------------------------------------------------------------
+def component_tensors(model: ComponentModel) -> dict[str, Tensor]:
+    """`<module>.U`, `<module>.V` for every decomposed module, then the CI function's tensors
+    under their run-directory names (`spdkit.method.ci`: `<module>.ci.*` or `ci.*`, by kind)."""
+    out: dict[str, Tensor] = {}
+    for name in model.module_names:
+        comps = model.components(name)
+        out[f"{name}.U"] = comps.U
+        out[f"{name}.V"] = comps.V
+    return {**out, **model.ci.tensors()}
+
+
+def load_component_tensors(model: ComponentModel, tensors: dict[str, Tensor], path: Path) -> None:
+    expected = component_tensors(model)
+    check_tensors(expected, tensors, path)
+    with torch.no_grad():
+        for k, v in expected.items():
+            v.copy_(tensors[k])
+
+
+# --- config, metrics, summary ----------------------------------------------------------------
+def save_config(run_dir: Path, config: SPDConfig) -> None:
+    atomic_write_text(run_dir / "config.yaml", dump_config(config))
+
+
+def load_run_config(run_dir: Path) -> SPDConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise RunDirError(f"not a run directory (no config.yaml): {run_dir}")
+    text = read_nonempty_text(path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise RunDirError(f"{path}: not valid YAML ({_yaml_problem(err)})") from None
+    try:
+        return parse_config(data)
+    except ConfigError as err:  # one line: a damaged file can have many problems
+        problems = "; ".join(str(err).splitlines())
+        raise RunDirError(f"{path}: invalid config (damaged or edited?): {problems}") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's message spans several lines with a caret; the CLI prints one line."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    """One line per record; on resume, rows past the checkpoint step are dropped first."""
+    path = run_dir / "metrics.jsonl"
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as err:
+        raise RunWriteError.of(path, err) from err
+
+
+def truncate_metrics(run_dir: Path, last_step: int) -> None:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    rows = [line for line in _read_log(path).splitlines() if line.strip()]
+    keep = [r for r in rows if _row_step(r) is not None and _row_step(r) <= last_step]
+    atomic_write_text(path, "".join(r + "\n" for r in keep))
+
+
+def _row_step(row: str) -> int | None:
+    try:
+        return int(json.loads(row)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a torn last line from a kill
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in _read_log(path).splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _read_log(path: Path) -> str:
+    """metrics.jsonl is a log, not state: damaged lines (a torn write, stray bytes) become
+    unparsable rows that readers skip, instead of making the whole run unreadable."""
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """summary.json, or {} if it is missing or damaged: it is an output that `spdkit eval`
+    recomputes, so a bad one must not stop the run from being loaded."""
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        return {}
+    try:
+        return read_json_object(path)
+    except RunDirError as err:
+        log.warning("ignoring %s", err)
+        return {}
+
+
+CHECKPOINT = Path("checkpoint") / "latest.safetensors"
+
+
+def save_checkpoint(run_dir: Path, tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
+    """The checkpoint is one safetensors file (tensors + metadata), replaced atomically, so it
+    is always complete and self-consistent. latest.json mirrors its metadata for people; it is
+    never read back. A failed write leaves the last complete checkpoint in place, and the error
+    says so: the user should fix the cause and resume, not start again."""
+    try:
+        save_tensors(run_dir / CHECKPOINT, tensors, meta)
+    except RunWriteError as err:
+        hint = f"the last complete checkpoint is kept; once fixed, `spdkit resume {run_dir}`"
+        raise RunWriteError(f"{err}; {hint}", err.errno) from err
+    readable = {k: json.loads(v) if k == "param_groups" else v for k, v in meta.items()}
+    atomic_write_text(run_dir / CHECKPOINT.with_suffix(".json"), json.dumps(readable, indent=2))
+
+
+def read_firing(run_dir: Path) -> tuple[dict[str, Tensor], int] | None:
+    """Per-module firing counts [C] over the last 10% of training and the number of positions
+    they were counted over, from the final checkpoint; None if there is no usable checkpoint
+    (the counts only describe the run, so their absence must not stop an evaluation)."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        tensors, meta = load_tensors(path)
+    except RunDirError as err:
+        log.warning("no firing counts: %s", err)
+        return None
+    counts = {k.removeprefix("firing."): v for k, v in tensors.items() if k.startswith("firing.")}
+    if not counts or "firing_positions" not in meta:
+        return None
+    return counts, int(meta["firing_positions"])
+
+
+def checkpoint_parameters(params: list[nn.Parameter], tensors: dict[str, Tensor]) -> list[Tensor]:
+    """The saved values of `params` (`param.<i>`, `ComponentModel.trainable_parameters()`
+    order) from a checkpoint's tensors; a missing or mis-shaped one is a CheckpointError
+    naming every problem, before anything is changed."""
+    problems = []
+    for i, p in enumerate(params):
+        saved = tensors.get(f"param.{i}")
+        if saved is None:
+            problems.append(f"missing param.{i}")
+        elif saved.shape != p.shape:
+            problems.append(f"param.{i} has shape {list(saved.shape)}, expected {list(p.shape)}")
+    if problems:
+        raise CheckpointError("checkpoint does not fit this config: " + "; ".join(problems))
+    return [tensors[f"param.{i}"] for i in range(len(params))]

@@ -1,0 +1,59 @@
+"""A trainer for a target, and its loop written into a run directory (metrics.jsonl, atomic
+checkpoints, components.safetensors): what `spdkit.decompose` and `spdkit run` share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from spdkit.config import SPDConfig
+from spdkit.engine.distributed import SINGLE, Parallel
+from spdkit.method.model import ComponentModel
+from spdkit.store import runs
+from spdkit.targets import DataSource
+from spdkit.training.trainer import Trainer
+
+
+def build_trainer(
+    target: nn.Module,
+    data: DataSource,
+    config: SPDConfig,
+    device: str,
+    parallel: Parallel = SINGLE,
+) -> Trainer:
+    """Wrap the target and set up training; the component init is fixed by config.seed (the
+    same on every data-parallel rank)."""
+    torch.manual_seed(config.seed)
+    model = ComponentModel.from_config(target.to(device), config).to(device)
+    return Trainer(model, data, config, device, parallel)
+
+
+def train_in_run_dir(
+    trainer: Trainer,
+    run_dir: Path | None,
+    progress: bool = True,
+    on_step: Callable[[Trainer], None] | None = None,
+) -> None:
+    """Run the loop, appending metrics and writing atomic checkpoints into run_dir if given
+    (data-parallel: rank 0 writes; a checkpoint gathers state from every rank)."""
+    if run_dir is None:
+        trainer.run(progress=progress, on_step=on_step)
+        return
+    main = trainer.parallel.is_main
+
+    def on_log(step: int, record: dict[str, float]) -> None:
+        if main:
+            runs.append_metrics(run_dir, {"step": step, **record})
+
+    def on_checkpoint(t: Trainer) -> None:
+        tensors, meta = t.state_tensors()
+        if main:
+            runs.save_checkpoint(run_dir, tensors, meta)
+
+    trainer.run(on_log=on_log, on_checkpoint=on_checkpoint, progress=progress, on_step=on_step)
+    if main:
+        components = runs.component_tensors(trainer.model)
+        runs.save_tensors(run_dir / "components.safetensors", components)
