@@ -75,7 +75,7 @@ def time_config(
     median = statistics.median(times)
     row = {
         "config": name,
-        "batch_size": config.batch_size,
+        "batch_size": config.training.batch_size,
         "ms_median": round(median, 3),
         "ms_min": round(min(times), 3),
         "ms_max": round(max(times), 3),
@@ -107,7 +107,7 @@ def target_forward_backward(trainer: Trainer) -> Callable[[], None]:
     """One forward + backward of the undecomposed target on a batch of the trainer's data:
     the yardstick a step's cost is quoted against."""
     target = trainer.model.target
-    x = trainer.data.sample(trainer.config.batch_size, trainer.data_generator)
+    x = trainer.data.sample(trainer.config.training.batch_size, trainer.data_generator)
     params = [p for p in target.parameters() if p.is_floating_point()]
 
     def step() -> None:
@@ -126,12 +126,12 @@ def reference_step(trainer: Trainer) -> Callable[[], None]:
     written, eager PyTorch, a plain AdamW) on the trainer's model, data and mask stream."""
     optimizer = torch.optim.AdamW(
         trainer.model.trainable_parameters(),
-        lr=trainer.config.optimizer.lr,
-        weight_decay=trainer.config.optimizer.weight_decay,
+        lr=trainer.config.training.optimizer.lr,
+        weight_decay=trainer.config.training.optimizer.weight_decay,
     )
 
     def step() -> None:
-        x = trainer.data.sample(trainer.config.batch_size, trainer.data_generator)
+        x = trainer.data.sample(trainer.config.training.batch_size, trainer.data_generator)
         terms = reference_spd_losses(trainer.model, x, trainer.config, trainer.mask_stream)
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()

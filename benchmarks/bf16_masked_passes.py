@@ -90,7 +90,7 @@ def main() -> None:
     data = data_source(config)
     print(f"{args.run}: bf16 autocast on the masked forwards against fp32")
     for b in range(args.batches):
-        x = data.sample(config.batch_size, torch.Generator().manual_seed(b))
+        x = data.sample(config.training.batch_size, torch.Generator().manual_seed(b))
         ref, g_ref = loss_and_grad(model, config, x, 7 + b, bf16=False)
         low, g_low = loss_and_grad(model, config, x, 7 + b, bf16=True)
         changes = ", ".join(

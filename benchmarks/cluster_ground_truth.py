@@ -60,7 +60,7 @@ def main() -> None:
             decomp, step = load_checkpoint(run_dir)
         else:
             decomp = spdkit.load(run_dir)
-            step = decomp.config.steps
+            step = decomp.config.training.steps
         quality = decomposition_quality(run_summary(run_dir, decomp, args.checkpoint, step))
         cells, per_alpha = [], {}
         for alpha in alphas:

@@ -26,7 +26,7 @@ from tests.helpers import tiny_tms_dict
 
 SLOTS = [ModuleSlot("b.lin", 3, 5), ModuleSlot("a.lin", 2, 4)]
 KINDS = {
-    "mlp": MLPCIConfig(),
+    "mlp": MLPCIConfig(hidden_dim=4),
     "vector_mlp": VectorMLPCIConfig(hidden_dims=[6]),
     "global_mlp": GlobalMLPCIConfig(hidden_dims=[7]),
     "global_transformer": GlobalTransformerCIConfig(d_model=8, n_heads=2, d_ff=16, n_layers=2),
@@ -42,7 +42,7 @@ def _io(leading=(4, 6)):
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_every_kind_gives_each_module_its_C_on_every_position(kind):
-    ci = build_ci_function(KINDS[kind], SLOTS, d_gate=4)
+    ci = build_ci_function(KINDS[kind], SLOTS)
     inputs, inner = _io()
     lower, upper = ci(inputs, inner)
     assert {n: tuple(g.shape) for n, g in lower.items()} == {"b.lin": (4, 6, 3), "a.lin": (4, 6, 2)}
@@ -52,7 +52,7 @@ def test_every_kind_gives_each_module_its_C_on_every_position(kind):
 
 
 def test_vector_mlp_by_formula():
-    ci = build_ci_function(KINDS["vector_mlp"], SLOTS, d_gate=4)
+    ci = build_ci_function(KINDS["vector_mlp"], SLOTS)
     inputs, inner = _io()
     net = ci.functions["a__lin"].net
     a = inputs["a.lin"]
@@ -68,13 +68,13 @@ def test_input_norm_rms_loses_the_scale_and_none_keeps_it(kind):
     scaled = {n: 3.0 * v for n, v in inputs.items()}
     for norm, same in (("rms", True), ("none", False)):
         cfg = KINDS[kind].model_copy(update={"input_norm": norm})
-        ci = build_ci_function(cfg, SLOTS, d_gate=4)
+        ci = build_ci_function(cfg, SLOTS)
         a, b = ci.raw(inputs, inner)["a.lin"], ci.raw(scaled, inner)["a.lin"]
         assert torch.allclose(a, b, atol=1e-5) == same
 
 
 def test_global_mlp_reads_every_module_in_sorted_order():
-    ci = build_ci_function(KINDS["global_mlp"], SLOTS, d_gate=4)
+    ci = build_ci_function(KINDS["global_mlp"], SLOTS)
     assert [s.name for s in ci.slots] == ["a.lin", "b.lin"]
     inputs, inner = _io()
     out = ci.raw(inputs, inner)
@@ -89,7 +89,7 @@ def test_global_transformer_causal_and_bidirectional_and_position_wise():
     later["b.lin"][:, 4:] += 1.0  # change positions 4, 5 only
     for causal in (True, False):
         cfg = GlobalTransformerCIConfig(d_model=8, n_heads=2, d_ff=16, causal=causal)
-        ci = build_ci_function(cfg, SLOTS, d_gate=4)
+        ci = build_ci_function(cfg, SLOTS)
         before, after = ci.raw(inputs, inner)["a.lin"], ci.raw(later, inner)["a.lin"]
         early_same = torch.allclose(before[:, :4], after[:, :4], atol=1e-6)
         assert early_same == causal  # bidirectional: earlier positions see later inputs
@@ -102,13 +102,13 @@ def test_global_transformer_causal_and_bidirectional_and_position_wise():
 def test_global_kinds_refuse_modules_that_see_different_positions():
     inputs, inner = _io()
     inputs["a.lin"], inner["a.lin"] = inputs["a.lin"][:, :3], inner["a.lin"][:, :3]
-    ci = build_ci_function(KINDS["global_mlp"], SLOTS, d_gate=4)
+    ci = build_ci_function(KINDS["global_mlp"], SLOTS)
     with pytest.raises(ValueError, match="same positions"):
         ci.raw(inputs, inner)
 
 
 def test_tensor_names_in_the_run_directory():
-    names = {k: set(build_ci_function(c, SLOTS, 4).tensors()) for k, c in KINDS.items()}
+    names = {k: set(build_ci_function(c, SLOTS).tensors()) for k, c in KINDS.items()}
     assert names["mlp"] == {
         f"{m}.ci.{p}" for m in ("a.lin", "b.lin") for p in ("w_in", "b_in", "w_out", "b_out")
     }

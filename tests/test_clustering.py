@@ -197,13 +197,9 @@ def dense_record(model: ComponentModel, xs: list[torch.Tensor], rows: int, tau: 
 def tiny_lm_model() -> tuple[ComponentModel, object]:
     """An untrained tiny_lm with its MLPs and attention decomposed, and its data (CI functions
     at initialisation fire on a mix of positions: enough to check the bookkeeping)."""
-    data = load_config("tiny_lm").model_dump(mode="json")
-    data["target"].update(d_model=16, d_mlp=32, seq_len=16)
-    data["modules"] = [
-        {"pattern": "blocks.0.mlp.*", "C": 6},
-        {"pattern": "blocks.1.attn.*", "C": 5},
-    ]
-    config = parse_config(data)
+    modules = [{"pattern": "blocks.0.mlp.*", "C": 6}, {"pattern": "blocks.1.attn.*", "C": 5}]
+    small = {"target.d_model": 16, "target.d_mlp": 32, "target.seq_len": 16}
+    config = load_config("tiny_lm", {**small, "modules": modules})
     target = target_kind(config.target).build(config.target)
     return ComponentModel.from_config(target, config), data_source(config)
 

@@ -1,5 +1,7 @@
 """Config validation: bundled configs load; every bad field is a one-line error naming it."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -12,15 +14,20 @@ def test_bundled_tms_configs_have_the_paper_hyperparameters():
     assert {"tms_5-2", "tms_40-10", "tms_5-2-id", "tms_40-10-id"} <= set(names)
     for name, C, coeff, p in [("tms_5-2", 20, 3e-3, 1), ("tms_40-10-id", 200, 1e-4, 2)]:
         cfg = load_config(name)
-        assert (cfg.steps, cfg.batch_size, cfg.ci_hidden_dim, cfg.n_mask_samples) == (
+        assert (
+            cfg.training.steps,
+            cfg.training.batch_size,
+            cfg.ci_fn.hidden_dim,
+            cfg.loss.n_mask_samples,
+        ) == (
             40000,
             4096,
             16,
             1,
         )
         assert all(m.C == C for m in cfg.modules)
-        assert (cfg.importance_minimality_coeff, cfg.pnorm) == (coeff, p)
-        assert (cfg.optimizer.lr, cfg.optimizer.lr_schedule) == (1e-3, "cosine")
+        assert (cfg.loss.importance_minimality_coeff, cfg.importance.pnorm) == (coeff, p)
+        assert (cfg.training.optimizer.lr, cfg.training.optimizer.lr_schedule) == (1e-3, "cosine")
     assert load_config("tms_40-10").target.train_batch_size == 8192
 
 
@@ -74,6 +81,10 @@ def test_unknown_key_is_an_error_listing_allowed_keys():
     with pytest.raises(ConfigError) as err:
         parse_config(tiny_tms_dict(importance_coeff=1e-3))
     assert "importance_coeff: unknown field" in str(err.value)
+    assert "importance, insert_identity, loss" in str(err.value)  # the sections
+    with pytest.raises(ConfigError) as err:
+        parse_config({**tiny_tms_dict(), "loss": {"importance_coeff": 1e-3}})
+    assert "loss.importance_coeff: unknown field" in str(err.value)
     assert "importance_minimality_coeff" in str(err.value)
     with pytest.raises(
         ConfigError, match=r"optimizer\.beta: unknown field \(allowed: lr, lr_schedule"
@@ -90,7 +101,7 @@ def test_yaml_file_overrides_and_errors(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(tiny_tms_dict()))
     cfg = load_config(path, {"optimizer.lr": 5e-4, "seed": 3})
-    assert (cfg.optimizer.lr, cfg.seed) == (5e-4, 3)
+    assert (cfg.training.optimizer.lr, cfg.seed) == (5e-4, 3)
     with pytest.raises(ConfigError, match="unknown config 'nope'.*tms_5-2"):
         load_config("nope")
     with pytest.raises(ConfigError, match="config file not found"):
@@ -121,12 +132,14 @@ def test_set_overrides_index_lists_and_name_bad_paths():
         ConfigError, match=r"--set modules.5.C: modules is a list of 2; use an index 0-1"
     ):
         load_config("tms_5-2", {"modules.5.C": 7})
-    with pytest.raises(ConfigError, match=r"--set steps.x: steps is a value, not a section"):
+    with pytest.raises(
+        ConfigError, match=r"--set steps.x: training.steps is a value, not a section"
+    ):
         load_config("tms_5-2", {"steps.x": 7})
 
 
 def test_removed_batch_layerwise_field_still_loads_old_configs():
-    assert parse_config(tiny_tms_dict(batch_layerwise_passes=False)).per_pass_backward
+    assert parse_config(tiny_tms_dict(batch_layerwise_passes=False)).engine.per_pass_backward
     with pytest.warns(UserWarning, match="batch_layerwise_passes was removed"):
         parse_config(tiny_tms_dict(batch_layerwise_passes=True))
 
@@ -141,3 +154,54 @@ def test_subset_routing_errors_name_the_field_and_the_choices():
         ConfigError, match=r"subset_routing.mode: unknown field \(allowed: kind, p, scope\)"
     ):
         parse_config(tiny_tms_dict(subset_routing={"mode": "x"}))
+
+
+def test_the_flat_layout_of_old_configs_reads_into_the_sections():
+    """Every old top-level key lands in its section: the flat and the grouped dict give the
+    same config, and `--set` takes either name."""
+    flat = parse_config(
+        tiny_tms_dict(
+            ci_hidden_dim=5,
+            ci_backend="eager",
+            lower_sigmoid="straight_through",
+            component_init="normal",
+            delta_component=True,
+            pgd={"n_steps": 3},
+            prefix_replay=False,
+            importance_penalty="smooth_l0",
+            on_nonfinite="skip",
+        )
+    )
+    grouped = load_config("tms_5-2", {"steps": 60})
+    assert flat.ci_fn.hidden_dim == 5 and flat.ci_fn.backend == "eager"
+    assert flat.ci_fn.lower_sigmoid == "straight_through"
+    assert (flat.components.init, flat.components.delta) == ("normal", True)
+    assert flat.adversary.n_steps == 3 and flat.engine.prefix_replay is False
+    assert flat.importance.penalty == "smooth_l0" and flat.training.on_nonfinite == "skip"
+    assert grouped.training.steps == 60
+    again = parse_config(flat.model_dump(mode="json"))
+    assert again == flat
+    both = load_config("tms_5-2", {"training.steps": 7, "pgd.init": "ones"})
+    assert (both.training.steps, both.adversary.init) == (7, "ones")
+
+
+def test_a_key_given_both_ways_is_one_line_naming_both():
+    data = tiny_tms_dict()
+    data["training"] = {"steps": 5, "batch_size": 8, "optimizer": {"lr": 1e-3}}
+    with pytest.raises(ConfigError, match=r"^steps and training.steps both given"):
+        parse_config(data)
+
+
+def test_old_mlp_only_ci_keys_are_dropped_for_other_kinds():
+    """`ci_hidden_dim` / `ci_backend` were written into every old config but only the mlp
+    kind read them: with a global kind they are ignored, as they were."""
+    cfg = parse_config(tiny_tms_dict(ci_fn={"kind": "global_mlp"}, ci_hidden_dim=8))
+    assert cfg.ci_fn.kind == "global_mlp" and not hasattr(cfg.ci_fn, "hidden_dim")
+
+
+def test_the_oldest_run_directory_config_still_loads():
+    from spdkit.store.runs import load_run_config
+
+    cfg = load_run_config(Path(__file__).parent / "fixtures" / "run_26f5880")
+    assert cfg.ci_fn.hidden_dim == 8 and cfg.training.steps == 20
+    assert cfg.loss.importance_minimality_coeff == 0.003 and cfg.importance.pnorm == 1.0

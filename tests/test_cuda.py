@@ -64,7 +64,9 @@ def test_training_steps_on_cuda_match_the_cpu(case):
     losses = {}
     for device in ("cpu", "cuda"):
         trainer = _trainer(data, device)
-        x = trainer.data.sample(trainer.config.batch_size, torch.Generator().manual_seed(0))
+        x = trainer.data.sample(
+            trainer.config.training.batch_size, torch.Generator().manual_seed(0)
+        )
         trainer.data = Fixed(x.to(device))
         for _ in range(3):
             terms, _ = trainer.train_step()

@@ -19,8 +19,8 @@ def test_each_evaluation_chunk_draws_its_own_masks(tiny_config: SPDConfig) -> No
     target = target_kind(cfg.target).build(cfg.target)
     model = build_trainer(target, data_source(cfg), cfg, "cpu").model
     x = data_source(cfg).sample(64, torch.Generator().manual_seed(0))
-    once = evaluation_losses(model, x, cfg, cfg.steps)
-    twice = evaluation_losses(model, torch.cat([x, x]), cfg, cfg.steps)
+    once = evaluation_losses(model, x, cfg, cfg.training.steps)
+    twice = evaluation_losses(model, torch.cat([x, x]), cfg, cfg.training.steps)
     assert once["faithfulness"] == twice["faithfulness"]  # deterministic terms agree
     assert once["stochastic_recon"] != twice["stochastic_recon"]
 

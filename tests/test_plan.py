@@ -23,7 +23,9 @@ def test_probing_leaves_the_training_unchanged():
         trainer = tiny_trainer()
         if planned:
             result = plan.make_plan(trainer)
-            assert result.train_flops > 0 and result.batch_size == trainer.config.batch_size
+            assert (
+                result.train_flops > 0 and result.batch_size == trainer.config.training.batch_size
+            )
         for _ in range(6):
             trainer.train_step()
         params.append([p.detach().clone() for p in trainer.model.trainable_parameters()])

@@ -27,7 +27,7 @@ def test_step_flops_counts_at_least_the_unavoidable_matmuls():
     target = target_kind(config.target).build(config.target)
     trainer = build_trainer(target, data_source(config), config, "cpu")
     flops = step_flops(trainer)
-    B, n, h, C = config.batch_size, 5, 2, 8
+    B, n, h, C = config.training.batch_size, 5, 2, 8
     # target forward (2 matmuls) + inner acts x Vᵀ (2 modules) alone, forward only
     lower_bound = 2 * B * (n * h + h * n) + 2 * B * (n * C + h * C)
     assert flops["counted"] > lower_bound

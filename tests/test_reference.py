@@ -23,10 +23,10 @@ from tests.helpers import tiny_resid_dict, tiny_tms_dict
 
 
 def _induction(**overrides) -> dict:
-    data = load_config("induction").model_dump(mode="json")
-    data["target"].update(d_model=16, vocab_size=32, seq_len=16)
-    data.update(batch_size=6, modules=[{"pattern": "blocks.*.attn.*", "C": 8}], **overrides)
-    return data
+    small = {"target.d_model": 16, "target.vocab_size": 32, "target.seq_len": 16}
+    modules = [{"pattern": "blocks.*.attn.*", "C": 8}]
+    config = load_config("induction", {**small, "batch_size": 6, "modules": modules, **overrides})
+    return config.model_dump(mode="json")
 
 
 # VPD's recipe: the subset term replaces the other two reconstruction terms
@@ -162,7 +162,7 @@ def test_spd_losses_equal_the_plain_reference(case):
     trainer = build_trainer(target, data_source(config), config, "cpu")
     for _ in range(3):  # move away from the init, where some terms are still exactly zero
         trainer.train_step()
-    x = trainer.data.sample(config.batch_size, trainer.data_generator)
+    x = trainer.data.sample(config.training.batch_size, trainer.data_generator)
     state = trainer.mask_stream.state()
 
     fast, fast_grads, fast_offset = _loss_and_grads(_fast, trainer, x, state)
@@ -173,7 +173,7 @@ def test_spd_losses_equal_the_plain_reference(case):
     # a KL near 0 is a difference of float32 log-probabilities (each rounded to ~6e-8): its
     # absolute rounding floor is ~1e-8 whatever its size, so a small KL gets an absolute
     # tolerance above that floor (transformers 5.24's Llama: 1.0e-8 on a KL of 8.3e-4)
-    floor = 5e-8 if config.output_loss == "kl" else 1e-9
+    floor = 5e-8 if config.loss.output_loss == "kl" else 1e-9
     for key, value in fast.items():
         assert value == pytest.approx(ref[key], rel=1e-5, abs=floor), key
     for p, a, b in zip(trainer.model.trainable_parameters(), fast_grads, ref_grads, strict=True):

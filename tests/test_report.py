@@ -17,7 +17,7 @@ from spdkit.analysis.report import live
 from spdkit.analysis.report.content import gather
 from spdkit.analysis.report.serve import create_app
 from spdkit.cli import app
-from spdkit.config import load_config, parse_config
+from spdkit.config import load_config
 from spdkit.pipeline.run import run_experiment
 
 runner = CliRunner()
@@ -34,14 +34,22 @@ def tms_run(tiny_tms_run) -> Path:
 
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory) -> Path:
-    data = load_config("tiny_lm").model_dump(mode="json")
-    data["target"].update(train_steps=40, d_model=32, d_mlp=64, seq_len=32)
-    data.update(
-        steps=30, batch_size=8, log_every=10, modules=[{"pattern": "blocks.*.mlp.*", "C": 16}]
+    small = {"target.train_steps": 40, "target.d_model": 32, "target.d_mlp": 64}
+    config = load_config(
+        "tiny_lm",
+        {
+            **small,
+            "target.seq_len": 32,
+            "steps": 30,
+            "batch_size": 8,
+            "log_every": 10,
+            "modules": [{"pattern": "blocks.*.mlp.*", "C": 16}],
+            "eval.n_eval_samples": 16,
+            "eval.pgd_steps": [2],
+        },
     )
-    data["eval"].update(n_eval_samples=16, pgd_steps=[2])
     out = tmp_path_factory.mktemp("lm") / "lm_run"
-    run_experiment(parse_config(data), out, progress=False)
+    run_experiment(config, out, progress=False)
     return out
 
 

@@ -77,7 +77,7 @@ def test_bundled_configs_match_the_paper_appendix():
     assert [m.C for m in c1.modules] == [100, 100] and c2.modules[0].C == 400
     assert (c1.importance_minimality_coeff, c1.optimizer.lr, c1.steps) == (1e-5, 2e-3, 30_000)
     assert c3.importance_minimality_coeff == 0.5e-5 and c1.eval.one_hot_value == 0.75
-    assert all(c.pnorm == 2 and c.batch_size == 2048 for c in (c1, c2, c3))
+    assert all(c.importance.pnorm == 2 and c.training.batch_size == 2048 for c in (c1, c2, c3))
 
 
 def test_neuron_contributions_match_a_loop():

@@ -97,9 +97,11 @@ def _step(per_pass: bool, n_modules: int, peak: list[int], layerwise: float = 1.
             stochastic_recon_layerwise_coeff=layerwise,
         )
     )
-    config = config.model_copy(update={"per_pass_backward": per_pass})
+    config = config.model_copy(
+        update={"engine": config.engine.model_copy(update={"per_pass_backward": per_pass})}
+    )
     torch.manual_seed(0)
-    model = ComponentModel(Deep(n_modules), config.modules, config.ci_hidden_dim)
+    model = ComponentModel(Deep(n_modules), config.modules, config.ci_fn.hidden_dim)
     model.set_ci_backend("eager", "cpu")
     x = torch.randn(256, 64)
     live = [0]
@@ -153,7 +155,7 @@ def test_subset_term_is_logged_and_draws_from_the_stream(scope):
     from spdkit.targets import target_kind
 
     target = target_kind(config.target).build(config.target)
-    model = ComponentModel(target, config.modules, config.ci_hidden_dim)
+    model = ComponentModel(target, config.modules, config.ci_fn.hidden_dim)
     stream = MaskStream(0)
     terms, _ = spd_losses(model, torch.rand(16, 5), config, stream)
     assert set(terms) == {

@@ -103,7 +103,7 @@ def test_gradient_clipping_caps_each_group_norm_separately():
     trainer = tiny_trainer(grad_clip={"components": 1e-3})
     trainer.train_step()
     trainer.optimizer.zero_grad(set_to_none=True)
-    x = trainer.data.sample(trainer.config.batch_size, trainer.data_generator)
+    x = trainer.data.sample(trainer.config.training.batch_size, trainer.data_generator)
     spd_losses(trainer.model, x, trainer.config, trainer.mask_stream, trainer.step)
     comp, ci = trainer.model.component_parameters(), list(trainer.model.ci.parameters())
     before = [p.grad.clone() for p in comp + ci]
@@ -141,9 +141,10 @@ def test_faithfulness_warmup_runs_before_the_first_step_and_fits_W():
     stepped = tiny_trainer(component_init="normal", faithfulness_warmup={"steps": 300, "lr": 1e-2})
     stepped.train_step()
     # warm ran its warm-up by hand above: its first step must not run it again
-    warm.config = warm.config.model_copy(
-        update={"faithfulness_warmup": cold.config.faithfulness_warmup}
+    warm_training = warm.config.training.model_copy(
+        update={"faithfulness_warmup": cold.config.training.faithfulness_warmup}
     )
+    warm.config = warm.config.model_copy(update={"training": warm_training})
     warm.train_step()
     for a, b in zip(
         stepped.model.trainable_parameters(), warm.model.trainable_parameters(), strict=True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import yaml
 
-from spdkit.config import load_config, parse_config
+from spdkit.config import load_config
 from spdkit.pipeline.run import run_experiment
 from spdkit.targets.transformer import CharCorpus, RepeatedTokens, Transformer
 
@@ -33,14 +33,28 @@ def test_repeated_tokens_and_char_corpus():
     assert text.replace("\n", "").isprintable()
 
 
+SMALL_INDUCTION = {
+    "target.train_steps": 30,
+    "target.d_model": 16,
+    "target.vocab_size": 32,
+    "target.seq_len": 16,
+    "batch_size": 8,
+    "modules": [{"pattern": "blocks.*.attn.*", "C": 8}],
+}
+
+
 def test_short_induction_run_reports_lm_metrics_and_alive_counts(tmp_path):
-    data = load_config("induction").model_dump(mode="json")
-    data["target"].update(train_steps=30, d_model=16, vocab_size=32, seq_len=16)
-    data.update(
-        steps=20, batch_size=8, log_every=10, modules=[{"pattern": "blocks.*.attn.*", "C": 8}]
+    config = load_config(
+        "induction",
+        {
+            **SMALL_INDUCTION,
+            "steps": 20,
+            "log_every": 10,
+            "eval.n_eval_samples": 16,
+            "eval.pgd_steps": [2, 4],
+        },
     )
-    data["eval"].update(n_eval_samples=16, pgd_steps=[2, 4])
-    summary = run_experiment(parse_config(data), tmp_path / "run", progress=False)
+    summary = run_experiment(config, tmp_path / "run", progress=False)
     lm = summary["lm"]
     rounded = {"rounded", "rounded>0", "rounded>0.1", "rounded>0.5"}
     expected = {"target", "ci", "stochastic", "ones", "zero", "top_contexts", "pgd_2", "pgd_4"}
@@ -79,10 +93,8 @@ def test_a_language_model_sweep_draws_its_pareto_front(tmp_path):
 
     from spdkit.pipeline.sweep import run_sweep
 
-    data = load_config("induction").model_dump(mode="json")
-    data["target"].update(train_steps=30, d_model=16, vocab_size=32, seq_len=16)
-    data.update(steps=10, batch_size=8, modules=[{"pattern": "blocks.*.attn.*", "C": 8}])
-    data["eval"].update(n_eval_samples=8, pgd_steps=[3])
+    overrides = {**SMALL_INDUCTION, "steps": 10, "eval.n_eval_samples": 8, "eval.pgd_steps": [3]}
+    data = load_config("induction", overrides).model_dump(mode="json")
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
     out = tmp_path / "sweep"
     grid = {"importance_minimality_coeff": [1e-3, 1e-1]}

@@ -60,12 +60,12 @@ def evaluate(
     ev = config.eval
     gen = torch.Generator(device=device).manual_seed(config.seed + 3000)
     x = eval_data_source(config, decomp.data).sample(ev.n_eval_samples, gen)
-    step = partial["step"] if partial else config.steps  # the annealed p of that step
+    step = partial["step"] if partial else config.training.steps  # the annealed p of that step
     bar = progress_bar(len(chunks(x, ev.batch_size)) + 2, "eval losses", progress)
     final_losses = evaluation_losses(model, x, config, step, on_chunk=lambda: bar.update(1))
     ci_data = causal_importance(model, x, chunk=ev.batch_size)
     bar.update(1)
-    outputs = output_losses(model, x, DIVERGENCES[config.output_loss], ev.batch_size)
+    outputs = output_losses(model, x, DIVERGENCES[config.loss.output_loss], ev.batch_size)
     bar.update(1)
     bar.close()
     summary: dict[str, Any] = {

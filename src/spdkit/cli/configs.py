@@ -25,7 +25,7 @@ def list_() -> None:
         cfg = load_config(name)
         t = cfg.target
         mods = ", ".join(f"{m.pattern}(C={m.C})" for m in cfg.modules)
-        typer.echo(f"{name:<14} {t.describe():<40} steps {cfg.steps:<7} {mods}")
+        typer.echo(f"{name:<14} {t.describe():<40} steps {cfg.training.steps:<7} {mods}")
 
 
 @app.command()

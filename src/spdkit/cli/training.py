@@ -89,7 +89,7 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
 def run(
     config: str = typer.Argument(..., help="bundled config name (see `spdkit list`) or YAML path"),
     seed: int | None = typer.Option(None, min=0, help="overrides config.seed"),  # noqa: UP007
-    steps: int | None = typer.Option(None, min=1, help="overrides config.steps"),  # noqa: UP007
+    steps: int | None = typer.Option(None, min=1, help="overrides config.training.steps"),  # noqa: UP007
     out: Path | None = typer.Option(None, help="run directory (default runs/<config>-seed<N>)"),  # noqa: UP007
     device: str = typer.Option("cpu", help="cpu or cuda"),
     target: Path | None = typer.Option(
@@ -176,7 +176,9 @@ def sweep(
         [], "--set", help="grid axis: --set importance_minimality_coeff=1e-6,1e-5,1e-4"
     ),
     seeds: str = typer.Option("0", help="comma-separated seeds, e.g. 0,1,2"),
-    steps: int | None = typer.Option(None, min=1, help="overrides config.steps for every run"),  # noqa: UP007
+    steps: int | None = typer.Option(
+        None, min=1, help="overrides config.training.steps for every run"
+    ),  # noqa: UP007
     out: Path | None = typer.Option(None, help="sweep directory (default runs/sweep-<config>)"),  # noqa: UP007
     device: str = typer.Option("cpu", help="cpu or cuda"),
     target: Path | None = typer.Option(

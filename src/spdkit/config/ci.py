@@ -1,30 +1,48 @@
-"""The causal-importance function's section (`ci_fn: {kind: ...}`), one model per kind.
-
-The formulas are in `spdkit.method.ci.<kind>`; the `mlp` kind's hidden width is the top-level
-`ci_hidden_dim` (d_gate, as before this section existed).
+"""The causal-importance function's section (`ci_fn: {kind: ...}`), one model per kind, each
+with the lower sigmoid its masks go through. The formulas are in `spdkit.method.ci.<kind>`.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
 from spdkit.config.base import StrictModel
 
 InputNorm = Literal["rms", "none"]
+LowerSigmoid = Literal["leaky", "straight_through"]
+
+
+def lower_sigmoid_field() -> Any:
+    """Every kind's σ_H,lower, which turns its raw CI into the masks' g."""
+    return Field(
+        default="leaky",
+        description="σ_H,lower for the masks: leaky (the paper's, 0.01·x below 0) or "
+        "straight_through (VPD's: clamp, leak only in the backward of negative gradients)",
+    )
 
 
 class MLPCIConfig(StrictModel):
     """The paper's: one scalar MLP per subcomponent on its inner activation h_c."""
 
     kind: Literal["mlp"] = "mlp"
+    lower_sigmoid: LowerSigmoid = lower_sigmoid_field()
+    hidden_dim: int = Field(
+        default=16, ge=1, description="hidden GELU width of each subcomponent's MLP (d_gate)"
+    )
+    backend: Literal["auto", "eager", "compiled", "fused"] = Field(
+        default="auto",
+        description="how the MLPs run: fused C++ kernel (CPU), torch.compile, or eager; "
+        "auto = fused on CPU when it builds, else eager (the same values up to rounding)",
+    )
 
 
 class VectorMLPCIConfig(StrictModel):
     """Per module, one MLP from its input a [d_in] to all C raw CIs."""
 
     kind: Literal["vector_mlp"] = "vector_mlp"
+    lower_sigmoid: LowerSigmoid = lower_sigmoid_field()
     hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [64], description="widths of the GELU hidden layers"
     )
@@ -39,6 +57,7 @@ class GlobalMLPCIConfig(StrictModel):
     """One MLP over every module's (RMS-normalised) input → every module's raw CIs."""
 
     kind: Literal["global_mlp"] = "global_mlp"
+    lower_sigmoid: LowerSigmoid = lower_sigmoid_field()
     hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [256], description="widths of the GELU hidden layers"
     )
@@ -53,6 +72,7 @@ class GlobalTransformerCIConfig(StrictModel):
     """A transformer over positions reading every module's normalised input (VPD notes §4)."""
 
     kind: Literal["global_transformer"] = "global_transformer"
+    lower_sigmoid: LowerSigmoid = lower_sigmoid_field()
     d_model: int = Field(default=128, ge=1, description="width of the residual stream")
     n_layers: int = Field(default=2, ge=1, description="pre-norm attention + MLP blocks")
     n_heads: int = Field(default=4, ge=1, description="attention heads (d_model divisible)")
@@ -79,3 +99,9 @@ CIFnConfig = Annotated[
     MLPCIConfig | VectorMLPCIConfig | GlobalMLPCIConfig | GlobalTransformerCIConfig,
     Field(discriminator="kind"),
 ]
+
+
+def ci_backend(config: CIFnConfig) -> str:
+    """The backend a CI function is asked to run with: the `mlp` kind's `backend`; the other
+    kinds have one way to run (eager)."""
+    return getattr(config, "backend", "eager")

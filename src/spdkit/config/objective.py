@@ -1,6 +1,7 @@
-"""Sections of the training objective beyond the paper's (VPD notes §2-§5): p-annealing,
-gradient clipping, the faithfulness warm-up and the adversary. The formulas are in `spdkit.method.losses` and
-`spdkit.training.trainer`; every section is off by default, which is the paper's method."""
+"""The training objective: the loss terms and their coefficients (`loss`), the importance
+penalty (`importance`), subset routing and the adversary (VPD notes §2-§5). The formulas are
+in `spdkit.method.losses`, `spdkit.method.routing` and `spdkit.method.adversary`; every term
+beyond the paper's is off by default, which is the paper's method."""
 
 from __future__ import annotations
 
@@ -26,22 +27,6 @@ class PAnnealConfig(StrictModel):
                 f"start_frac ({self.start_frac}) must be below end_frac ({self.end_frac})"
             )
         return self
-
-
-class GradClipConfig(StrictModel):
-    """Clip the gradient's global L2 norm before each update, separately over all U, V and
-    over the CI function's weights (None: no clipping; VPD clips U, V at 0.01, not the CI)."""
-
-    components: float | None = Field(default=None, gt=0, description="max norm over all U, V")
-    ci_fn: float | None = Field(default=None, gt=0, description="max norm over the CI function")
-
-
-class FaithfulnessWarmupConfig(StrictModel):
-    """Before SPD's first step, `steps` steps of L_faithfulness alone on U, V (AdamW, weight
-    decay 0, constant `lr`), so training starts with U V ≈ W (VPD: 400 steps at 1e-3)."""
-
-    steps: int = Field(default=0, ge=0, description="warm-up steps (0: none)")
-    lr: float = Field(default=1e-3, gt=0, description="its learning rate")
 
 
 class PGDConfig(StrictModel):
@@ -72,4 +57,78 @@ class PGDConfig(StrictModel):
     )
     warmup_frac: float = Field(
         default=0.0, ge=0, lt=1, description="persistent: linear warm-up of η over this fraction"
+    )
+
+
+class SubsetRoutingConfig(StrictModel):
+    """Which modules a subset-reconstruction pass masks (spdkit.method.routing has the formulas)."""
+
+    kind: Literal["uniform_k", "bernoulli"] = Field(
+        default="uniform_k",
+        description="uniform_k: k ~ U{1..L}, then k modules uniformly (VPD); bernoulli: each "
+        "module independently with probability p",
+    )
+    p: float = Field(default=0.5, gt=0, le=1, description="bernoulli: routing probability")
+    scope: Literal["position", "batch"] = Field(
+        default="position",
+        description="one subset per position (VPD) or one per pass for the whole batch",
+    )
+
+
+class LossConfig(StrictModel):
+    """The loss terms of one step and their weights (the paper's β, VPD's additions)."""
+
+    faithfulness_coeff: float = Field(default=1.0, ge=0, description="weight of L_faithfulness")
+    stochastic_recon_coeff: float = Field(
+        default=1.0, ge=0, description="weight of L_stochastic-recon (β1)"
+    )
+    stochastic_recon_layerwise_coeff: float = Field(
+        default=1.0, ge=0, description="weight of L_stochastic-recon-layerwise (β2)"
+    )
+    stochastic_recon_subset_coeff: float = Field(
+        default=0.0,
+        ge=0,
+        description="weight of L_stochastic-recon-subset: masks a random subset of modules per "
+        "position, the others run their original weights (VPD notes §2.2)",
+    )
+    adversarial_recon_coeff: float = Field(
+        default=0.0,
+        ge=0,
+        description="weight of L_adversarial: D under masks whose sources were chosen by "
+        "gradient ascent to maximise it (VPD notes §2.3; settings in `adversary`)",
+    )
+    importance_minimality_coeff: float = Field(
+        ge=0, description="weight of L_importance-minimality (β3)"
+    )
+    frequency_minimality_coeff: float = Field(
+        default=0.0,
+        ge=0,
+        description="weight of L_frequency: (1/BT) Σ_c s_c log2(1 + s_c), s_c = Σ_bt of the "
+        "penalty (VPD notes §2.5)",
+    )
+    n_mask_samples: int = Field(default=1, ge=1, description="mask samples per step (S)")
+    output_loss: Literal["mse", "kl"] = Field(
+        default="mse", description="divergence D between masked and target outputs"
+    )
+    subset_routing: SubsetRoutingConfig = Field(
+        default_factory=lambda: SubsetRoutingConfig(),
+        description="how the subset term picks the masked modules",
+    )
+
+
+class ImportanceConfig(StrictModel):
+    """The per-CI penalty that importance (and frequency) minimality sum: |g⁺|^p, p annealed
+    or fixed, or a smooth L0."""
+
+    pnorm: float = Field(gt=0, description="p of the importance-minimality loss")
+    pnorm_anneal: PAnnealConfig | None = Field(
+        default=None, description="anneal p of the importance penalty (None: p fixed)"
+    )
+    penalty: Literal["lp", "smooth_l0"] = Field(
+        default="lp",
+        description="per-CI penalty: lp = |g⁺|^p (the paper's); smooth_l0 = 1 − exp(−g⁺/σ), "
+        "a saturating L0 stand-in with a finite gradient at 0 (spdkit.method.losses)",
+    )
+    smooth_l0_scale: float = Field(
+        default=0.1, gt=0, description="σ of the smooth_l0 penalty (CI ≫ σ costs about 1)"
     )

@@ -1,5 +1,5 @@
-"""The smaller sections of a run's config: what to decompose, the optimiser, the
-evaluation, subset routing."""
+"""The smaller sections of a run's config: what to decompose, the components, the engine
+switches, the evaluation."""
 
 from __future__ import annotations
 
@@ -32,15 +32,41 @@ class IdentitySpec(StrictModel):
     )
 
 
-class OptimizerConfig(StrictModel):
-    lr: float = Field(gt=0, description="maximum learning rate")
-    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
-        default="constant", description="decay after warm-up (to 0 for cosine and linear)"
+class ComponentsConfig(StrictModel):
+    """The rank-one subcomponents U[:, c] V[c, :] of every decomposed module."""
+
+    init: Literal["target_projection", "normal"] = Field(
+        default="target_projection",
+        description="U, V init: random rank-one terms scaled by their overlap with W, or "
+        "V ~ N(0, 1/d_in), U ~ N(0, 1/C)",
     )
-    warmup_frac: float = Field(
-        default=0.0, ge=0, lt=1, description="fraction of steps of linear warm-up from 0"
+    delta: bool = Field(
+        default=False,
+        description="Δ = W − U V as one more component per module with its own stochastic "
+        "mask (CI ≡ 0), so the masked model is the target at m = 1 (VPD notes §2)",
     )
-    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay (0 = Adam)")
+
+
+class EngineConfig(StrictModel):
+    """How a step is computed. None of these changes the losses beyond float rounding
+    (docs/engine.md; each shortcut has an exactness test)."""
+
+    prefix_replay: bool = Field(
+        default=True,
+        description="a masked pass returns the recorded output of every module call before "
+        "its first masked module (exact for modules whose only effect is their output); off "
+        "for targets whose modules leave state for later ones",
+    )
+    per_pass_backward: bool = Field(
+        default=True,
+        description="differentiate each masked pass as soon as its loss is known (memory of one "
+        "pass plus the CI graph); false keeps every pass in one graph (same gradients)",
+    )
+    masked_pass_dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32",
+        description="bfloat16: masked passes under torch.autocast (for GPUs; on CPU it was "
+        "measured to move gradients by ~10%); the CI function and losses stay float32",
+    )
 
 
 class EvalConfig(StrictModel):
@@ -72,19 +98,4 @@ class EvalConfig(StrictModel):
         ge=1,
         description="samples per evaluation chunk: bounds its memory (a large LM's logits); "
         "null: the whole evaluation batch at once",
-    )
-
-
-class SubsetRoutingConfig(StrictModel):
-    """Which modules a subset-reconstruction pass masks (spdkit.method.routing has the formulas)."""
-
-    kind: Literal["uniform_k", "bernoulli"] = Field(
-        default="uniform_k",
-        description="uniform_k: k ~ U{1..L}, then k modules uniformly (VPD); bernoulli: each "
-        "module independently with probability p",
-    )
-    p: float = Field(default=0.5, gt=0, le=1, description="bernoulli: routing probability")
-    scope: Literal["position", "batch"] = Field(
-        default="position",
-        description="one subset per position (VPD) or one per pass for the whole batch",
     )

@@ -103,15 +103,20 @@ class ComponentModel(nn.Module):
         self,
         target: nn.Module,
         specs: list[ModuleSpec],
-        ci_hidden_dim: int,
+        ci_hidden_dim: int | None = None,
         component_init: str = "target_projection",
         identity_specs: list[IdentitySpec] | None = None,
         ci_fn: CIFnConfig | None = None,
         prefix_replay: bool = True,
-        lower_sigmoid: str = "leaky",
         output_field: str | None = None,
     ) -> None:
+        """`ci_fn`: the CI function (kind, settings, lower sigmoid); without it the paper's
+        `mlp` kind with d_gate `ci_hidden_dim` (default 16)."""
         super().__init__()
+        if ci_fn is not None and ci_hidden_dim is not None:
+            raise ValueError("give ci_fn (with its own settings) or ci_hidden_dim, not both")
+        if ci_fn is None:
+            ci_fn = MLPCIConfig(hidden_dim=ci_hidden_dim or 16)
         self.output_field = output_field  # which tensor of the target's output D compares
         matched = match_modules(target, specs)
         # matched against the target's own modules, before anything is inserted
@@ -135,9 +140,7 @@ class ComponentModel(nn.Module):
             ModuleSlot(n, c.C, c.d_in, reads_inner=isinstance(c, EmbeddingComponents))
             for n, c in ((n, self.components(n)) for n in self.module_names)
         ]
-        self.ci: CIFunction = build_ci_function(
-            ci_fn or MLPCIConfig(), slots, ci_hidden_dim, lower_sigmoid
-        )
+        self.ci: CIFunction = build_ci_function(ci_fn, slots)
 
     @classmethod
     def from_config(cls, target: nn.Module, config: SPDConfig) -> ComponentModel:
@@ -145,13 +148,11 @@ class ComponentModel(nn.Module):
         return cls(
             target,
             config.modules,
-            config.ci_hidden_dim,
-            config.component_init,
-            config.insert_identity,
-            config.ci_fn,
-            config.prefix_replay,
-            config.lower_sigmoid,
-            getattr(config.target, "output", None),
+            component_init=config.components.init,
+            identity_specs=config.insert_identity,
+            ci_fn=config.ci_fn,
+            prefix_replay=config.engine.prefix_replay,
+            output_field=getattr(config.target, "output", None),
         )
 
     def set_ci_backend(self, backend: str, device: torch.device | str) -> str:

@@ -73,7 +73,7 @@ def reference_spd_losses(
         raw = model.ci.raw(inputs, h)
     g_lower, g_upper = {}, {}
     for n in names:
-        if config.lower_sigmoid == "leaky":
+        if config.ci_fn.lower_sigmoid == "leaky":
             g_lower[n] = torch.where(raw[n] <= 0, 0.01 * raw[n], torch.clamp(raw[n], max=1.0))
         else:  # VPD: clamp forward; below 0 only negative gradients pass, times 0.01
             g_lower[n] = _ClampLeakNegativeGrads.apply(raw[n])
@@ -81,18 +81,18 @@ def reference_spd_losses(
 
     # 3. importance minimality: Σ_l Σ_c φ(g⁺), averaged over the batch; φ = (g⁺)^p with p
     #    linear from pnorm to p_end between two fractions of training, or 1 − exp(−g⁺/σ)
-    p = config.pnorm
-    if config.pnorm_anneal is not None:
-        a = config.pnorm_anneal
-        t = (step / config.steps - a.start_frac) / (a.end_frac - a.start_frac)
-        p = config.pnorm + (a.p_end - config.pnorm) * min(max(t, 0.0), 1.0)
-    if config.importance_penalty == "lp":
+    p = config.importance.pnorm
+    if config.importance.pnorm_anneal is not None:
+        a = config.importance.pnorm_anneal
+        t = (step / config.training.steps - a.start_frac) / (a.end_frac - a.start_frac)
+        p = config.importance.pnorm + (a.p_end - config.importance.pnorm) * min(max(t, 0.0), 1.0)
+    if config.importance.penalty == "lp":
         phi = {n: (g + 1e-12) ** p for n, g in g_upper.items()}
     else:
-        phi = {n: 1 - torch.exp(-g / config.smooth_l0_scale) for n, g in g_upper.items()}
+        phi = {n: 1 - torch.exp(-g / config.importance.smooth_l0_scale) for n, g in g_upper.items()}
     terms["importance_minimality"] = sum(v.sum(-1).mean() for v in phi.values())
     # frequency minimality: Σ_l Σ_c s_c log2(1 + s_c) / (number of positions), s_c = Σ φ
-    if config.frequency_minimality_coeff > 0:
+    if config.loss.frequency_minimality_coeff > 0:
         freq = 0.0
         for v in phi.values():
             s_c = v.reshape(-1, v.shape[-1]).sum(0)
@@ -101,28 +101,28 @@ def reference_spd_losses(
 
     # 4. S stochastic masks m = g + (1 − g) r: all modules masked, each one alone, a subset
     full, layerwise, subset = [], [], []
-    for _ in range(config.n_mask_samples):
+    for _ in range(config.loss.n_mask_samples):
         masks = {}
         for n in names:
             g = g_lower[n]
-            if config.delta_component:  # one more slot, CI ≡ 0: its mask is r alone
+            if config.components.delta:  # one more slot, CI ≡ 0: its mask is r alone
                 g = torch.cat([g, torch.zeros_like(g[..., :1])], dim=-1)
             masks[n] = g + (1 - g) * _draw(mask_stream, g.numel(), g.device).view(g.shape)
-        if config.stochastic_recon_coeff > 0:
+        if config.loss.stochastic_recon_coeff > 0:
             full.append(masked(masks))
-        if config.stochastic_recon_layerwise_coeff > 0:
+        if config.loss.stochastic_recon_layerwise_coeff > 0:
             layerwise += [masked({n: masks[n]}) for n in names]
-        if config.stochastic_recon_subset_coeff > 0:
+        if config.loss.stochastic_recon_subset_coeff > 0:
             subset.append(_subset_pass(masks, config, mask_stream, masked, y_target))
 
     # 5. adversarial: sources s ascend D by n projected sign / Adam steps with g fixed, then
     #    D at m = g + (1 − g) s with s fixed (fresh sources each step)
-    div = config.output_loss
-    if config.adversarial_recon_coeff > 0:
+    div = config.loss.output_loss
+    if config.loss.adversarial_recon_coeff > 0:
         g_full = {}
         for n in names:
             g = g_lower[n]
-            if config.delta_component:
+            if config.components.delta:
                 g = torch.cat([g, torch.zeros_like(g[..., :1])], dim=-1)
             g_full[n] = g
         terms["adversarial_recon"] = _adversarial(g_full, config, mask_stream, masked, y_target)
@@ -138,20 +138,20 @@ def reference_spd_losses(
             subset
         )
     coeffs = {
-        "faithfulness": config.faithfulness_coeff,
-        "stochastic_recon": config.stochastic_recon_coeff,
-        "stochastic_recon_layerwise": config.stochastic_recon_layerwise_coeff,
-        "stochastic_recon_subset": config.stochastic_recon_subset_coeff,
-        "adversarial_recon": config.adversarial_recon_coeff,
-        "importance_minimality": config.importance_minimality_coeff,
-        "frequency_minimality": config.frequency_minimality_coeff,
+        "faithfulness": config.loss.faithfulness_coeff,
+        "stochastic_recon": config.loss.stochastic_recon_coeff,
+        "stochastic_recon_layerwise": config.loss.stochastic_recon_layerwise_coeff,
+        "stochastic_recon_subset": config.loss.stochastic_recon_subset_coeff,
+        "adversarial_recon": config.loss.adversarial_recon_coeff,
+        "importance_minimality": config.loss.importance_minimality_coeff,
+        "frequency_minimality": config.loss.frequency_minimality_coeff,
     }
     terms["total"] = sum(coeffs[k] * v for k, v in terms.items())  # type: ignore[assignment]
     return terms
 
 
 def _adversarial(g_full, config: SPDConfig, stream: MaskStream, masked, y_target: Tensor):
-    pgd, names = config.pgd, list(g_full)
+    pgd, names = config.adversary, list(g_full)
     if pgd.routing == "all":
         problems = [(names, None, 1.0)]
     elif pgd.routing == "layerwise":
@@ -179,7 +179,7 @@ def _adversarial(g_full, config: SPDConfig, stream: MaskStream, masked, y_target
         for t in range(1, pgd.n_steps + 1):
             live = {n: s.clone().requires_grad_(True) for n, s in sources.items()}
             masks = {n: g_full[n].detach() + (1 - g_full[n].detach()) * live[n] for n in group}
-            d = _divergence(config.output_loss, masked(masks, routes), y_target)
+            d = _divergence(config.loss.output_loss, masked(masks, routes), y_target)
             grads = torch.autograd.grad(d, [live[n] for n in group])
             for n, grad in zip(group, grads, strict=True):
                 if pgd.optimizer == "sign":
@@ -191,14 +191,16 @@ def _adversarial(g_full, config: SPDConfig, stream: MaskStream, masked, y_target
                     step = (m1[n] / (1 - b1**t)) / (torch.sqrt(m2[n] / (1 - b2**t)) + 1e-8)
                 sources[n] = torch.clamp(sources[n] + pgd.step_size * step, 0, 1)
         masks = {n: g_full[n] + (1 - g_full[n]) * sources[n] for n in group}
-        total = total + weight * _divergence(config.output_loss, masked(masks, routes), y_target)
+        total = total + weight * _divergence(
+            config.loss.output_loss, masked(masks, routes), y_target
+        )
     return total
 
 
 def _routes(g_full, config: SPDConfig, stream: MaskStream):
     """Subset routes drawn plainly: per position {name: bool [...]}, per batch the routed
     names (None if no module is routed anywhere)."""
-    names, routing = list(g_full), config.subset_routing
+    names, routing = list(g_full), config.loss.subset_routing
     positions = tuple(g_full[names[0]].shape[:-1]) if routing.scope == "position" else ()
     routed = _route_draws(routing, positions, len(names), stream, g_full[names[0]].device)
     if routing.scope == "batch":
@@ -241,7 +243,7 @@ class _ClampLeakNegativeGrads(torch.autograd.Function):
 def _subset_pass(masks, config: SPDConfig, stream: MaskStream, masked, y_target: Tensor) -> Tensor:
     """One subset-routed output: routes drawn plainly (per position or per batch), modules
     routed nowhere run their original weights like every unrouted position."""
-    names, routing = list(masks), config.subset_routing
+    names, routing = list(masks), config.loss.subset_routing
     positions = tuple(masks[names[0]].shape[:-1]) if routing.scope == "position" else ()
     routed = _route_draws(routing, positions, len(names), stream, masks[names[0]].device)
     if routing.scope == "batch":

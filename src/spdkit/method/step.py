@@ -62,30 +62,34 @@ LOSS_TERMS = (
 
 def loss_coefficients(config: SPDConfig) -> dict[str, float]:
     return {
-        "faithfulness": config.faithfulness_coeff,
-        "stochastic_recon": config.stochastic_recon_coeff,
-        "stochastic_recon_layerwise": config.stochastic_recon_layerwise_coeff,
-        "stochastic_recon_subset": config.stochastic_recon_subset_coeff,
-        "adversarial_recon": config.adversarial_recon_coeff,
-        "importance_minimality": config.importance_minimality_coeff,
-        "frequency_minimality": config.frequency_minimality_coeff,
+        "faithfulness": config.loss.faithfulness_coeff,
+        "stochastic_recon": config.loss.stochastic_recon_coeff,
+        "stochastic_recon_layerwise": config.loss.stochastic_recon_layerwise_coeff,
+        "stochastic_recon_subset": config.loss.stochastic_recon_subset_coeff,
+        "adversarial_recon": config.loss.adversarial_recon_coeff,
+        "importance_minimality": config.loss.importance_minimality_coeff,
+        "frequency_minimality": config.loss.frequency_minimality_coeff,
     }
 
 
 def current_pnorm(config: SPDConfig, step: int) -> float:
     """p of the importance penalty at `step`: `pnorm`, or its anneal (`pnorm_anneal`)."""
-    a = config.pnorm_anneal
+    a = config.importance.pnorm_anneal
     if a is None:
-        return config.pnorm
-    return pnorm_at(step, config.steps, config.pnorm, a.p_end, a.start_frac, a.end_frac)
+        return config.importance.pnorm
+    return pnorm_at(
+        step, config.training.steps, config.importance.pnorm, a.p_end, a.start_frac, a.end_frac
+    )
 
 
 def importance_penalties(
     ci_upper: Mapping[str, Tensor], config: SPDConfig, step: int
 ) -> dict[str, Tensor]:
     """φ(g⁺) per module [..., C]: (g⁺)^p (the paper's) or the smooth-L0 penalty."""
-    if config.importance_penalty == "smooth_l0":
-        return {n: smooth_l0_penalty(g, config.smooth_l0_scale) for n, g in ci_upper.items()}
+    if config.importance.penalty == "smooth_l0":
+        return {
+            n: smooth_l0_penalty(g, config.importance.smooth_l0_scale) for n, g in ci_upper.items()
+        }
     p = current_pnorm(config, step)
     return {n: lp_penalty(g, p) for n, g in ci_upper.items()}
 
@@ -112,10 +116,10 @@ def spd_losses(
     routing draws: per mask sample, one draw per module in `model.module_names` order, then
     the subset term's routes.
     """
-    divergence = DIVERGENCES[config.output_loss]
+    divergence = DIVERGENCES[config.loss.output_loss]
     coeffs = loss_coefficients(config)
     names = model.module_names
-    loss = StepLoss(coeffs, per_pass=config.per_pass_backward)
+    loss = StepLoss(coeffs, per_pass=config.engine.per_pass_backward)
 
     share = share_of_global(parallel)
 
@@ -146,7 +150,7 @@ def spd_losses(
             y = model.masked_forward(x, masks, record, inner=h, routes=routes)
         return share(divergence.compare(y.float(), y_target))
 
-    S, L = config.n_mask_samples, len(names)
+    S, L = config.loss.n_mask_samples, len(names)
     for _ in range(S):
         # m = g + (1 − g) ⊙ r; with the Δ-component, g_Δ ≡ 0: m_Δ = r
         masks = {n: stream.masks(with_delta_slot(g[n], config)) for n in names}
@@ -193,7 +197,7 @@ def adversarial_problems(
     """The adversary's passes by `pgd.routing`, each (g of its masked modules, routes, weight):
     all modules at once; a routed subset (routes drawn like the subset term's); or each
     module alone with weight 1/L, like the layerwise term."""
-    routing = config.pgd.routing
+    routing = config.adversary.routing
     if routing == "all":
         return [(dict(g), None, 1.0)]
     if routing == "layerwise":
@@ -216,12 +220,12 @@ def adversarial_divergence(
     D with g held fixed (from fresh sources, or the persistent ones, which are then kept);
     gradients of the returned D reach U, V and the CI function, not s*. Sources shared by
     the batch (scope batch) ascend the global D: their gradients are summed over ranks."""
-    pgd, device = config.pgd, next(iter(g.values())).device
+    pgd, device = config.adversary, next(iter(g.values())).device
     shapes = {n: source_shape(v, pgd.scope) for n, v in g.items()}
     per_sample = pgd.scope == "position"
     if persistent is not None:
         start, ascent = persistent.get(shapes, stream, device), persistent.ascent
-        lr = persistent.lr(step, config.steps)
+        lr = persistent.lr(step, config.training.steps)
     else:
         start = initial_sources(shapes, pgd.init, stream, device, per_sample)
         ascent, lr = Ascent(pgd.optimizer, pgd.adam_betas), pgd.step_size
@@ -242,7 +246,7 @@ def adversarial_divergence(
 
 def with_delta_slot(g: Tensor, config: SPDConfig) -> Tensor:
     """g [..., C] → [..., C + 1] with the Δ-component's CI (≡ 0) last, when it is on."""
-    if not config.delta_component:
+    if not config.components.delta:
         return g
     return torch.cat([g, g.new_zeros(*g.shape[:-1], 1)], dim=-1)
 
@@ -252,7 +256,7 @@ def masked_pass_precision(
 ) -> contextlib.AbstractContextManager:
     """torch.autocast to bfloat16 for the masked passes when the config asks for it. The
     divergence is computed in float32 from the (autocast) output."""
-    if config.masked_pass_dtype == "bfloat16":
+    if config.engine.masked_pass_dtype == "bfloat16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -262,7 +266,7 @@ def subset_masks(
 ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
     """The masks of the routed modules and, for per-position routing, each one's route
     (bool [...]); `spdkit.method.routing` has the formula. Modules routed nowhere are left out."""
-    routing, names = config.subset_routing, list(masks)
+    routing, names = config.loss.subset_routing, list(masks)
     first = masks[names[0]]
     positions = tuple(first.shape[:-1]) if routing.scope == "position" else ()
     mismatched = [

@@ -102,12 +102,12 @@ def _total_C(trainer: Trainer) -> int:
 def _persistent_pgd_bytes(trainer: Trainer, batch: int, tokens: int) -> int:
     """Persistent PGD keeps source, m, v per module: [B, T, C(+1)] each (scope position)."""
     cfg = trainer.config
-    if cfg.adversarial_recon_coeff == 0 or not cfg.pgd.persistent:
+    if cfg.loss.adversarial_recon_coeff == 0 or not cfg.adversary.persistent:
         return 0
-    extra = 1 if cfg.delta_component else 0
+    extra = 1 if cfg.components.delta else 0
     per = sum(trainer.model.components(n).C + extra for n in trainer.model.module_names)
-    rows = batch * tokens if cfg.pgd.scope == "position" else 1
-    n_tensors = 3 if cfg.pgd.optimizer == "adam" else 1
+    rows = batch * tokens if cfg.adversary.scope == "position" else 1
+    n_tensors = 3 if cfg.adversary.optimizer == "adam" else 1
     return 4 * n_tensors * rows * per
 
 
@@ -140,7 +140,7 @@ def _evaluation_work(trainer: Trainer, x: torch.Tensor, gen: torch.Generator) ->
     with torch.no_grad():
         spd_losses(model, x, cfg, MaskStream(PROBE_SEED), trainer.step, None)
         causal_importance(model, x)
-        output_losses(model, x, DIVERGENCES[cfg.output_loss])
+        output_losses(model, x, DIVERGENCES[cfg.loss.output_loss])
     if reports_lm(cfg.target):
         ev = cfg.eval.model_copy(update={"pgd_steps": [1], "batch_size": None})
         lm_mask_evaluation(model, x, ev, gen)
@@ -167,12 +167,12 @@ def _affine_fit(
 
 
 def make_plan(trainer: Trainer) -> Plan:
-    """Probe the trainer's step and extrapolate to config.batch_size; the evaluation likewise
+    """Probe the trainer's step and extrapolate to config.training.batch_size; the evaluation likewise
     to its chunk (plus the CI of the whole evaluation batch, held while chunks are scored).
     A data-parallel rank plans its shard of the batch and, on a CPU, its share of the
     machine's memory."""
     cfg, par = trainer.config, trainer.parallel
-    B = cfg.batch_size // par.world
+    B = cfg.training.batch_size // par.world
     tokens = int(getattr(cfg.target, "seq_len", 1) or 1)
     import spdkit.analysis.plots  # noqa: F401  (the evaluation draws figures: matplotlib is resident)
 

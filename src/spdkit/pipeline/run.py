@@ -232,7 +232,7 @@ def evaluate_checkpoint(run_dir: Path, device: str = "cpu") -> tuple[dict[str, A
     figures/ are left alone: they describe finished runs only). Returns (summary, out_dir)."""
     decomp, step = load_checkpoint(run_dir, device)
     out_dir = Path(run_dir) / PARTIAL_DIR / f"step_{step}"
-    partial = {"step": step, "steps": decomp.config.steps}
+    partial = {"step": step, "steps": decomp.config.training.steps}
     return evaluate(decomp, Path(run_dir), out_dir=out_dir, partial=partial), out_dir
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from spdkit.config import SPDConfig
-from spdkit.errors import CheckpointError, RunDirError
+from spdkit.config.ci import ci_backend
+from spdkit.errors import RunDirError
 from spdkit.method.model import ComponentModel
 from spdkit.store import runs
 
@@ -26,7 +26,7 @@ def restore(
     The target is rebuilt from target.json + target.safetensors, or is `target` (a fresh
     instance of the user's model, whose weights are replaced by the saved ones). The components
     are the finished run's, or with `checkpoint` those of the last checkpoint (`step` its step;
-    for a finished run `config.steps`)."""
+    for a finished run `config.training.steps`)."""
     run_dir = Path(run_dir)
     config = runs.load_run_config(run_dir)
     ckpt = run_dir / runs.CHECKPOINT
@@ -45,18 +45,15 @@ def restore(
     if checkpoint:
         tensors, meta = runs.load_tensors(ckpt)
         params = model.trainable_parameters()
-        try:
-            saved = runs.checkpoint_parameters(params, tensors)
-        except CheckpointError as err:
-            raise RunDirError(f"{ckpt}: {err}") from None
-        with torch.no_grad():
-            for p, value in zip(params, saved, strict=True):
-                p.copy_(value)
+        problems = runs.checkpoint_parameter_problems(params, tensors)
+        if problems:
+            raise RunDirError(f"{ckpt}: checkpoint does not fit this config: {'; '.join(problems)}")
+        runs.copy_checkpoint_parameters(params, tensors)
         step = int(meta.get("step", 0))
     else:
         path = run_dir / "components.safetensors"
         tensors, _ = runs.load_tensors(path)
         runs.load_component_tensors(model, tensors, path)
-        step = config.steps
-    model.set_ci_backend(config.ci_backend, device)
+        step = config.training.steps
+    model.set_ci_backend(ci_backend(config.ci_fn), device)
     return model, config, step

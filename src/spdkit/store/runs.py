@@ -28,7 +28,6 @@ import yaml
 from torch import Tensor, nn
 
 from spdkit.config import ConfigError, SPDConfig, TargetConfig, dump_config, parse_config
-from spdkit.errors import CheckpointError
 from spdkit.method.model import ComponentModel
 from spdkit.store.atomic import (  # re-exported: callers use runs.<name> for run-directory files
     RunDirError,
@@ -253,10 +252,11 @@ def read_firing(run_dir: Path) -> tuple[dict[str, Tensor], int] | None:
     return counts, int(meta["firing_positions"])
 
 
-def checkpoint_parameters(params: list[nn.Parameter], tensors: dict[str, Tensor]) -> list[Tensor]:
-    """The saved values of `params` (`param.<i>`, `ComponentModel.trainable_parameters()`
-    order) from a checkpoint's tensors; a missing or mis-shaped one is a CheckpointError
-    naming every problem, before anything is changed."""
+def checkpoint_parameter_problems(
+    params: list[nn.Parameter], tensors: dict[str, Tensor]
+) -> list[str]:
+    """What keeps a checkpoint's `param.<i>` tensors (`ComponentModel.trainable_parameters()`
+    order) from restoring `params`: each missing or mis-shaped one, named; [] when they fit."""
     problems = []
     for i, p in enumerate(params):
         saved = tensors.get(f"param.{i}")
@@ -264,6 +264,11 @@ def checkpoint_parameters(params: list[nn.Parameter], tensors: dict[str, Tensor]
             problems.append(f"missing param.{i}")
         elif saved.shape != p.shape:
             problems.append(f"param.{i} has shape {list(saved.shape)}, expected {list(p.shape)}")
-    if problems:
-        raise CheckpointError("checkpoint does not fit this config: " + "; ".join(problems))
-    return [tensors[f"param.{i}"] for i in range(len(params))]
+    return problems
+
+
+def copy_checkpoint_parameters(params: list[nn.Parameter], tensors: dict[str, Tensor]) -> None:
+    """params ← the checkpoint's `param.<i>` (checked first: `checkpoint_parameter_problems`)."""
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(tensors[f"param.{i}"])

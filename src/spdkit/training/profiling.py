@@ -44,10 +44,10 @@ def step_flops(trainer: Trainer) -> dict[str, float]:
     total = float(counter.get_total_flops())
     ci = 0.0
     if trainer.ci_backend == "fused":
-        batch = trainer.config.batch_size
+        batch = trainer.config.training.batch_size
         for name in model.module_names:
             C = model.components(name).C
-            ci += 12.0 * batch * C * trainer.config.ci_hidden_dim
+            ci += 12.0 * batch * C * trainer.config.ci_fn.hidden_dim
     return {"counted": total, "ci_fused": ci, "total": total + ci}
 
 
@@ -84,7 +84,7 @@ class StepProfiler:
     def __call__(self, trainer: Trainer) -> None:
         from torch.profiler import profile
 
-        last = trainer.config.steps
+        last = trainer.config.training.steps
         if self.done:
             return
         if self._prof is None:
@@ -101,7 +101,7 @@ class StepProfiler:
             head = (
                 f"steps {self._first + 1}-{trainer.step}: {ms:.2f} ms/step under the profiler "
                 f"(device {trainer.device}, threads {torch.get_num_threads()}, "
-                f"CI backend {trainer.ci_backend}, batch {trainer.config.batch_size})\n\n"
+                f"CI backend {trainer.ci_backend}, batch {trainer.config.training.batch_size})\n\n"
             )
             text = head + profile_table(self._prof, trainer.device)
             runs.atomic_write_text(self.run_dir / "profile.txt", text)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from spdkit.config import OptimizerConfig, SPDConfig
+from spdkit.config.ci import ci_backend
 from spdkit.engine.distributed import SINGLE, Parallel, shard_size
 from spdkit.engine.random_stream import MaskStream
 from spdkit.errors import CheckpointError, NonFiniteError
@@ -27,7 +28,7 @@ from spdkit.method.losses import faithfulness_loss
 from spdkit.method.model import ComponentModel
 from spdkit.method.step import LOSS_TERMS, loss_coefficients, spd_losses
 from spdkit.progress import progress_bar
-from spdkit.store.runs import checkpoint_parameters
+from spdkit.store.runs import checkpoint_parameter_problems, copy_checkpoint_parameters
 from spdkit.targets import DataSource
 
 __all__ = ["LOSS_TERMS", "Trainer", "loss_coefficients", "lr_at", "spd_losses"]
@@ -86,14 +87,16 @@ class Trainer:
     ):
         self.model, self.data, self.config, self.device = model, data, config, device
         self.parallel = parallel
-        shard_size(config.batch_size, parallel.world)  # a batch that does not split: error now
+        shard_size(
+            config.training.batch_size, parallel.world
+        )  # a batch that does not split: error now
         if parallel.active:  # the same target and initial components on every rank
             sums = torch.stack([t.detach().double().sum() for t in model.state_dict().values()])
             parallel.check_same(sums, "models (target weights or initial components)")
         self.optimizer = torch.optim.AdamW(
             model.trainable_parameters(),
-            lr=config.optimizer.lr,
-            weight_decay=config.optimizer.weight_decay,
+            lr=config.training.optimizer.lr,
+            weight_decay=config.training.optimizer.weight_decay,
             # one kernel per parameter instead of ~10 elementwise ops each: the same update
             # (tests/test_train.py); tms_5-2: 0.55 -> 0.21 ms per step in the optimiser
             fused=torch.device(device).type in ("cpu", "cuda"),
@@ -110,11 +113,11 @@ class Trainer:
             for n in model.module_names
         }
         self.firing_positions = 0
-        self.ci_backend = model.set_ci_backend(config.ci_backend, device)
+        self.ci_backend = model.set_ci_backend(ci_backend(config.ci_fn), device)
         # persistent PGD's sources and their Adam state (VPD), carried across steps
         self.pgd_sources = (
-            PersistentSources(config.pgd)
-            if config.pgd.persistent and config.adversarial_recon_coeff > 0
+            PersistentSources(config.adversary)
+            if config.adversary.persistent and config.loss.adversarial_recon_coeff > 0
             else None
         )
 
@@ -123,13 +126,15 @@ class Trainer:
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """One optimiser step; `stop_requested` (this rank's SIGTERM) is combined with the
         other ranks' into `stop_agreed`, so that every rank stops after the same step."""
-        if self.step == 0 and self.config.faithfulness_warmup.steps > 0:
+        if self.step == 0 and self.config.training.faithfulness_warmup.steps > 0:
             self.faithfulness_warmup()
-        lr = lr_at(self.step, self.config.steps, self.config.optimizer)
+        lr = lr_at(self.step, self.config.training.steps, self.config.training.optimizer)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # the global batch on every rank (the same numbers per sample at any world size)
-        x = self.parallel.local(self.data.sample(self.config.batch_size, self.data_generator))
+        x = self.parallel.local(
+            self.data.sample(self.config.training.batch_size, self.data_generator)
+        )
         self.optimizer.zero_grad(set_to_none=True)
         # + grads
         terms, ci_lower = spd_losses(
@@ -144,12 +149,12 @@ class Trainer:
         if problem is None:
             self.clip_gradients()
             self.optimizer.step()
-        elif self.config.on_nonfinite == "stop":
+        elif self.config.training.on_nonfinite == "stop":
             raise NonFiniteError(f"step {self.step + 1}: {problem}; the last checkpoint is kept")
         else:
             self.skipped_steps += 1
         self.step += 1
-        if self.step > self.config.steps - max(1, self.config.steps // 10):
+        if self.step > self.config.training.steps - max(1, self.config.training.steps // 10):
             self._count_firing(ci_lower)
         return terms, ci_lower
 
@@ -164,7 +169,7 @@ class Trainer:
     def clip_gradients(self) -> None:
         """Scale the gradients of all U, V (and, separately, of the CI function) down to a
         global L2 norm of at most `grad_clip.components` (`grad_clip.ci_fn`)."""
-        clip = self.config.grad_clip
+        clip = self.config.training.grad_clip
         if clip.components is not None:
             torch.nn.utils.clip_grad_norm_(self.model.component_parameters(), clip.components)
         if clip.ci_fn is not None:
@@ -175,7 +180,7 @@ class Trainer:
         alone over U, V, before SPD's first step (VPD notes §5): SPD then starts from
         U V ≈ W. It needs no data or random numbers, so it is a pure function of the init and
         a run resumed from any checkpoint (step ≥ 1) has it already; returns the final loss."""
-        warm = self.config.faithfulness_warmup
+        warm = self.config.training.faithfulness_warmup
         params = self.model.component_parameters()
         opt = torch.optim.AdamW(params, lr=warm.lr, weight_decay=0.0)
         names = self.model.module_names
@@ -205,23 +210,25 @@ class Trainer:
         progress: bool = True,
         on_step: Callable[[Trainer], None] | None = None,
     ) -> None:
-        """Train from the current step to config.steps; log and checkpoint on the way.
+        """Train from the current step to config.training.steps; log and checkpoint on the way.
 
         On Ctrl-C or SIGTERM a checkpoint is written before the interrupt propagates, so
         nothing is lost and `spdkit resume` continues exactly.
         """
         cfg = self.config
-        bar = progress_bar(cfg.steps, "spd", progress and self.parallel.is_main, initial=self.step)
+        bar = progress_bar(
+            cfg.training.steps, "spd", progress and self.parallel.is_main, initial=self.step
+        )
         seq_len = getattr(cfg.target, "seq_len", None)  # language models: tokens per second
-        tokens_per_step = cfg.batch_size * seq_len if seq_len else 0
+        tokens_per_step = cfg.training.batch_size * seq_len if seq_len else 0
         with _stop_requests() as stop:
             try:
-                while self.step < cfg.steps:
+                while self.step < cfg.training.steps:
                     terms, ci_lower = self.train_step(stop.is_set())
                     bar.update(1)
                     if on_step:
                         on_step(self)
-                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    if self.step % cfg.training.log_every == 0 or self.step == cfg.training.steps:
                         record = step_record(self, terms, ci_lower)
                         shown = ("total", *LOSS_TERMS)
                         postfix = {k: f"{record[k]:.3g}" for k in shown if k in record}
@@ -231,7 +238,10 @@ class Trainer:
                         bar.set_postfix(postfix)
                         if on_log:
                             on_log(self.step, record)
-                    due = self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps
+                    due = (
+                        self.step % cfg.training.checkpoint_every == 0
+                        or self.step == cfg.training.steps
+                    )
                     # together: the ranks' requests as of this step's reduction
                     stopping = self.stop_agreed if self.parallel.active else stop.is_set()
                     if on_checkpoint and (due or stopping):
@@ -260,7 +270,7 @@ class Trainer:
             tensors[f"firing.{name}"] = par.sum_(counts.clone())
         positions = par.sum_(torch.tensor([self.firing_positions], device=self.device))
         if self.pgd_sources is not None:
-            per_sample = self.config.pgd.scope == "position"
+            per_sample = self.config.adversary.scope == "position"
             for key, value in self.pgd_sources.state_tensors().items():
                 rows = per_sample and key.endswith(SHARDED_PGD)
                 tensors[key] = par.gather_rows(value) if rows else value
@@ -279,13 +289,11 @@ class Trainer:
             f"missing {k}" for k in ("rng.data", "rng.mask", "rng.torch") if k not in tensors
         ]
         problems += [f"missing metadata {k!r}" for k in ("step", "param_groups") if k not in meta]
+        params = self.model.trainable_parameters()
+        problems += checkpoint_parameter_problems(params, tensors)
         if problems:
             raise CheckpointError("checkpoint does not fit this config: " + "; ".join(problems))
-        params = self.model.trainable_parameters()
-        saved = checkpoint_parameters(params, tensors)
-        with torch.no_grad():
-            for p, value in zip(params, saved, strict=True):
-                p.copy_(value)
+        copy_checkpoint_parameters(params, tensors)
         state: dict[int, dict[str, Tensor]] = {}
         for key, value in tensors.items():
             if key.startswith("optim."):
@@ -316,7 +324,7 @@ class Trainer:
                 self.firing[name] = tensors[f"firing.{name}"].to(self.device)
         self.firing_positions = int(meta.get("firing_positions", 0)) if main else 0
         if self.pgd_sources is not None:
-            per_sample = self.config.pgd.scope == "position"
+            per_sample = self.config.adversary.scope == "position"
             self.pgd_sources.load_state(
                 {
                     k: self.parallel.local(v) if per_sample and k.endswith(SHARDED_PGD) else v

@@ -16,25 +16,19 @@ from spdkit.method.ci.mlp import MLPCI
 from spdkit.method.ci.vector_mlp import VectorMLPCI
 
 
-def build_ci_function(
-    config: CIFnConfig, slots: list[ModuleSlot], d_gate: int, lower_sigmoid: str = "leaky"
-) -> CIFunction:
-    """The CI function of `config.kind` over the decomposed modules (sorted by name, so the
-    global kinds' input and output layout does not depend on the patterns' order), giving
-    its masks' g through `lower_sigmoid` (`spdkit.method.ci.sigmoids.LOWER_SIGMOIDS`)."""
-    fn = _build(config, slots, d_gate)
-    fn.lower_sigmoid = lower_sigmoid
-    return fn
-
-
-def _build(config: CIFnConfig, slots: list[ModuleSlot], d_gate: int) -> CIFunction:
+def build_ci_function(config: CIFnConfig, slots: list[ModuleSlot]) -> CIFunction:
+    """The CI function of `config.kind` over the decomposed modules, with the lower sigmoid
+    its masks' g go through (`config.lower_sigmoid`). The global kinds take the modules sorted
+    by name, so their input and output layout does not depend on the patterns' order; `mlp`
+    keeps `module_names` order (as it always has: the run directory names its tensors)."""
     ordered = sorted(slots, key=lambda s: s.name)
+    lower = config.lower_sigmoid
     if config.kind == "mlp":
-        return MLPCI(slots, d_gate)  # per module: the order of module_names, as before
+        return MLPCI(slots, config.hidden_dim, lower)
     if config.kind == "vector_mlp":
-        return VectorMLPCI(slots, config.hidden_dims, config.input_norm)
+        return VectorMLPCI(slots, config.hidden_dims, config.input_norm, lower)
     if config.kind == "global_mlp":
-        return GlobalMLPCI(ordered, config.hidden_dims, config.input_norm)
+        return GlobalMLPCI(ordered, config.hidden_dims, config.input_norm, lower)
     return GlobalTransformerCI(
         ordered,
         config.d_model,
@@ -43,6 +37,7 @@ def _build(config: CIFnConfig, slots: list[ModuleSlot], d_gate: int) -> CIFuncti
         config.d_ff,
         config.causal,
         config.input_norm,
+        lower,
     )
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spdkit.config.ci import InputNorm
+from spdkit.config.ci import InputNorm, LowerSigmoid
 from spdkit.method.ci.sigmoids import LOWER_SIGMOIDS, upper_leaky_hard_sigmoid
 
 
@@ -48,11 +48,16 @@ class CIFunction(nn.Module):
 
     per_module = False  # one function per module (tensors named `<module>.ci.*`)
 
-    def __init__(self, slots: list[ModuleSlot], input_norm: InputNorm = "rms") -> None:
+    def __init__(
+        self,
+        slots: list[ModuleSlot],
+        input_norm: InputNorm = "rms",
+        lower_sigmoid: LowerSigmoid = "leaky",
+    ) -> None:
         super().__init__()
         self.slots = list(slots)
         self.input_norm = input_norm
-        self.lower_sigmoid = "leaky"  # the masks' sigmoid (`LOWER_SIGMOIDS`), set once built
+        self.lower_sigmoid = lower_sigmoid  # the masks' sigmoid (`LOWER_SIGMOIDS`)
 
     def raw(self, inputs: Mapping[str, Tensor], inner: Mapping[str, Tensor]) -> dict[str, Tensor]:
         raise NotImplementedError

@@ -14,15 +14,19 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from spdkit.config.ci import InputNorm
+from spdkit.config.ci import InputNorm, LowerSigmoid
 from spdkit.method.ci.base import CIFunction, ModuleSlot, mlp
 
 
 class GlobalMLPCI(CIFunction):
     def __init__(
-        self, slots: list[ModuleSlot], hidden_dims: list[int], input_norm: InputNorm = "rms"
+        self,
+        slots: list[ModuleSlot],
+        hidden_dims: list[int],
+        input_norm: InputNorm = "rms",
+        lower_sigmoid: LowerSigmoid = "leaky",
     ) -> None:
-        super().__init__(slots, input_norm)
+        super().__init__(slots, input_norm, lower_sigmoid)
         self.net = mlp(sum(s.width for s in slots), hidden_dims, sum(s.C for s in slots))
 
     def raw(self, inputs: Mapping[str, Tensor], inner: Mapping[str, Tensor]) -> dict[str, Tensor]:

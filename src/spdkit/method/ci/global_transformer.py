@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spdkit.config.ci import InputNorm
+from spdkit.config.ci import InputNorm, LowerSigmoid
 from spdkit.method.ci.base import CIFunction, ModuleSlot
 
 
@@ -69,8 +69,9 @@ class GlobalTransformerCI(CIFunction):
         d_ff: int,
         causal: bool,
         input_norm: InputNorm = "rms",
+        lower_sigmoid: LowerSigmoid = "leaky",
     ) -> None:
-        super().__init__(slots, input_norm)
+        super().__init__(slots, input_norm, lower_sigmoid)
         if d_model % n_heads or (d_model // n_heads) % 2:
             raise ValueError(
                 f"ci_fn: d_model {d_model} must split into {n_heads} heads of an even width"

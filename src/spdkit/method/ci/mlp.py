@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spdkit.config.ci import LowerSigmoid
 from spdkit.method.ci.base import CIFunction, ModuleSlot, key
 from spdkit.method.ci.sigmoids import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
 
@@ -84,8 +85,10 @@ class CausalImportance(nn.Module):
 class MLPCI(CIFunction):
     per_module = True
 
-    def __init__(self, slots: list[ModuleSlot], d_gate: int) -> None:
-        super().__init__(slots)
+    def __init__(
+        self, slots: list[ModuleSlot], d_gate: int, lower_sigmoid: LowerSigmoid = "leaky"
+    ) -> None:
+        super().__init__(slots, lower_sigmoid=lower_sigmoid)
         self.functions = nn.ModuleDict({key(s.name): CausalImportance(s.C, d_gate) for s in slots})
 
     def of(self, name: str) -> CausalImportance:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from spdkit.config.ci import InputNorm
+from spdkit.config.ci import InputNorm, LowerSigmoid
 from spdkit.method.ci.base import CIFunction, ModuleSlot, key, mlp
 
 
@@ -21,9 +21,13 @@ class VectorMLPCI(CIFunction):
     per_module = True
 
     def __init__(
-        self, slots: list[ModuleSlot], hidden_dims: list[int], input_norm: InputNorm = "rms"
+        self,
+        slots: list[ModuleSlot],
+        hidden_dims: list[int],
+        input_norm: InputNorm = "rms",
+        lower_sigmoid: LowerSigmoid = "leaky",
     ) -> None:
-        super().__init__(slots, input_norm)
+        super().__init__(slots, input_norm, lower_sigmoid)
         self.functions = nn.ModuleDict(
             {key(s.name): _Net(mlp(s.width, hidden_dims, s.C)) for s in slots}
         )

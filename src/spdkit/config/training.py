@@ -1,0 +1,53 @@
+"""How the decomposition is optimised: steps, batch, AdamW and its schedule, gradient
+clipping, the faithfulness warm-up phase, logging and checkpoints (`spdkit.training`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from spdkit.config.base import StrictModel
+
+
+class OptimizerConfig(StrictModel):
+    lr: float = Field(gt=0, description="maximum learning rate")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        default="constant", description="decay after warm-up (to 0 for cosine and linear)"
+    )
+    warmup_frac: float = Field(
+        default=0.0, ge=0, lt=1, description="fraction of steps of linear warm-up from 0"
+    )
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay (0 = Adam)")
+
+
+class GradClipConfig(StrictModel):
+    """Clip the gradient's global L2 norm before each update, separately over all U, V and
+    over the CI function's weights (None: no clipping; VPD clips U, V at 0.01, not the CI)."""
+
+    components: float | None = Field(default=None, gt=0, description="max norm over all U, V")
+    ci_fn: float | None = Field(default=None, gt=0, description="max norm over the CI function")
+
+
+class FaithfulnessWarmupConfig(StrictModel):
+    """Before SPD's first step, `steps` steps of L_faithfulness alone on U, V (AdamW, weight
+    decay 0, constant `lr`), so training starts with U V ≈ W (VPD: 400 steps at 1e-3)."""
+
+    steps: int = Field(default=0, ge=0, description="warm-up steps (0: none)")
+    lr: float = Field(default=1e-3, gt=0, description="its learning rate")
+
+
+class TrainingConfig(StrictModel):
+    steps: int = Field(ge=1, description="training steps")
+    batch_size: int = Field(ge=1, description="training batch size")
+    optimizer: OptimizerConfig
+    log_every: int = Field(default=100, ge=1, description="steps between metric records")
+    checkpoint_every: int = Field(default=2000, ge=1, description="steps between checkpoints")
+    grad_clip: GradClipConfig = Field(default_factory=lambda: GradClipConfig())
+    faithfulness_warmup: FaithfulnessWarmupConfig = Field(
+        default_factory=lambda: FaithfulnessWarmupConfig()
+    )
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        default="stop",
+        description="a NaN/inf loss or gradient: stop (keeping the last checkpoint) or skip the step",
+    )
