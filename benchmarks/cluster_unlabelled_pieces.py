@@ -22,7 +22,7 @@ import torch
 import spdkit
 from spdkit.analysis.mechanisms.clusters import ClusterParams, cluster
 from spdkit.analysis.mechanisms.ground_truth import true_mechanisms
-from spdkit.analysis.metrics import causal_importance, one_hot_inputs
+from spdkit.method.measures import causal_importance, one_hot_inputs
 from spdkit.pipeline.run import load_checkpoint
 
 

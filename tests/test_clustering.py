@@ -3,6 +3,7 @@ truth of the toy targets, `spdkit cluster` and clusters.json, mechanism masks.""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from dataclasses import replace
@@ -13,17 +14,16 @@ import torch
 from typer.testing import CliRunner
 
 import spdkit
-from spdkit.analysis.mechanisms import ground_truth
 from spdkit.analysis.mechanisms.clusters import ClusterParams, cluster, gather, read_clusters
 from spdkit.analysis.mechanisms.firings import Firings, gather_firings
 from spdkit.analysis.mechanisms.ground_truth import score, true_mechanisms
 from spdkit.analysis.mechanisms.merge import description_length, merge_costs, merge_greedy
-from spdkit.analysis.metrics import causal_importance
 from spdkit.cli import app
 from spdkit.config import load_config, parse_config
 from spdkit.errors import RunDirError
+from spdkit.method.measures import causal_importance
 from spdkit.method.model import ComponentModel
-from spdkit.targets import data_source, eval_data_source, target_kind
+from spdkit.targets import TARGET_KINDS, data_source, eval_data_source, target_kind
 from tests.helpers import tiny_tms_dict
 
 runner = CliRunner()
@@ -261,7 +261,9 @@ def test_resid_mlp_labels_follow_one_hot_responses(monkeypatch):
         "layers.0.mlp_in": [[2], list(range(10)), [0, 1], []],
         "layers.0.mlp_out": [[0, 1, 2, 3], [3], [1, 2]],
     }
-    monkeypatch.setattr(ground_truth, "_responding_features", lambda decomp, tau: responses)
+    kind = TARGET_KINDS["resid_mlp"]
+    known = dataclasses.replace(kind.mechanisms, feature_owners=lambda model, cfg: responses)
+    monkeypatch.setitem(TARGET_KINDS, "resid_mlp", dataclasses.replace(kind, mechanisms=known))
     live = [f"layers.0.mlp_in:{i}" for i in range(3)] + [f"layers.0.mlp_out:{i}" for i in range(3)]
     labels, expected = true_mechanisms(spdkit.Decomposition(model, config), live)
     assert expected == 11  # 10 features + the dense W_out mechanism

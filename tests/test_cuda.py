@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from spdkit.analysis.metrics import lm_mask_evaluation
+from spdkit.analysis.lm import lm_mask_evaluation
 from spdkit.config import parse_config
 from spdkit.engine.random_stream import MaskStream
 from spdkit.targets import data_source, target_kind

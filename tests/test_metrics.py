@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from spdkit.analysis.metrics import mmcs_ml2r, non_negligible, subcomponent_norms
+from spdkit.method.measures import non_negligible, subcomponent_norms
+from spdkit.targets.tms_analysis import mmcs_ml2r
 
 
 def columnwise(W: torch.Tensor, scale: float = 1.0):
@@ -69,7 +70,7 @@ def test_no_candidates_is_a_clear_error():
 def test_lm_evaluation_in_chunks_equals_the_whole_batch():
     """eval.batch_size bounds memory, not the numbers: CE / KL of every mask kind, and the
     PGD ladder with one source vector for the whole batch (gradients summed over chunks)."""
-    from spdkit.analysis.metrics import lm_mask_evaluation
+    from spdkit.analysis.lm import lm_mask_evaluation
     from spdkit.config import EvalConfig, ModuleSpec
     from spdkit.method.model import ComponentModel
     from spdkit.targets.transformer import Transformer

@@ -10,13 +10,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from spdkit.analysis.metrics import (
-    greedy_feature_order,
-    neuron_contributions_subcomponents,
-    neuron_contributions_target,
-    pearson_and_slope,
-    resid_mlp_verdict,
-)
+from spdkit.analysis.metrics import greedy_feature_order
 from spdkit.cli import app
 from spdkit.config import ModuleSpec, ResidMLPTargetConfig, load_config, parse_config
 from spdkit.method.model import NO_SHORTCUTS, ComponentModel
@@ -25,6 +19,12 @@ from spdkit.pipeline.sweep import across_seeds
 from spdkit.store import runs
 from spdkit.targets.data import sample_sparse_features
 from spdkit.targets.resid_mlp import ResidMLP, labels, train_resid_mlp
+from spdkit.targets.resid_mlp_analysis import (
+    neuron_contributions_subcomponents,
+    neuron_contributions_target,
+    pearson_and_slope,
+    resid_mlp_verdict,
+)
 from tests.helpers import tiny_resid_dict
 
 
@@ -73,10 +73,11 @@ def test_bundled_configs_match_the_paper_appendix():
     c1, c2, c3 = (load_config(f"resid_mlp{i}") for i in (1, 2, 3))
     assert (c1.target.n_layers, c1.target.d_mlp, c1.target.n_features) == (1, 50, 100)
     assert (c2.target.n_layers, c2.target.d_mlp, c3.target.n_features) == (2, 25, 102)
-    assert (c3.target.n_layers, c3.target.d_mlp, c3.ci_hidden_dim) == (3, 17, 128)
+    assert (c3.target.n_layers, c3.target.d_mlp, c3.ci_fn.hidden_dim) == (3, 17, 128)
     assert [m.C for m in c1.modules] == [100, 100] and c2.modules[0].C == 400
-    assert (c1.importance_minimality_coeff, c1.optimizer.lr, c1.steps) == (1e-5, 2e-3, 30_000)
-    assert c3.importance_minimality_coeff == 0.5e-5 and c1.eval.one_hot_value == 0.75
+    assert (c1.loss.importance_minimality_coeff, c1.training.optimizer.lr) == (1e-5, 2e-3)
+    assert c1.training.steps == 30_000
+    assert c3.loss.importance_minimality_coeff == 0.5e-5 and c1.eval.one_hot_value == 0.75
     assert all(c.importance.pnorm == 2 and c.training.batch_size == 2048 for c in (c1, c2, c3))
 
 

@@ -74,14 +74,14 @@ def test_short_induction_run_reports_lm_metrics_and_alive_counts(tmp_path):
 
 
 def test_top_contexts_picks_the_most_used_subcomponent_and_its_best_positions():
-    from spdkit.analysis.metrics import top_contexts
+    from spdkit.analysis.lm import most_used_contexts
 
     ci = torch.zeros(2, 5, 3)
     ci[0, 3, 1] = 0.9  # subcomponent 1 fires twice, 2 once, 0 never
     ci[1, 1, 1] = 0.5
     ci[1, 4, 2] = 1.0
     ids = torch.tensor([[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])
-    rows = top_contexts(ci, ids, lambda t: "".join(map(str, t)), n_contexts=2, width=2)
+    rows = most_used_contexts(ci, ids, lambda t: "".join(map(str, t)), 0.1, n_contexts=2, width=2)
     assert [r["subcomponent"] for r in rows] == [1, 2]
     assert rows[0]["top"] == [("12[3]", 0.9), ("5[6]", 0.5)]
 

@@ -19,8 +19,8 @@ from spdkit.analysis.mechanisms.clusters import (
     read_clusters,
     write_clusters,
 )
-from spdkit.analysis.metrics import causal_importance
 from spdkit.config import SPDConfig
+from spdkit.method.measures import causal_importance
 from spdkit.method.model import ComponentModel
 from spdkit.store import runs
 from spdkit.store.restore import restore

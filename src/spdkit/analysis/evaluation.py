@@ -1,5 +1,6 @@
-"""The end-of-run evaluation: summary.json (losses, L0, norms, alive counts, the target's own
-report: TMS feature match, residual-MLP verdict, the LM CE / KL report) and figures/."""
+"""The end-of-run evaluation: summary.json (losses, L0, norms, alive counts, the LM CE / KL
+report, and what the target kind adds: `TargetKind.report`, e.g. the TMS feature match or
+the residual-MLP verdict) and figures/."""
 
 from __future__ import annotations
 
@@ -12,28 +13,20 @@ from torch import Tensor
 
 from spdkit.analysis import plots
 from spdkit.analysis.decomposed import Decomposed
-from spdkit.analysis.metrics import (
-    causal_importance,
-    chunks,
-    identity_check,
-    lm_mask_evaluation,
-    mean_l0,
-    mmcs_ml2r,
-    neuron_contributions_subcomponents,
-    neuron_contributions_target,
-    non_negligible,
-    one_hot_inputs,
-    output_losses,
-    pearson_and_slope,
-    resid_mlp_verdict,
-    subcomponent_norms,
-    top_contexts,
-    weighted_sum,
-)
+from spdkit.analysis.lm import lm_mask_evaluation, most_used_contexts
+from spdkit.analysis.metrics import identity_check, mean_l0, output_losses
 from spdkit.config import SPDConfig
 from spdkit.engine.malloc import release_free_memory
 from spdkit.engine.random_stream import MaskStream
 from spdkit.method.losses import DIVERGENCES
+from spdkit.method.measures import (
+    causal_importance,
+    chunks,
+    non_negligible,
+    one_hot_inputs,
+    subcomponent_norms,
+    weighted_sum,
+)
 from spdkit.method.model import ComponentModel
 from spdkit.method.step import LOSS_TERMS, spd_losses
 from spdkit.progress import progress_bar
@@ -113,11 +106,12 @@ def evaluate(
             )
             for name, d in model.identity_modules.items()
         }
-    kind = config.target.kind if config.target is not None else None
-    analysis = lm_analysis if reports_lm(config.target) else TARGET_ANALYSES.get(kind)
-    if analysis is not None:
+    fig_dir = out_dir / "figures"
+    if reports_lm(config.target):
         release_free_memory()  # the losses' freed blocks fit the report's tensors badly
-        summary.update(analysis(decomp, ci_onehot, out_dir / "figures", progress))
+        summary.update(lm_report(decomp, fig_dir, progress))
+    elif config.target is not None and target_kind(config.target).report is not None:
+        summary.update(target_kind(config.target).report(model, config, ci_onehot, fig_dir))
     if ci_onehot is not None:
         summary["ci_one_hot"] = {
             "input_value": ev.one_hot_value,
@@ -156,68 +150,9 @@ def evaluation_losses(
     return weighted_sum(losses)
 
 
-def tms_feature_match(
-    decomp: Decomposed, ci_onehot: dict, fig_dir: Path, progress: bool = False
-) -> dict[str, Any]:
-    """TMS: MMCS / ML2R of W's columns against the non-negligible subcomponents (paper §3.1)."""
-    config, model = decomp.config, decomp.model
-    feature_module = target_kind(config.target).feature_module
-    if feature_module not in model.module_names:
-        return {}
-    U, V = decomp.subcomponents(feature_module)
-    live = non_negligible(subcomponent_norms(U, V), config.eval.norm_threshold)
-    match = mmcs_ml2r(model.target_weight(feature_module), U, V, live)
-    return {
-        "feature_match": {
-            "module": feature_module,
-            "mmcs": match.mmcs,
-            "ml2r": match.ml2r,
-            "matched_subcomponent": match.match,
-        }
-    }
-
-
-def resid_mlp_analysis(
-    decomp: Decomposed, ci_onehot: dict, fig_dir: Path, progress: bool = False
-) -> dict[str, Any]:
-    """Residual MLP: the ground-truth verdict from CI on one-hot inputs, and neuron
-    contributions of the target vs each feature's W_in subcomponent (paper Figures 6-13)."""
-    model, target_cfg = decomp.model, decomp.config.target
-    names_in = [n for n in model.module_names if n.endswith("mlp_in")]
-    names_out = [n for n in model.module_names if n.endswith("mlp_out")]
-    verdict = resid_mlp_verdict(
-        {n: ci_onehot[n] for n in names_in},
-        {n: ci_onehot[n] for n in names_out},
-        n_neurons=target_cfg.n_layers * target_cfg.d_mlp,
-    )
-    out: dict[str, Any] = {"resid_mlp": {"verdict": verdict}}
-    layers = [n.removesuffix(".mlp_in") for n in names_in if f"{n[:-7]}.mlp_out" in names_out]
-    if not layers:
-        return out
-    W_E = model.target.W_E.detach().float().cpu()
-    target_parts, sub_parts = [], []
-    for layer in layers:
-        W_in = model.target_weight(f"{layer}.mlp_in").detach().float().cpu()
-        W_out = model.target_weight(f"{layer}.mlp_out").detach().float().cpu()
-        U_in, V_in = (t.float().cpu() for t in decomp.subcomponents(f"{layer}.mlp_in"))
-        U_out, V_out = (t.float().cpu() for t in decomp.subcomponents(f"{layer}.mlp_out"))
-        match = ci_onehot[f"{layer}.mlp_in"].argmax(dim=1).tolist()
-        target_parts.append(neuron_contributions_target(W_E, W_in, W_out))
-        sub_parts.append(neuron_contributions_subcomponents(W_E, U_in, V_in, U_out @ V_out, match))
-    target_nc, sub_nc = torch.cat(target_parts, dim=1), torch.cat(sub_parts, dim=1)
-    r, slope = pearson_and_slope(target_nc, sub_nc)
-    out["resid_mlp"]["neuron_contributions"] = {"pearson_r": r, "slope": slope}
-    plots.plot_neuron_contributions(target_nc, sub_nc, fig_dir / "neuron_contributions.png")
-    plots.plot_contribution_scatter(
-        target_nc, sub_nc, fig_dir / "neuron_contribution_pairs.png", r, slope
-    )
-    return out
-
-
-def lm_analysis(
-    decomp: Decomposed, ci_onehot: dict | None, fig_dir: Path, progress: bool = False
-) -> dict[str, Any]:
-    """Language-model targets: CE / KL under each kind of mask, CE gap recovered."""
+def lm_report(decomp: Decomposed, fig_dir: Path, progress: bool = False) -> dict[str, Any]:
+    """Language-model targets: CE / KL under each kind of mask, CE gap recovered, and the
+    contexts of each module's most used subcomponents."""
     config, model = decomp.config, decomp.model
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(config.seed + 4000)
@@ -227,13 +162,13 @@ def lm_analysis(
     decode = decoder(config.target) if decoder is not None else None
     if decode is not None:
         ci = causal_importance(model, ids, chunk=config.eval.batch_size)
-        table = {name: top_contexts(ci[name].cpu(), ids.cpu(), decode) for name in ci}
+        threshold = config.eval.ci_threshold
+        table = {
+            name: most_used_contexts(ci[name].cpu(), ids.cpu(), decode, threshold) for name in ci
+        }
         out["lm"]["top_contexts"] = table
         plots.plot_top_contexts(table, fig_dir / "top_contexts.png")
     return out
-
-
-TARGET_ANALYSES = {"tms": tms_feature_match, "resid_mlp": resid_mlp_analysis}
 
 
 def draw_figures(
@@ -247,25 +182,21 @@ def draw_figures(
     plots.plot_l0_over_training(records, fig_dir / "l0.png")
     plots.plot_ci_histograms(ci_data, fig_dir / "ci_histograms.png")
     if ci_onehot is not None:
+        paired = config.target is not None and target_kind(config.target).one_hot_all_columns
         plots.plot_ci_heatmaps(
             ci_onehot,
             fig_dir / "ci_one_hot.png",
             ev.ci_threshold,
             f"input feature (value {ev.one_hot_value})",
             # residual MLPs: all C columns as in the paper, W_in | W_out side by side per layer
-            show_all=config.target.kind == "resid_mlp",
-            ncols=2 if config.target.kind == "resid_mlp" else None,
+            show_all=paired,
+            ncols=2 if paired else None,
         )
-    feature_module = target_kind(config.target).feature_module if config.target else None
     for name in model.module_names:
         U, V = decomp.subcomponents(name)
         W = model.target_weight(name)
         n_live = int(non_negligible(subcomponent_norms(U, V), ev.norm_threshold).sum())
         safe = name.replace(".", "_")
-        if name == feature_module and W.shape[0] == 2:
-            plots.plot_tms_vectors(
-                W, U, V, fig_dir / f"vectors_{safe}.png", n_show=min(n_live + 1, 8)
-            )
         if W.shape[0] == W.shape[1] and W.shape[0] <= 64:
             plots.plot_matrix_decomposition(
                 W, U, V, fig_dir / f"matrix_{safe}.png", n_show=min(n_live + 1, 6), title=name

@@ -5,70 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor
 
 from spdkit.analysis.metrics import greedy_feature_order
-
-
-def _figure(*grid: int, figsize: tuple[float, float], **kwargs) -> tuple[Figure, Any]:
-    """A figure of its own with its axes: a `Figure` object, not pyplot's global state, so
-    drawing needs no GUI backend and leaves nothing behind (matplotlib's backend is not
-    chosen on import)."""
-    fig = Figure(figsize=figsize)
-    return fig, fig.subplots(*grid, **kwargs)
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    return path
-
-
-def _arrows(ax: Axes, cols: np.ndarray, lim: float, title: str) -> None:
-    """Draw each column of cols [2, n] as an arrow from the origin, coloured by feature."""
-    colors = matplotlib.colormaps["tab10"](np.arange(cols.shape[1]) % 10)
-    for j in range(cols.shape[1]):
-        x, y = cols[:, j]
-        if np.hypot(x, y) > 1e-3 * lim:
-            ax.annotate(
-                "",
-                xy=(x, y),
-                xytext=(0, 0),
-                arrowprops={"arrowstyle": "->", "color": colors[j], "lw": 2},
-            )
-    ax.set_xlim(-lim, lim)
-    ax.set_ylim(-lim, lim)
-    ax.set_aspect("equal")
-    ax.axhline(0, color="0.85", lw=0.5, zorder=0)
-    ax.axvline(0, color="0.85", lw=0.5, zorder=0)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_title(title, fontsize=9)
-
-
-def plot_tms_vectors(W: Tensor, U: Tensor, V: Tensor, path: Path, n_show: int) -> Path:
-    """Paper Figure 1 (top row): columns of W [2, n]; columns of Σ_c U_c V_cᵀ; then the
-    `n_show` largest subcomponents (by norm), each drawn as its columns U[:, c] V[c, j]."""
-    W, U, V = (t.detach().cpu().float() for t in (W, U, V))
-    norms = (U.norm(dim=0) * V.norm(dim=1)).numpy()
-    order = np.argsort(-norms)[:n_show]
-    panels = [("target W", W.numpy()), ("sum of subcomponents", (U @ V).numpy())]
-    panels += [
-        (f"subcomp {c} (‖·‖={norms[c]:.2f})", np.outer(U[:, c], V[c]).reshape(2, -1)) for c in order
-    ]
-    lim = 1.15 * max(float(np.abs(W.numpy()).max()), 1e-6)
-    fig, axes = _figure(1, len(panels), figsize=(2.2 * len(panels), 2.5))
-    for ax, (title, cols) in zip(np.atleast_1d(axes), panels, strict=True):
-        _arrows(ax, cols, lim, title)
-    fig.suptitle("Columns of W (one colour per input feature)", fontsize=10)
-    return _save(fig, path)
+from spdkit.figures import new_figure, save_figure
 
 
 def plot_matrix_decomposition(
@@ -81,7 +25,7 @@ def plot_matrix_decomposition(
     panels = [("target", target.numpy()), ("sum of all", (U @ V).numpy())]
     panels += [(f"c={c}, ‖·‖={norms[c]:.2f}", np.outer(U[:, c], V[c])) for c in order]
     vmax = max(float(np.abs(p).max()) for _, p in panels[:2])
-    fig, axes = _figure(1, len(panels), figsize=(2.6 * len(panels), 2.8))
+    fig, axes = new_figure(1, len(panels), figsize=(2.6 * len(panels), 2.8))
     for ax, (name, mat) in zip(np.atleast_1d(axes), panels, strict=True):
         im = ax.imshow(mat, cmap="RdBu", vmin=-vmax, vmax=vmax)
         ax.set_title(name, fontsize=9)
@@ -89,7 +33,7 @@ def plot_matrix_decomposition(
         ax.set_yticks([])
     fig.colorbar(im, ax=np.atleast_1d(axes).tolist(), shrink=0.8)
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_ci_heatmaps(
@@ -106,7 +50,7 @@ def plot_ci_heatmaps(
     names = list(ci)
     ncols = ncols or len(names)
     nrows = math.ceil(len(names) / ncols)
-    fig, axes = _figure(
+    fig, axes = new_figure(
         nrows, ncols, figsize=(max(3.5, 0.9 + 0.12 * 40) * ncols, 3.6 * nrows), squeeze=False
     )
     fig.subplots_adjust(hspace=0.45)  # room for the x-label above each lower panel's title
@@ -128,50 +72,7 @@ def plot_ci_heatmaps(
         if len(order) <= 40:
             ax.set_xticks(range(len(order)), [str(c) for c in order], fontsize=6, rotation=90)
     fig.colorbar(im, ax=axes.flatten().tolist(), shrink=0.8, label="causal importance")
-    return _save(fig, path)
-
-
-def plot_neuron_contributions(
-    target: Tensor, subcomponent: Tensor, path: Path, n_show: int = 10
-) -> Path:
-    """Paper Figure 6: per-neuron contributions to the first `n_show` features, target (top)
-    vs the feature's W_in subcomponent (bottom). Inputs [n_features, n_neurons]."""
-    target, subcomponent = target.detach().cpu(), subcomponent.detach().cpu()
-    n_show = min(n_show, target.shape[0])
-    vmax = float(max(target[:n_show].abs().max(), subcomponent[:n_show].abs().max()))
-    fig, axes = _figure(2, n_show, figsize=(1.6 * n_show, 3.6), sharey=True, squeeze=False)
-    neurons = np.arange(target.shape[1])
-    for i in range(n_show):
-        for row, (label, data) in enumerate((("target", target), ("subcomponent", subcomponent))):
-            ax = axes[row, i]
-            ax.bar(neurons, data[i].numpy(), width=1.0, color="C0" if row == 0 else "C3")
-            ax.set_ylim(-0.1 * vmax, 1.05 * vmax)
-            ax.set_xticks([])
-            if i == 0:
-                ax.set_ylabel(label, fontsize=8)
-            if row == 0:
-                ax.set_title(f"feature {i}", fontsize=8)
-    fig.supxlabel("neuron", fontsize=9)
-    return _save(fig, path)
-
-
-def plot_contribution_scatter(
-    target: Tensor, subcomponent: Tensor, path: Path, r: float, slope: float
-) -> Path:
-    """Paper Figures 7, 10, 11: every (feature, neuron) contribution, target vs subcomponent."""
-    x = target.detach().cpu().flatten().numpy()
-    y = subcomponent.detach().cpu().flatten().numpy()
-    lim = float(max(np.abs(x).max(), np.abs(y).max(), 1e-9))
-    fig, ax = _figure(figsize=(4.5, 4.5))
-    ax.scatter(x, y, s=4, alpha=0.5)
-    ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.8, ls="--", label="y = x")
-    ax.set_xlim(-0.05 * lim, 1.05 * lim)
-    ax.set_ylim(-0.05 * lim, 1.05 * lim)
-    ax.set_xlabel("neuron contribution, target")
-    ax.set_ylabel("neuron contribution, W_in subcomponent")
-    ax.set_title(f"Pearson r = {r:.3f}, slope = {slope:.3f}", fontsize=9)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_ci_grid(
@@ -181,7 +82,7 @@ def plot_ci_grid(
     inputs with columns greedily ordered."""
     labels = list(runs_ci)
     modules = list(next(iter(runs_ci.values())))
-    fig, axes = _figure(
+    fig, axes = new_figure(
         len(modules),
         len(labels),
         figsize=(3.2 * len(labels), 2.9 * len(modules)),
@@ -207,12 +108,12 @@ def plot_ci_grid(
     fig.colorbar(im, ax=axes.flatten().tolist(), shrink=0.6, label="causal importance")
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_losses(records: Sequence[dict], path: Path, keys: Sequence[str]) -> Path:
     """Loss terms over training (log scale)."""
-    fig, ax = _figure(figsize=(7, 4))
+    fig, ax = new_figure(figsize=(7, 4))
     steps = [r["step"] for r in records]
     for key in keys:
         vals = [r.get(key) for r in records]
@@ -226,13 +127,13 @@ def plot_losses(records: Sequence[dict], path: Path, keys: Sequence[str]) -> Pat
     else:
         ax.set_title("no metrics recorded", fontsize=9)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_l0_over_training(records: Sequence[dict], path: Path) -> Path:
     """Mean CI-L0 per module (subcomponents with CI > threshold per input/token) over training."""
     keys = sorted({k for r in records for k in r if k.startswith("l0/")})
-    fig, ax = _figure(figsize=(7, 4))
+    fig, ax = new_figure(figsize=(7, 4))
     steps = [r["step"] for r in records]
     for key in keys:
         ax.plot(steps, [r.get(key, np.nan) for r in records], label=key.removeprefix("l0/"))
@@ -245,7 +146,7 @@ def plot_l0_over_training(records: Sequence[dict], path: Path) -> Path:
         ax.legend(fontsize=7)
     else:
         ax.set_title("no metrics recorded", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_ci_histograms(ci: dict[str, Tensor], path: Path) -> Path:
@@ -254,7 +155,7 @@ def plot_ci_histograms(ci: dict[str, Tensor], path: Path) -> Path:
     names = list(ci)
     ncols = min(3, len(names))
     nrows = math.ceil(len(names) / ncols)
-    fig, axes = _figure(nrows, ncols, figsize=(3.6 * ncols, 2.6 * nrows), squeeze=False)
+    fig, axes = new_figure(nrows, ncols, figsize=(3.6 * ncols, 2.6 * nrows), squeeze=False)
     for ax in axes.flat[len(names) :]:
         ax.axis("off")
     bins = np.linspace(0, 1.05, 43)
@@ -263,7 +164,7 @@ def plot_ci_histograms(ci: dict[str, Tensor], path: Path) -> Path:
         ax.hist(values, bins=bins, log=True, color="C0")
         ax.set_title(name, fontsize=8)
         ax.set_xlabel("causal importance", fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_top_contexts(table: dict[str, list[dict]], path: Path) -> Path:
@@ -276,12 +177,12 @@ def plot_top_contexts(table: dict[str, list[dict]], path: Path) -> Path:
             shown = " | ".join(ctx for ctx, _ in row["top"][:4])
             lines.append(f"  c={row['subcomponent']:<4} freq {row['frequency']:.3f}  {shown}")
     height = 0.18 * max(4, len(lines)) + 0.4
-    fig, ax = _figure(figsize=(11, height))
+    fig, ax = new_figure(figsize=(11, height))
     ax.axis("off")
     ax.text(
         0, 1, "\n".join(lines) or "no subcomponents fired", va="top", family="monospace", fontsize=7
     )
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_pareto(
@@ -291,7 +192,7 @@ def plot_pareto(
     modules), y = each KL in `measures` (one marker per measure, one colour per run). The
     better decomposition of two at the same L0 is the lower one; an adversarial KL far above
     the stochastic one means the CI lets through ablations that break the model."""
-    fig, ax = _figure(figsize=(6.5, 4.5))
+    fig, ax = new_figure(figsize=(6.5, 4.5))
     markers = ["o", "s", "^", "D", "v", "P"]
     for i, p in enumerate(points):
         colour = f"C{i % 10}"
@@ -313,7 +214,7 @@ def plot_pareto(
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6, loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_coactivation(
@@ -327,7 +228,7 @@ def plot_coactivation(
     norm = (s / d[:, None] / d[None, :]).numpy()
     n = norm.shape[0]
     side = min(12.0, max(4.0, 0.04 * n + 3))
-    fig, ax = _figure(figsize=(side + 1.2, side))
+    fig, ax = new_figure(figsize=(side + 1.2, side))
     im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
     start = 0
     for size in sizes:
@@ -344,4 +245,4 @@ def plot_coactivation(
         ax.set_xticks(range(n), names, fontsize=7, rotation=90)
         ax.set_yticks(range(n), names, fontsize=7)
     fig.colorbar(im, ax=ax, shrink=0.8, label=r"co-activation $s_{ij} / \sqrt{s_i s_j}$")
-    return _save(fig, path)
+    return save_figure(fig, path)

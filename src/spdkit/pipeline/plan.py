@@ -133,8 +133,10 @@ def probe(trainer: Trainer, batch: int, evaluation: bool = False) -> tuple[int |
 
 
 def _evaluation_work(trainer: Trainer, x: torch.Tensor, gen: torch.Generator) -> None:
-    from spdkit.analysis.metrics import causal_importance, lm_mask_evaluation, output_losses
+    from spdkit.analysis.lm import lm_mask_evaluation
+    from spdkit.analysis.metrics import output_losses
     from spdkit.method.losses import DIVERGENCES
+    from spdkit.method.measures import causal_importance
 
     model, cfg = trainer.model, trainer.config
     with torch.no_grad():

@@ -209,7 +209,7 @@ def plan_config(config: SPDConfig, device: str = "cpu") -> Plan:
     if config.target is None:
         raise ConfigError("the config names no target to plan for")
     kind = target_kind(config.target)
-    if config.target.kind in ("hf", "python"):
+    if kind.loaded:
         target, _ = kind.train(config.target, config.seed, device)  # loaded, not trained
     else:
         target = kind.build(config.target).to(device)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from spdkit.config import SPDConfig, TargetConfig
-from spdkit.targets import hf, python, resid_mlp, tms, transformer
+from spdkit.method.model import ComponentModel
+from spdkit.targets import hf, python, resid_mlp, resid_mlp_analysis, tms, tms_analysis, transformer
 
 
 class DataSource(Protocol):
@@ -21,18 +23,48 @@ class DataSource(Protocol):
 
 
 @dataclass(frozen=True)
+class KnownMechanisms:
+    """A target's ground-truth mechanisms, for scoring a clustering
+    (`spdkit.analysis.mechanisms.ground_truth`): one per input feature, made of the
+    subcomponents `feature_owners` gives that feature alone; with `dense_module`, one more made
+    of the subcomponents of modules named `*<dense_module>` that respond to at least
+    `dense_fraction` of the features (the residual MLPs' W_out)."""
+
+    feature_owners: Callable[[ComponentModel, SPDConfig], dict[str, list[list[int]]]]
+    dense_module: str | None = None
+    dense_fraction: float = 0.25
+    # modules of the target itself that are identities (TMS +ID's hidden layers): with the
+    # identities inserted by `insert_identity`, their live subcomponents are one mechanism
+    identity_prefix: str | None = None
+
+
+Report = Callable[[ComponentModel, SPDConfig, "dict[str, Tensor] | None", Path], dict[str, Any]]
+
+
+@dataclass(frozen=True)
 class TargetKind:
+    """Everything spdkit knows of one `target.kind`, in one place: how to build, train and
+    sample it, and what it adds to a decomposition's evaluation."""
+
     build: Callable[[Any], nn.Module]
     train: Callable[..., tuple[nn.Module, dict]]  # (config, seed, device, progress=False)
     data: Callable[[Any], DataSource]
-    # module whose weight columns are the ground-truth feature directions (MMCS / ML2R)
-    feature_module: str | None
     # config fields that fix the architecture: a saved target must agree on all of them
     architecture: tuple[str, ...]
     # config -> (token ids -> readable text), for language-model targets (top contexts)
     decoder: Callable[[Any], Callable[[list[int]], str] | None] | None = None
     # config -> (text -> token ids), for typing a prompt (`spdkit serve`)
     encoder: Callable[[Any], Callable[[str], list[int]] | None] | None = None
+    # config -> does it map token ids to next-token logits (the LM report applies)?
+    is_lm: Callable[[Any], bool] = lambda config: False
+    # its own part of summary.json and figures/ (model, config, CI on one-hot inputs, fig dir)
+    report: Report | None = None
+    # its known mechanisms, for scoring clusters
+    mechanisms: KnownMechanisms | None = None
+    # CI-on-one-hot figure: every column, modules in pairs (W_in | W_out per layer)
+    one_hot_all_columns: bool = False
+    # a target loaded from disk or code (not trained here): `spdkit plan` may load it
+    loaded: bool = False
 
 
 TARGET_KINDS: dict[str, TargetKind] = {
@@ -40,49 +72,61 @@ TARGET_KINDS: dict[str, TargetKind] = {
         build=tms.build_tms,
         train=tms.train_tms,
         data=lambda c: tms.SparseFeatureData(c.n_features, c.feature_probability),
-        feature_module="linear1",
         architecture=("n_features", "n_hidden", "n_hidden_layers"),
+        report=tms_analysis.report,
+        mechanisms=KnownMechanisms(tms_analysis.feature_owners, identity_prefix="hidden_layers."),
     ),
     "resid_mlp": TargetKind(
         build=resid_mlp.build_resid_mlp,
         train=resid_mlp.train_resid_mlp,
         data=resid_mlp.data_source,
-        feature_module=None,
         architecture=("n_features", "d_resid", "n_layers", "d_mlp"),
+        report=resid_mlp_analysis.report,
+        mechanisms=KnownMechanisms(
+            resid_mlp_analysis.feature_owners,
+            dense_module="mlp_out",
+            dense_fraction=resid_mlp_analysis.ResidVerdictRules().dense_fraction,
+        ),
+        one_hot_all_columns=True,
     ),
     "induction": TargetKind(
         build=transformer.build_induction,
         train=transformer.train_induction,
         data=lambda c: transformer.RepeatedTokens(c.vocab_size, c.seq_len),
-        feature_module=None,
         architecture=("vocab_size", "seq_len", "d_model", "n_layers", "n_heads"),
         decoder=lambda c: lambda ids: " ".join(str(i) for i in ids),
         encoder=lambda c: lambda text: transformer.parse_token_ids(text, c.vocab_size),
+        is_lm=lambda c: True,
     ),
     "tiny_lm": TargetKind(
         build=transformer.build_tiny_lm,
         train=transformer.train_tiny_lm,
         data=lambda c: transformer.CharCorpus(c.seq_len),
-        feature_module=None,
         architecture=("seq_len", "d_model", "n_layers", "n_heads", "d_mlp"),
         decoder=lambda c: transformer.CharCorpus.decode,
         encoder=lambda c: transformer.CharCorpus.encode,
+        is_lm=lambda c: True,
     ),
     "hf": TargetKind(
         build=hf.build_hf,
         train=hf.train_hf,
         data=hf.hf_data,
-        feature_module=None,
         architecture=("hf_config",),
         decoder=hf.hf_decoder,
         encoder=hf.hf_encoder,
+        is_lm=lambda c: (
+            c.output in (None, "logits")
+            and hf.is_causal_lm(c.hf_config or hf.read_hf_config(c.path))
+        ),
+        loaded=True,
     ),
     "python": TargetKind(
         build=python.build_python,
         train=python.train_python,
         data=python.python_data,
-        feature_module=None,
         architecture=("factory", "factory_kwargs"),
+        is_lm=lambda c: c.lm,
+        loaded=True,
     ),
 }
 
@@ -93,17 +137,7 @@ def target_kind(config: TargetConfig) -> TargetKind:
 
 def reports_lm(config: TargetConfig | None) -> bool:
     """Does the target map token ids to next-token logits (the CE / KL report applies)?"""
-    if config is None:
-        return False
-    if config.kind in ("induction", "tiny_lm"):
-        return True
-    if config.kind == "python":
-        return config.lm
-    if config.kind == "hf":
-        return config.output in (None, "logits") and hf.is_causal_lm(
-            config.hf_config or hf.read_hf_config(config.path)
-        )
-    return False
+    return config is not None and target_kind(config).is_lm(config)
 
 
 def data_source(config: SPDConfig) -> DataSource:

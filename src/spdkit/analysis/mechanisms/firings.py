@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from spdkit.analysis.metrics import causal_importance
+from spdkit.method.measures import causal_importance
 from spdkit.method.model import ComponentModel
 from spdkit.progress import progress_bar
 from spdkit.targets import DataSource

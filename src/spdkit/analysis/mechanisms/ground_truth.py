@@ -1,4 +1,6 @@
-"""The known mechanisms of the toy targets, and how well a clustering recovers them.
+"""The known mechanisms of the toy targets, and how well a clustering recovers them. Each
+target kind declares its own (`TargetKind.mechanisms`: `spdkit.targets.tms_analysis`,
+`spdkit.targets.resid_mlp_analysis`); the labelling rule and the score are here.
 
 Each live subcomponent gets the label of the mechanism it belongs to: for TMS from its
 weights (the feature coordinate it reads or writes), for the residual MLPs from its CI on
@@ -24,29 +26,24 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from spdkit.analysis.decomposed import Decomposed
-from spdkit.analysis.metrics import ResidVerdictRules, causal_importance, one_hot_inputs
-
-RULES = ResidVerdictRules()
+from spdkit.targets import target_kind
 
 
 def true_mechanisms(decomp: Decomposed, live: list[str]) -> tuple[dict[str, str], int] | None:
     """({"<module>:<index>": mechanism label} for every live subcomponent, the number of
-    mechanisms the target has), or None for a target without known ground truth."""
+    mechanisms the target has), or None for a target without known ground truth (its
+    `TargetKind.mechanisms`)."""
     target = decomp.config.target
-    kind = target.kind if target is not None else None
-    if kind == "tms":
-        features = _tms_features(decomp)
-    elif kind == "resid_mlp":
-        features = _responding_features(decomp, RULES.dense_ci)
-    else:
+    known = target_kind(target).mechanisms if target is not None else None
+    if known is None:
         return None
     model = decomp.model
-    identities = set(model.identity_modules) | {
-        m for m in model.module_names if m.startswith("hidden_layers.")
-    }
+    features = known.feature_owners(model, decomp.config)
+    identities = set(model.identity_modules)
+    if known.identity_prefix is not None:
+        identities |= {m for m in model.module_names if m.startswith(known.identity_prefix)}
+    dense_module = known.dense_module
     labels = {}
     for name in live:
         module, index = name.rsplit(":", 1)
@@ -55,42 +52,16 @@ def true_mechanisms(decomp: Decomposed, live: list[str]) -> tuple[dict[str, str]
             labels[name] = "identity"
         elif len(hit) == 1:
             labels[name] = f"feature {hit[0]}"
-        elif "mlp_out" in module and len(hit) >= RULES.dense_fraction * target.n_features:
+        elif (
+            dense_module is not None
+            and module.endswith(dense_module)
+            and len(hit) >= known.dense_fraction * target.n_features
+        ):
             labels[name] = "dense"
         else:
             labels[name] = f"alone {name}"
-    expected = target.n_features + (kind == "resid_mlp") + bool(identities)
+    expected = target.n_features + (dense_module is not None) + bool(identities)
     return labels, expected
-
-
-def _tms_features(decomp: Decomposed, purity: float = 0.5) -> dict[str, list[list[int]]]:
-    """TMS: the feature a subcomponent touches, from its weights: `linear1` reads the features
-    (V_c's largest coordinate), `linear2` writes them (U_c's); [f] when that coordinate holds at
-    least `purity` of the squared norm, [] otherwise. (CI on one-hot inputs cannot tell: at the
-    largest feature value `linear2`'s CI also responds to the neighbouring features.)"""
-    out = {}
-    for module, side in (("linear1", "V"), ("linear2", "U")):
-        if module not in decomp.module_names:
-            continue
-        U, V = decomp.subcomponents(module)
-        w = (V if side == "V" else U.T).detach().float().cpu() ** 2  # [C, n_features]
-        share, f = (w / w.sum(-1, keepdim=True).clamp_min(1e-30)).max(-1)
-        out[module] = [[int(fi)] if si >= purity else [] for si, fi in zip(share, f, strict=True)]
-    return out
-
-
-def _responding_features(decomp: Decomposed, threshold: float) -> dict[str, list[list[int]]]:
-    """Per module and subcomponent, the features whose one-hot input (at the config's
-    `eval.one_hot_value`) gives it CI > τ."""
-    model = decomp.model
-    device = next(model.parameters()).device
-    x = one_hot_inputs(decomp.config.target.n_features, decomp.config.eval.one_hot_value, device)
-    with torch.no_grad():
-        ci = causal_importance(model, x)
-    return {
-        m: [col.nonzero().flatten().tolist() for col in (g > threshold).T.cpu()]
-        for m, g in ci.items()
-    }
 
 
 def score(labels: dict[str, str], clusters: list[list[str]], expected: int) -> dict[str, Any]:

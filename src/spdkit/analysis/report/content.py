@@ -20,7 +20,7 @@ from torch import Tensor
 from spdkit.analysis.decomposed import Decomposed
 from spdkit.analysis.mechanisms.clusters import FILE as CLUSTERS_FILE
 from spdkit.analysis.mechanisms.clusters import read_clusters
-from spdkit.analysis.metrics import causal_importance, one_hot_inputs, subcomponent_norms
+from spdkit.method.measures import causal_importance, one_hot_inputs, subcomponent_norms
 from spdkit.store import runs
 from spdkit.targets import eval_data_source, reports_lm, target_kind
 
@@ -131,7 +131,7 @@ def gather(decomp: Decomposed, run_dir: Path, n_rows: int | None = None) -> Repo
                 ),
             )
             if decode is not None:
-                sub.contexts = top_contexts(g[..., c], x.cpu(), decode)
+                sub.contexts = highest_ci_contexts(g[..., c], x.cpu(), decode)
             subs.append(sub)
         modules[name] = subs
     return ReportContent(
@@ -150,7 +150,7 @@ def gather(decomp: Decomposed, run_dir: Path, n_rows: int | None = None) -> Repo
     )
 
 
-def top_contexts(ci: Tensor, ids: Tensor, decode) -> list[dict[str, Any]]:  # noqa: ANN001
+def highest_ci_contexts(ci: Tensor, ids: Tensor, decode) -> list[dict[str, Any]]:  # noqa: ANN001
     """The N_CONTEXTS positions where this subcomponent's CI [B, T] is highest: the tokens
     around each (CONTEXT_WIDTH before, 4 after) with its CI on every one of them."""
     B, T = ci.shape

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from spdkit.analysis.decomposed import Decomposed
 from spdkit.analysis.mechanisms.clusters import Cluster
-from spdkit.analysis.metrics import causal_importance
+from spdkit.method.measures import causal_importance
 from spdkit.targets import reports_lm, target_kind
 
 TOP_K = 10

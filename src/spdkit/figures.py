@@ -1,0 +1,24 @@
+"""A figure of its own and its PNG: what every figure function of spdkit draws on. No pyplot
+state and no GUI backend (matplotlib's backend is never chosen on import), so drawing leaves
+nothing behind in the process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+
+def new_figure(*grid: int, figsize: tuple[float, float], **kwargs) -> tuple[Figure, Any]:
+    """A figure of its own with its axes: a `Figure` object, not pyplot's global state, so
+    drawing needs no GUI backend and leaves nothing behind (matplotlib's backend is not
+    chosen on import)."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, **kwargs)
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path

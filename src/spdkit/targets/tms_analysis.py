@@ -1,0 +1,143 @@
+"""What TMS adds to a decomposition's evaluation: the feature match of paper §3.1 (MMCS and
+ML2R of W's columns against the subcomponents), the vectors figure (paper Figure 1), and its
+known mechanisms (one per feature: its `linear1` and its `linear2` subcomponent)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from torch import Tensor
+
+from spdkit.config import SPDConfig
+from spdkit.figures import new_figure, save_figure
+from spdkit.method.measures import non_negligible, subcomponent_norms, subcomponents
+from spdkit.method.model import ComponentModel
+
+FEATURE_MODULE = "linear1"  # its weight columns are the ground-truth feature directions
+
+
+@dataclass(frozen=True)
+class FeatureMatch:
+    mmcs: float
+    ml2r: float
+    match: list[int]  # index of the matched subcomponent, per feature (column of W)
+    cosine: list[float]
+    l2_ratio: list[float]
+
+
+def mmcs_ml2r(W: Tensor, U: Tensor, V: Tensor, candidates: Tensor) -> FeatureMatch:
+    """Mean max cosine similarity and mean L2 ratio between the columns of W [d_out, n] and the
+    matching columns U[:, c] V[c, j] of the subcomponents (paper §3.1).
+
+    Only `candidates` (bool [C], the non-negligible subcomponents) may be matched: a near-zero
+    subcomponent can win the cosine by accident and would make ML2R meaningless.
+    """
+    W, U, V = W.detach().float(), U.detach().float(), V.detach().float()
+    idx = torch.nonzero(candidates).flatten()
+    if idx.numel() == 0:
+        raise ValueError("no candidate subcomponents to match (all have negligible norm)")
+    U_c, V_c = U[:, idx], V[idx]  # [d_out, k], [k, n]
+    w_norm = W.norm(dim=0).clamp_min(1e-12)  # [n]
+    u_norm = U_c.norm(dim=0).clamp_min(1e-12)  # [k]
+    # cos(U_c V_cj, W_j) = sign(V_cj) · (U_c · W_j) / (‖U_c‖ ‖W_j‖)
+    cos = torch.sign(V_c) * (U_c.T @ W) / (u_norm[:, None] * w_norm[None, :])  # [k, n]
+    best = cos.argmax(dim=0)  # [n]
+    cols = torch.arange(W.shape[1])
+    best_cos = cos[best, cols]
+    ratio = u_norm[best] * V_c[best, cols].abs() / w_norm
+    return FeatureMatch(
+        mmcs=best_cos.mean().item(),
+        ml2r=ratio.mean().item(),
+        match=idx[best].tolist(),
+        cosine=best_cos.tolist(),
+        l2_ratio=ratio.tolist(),
+    )
+
+
+def report(
+    model: ComponentModel, config: SPDConfig, ci_onehot: dict[str, Tensor] | None, fig_dir: Path
+) -> dict[str, Any]:
+    """summary.json's `feature_match` (MMCS / ML2R on `linear1`, paper §3.1) and, for a
+    2-dimensional hidden space, figures/vectors_linear1.png (paper Figure 1)."""
+    if FEATURE_MODULE not in model.module_names:
+        return {}
+    U, V = subcomponents(model, FEATURE_MODULE)
+    W = model.target_weight(FEATURE_MODULE)
+    live = non_negligible(subcomponent_norms(U, V), config.eval.norm_threshold)
+    match = mmcs_ml2r(W, U, V, live)
+    if W.shape[0] == 2:
+        n_show = min(int(live.sum()) + 1, 8)
+        plot_tms_vectors(W, U, V, fig_dir / f"vectors_{FEATURE_MODULE}.png", n_show=n_show)
+    return {
+        "feature_match": {
+            "module": FEATURE_MODULE,
+            "mmcs": match.mmcs,
+            "ml2r": match.ml2r,
+            "matched_subcomponent": match.match,
+        }
+    }
+
+
+def feature_owners(
+    model: ComponentModel, config: SPDConfig, purity: float = 0.5
+) -> dict[str, list[list[int]]]:
+    """The feature each subcomponent belongs to, from its weights: `linear1` reads the
+    features (V_c's largest coordinate), `linear2` writes them (U_c's); [f] when that
+    coordinate holds at least `purity` of the squared norm, [] otherwise. (CI on one-hot
+    inputs cannot tell: at the largest feature value `linear2`'s CI also responds to the
+    neighbouring features.)"""
+    out = {}
+    for module, side in (("linear1", "V"), ("linear2", "U")):
+        if module not in model.module_names:
+            continue
+        U, V = subcomponents(model, module)
+        w = (V if side == "V" else U.T).float().cpu() ** 2  # [C, n_features]
+        share, f = (w / w.sum(-1, keepdim=True).clamp_min(1e-30)).max(-1)
+        out[module] = [[int(fi)] if si >= purity else [] for si, fi in zip(share, f, strict=True)]
+    return out
+
+
+def _arrows(ax: Axes, cols: np.ndarray, lim: float, title: str) -> None:
+    """Draw each column of cols [2, n] as an arrow from the origin, coloured by feature."""
+    colors = matplotlib.colormaps["tab10"](np.arange(cols.shape[1]) % 10)
+    for j in range(cols.shape[1]):
+        x, y = cols[:, j]
+        if np.hypot(x, y) > 1e-3 * lim:
+            ax.annotate(
+                "",
+                xy=(x, y),
+                xytext=(0, 0),
+                arrowprops={"arrowstyle": "->", "color": colors[j], "lw": 2},
+            )
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    ax.axhline(0, color="0.85", lw=0.5, zorder=0)
+    ax.axvline(0, color="0.85", lw=0.5, zorder=0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=9)
+
+
+def plot_tms_vectors(W: Tensor, U: Tensor, V: Tensor, path: Path, n_show: int) -> Path:
+    """Paper Figure 1 (top row): columns of W [2, n]; columns of Σ_c U_c V_cᵀ; then the
+    `n_show` largest subcomponents (by norm), each drawn as its columns U[:, c] V[c, j]."""
+    W, U, V = (t.detach().cpu().float() for t in (W, U, V))
+    norms = (U.norm(dim=0) * V.norm(dim=1)).numpy()
+    order = np.argsort(-norms)[:n_show]
+    panels = [("target W", W.numpy()), ("sum of subcomponents", (U @ V).numpy())]
+    panels += [
+        (f"subcomp {c} (‖·‖={norms[c]:.2f})", np.outer(U[:, c], V[c]).reshape(2, -1)) for c in order
+    ]
+    lim = 1.15 * max(float(np.abs(W.numpy()).max()), 1e-6)
+    fig, axes = new_figure(1, len(panels), figsize=(2.2 * len(panels), 2.5))
+    for ax, (title, cols) in zip(np.atleast_1d(axes), panels, strict=True):
+        _arrows(ax, cols, lim, title)
+    fig.suptitle("Columns of W (one colour per input feature)", fontsize=10)
+    return save_figure(fig, path)
