@@ -75,3 +75,17 @@ def test_run_refuses_a_run_that_will_not_fit(tmp_path, monkeypatch):
     assert len(result.output.strip().splitlines()) == 1
     result = CliRunner().invoke(app, ["plan", str(cfg)])
     assert result.exit_code == 0 and "training step peak" in result.output
+
+
+def test_the_plan_counts_flops_as_the_profiler_does():
+    """`spdkit plan` and `step_flops` (the benchmark's count) agree on a step's FLOPs,
+    the fused CI kernel's included: the plan's batch-1 count × B is the profiler's count at
+    B up to the batch-independent faithfulness term."""
+    from spdkit.training.profiling import step_flops
+
+    trainer = tiny_trainer()
+    planned = plan.make_plan(trainer).train_flops
+    profiled = step_flops(trainer)
+    if trainer.ci_backend == "fused":
+        assert profiled["ci_fused"] > 0
+    assert planned == pytest.approx(profiled["total"], rel=0.05)

@@ -55,11 +55,7 @@ def evaluate(
     x = eval_data_source(config, decomp.data).sample(ev.n_eval_samples, gen)
     step = partial["step"] if partial else config.training.steps  # the annealed p of that step
     bar = progress_bar(len(chunks(x, ev.batch_size)) + 2, "eval losses", progress)
-    final_losses = evaluation_losses(model, x, config, step, on_chunk=lambda: bar.update(1))
-    ci_data = causal_importance(model, x, chunk=ev.batch_size)
-    bar.update(1)
-    outputs = output_losses(model, x, DIVERGENCES[config.loss.output_loss], ev.batch_size)
-    bar.update(1)
+    final_losses, ci_data, outputs = measure_batch(model, config, x, step, lambda: bar.update(1))
     bar.close()
     summary: dict[str, Any] = {
         "final_losses": final_losses,
@@ -126,6 +122,25 @@ def evaluate(
     runs.write_summary(out_dir, summary)
     draw_figures(decomp, run_dir, ci_onehot, ci_data, out_dir / "figures")
     return summary
+
+
+def measure_batch(
+    model: ComponentModel,
+    config: SPDConfig,
+    x: Tensor,
+    step: int,
+    tick: Callable[[], object] = lambda: None,
+) -> tuple[dict[str, float], dict[str, Tensor], dict[str, float]]:
+    """The evaluation's work on its batch x, in chunks of `eval.batch_size`: the loss terms
+    (as in training, without gradients), CI per module [n, ..., C], and the output losses
+    under CI, all-ones and all-zero masks. `spdkit plan` measures this same call."""
+    chunk = config.eval.batch_size
+    final_losses = evaluation_losses(model, x, config, step, on_chunk=tick)
+    ci = causal_importance(model, x, chunk=chunk)
+    tick()
+    outputs = output_losses(model, x, DIVERGENCES[config.loss.output_loss], chunk)
+    tick()
+    return final_losses, ci, outputs
 
 
 def evaluation_losses(

@@ -11,9 +11,11 @@ numbers, so the run is unchanged) at batch 1 and at a small batch b, each from t
               + Adam's two moments of U, V and the CI function (allocated at the first update)
               + persistent PGD's sources and moments (3 tensors [B, T, C(+1)] per module)
 
-FLOPs per step are counted on the batch-1 probe (matmuls, torch's FlopCounterMode) × B; the
-evaluation's from a batch-1 probe of the same loss in evaluation form. Where the peak cannot
-be reset (not Linux), the plan says so and gives FLOPs only.
+FLOPs are counted on the same probes (matmuls by torch's FlopCounterMode, plus the fused CI
+kernel's from its shapes, as `spdkit.training.profiling.step_flops` counts them), affine in B;
+the evaluation's on a batch-1 probe of the evaluation's own calls (`measure_batch`, and the LM
+report with a one-step attack; its module imports matplotlib, so that is resident in the
+base). Where the peak cannot be reset (not Linux), the plan says so and gives FLOPs only.
 """
 
 from __future__ import annotations
@@ -25,10 +27,13 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from spdkit.analysis.evaluation import measure_batch
+from spdkit.analysis.lm import lm_mask_evaluation
 from spdkit.engine.malloc import release_free_memory
 from spdkit.engine.random_stream import MaskStream
 from spdkit.method.step import spd_losses
 from spdkit.targets import reports_lm
+from spdkit.training.profiling import fused_ci_flops, positions_per_sample
 from spdkit.training.trainer import Trainer
 
 PROBE_BATCH = 8  # the second training probe's batch (the first is 1)
@@ -129,20 +134,17 @@ def probe(trainer: Trainer, batch: int, evaluation: bool = False) -> tuple[int |
     for p in model.trainable_parameters():
         p.grad = None
     peak = _status_kib("VmHWM") if measured else None
-    return (peak * 1024 if peak is not None else None), float(counter.get_total_flops())
+    rows = batch * positions_per_sample(cfg)
+    # the fused CI kernel's work, invisible to the counter (as `step_flops` counts it)
+    flops = float(counter.get_total_flops()) + fused_ci_flops(trainer, rows, not evaluation)
+    return (peak * 1024 if peak is not None else None), flops
 
 
 def _evaluation_work(trainer: Trainer, x: torch.Tensor, gen: torch.Generator) -> None:
-    from spdkit.analysis.lm import lm_mask_evaluation
-    from spdkit.analysis.metrics import output_losses
-    from spdkit.method.losses import DIVERGENCES
-    from spdkit.method.measures import causal_importance
-
+    """What the end-of-run evaluation computes, on x: the same calls (`measure_batch`, and
+    for language models the mask report with a one-step attack)."""
     model, cfg = trainer.model, trainer.config
-    with torch.no_grad():
-        spd_losses(model, x, cfg, MaskStream(PROBE_SEED), trainer.step, None)
-        causal_importance(model, x)
-        output_losses(model, x, DIVERGENCES[cfg.loss.output_loss])
+    measure_batch(model, cfg, x, trainer.step)
     if reports_lm(cfg.target):
         ev = cfg.eval.model_copy(update={"pgd_steps": [1], "batch_size": None})
         lm_mask_evaluation(model, x, ev, gen)
@@ -151,20 +153,22 @@ def _evaluation_work(trainer: Trainer, x: torch.Tensor, gen: torch.Generator) ->
 def _affine_fit(
     trainer: Trainer, target: int, start: int, evaluation: bool
 ) -> tuple[int | None, float]:
-    """(peak RSS at `target` samples, FLOPs per sample) from probes at 1 and b: b from
-    `start`, ×8 until the probes differ by MEASURABLE bytes (a small model's per-sample memory
-    drowns in allocator noise at a few samples) or b reaches `target` (then measured, not
+    """(peak RSS, FLOPs) at `target` samples from probes at 1 and b, both affine in the batch
+    (a per-sample part and a fixed one, such as L_faithfulness's U V): b from `start`, ×8
+    until the probes differ by MEASURABLE bytes (a small model's per-sample memory drowns in
+    allocator noise at a few samples) or b reaches `target` (then measured, not
     extrapolated)."""
-    p1, flops1 = probe(trainer, 1, evaluation)
+    p1, f1 = probe(trainer, 1, evaluation)
     b = min(target, start)
     while True:
-        pb, _ = probe(trainer, b, evaluation) if b > 1 else (p1, flops1)
+        pb, fb = probe(trainer, b, evaluation) if b > 1 else (p1, f1)
+        flops = fb if b == target else f1 + (target - 1) * (fb - f1) / max(1, b - 1)
         if p1 is None or pb is None:
-            return None, flops1
+            return None, flops
         if b == target:
-            return pb, flops1
+            return pb, flops
         if pb - p1 >= MEASURABLE:
-            return int(p1 + (target - 1) * max(0.0, (pb - p1) / (b - 1))), flops1
+            return int(p1 + (target - 1) * max(0.0, (pb - p1) / (b - 1))), flops
         b = min(target, 8 * b)
 
 
@@ -175,18 +179,17 @@ def make_plan(trainer: Trainer) -> Plan:
     machine's memory."""
     cfg, par = trainer.config, trainer.parallel
     B = cfg.training.batch_size // par.world
-    tokens = int(getattr(cfg.target, "seq_len", 1) or 1)
-    import spdkit.analysis.plots  # noqa: F401  (the evaluation draws figures: matplotlib is resident)
+    tokens = positions_per_sample(cfg)
 
     release_free_memory()
     rss = _status_kib("VmRSS")
     base = rss * 1024 if rss is not None else None
-    measured, flops1 = _affine_fit(trainer, B, PROBE_BATCH, evaluation=False)
+    measured, train_flops = _affine_fit(trainer, B, PROBE_BATCH, evaluation=False)
     opt = 2 * _trainable_bytes(trainer)
     persistent = _persistent_pgd_bytes(trainer, B, tokens)
     peak = int(measured + opt + persistent) if measured is not None else None
     chunk = min(cfg.eval.batch_size or cfg.eval.n_eval_samples, cfg.eval.n_eval_samples)
-    eval_measured, eflops1 = _affine_fit(trainer, chunk, PROBE_EVAL, evaluation=True)
+    eval_measured, chunk_flops = _affine_fit(trainer, chunk, PROBE_EVAL, evaluation=True)
     eval_peak = None
     if eval_measured is not None:
         held_ci = 4 * cfg.eval.n_eval_samples * tokens * _total_C(trainer)
@@ -203,8 +206,8 @@ def make_plan(trainer: Trainer) -> Plan:
         optimizer_bytes=opt,
         persistent_bytes=persistent,
         eval_peak_bytes=eval_peak,
-        train_flops=flops1 * B,
-        eval_flops=eflops1 * cfg.eval.n_eval_samples * _eval_passes(cfg),
+        train_flops=train_flops,
+        eval_flops=chunk_flops * cfg.eval.n_eval_samples / chunk * _eval_passes(cfg),
         available=_share(available_bytes(), par.local_world),
     )
 

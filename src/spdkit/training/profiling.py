@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from spdkit.config import SPDConfig
 from spdkit.store import runs
 from spdkit.training.trainer import Trainer
 
@@ -29,26 +30,41 @@ def matmul_peak_gflops(
     return 2 * n**3 / best / 1e9
 
 
+def fused_ci_flops(trainer: Trainer, rows: int, backward: bool = True) -> float:
+    """The fused CI kernel's matmul-like work on `rows` positions, which FlopCounterMode cannot
+    see: per element of [rows, C, d_gate] one multiply-add in and one out (4 FLOPs) forward,
+    twice that backward. 0 when the kernel is not the backend in use."""
+    if trainer.ci_backend != "fused":
+        return 0.0
+    model, d_gate = trainer.model, ci_hidden_dim(trainer.config)
+    per_element = 12.0 if backward else 4.0
+    return sum(per_element * rows * model.components(n).C * d_gate for n in model.module_names)
+
+
 def step_flops(trainer: Trainer) -> dict[str, float]:
     """FLOPs of one training step (forward + backward), counted op by op on a real step.
 
-    Matmuls (mm/bmm/einsum, in forward and backward) are counted by torch's FlopCounterMode.
-    The fused CI kernel is invisible to it, so its matmul-like work is added from the shapes:
-    per element of [B, C, d_gate] one multiply-add in and one out (4 FLOPs) forward, twice that
-    backward. Elementwise work (GELU, sigmoids, masks) is not counted: FLOP/s here is matmul
-    throughput, comparable with the matmul peak.
+    Matmuls (mm/bmm/einsum, in forward and backward) are counted by torch's FlopCounterMode;
+    the fused CI kernel's from its shapes (`fused_ci_flops`). Elementwise work (GELU,
+    sigmoids, masks) is not counted: FLOP/s here is matmul throughput, comparable with the
+    matmul peak. `spdkit plan` counts the same way.
     """
-    model = trainer.model
     with FlopCounterMode(display=False) as counter:
         trainer.train_step()
     total = float(counter.get_total_flops())
-    ci = 0.0
-    if trainer.ci_backend == "fused":
-        batch = trainer.config.training.batch_size
-        for name in model.module_names:
-            C = model.components(name).C
-            ci += 12.0 * batch * C * trainer.config.ci_fn.hidden_dim
+    rows = trainer.config.training.batch_size * positions_per_sample(trainer.config)
+    ci = fused_ci_flops(trainer, rows)
     return {"counted": total, "ci_fused": ci, "total": total + ci}
+
+
+def positions_per_sample(config: SPDConfig) -> int:
+    """Token positions per sample (a sequence target's seq_len; 1 otherwise): the rows a
+    per-position computation (CI, masks) runs on, per sample."""
+    return int(getattr(config.target, "seq_len", 1) or 1)
+
+
+def ci_hidden_dim(config: SPDConfig) -> int:
+    return int(getattr(config.ci_fn, "hidden_dim", 0))
 
 
 def _activities(device: str) -> list:
