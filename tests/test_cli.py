@@ -25,7 +25,7 @@ def test_run_then_eval_then_resume_finished(tmp_path):
     result = runner.invoke(app, ["run", str(cfg), "--out", str(out), "--quiet", "--steps", "12"])
     assert result.exit_code == 0, result.output
     assert "MMCS" in result.output and "run directory" in result.output
-    assert yaml.safe_load((out / "config.yaml").read_text())["steps"] == 12
+    assert yaml.safe_load((out / "config.yaml").read_text())["training"]["steps"] == 12
     summary = json.loads((out / "summary.json").read_text())
     (out / "summary.json").unlink()
     result = runner.invoke(app, ["eval", str(out)])
@@ -44,7 +44,7 @@ def test_list_shows_bundled_configs():
 
 def test_check_prints_resolved_config_or_errors(tmp_path):
     result = runner.invoke(app, ["check", "tms_5-2"])
-    assert result.exit_code == 0 and '"ci_hidden_dim": 16' in result.output
+    assert result.exit_code == 0 and '"hidden_dim": 16' in result.output
     bad = write_config(tmp_path, pnorm=-1, stepz=3)
     result = runner.invoke(app, ["check", str(bad)])
     assert result.exit_code == 2
@@ -93,8 +93,10 @@ def test_schema_is_json_with_every_field_described():
     assert result.exit_code == 0
     schema = json.loads(result.output)
     props = schema["properties"]
-    assert {"importance_minimality_coeff", "pnorm", "modules", "optimizer"} <= set(props)
-    assert "β3" in props["importance_minimality_coeff"]["description"]
+    assert {"loss", "importance", "modules", "training", "engine", "adversary"} <= set(props)
+    loss = schema["$defs"]["LossConfig"]["properties"]
+    assert "β3" in loss["importance_minimality_coeff"]["description"]
+    assert "pnorm" in schema["$defs"]["ImportanceConfig"]["properties"]
 
 
 def test_modules_lists_the_targets_matrices_and_what_patterns_pick():

@@ -117,29 +117,32 @@ def test_weightless_matches_are_skipped_and_weighted_ones_are_errors():
 
 
 def test_delta_component_by_hand():
-    """A mask of C + 1 entries: W'_b = Σ_c m_bc U_c V_c + m_bΔ (W − U V), per sample, with
-    gradients reaching U and V through Δ too."""
+    """A Δ mask beside the C masks: W'_b = Σ_c m_bc U_c V_c + m_bΔ (W − U V), per sample,
+    with gradients reaching U and V through Δ too."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 3))
-    model = ComponentModel(net, [ModuleSpec(pattern="0", C=2)], ci_hidden_dim=2)
+    model = ComponentModel(net, [ModuleSpec(pattern="0", C=2)], ci_hidden_dim=2, delta=True)
     comps, W, b = model.components("0"), net[0].weight, net[0].bias
     x = torch.randn(5, 4)
-    mask = torch.rand(5, 3)  # [batch, C + 1]
-    y = model.forward(x, {"0": mask})
+    mask, m_delta = torch.rand(5, 2), torch.rand(5, 1)  # [batch, C], [batch, 1]
+    y = model.forward(x, {"0": mask}, delta={"0": m_delta})
     delta = W - comps.U @ comps.V
     for i in range(5):
-        W_i = comps.U @ torch.diag(mask[i, :2]) @ comps.V + mask[i, 2] * delta
+        W_i = comps.U @ torch.diag(mask[i]) @ comps.V + m_delta[i, 0] * delta
         torch.testing.assert_close(y[i], W_i @ x[i] + b)
-    # all ones including Δ: the target, whatever U V is; without the Δ slot: U V alone
-    torch.testing.assert_close(model.forward(x, {"0": torch.ones(3)}), net(x))
-    torch.testing.assert_close(
-        model.forward(x, {"0": torch.ones(2)}), x @ (comps.U @ comps.V).T + b
-    )
+    # all ones including Δ: the target, whatever U V is; without a Δ mask: U V alone
+    ones = {"0": torch.ones(2)}
+    torch.testing.assert_close(model.forward(x, ones, delta={"0": torch.ones(1)}), net(x))
+    torch.testing.assert_close(model.forward(x, ones), x @ (comps.U @ comps.V).T + b)
     # Δ alone: W − U V; and Δ is not detached: U, V get gradients through it
-    torch.testing.assert_close(
-        model.forward(x, {"0": torch.tensor([0.0, 0.0, 1.0])}), x @ delta.T + b
-    )
-    model.forward(x, {"0": torch.tensor([1.0, 0.0, 0.5])}).sum().backward()
+    zeros = {"0": torch.zeros(2)}
+    torch.testing.assert_close(model.forward(x, zeros, delta={"0": torch.ones(1)}), x @ delta.T + b)
+    model.forward(
+        x, {"0": torch.tensor([1.0, 0.0])}, delta={"0": torch.tensor([0.5])}
+    ).sum().backward()
     assert comps.U.grad[:, 1].abs().sum() > 0  # subcomponent 1 enters only through Δ
     with pytest.raises(ValueError, match="C = 2 entries"):
-        model.forward(x, {"0": torch.ones(4)})
+        model.forward(x, {"0": torch.ones(3)})
+    plain = ComponentModel(nn.Sequential(nn.Linear(4, 3)), [ModuleSpec(pattern="0", C=2)], 2)
+    with pytest.raises(ValueError, match="has no Δ-component"):
+        plain.forward(x, ones, delta={"0": torch.ones(1)})

@@ -109,15 +109,19 @@ class ComponentModel(nn.Module):
         ci_fn: CIFnConfig | None = None,
         prefix_replay: bool = True,
         output_field: str | None = None,
+        delta: bool = False,
     ) -> None:
         """`ci_fn`: the CI function (kind, settings, lower sigmoid); without it the paper's
-        `mlp` kind with d_gate `ci_hidden_dim` (default 16)."""
+        `mlp` kind with d_gate `ci_hidden_dim` (default 16). `delta`: each decomposed module
+        has the Δ-component W − U V as one more component, masked by `masked_forward`'s
+        `delta` masks (VPD notes §2)."""
         super().__init__()
         if ci_fn is not None and ci_hidden_dim is not None:
             raise ValueError("give ci_fn (with its own settings) or ci_hidden_dim, not both")
         if ci_fn is None:
             ci_fn = MLPCIConfig(hidden_dim=ci_hidden_dim or 16)
         self.output_field = output_field  # which tensor of the target's output D compares
+        self.delta = delta
         matched = match_modules(target, specs)
         # matched against the target's own modules, before anything is inserted
         identity_sites = match_identity_sites(target, identity_specs or [])
@@ -153,6 +157,7 @@ class ComponentModel(nn.Module):
             ci_fn=config.ci_fn,
             prefix_replay=config.engine.prefix_replay,
             output_field=getattr(config.target, "output", None),
+            delta=config.components.delta,
         )
 
     def set_ci_backend(self, backend: str, device: torch.device | str) -> str:
@@ -202,11 +207,13 @@ class ComponentModel(nn.Module):
         inner: Mapping[str, Tensor] | None = None,
         routes: Mapping[str, Tensor] | None = None,
         shortcuts: Shortcuts | None = None,
+        delta: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
         """f(x | W'): each module l in `masks` computes ((a Vᵀ) ⊙ m^l) Uᵀ (+ b) from its input a
         in this pass, with m^l [..., C] broadcast over the positions; every other module runs
-        its original weights. The original matmul of a masked module never runs, except with
-        a mask of C + 1 entries: its last masks the Δ-component W − U V (`_with_delta`).
+        its original weights. The original matmul of a masked module never runs, except when
+        `delta[l]` [..., 1] masks its Δ-component W − U V (`_with_delta`; a model built with
+        `delta`; a module without one leaves Δ out).
 
         routes[l] (bool [...], optional) is subset routing: module l is masked at the
         positions where it is True and runs its original weights elsewhere.
@@ -217,6 +224,8 @@ class ComponentModel(nn.Module):
         shortcuts = shortcuts or self.shortcuts
         if not masks:
             return model_output(self.target(x), self.output_field)
+        if delta and not self.delta:
+            raise ValueError("Δ-component masks given, but this model has no Δ-component")
         first = record.first(masks) if record is not None else None
         forwards: dict[str, Callable[..., Any]] = {}
         for name, mask in masks.items():
@@ -226,6 +235,7 @@ class ComponentModel(nn.Module):
                 mask,
                 inner[name] if reuse else None,  # type: ignore[index]
                 routes.get(name) if routes is not None else None,
+                delta.get(name) if delta is not None else None,
             )
         plan = {}
         if shortcuts.replay_prefix and record is not None:
@@ -237,9 +247,14 @@ class ComponentModel(nn.Module):
             assert_unchanged(record)  # type: ignore[arg-type]
         return y
 
-    def forward(self, x: Tensor, masks: Mapping[str, Tensor] | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        masks: Mapping[str, Tensor] | None = None,
+        delta: Mapping[str, Tensor] | None = None,
+    ) -> Tensor:
         """f(x | W') without a record (no shortcuts): the plain masked forward, for analyses."""
-        return self.masked_forward(x, masks or {})
+        return self.masked_forward(x, masks or {}, delta=delta)
 
     def inner_acts(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """h [..., C] = a @ Vᵀ for each module, from its (target) input."""
@@ -262,25 +277,31 @@ ForwardFactory = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
 def _masked_forward_of(
-    components: Components, mask: Tensor, inner: Tensor | None, route: Tensor | None
+    components: Components,
+    mask: Tensor,
+    inner: Tensor | None,
+    route: Tensor | None,
+    delta: Tensor | None = None,
 ) -> ForwardFactory:
-    """The forward of a masked module: ((a Vᵀ) ⊙ m) Uᵀ (+ b), h reused if given; with a
-    route, torch.where(route, masked, original) per position."""
-
-    delta = mask.shape[-1] == components.C + 1
+    """The forward of a masked module: ((a Vᵀ) ⊙ m) Uᵀ (+ b), h reused if given; with a Δ
+    mask, the Δ-component too; with a route, torch.where(route, masked, original) per
+    position."""
 
     def factory(original: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Tensor:
-            if mask.shape[-1] not in (components.C, components.C + 1):
+            if mask.shape[-1] != components.C:
                 raise ValueError(
-                    f"a mask needs C = {components.C} entries (or C + 1, the last for the "
-                    f"Δ-component), got {mask.shape[-1]}"
+                    f"a mask needs C = {components.C} entries, got {mask.shape[-1]} (the "
+                    "Δ-component's mask is given apart: masked_forward(..., delta=...))"
                 )
             a = args[0] if args else next(iter(kwargs.values()))
             h = inner if inner is not None else components.inner(a)
             # the original weights' output, when the Δ-component or a route needs it
-            y = original(*args, **kwargs) if delta or route is not None else None
-            out = _with_delta(components, h, mask, y) if delta else components.outer(h * mask)
+            y = original(*args, **kwargs) if delta is not None or route is not None else None
+            if delta is not None:
+                out = _with_delta(components, h, mask, delta, y)
+            else:
+                out = components.outer(h * mask)
             if route is not None:
                 out = torch.where(route.unsqueeze(-1), out, y)
             return out
@@ -290,16 +311,17 @@ def _masked_forward_of(
     return factory
 
 
-def _with_delta(components: Components, h: Tensor, mask: Tensor, y_target: Tensor) -> Tensor:
-    """The masked module with the Δ-component (VPD notes §2): mask [..., C + 1] = (m, m_Δ),
+def _with_delta(
+    components: Components, h: Tensor, m: Tensor, m_delta: Tensor, y_target: Tensor
+) -> Tensor:
+    """The masked module with the Δ-component (VPD notes §2): m [..., C], m_Δ [..., 1],
 
         y = ((a Vᵀ) ⊙ m) Uᵀ + m_Δ · a Δᵀ + b,   Δ = W − U V   (not detached: U, V learn
                                                   through it too)
           = ((a Vᵀ) ⊙ (m − m_Δ)) Uᵀ + m_Δ · (a Wᵀ) + b
 
     with a Wᵀ = y_target − b the module's own output without its bias: at m = 1, m_Δ = 1 the
-    module is exactly the target's, whatever U V is. A mask of C entries leaves Δ out."""
-    m, m_delta = mask[..., :-1], mask[..., -1:]
+    module is exactly the target's, whatever U V is."""
     bias = components.bias if components.bias is not None else 0.0
     return components.outer(h * (m - m_delta)) + m_delta * (y_target - bias)
 
@@ -369,3 +391,11 @@ def output_fields(out: object) -> list[str]:
     """The tensor fields of a model's output (a ModelOutput is a Mapping of them)."""
     items = out.items() if isinstance(out, Mapping) else vars(out).items()
     return [k for k, v in items if isinstance(v, Tensor)]
+
+
+def split_delta_slot(
+    masks: Mapping[str, Tensor],
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Masks drawn with the Δ-component's slot last ([..., C + 1], `with_delta_slot`) →
+    (the components' masks [..., C], the Δ-component's [..., 1]), for `masked_forward`."""
+    return {n: m[..., :-1] for n, m in masks.items()}, {n: m[..., -1:] for n, m in masks.items()}

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from spdkit.config import SPDConfig
 from spdkit.engine.random_stream import MaskStream, uniform
-from spdkit.method.model import NO_SHORTCUTS, ComponentModel
+from spdkit.method.model import NO_SHORTCUTS, ComponentModel, split_delta_slot
 
 
 def _draw(stream: MaskStream, n: int, device: torch.device) -> Tensor:
@@ -53,7 +53,11 @@ def reference_spd_losses(
     terms: dict[str, Tensor] = {}
 
     def masked(masks: dict[str, Tensor], routes: dict[str, Tensor] | None = None) -> Tensor:
-        return model.masked_forward(x.clone(), masks, routes=routes, shortcuts=NO_SHORTCUTS)
+        # with the Δ-component, each mask's last slot is Δ's
+        masks, delta = split_delta_slot(masks) if config.components.delta else (masks, None)
+        return model.masked_forward(
+            x.clone(), masks, routes=routes, shortcuts=NO_SHORTCUTS, delta=delta
+        )
 
     # 1. faithfulness: (1/N) Σ_l ‖W^l − U^l V^l‖²
     sq = sum(((model.target_weight(n) - model.components(n).weight()) ** 2).sum() for n in names)

@@ -46,7 +46,7 @@ from spdkit.method.losses import (
     pnorm_at,
     smooth_l0_penalty,
 )
-from spdkit.method.model import ComponentModel
+from spdkit.method.model import ComponentModel, split_delta_slot
 from spdkit.method.routing import draw_routes, routes_by_module
 
 LOSS_TERMS = (
@@ -145,15 +145,17 @@ def spd_losses(
     g, h = loss.cut(ci_lower), loss.cut(inner)  # what the masked passes differentiate
 
     def D(masks: Mapping[str, Tensor], routes: Mapping[str, Tensor] | None = None) -> Tensor:
-        """D(f(x | W' on the modules in `masks`), f(x | W)): one masked pass."""
+        """D(f(x | W' on the modules in `masks`), f(x | W)): one masked pass. With the
+        Δ-component, each mask's last slot is Δ's."""
+        masks, delta = split_delta_slot(masks) if model.delta else (masks, None)
         with masked_pass_precision(config, x.device):
-            y = model.masked_forward(x, masks, record, inner=h, routes=routes)
+            y = model.masked_forward(x, masks, record, inner=h, routes=routes, delta=delta)
         return share(divergence.compare(y.float(), y_target))
 
     S, L = config.loss.n_mask_samples, len(names)
     for _ in range(S):
         # m = g + (1 − g) ⊙ r; with the Δ-component, g_Δ ≡ 0: m_Δ = r
-        masks = {n: stream.masks(with_delta_slot(g[n], config)) for n in names}
+        masks = {n: stream.masks(with_delta_slot(g[n], model.delta)) for n in names}
         if coeffs["stochastic_recon"] > 0:
             loss.add("stochastic_recon", D(masks) / S)
         if coeffs["stochastic_recon_layerwise"] > 0:
@@ -166,7 +168,7 @@ def spd_losses(
             loss.add("stochastic_recon_subset", d / S)
 
     if coeffs["adversarial_recon"] > 0:
-        gx = {n: with_delta_slot(g[n], config) for n in names}
+        gx = {n: with_delta_slot(g[n], model.delta) for n in names}
         for group, routes, weight in adversarial_problems(gx, config, stream):
             d = adversarial_divergence(D, group, routes, config, stream, step, persistent, parallel)
             loss.add("adversarial_recon", d * weight)
@@ -244,9 +246,10 @@ def adversarial_divergence(
     return D(adversarial_masks(g, sources), routes)
 
 
-def with_delta_slot(g: Tensor, config: SPDConfig) -> Tensor:
-    """g [..., C] → [..., C + 1] with the Δ-component's CI (≡ 0) last, when it is on."""
-    if not config.components.delta:
+def with_delta_slot(g: Tensor, delta: bool) -> Tensor:
+    """g [..., C] → [..., C + 1] with the Δ-component's CI (≡ 0) last, when the model has
+    one: its masks are then drawn (and attacked) with the others' in one draw."""
+    if not delta:
         return g
     return torch.cat([g, g.new_zeros(*g.shape[:-1], 1)], dim=-1)
 
