@@ -52,7 +52,7 @@ def bf16_masked_forwards(model: ComponentModel, enabled: bool) -> Iterator[None]
 
 def loss_and_grad(model: ComponentModel, config, x: torch.Tensor, seed: int, bf16: bool):
     with bf16_masked_forwards(model, bf16):
-        terms, _ = spd_losses(model, x, config, MaskStream(seed))
+        terms = spd_losses(model, x, config, MaskStream(seed)).terms
     terms["total"].backward()
     params = model.trainable_parameters()
     grad = torch.cat([p.grad.flatten() for p in params if p.grad is not None])

@@ -99,6 +99,6 @@ def exact_components(model: ComponentModel) -> None:
 
 def tiny_trainer(**overrides) -> Trainer:
     """A trainer of the tiny TMS config (10 steps) on its untrained target."""
-    config = parse_config(tiny_tms_dict(steps=10, **overrides))
+    config = parse_config(tiny_tms_dict(**{"steps": 10, **overrides}))
     target = target_kind(config.target).build(config.target)
     return build_trainer(target, data_source(config), config, "cpu")

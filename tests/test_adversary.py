@@ -75,10 +75,10 @@ def _trainer(**pgd):
 def test_persistent_sources_carry_over_and_resume_bit_exactly():
     whole = _trainer()
     whole.train_step()
-    first = {n: s.clone() for n, s in whole.pgd_sources.sources.items()}
+    first = {n: s.clone() for n, s in whole.pgd.sources.items()}
     assert set(first) == {"linear1", "linear2"} and first["linear1"].shape == (256, 8)
     whole.train_step()
-    assert not torch.equal(first["linear1"], whole.pgd_sources.sources["linear1"])
+    assert not torch.equal(first["linear1"], whole.pgd.sources["linear1"])
     tensors, meta = whole.state_tensors()
     tensors = {k: v.clone() for k, v in tensors.items()}  # the parameters change in place
     assert int(tensors["pgd.linear1.t"]) == 2  # one Adam update per step (n_steps 1)
@@ -93,15 +93,17 @@ def test_persistent_sources_carry_over_and_resume_bit_exactly():
         whole.model.trainable_parameters(), part.model.trainable_parameters(), strict=True
     ):
         assert torch.equal(a, b)
-    for name, s in whole.pgd_sources.sources.items():
-        assert torch.equal(s, part.pgd_sources.sources[name])
+    for name, s in whole.pgd.sources.items():
+        assert torch.equal(s, part.pgd.sources[name])
 
 
 def test_persistent_position_sources_need_a_fixed_batch_shape():
     trainer = _trainer()
     trainer.train_step()
-    with pytest.raises(ValueError, match="pgd.scope=batch"):
-        trainer.pgd_sources.get({"linear1": (3, 9)}, trainer.mask_stream, torch.device("cpu"))
+    with pytest.raises(ValueError, match="adversary.scope=batch"):
+        trainer.pgd.starting(
+            {"linear1": (3, 9)}, trainer.config.adversary, trainer.mask_stream, torch.device("cpu")
+        )
 
 
 def test_the_adversarial_loss_can_be_evaluated_without_gradients():
@@ -110,7 +112,7 @@ def test_the_adversarial_loss_can_be_evaluated_without_gradients():
     trainer = _trainer(persistent=False)
     x = trainer.data.sample(32, trainer.data_generator)
     with torch.no_grad():
-        terms, _ = spd_losses(trainer.model, x, trainer.config, MaskStream(1))
+        terms = spd_losses(trainer.model, x, trainer.config, MaskStream(1)).terms
     assert terms["adversarial_recon"] > 0
 
 

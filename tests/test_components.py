@@ -109,7 +109,7 @@ def test_sequence_model_masks_and_ci_are_per_position():
     ids = torch.randint(0, 11, (4, 7))
     ones = {n: torch.ones(4, 7, 6) for n in model.module_names}
     torch.testing.assert_close(model(ids, ones), model.target(ids), rtol=1e-4, atol=1e-4)
-    terms, ci = spd_losses(model, ids, config, MaskStream(0))
+    terms, ci, _ = spd_losses(model, ids, config, MaskStream(0))
     assert {n: tuple(g.shape) for n, g in ci.items()} == {n: (4, 7, 6) for n in ci}
     assert all(torch.isfinite(v) for v in terms.values())
     assert terms["faithfulness"] < 1e-10  # exact components

@@ -136,7 +136,7 @@ def _fast(trainer, x, stream):
     params = trainer.model.trainable_parameters()
     for p in params:
         p.grad = None
-    terms, _ = spd_losses(trainer.model, x, trainer.config, stream, trainer.step)
+    terms = spd_losses(trainer.model, x, trainer.config, stream, trainer.step).terms
     return terms, [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
 
 

@@ -158,7 +158,7 @@ def evaluation_losses(
     losses = []
     for share, piece in chunks(x, config.eval.batch_size):
         with torch.no_grad():
-            terms, _ = spd_losses(model, piece, config, stream, step)
+            terms = spd_losses(model, piece, config, stream, step).terms
         losses.append((share, {k: terms[k].item() for k in ("total", *LOSS_TERMS) if k in terms}))
         if on_chunk is not None:
             on_chunk()

@@ -20,7 +20,7 @@ source vector per module shared over the whole batch ([C]): it cannot exploit on
 noise (the VPD paper's argument; its evaluation uses it). With the Δ-component, sources have
 C + 1 entries and Δ's is attacked too.
 
-Persistent PGD (`PersistentSources`): the sources and their Adam moments carry over from one
+Persistent PGD (`PGDState`): the sources and their Adam moments carry over from one
 training step to the next (each step continues the ascent instead of restarting it), and they
 are part of the checkpoint, so a resumed run continues bit-exactly.
 """
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -71,12 +72,19 @@ def adversarial_masks(g: Mapping[str, Tensor], sources: Mapping[str, Tensor]) ->
 
 
 class Ascent:
-    """One projected ascent update of a set of sources: `sign` or `adam` (state per source)."""
+    """One projected ascent update of a set of sources: `sign` or `adam` (state per source:
+    the moments and count it starts from, its own dicts from then on)."""
 
-    def __init__(self, kind: str, betas: tuple[float, float]) -> None:
+    def __init__(
+        self,
+        kind: str,
+        betas: tuple[float, float],
+        moments: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+        t: Mapping[str, int] | None = None,
+    ) -> None:
         self.kind, self.betas = kind, betas
-        self.moments: dict[str, tuple[Tensor, Tensor]] = {}
-        self.t: dict[str, int] = {}
+        self.moments: dict[str, tuple[Tensor, Tensor]] = dict(moments or {})
+        self.t: dict[str, int] = dict(t or {})
 
     @torch.no_grad()
     def update(self, name: str, s: Tensor, grad: Tensor, lr: float) -> Tensor:
@@ -135,69 +143,78 @@ def ascend(
     return sources
 
 
-class PersistentSources:
-    """Persistent PGD's state: per module the sources and (adam) their moments, kept across
-    training steps and checkpointed. Created at the first step from `initial_sources`."""
+@dataclass(frozen=True)
+class PGDState:
+    """Persistent PGD's state between training steps (VPD's training adversary): per module
+    the sources s and, for Adam ascent, their moments (m, v) and update count t. A value: a
+    step starts from one and returns the next (`spdkit.method.step.spd_losses`); the trainer
+    keeps it and checkpoints it (`state_tensors`), so a resumed run continues bit-exactly."""
 
-    def __init__(self, config: PGDConfig) -> None:
-        self.config = config
-        self.sources: dict[str, Tensor] = {}
-        self.ascent = Ascent(config.optimizer, tuple(config.adam_betas))  # type: ignore[arg-type]
+    sources: Mapping[str, Tensor] = field(default_factory=dict)
+    moments: Mapping[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    t: Mapping[str, int] = field(default_factory=dict)
 
-    def lr(self, step: int, steps: int) -> float:
-        """The ascent step size, warmed up linearly over `warmup_frac` of training."""
-        warm = int(self.config.warmup_frac * steps)
-        return self.config.step_size * (min(1.0, (step + 1) / warm) if warm else 1.0)
-
-    def get(
-        self, shapes: Mapping[str, tuple[int, ...]], stream: MaskStream, device: torch.device
+    def starting(
+        self,
+        shapes: Mapping[str, tuple[int, ...]],
+        config: PGDConfig,
+        stream: MaskStream,
+        device: torch.device,
     ) -> dict[str, Tensor]:
-        """The current sources of these modules (initialised on first use)."""
+        """The sources these modules start this step from: the kept ones, s⁰ for a module
+        seen for the first time (drawn from the step's stream)."""
         missing = {n: s for n, s in shapes.items() if n not in self.sources}
-        if missing:
-            per_sample = self.config.scope == "position"
-            self.sources.update(
-                initial_sources(missing, self.config.init, stream, device, per_sample)
-            )
-        wrong = [n for n, s in shapes.items() if tuple(self.sources[n].shape) != tuple(s)]
+        drawn = initial_sources(missing, config.init, stream, device, config.scope == "position")
+        sources = {**self.sources, **drawn}
+        wrong = [n for n, s in shapes.items() if tuple(sources[n].shape) != tuple(s)]
         if wrong:
             raise ValueError(
                 f"persistent PGD sources of {wrong[0]} have shape "
-                f"{list(self.sources[wrong[0]].shape)}, this batch needs {list(shapes[wrong[0]])} "
-                "(scope position needs a fixed batch shape; use pgd.scope=batch)"
+                f"{list(sources[wrong[0]].shape)}, this batch needs {list(shapes[wrong[0]])} "
+                "(scope position needs a fixed batch shape; use adversary.scope=batch)"
             )
-        return {n: self.sources[n] for n in shapes}
+        return {n: sources[n] for n in shapes}
 
-    def set(self, sources: Mapping[str, Tensor]) -> None:
-        self.sources.update({n: s.detach() for n, s in sources.items()})
+    def after(self, sources: Mapping[str, Tensor], ascent: Ascent) -> PGDState:
+        """The next state: these modules' sources (detached) and the ascent's moments."""
+        kept = {**self.sources, **{n: s.detach() for n, s in sources.items()}}
+        return PGDState(kept, dict(ascent.moments), dict(ascent.t))
 
     # --- checkpoint --------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, Tensor]:
         out = {}
         for name, s in self.sources.items():
             out[f"pgd.{name}.source"] = s
-            if name in self.ascent.moments:
-                m, v = self.ascent.moments[name]
+            if name in self.moments:
+                m, v = self.moments[name]
                 out[f"pgd.{name}.m"], out[f"pgd.{name}.v"] = m, v
-                out[f"pgd.{name}.t"] = torch.tensor(self.ascent.t[name], dtype=torch.int64)
+                out[f"pgd.{name}.t"] = torch.tensor(self.t[name], dtype=torch.int64)
         return out
 
-    def load_state(self, tensors: Mapping[str, Tensor], device: torch.device | str) -> None:
-        self.sources, self.ascent.moments, self.ascent.t = {}, {}, {}
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, Tensor], device: torch.device | str) -> PGDState:
+        sources, moments, t = {}, {}, {}
         for key, value in tensors.items():
             if not key.startswith("pgd."):
                 continue
             name, part = key[len("pgd.") :].rsplit(".", 1)
             if part == "source":
-                self.sources[name] = value.to(device)
+                sources[name] = value.to(device)
             elif part == "t":
-                self.ascent.t[name] = int(value)
-        for name in self.sources:
+                t[name] = int(value)
+        for name in sources:
             if f"pgd.{name}.m" in tensors:
-                self.ascent.moments[name] = (
+                moments[name] = (
                     tensors[f"pgd.{name}.m"].to(device),
                     tensors[f"pgd.{name}.v"].to(device),
                 )
+        return cls(sources, moments, t)
+
+
+def persistent_lr(config: PGDConfig, step: int, steps: int) -> float:
+    """Persistent PGD's ascent step size, warmed up linearly over `warmup_frac` of training."""
+    warm = int(config.warmup_frac * steps)
+    return config.step_size * (min(1.0, (step + 1) / warm) if warm else 1.0)
 
 
 def fresh_pgd_ladder(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -31,10 +32,11 @@ from spdkit.engine.distributed import SINGLE, Parallel
 from spdkit.engine.random_stream import MaskStream
 from spdkit.method.adversary import (
     Ascent,
-    PersistentSources,
+    PGDState,
     adversarial_masks,
     ascend,
     initial_sources,
+    persistent_lr,
     source_shape,
 )
 from spdkit.method.losses import (
@@ -58,6 +60,16 @@ LOSS_TERMS = (
     "importance_minimality",
     "frequency_minimality",
 )
+
+
+class StepResult(NamedTuple):
+    """What one step computes: every loss term (detached, "total" included), g per module
+    (detached, for L0 and firing counts), and persistent PGD's state after the step (None
+    without it)."""
+
+    terms: dict[str, Tensor]
+    ci_lower: dict[str, Tensor]
+    pgd: PGDState | None = None
 
 
 def loss_coefficients(config: SPDConfig) -> dict[str, float]:
@@ -100,12 +112,12 @@ def spd_losses(
     config: SPDConfig,
     stream: MaskStream,
     step: int = 0,
-    persistent: PersistentSources | None = None,
+    pgd: PGDState | None = None,
     parallel: Parallel = SINGLE,
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Every loss term of one step on batch x, detached ("total" included), and g per module.
-    `step` (0-based) sets the annealed p; `persistent` holds persistent PGD's sources (the
-    trainer's; updated here), else the adversary starts afresh.
+) -> StepResult:
+    """Every loss term of one step on batch x, detached ("total" included), g per module, and
+    persistent PGD's next state. `step` (0-based) sets the annealed p; `pgd` is persistent
+    PGD's state at the start of the step (None: the adversary starts afresh, or is off).
 
     Data-parallel (`parallel.active`): x is this rank's shard and every term is its share of
     the global term (`spdkit.engine.distributed`): the shares and their gradients sum over ranks to
@@ -170,11 +182,11 @@ def spd_losses(
     if coeffs["adversarial_recon"] > 0:
         gx = {n: with_delta_slot(g[n], model.delta) for n in names}
         for group, routes, weight in adversarial_problems(gx, config, stream):
-            d = adversarial_divergence(D, group, routes, config, stream, step, persistent, parallel)
+            d, pgd = adversarial_divergence(D, group, routes, config, stream, step, pgd, parallel)
             loss.add("adversarial_recon", d * weight)
 
     terms = loss.finish(**per_step)
-    return terms, {n: t.detach() for n, t in ci_lower.items()}
+    return StepResult(terms, {n: t.detach() for n, t in ci_lower.items()}, pgd)
 
 
 def share_of_global(parallel: Parallel) -> Callable[[Tensor], Tensor]:
@@ -215,19 +227,21 @@ def adversarial_divergence(
     config: SPDConfig,
     stream: MaskStream,
     step: int,
-    persistent: PersistentSources | None,
+    persistent: PGDState | None,
     parallel: Parallel = SINGLE,
-) -> Tensor:
-    """D at adversarial masks m = g + (1 − g) ⊙ s*: s* after `pgd.n_steps` ascent steps on
-    D with g held fixed (from fresh sources, or the persistent ones, which are then kept);
-    gradients of the returned D reach U, V and the CI function, not s*. Sources shared by
-    the batch (scope batch) ascend the global D: their gradients are summed over ranks."""
+) -> tuple[Tensor, PGDState | None]:
+    """(D at adversarial masks m = g + (1 − g) ⊙ s*, persistent PGD's next state): s* after
+    `adversary.n_steps` ascent steps on D with g held fixed, from fresh sources or from the
+    persistent ones (whose next state holds s* and the ascent's moments); gradients of D reach
+    U, V and the CI function, not s*. Sources shared by the batch (scope batch) ascend the
+    global D: their gradients are summed over ranks."""
     pgd, device = config.adversary, next(iter(g.values())).device
     shapes = {n: source_shape(v, pgd.scope) for n, v in g.items()}
     per_sample = pgd.scope == "position"
     if persistent is not None:
-        start, ascent = persistent.get(shapes, stream, device), persistent.ascent
-        lr = persistent.lr(step, config.training.steps)
+        start = persistent.starting(shapes, pgd, stream, device)
+        ascent = Ascent(pgd.optimizer, pgd.adam_betas, persistent.moments, persistent.t)
+        lr = persistent_lr(pgd, step, config.training.steps)
     else:
         start = initial_sources(shapes, pgd.init, stream, device, per_sample)
         ascent, lr = Ascent(pgd.optimizer, pgd.adam_betas), pgd.step_size
@@ -241,9 +255,8 @@ def adversarial_divergence(
         lr,
         reduce,
     )
-    if persistent is not None:
-        persistent.set(sources)
-    return D(adversarial_masks(g, sources), routes)
+    after = persistent.after(sources, ascent) if persistent is not None else None
+    return D(adversarial_masks(g, sources), routes), after
 
 
 def with_delta_slot(g: Tensor, delta: bool) -> Tensor:

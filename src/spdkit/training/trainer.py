@@ -23,7 +23,7 @@ from spdkit.config.ci import ci_backend
 from spdkit.engine.distributed import SINGLE, Parallel, shard_size
 from spdkit.engine.random_stream import MaskStream
 from spdkit.errors import CheckpointError, NonFiniteError
-from spdkit.method.adversary import PersistentSources
+from spdkit.method.adversary import PGDState
 from spdkit.method.losses import faithfulness_loss
 from spdkit.method.model import ComponentModel
 from spdkit.method.step import LOSS_TERMS, loss_coefficients, spd_losses
@@ -114,9 +114,9 @@ class Trainer:
         }
         self.firing_positions = 0
         self.ci_backend = model.set_ci_backend(ci_backend(config.ci_fn), device)
-        # persistent PGD's sources and their Adam state (VPD), carried across steps
-        self.pgd_sources = (
-            PersistentSources(config.adversary)
+        # persistent PGD's sources and their Adam state (VPD): each step returns the next
+        self.pgd: PGDState | None = (
+            PGDState()
             if config.adversary.persistent and config.loss.adversarial_recon_coeff > 0
             else None
         )
@@ -126,8 +126,6 @@ class Trainer:
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """One optimiser step; `stop_requested` (this rank's SIGTERM) is combined with the
         other ranks' into `stop_agreed`, so that every rank stops after the same step."""
-        if self.step == 0 and self.config.training.faithfulness_warmup.steps > 0:
-            self.faithfulness_warmup()
         lr = lr_at(self.step, self.config.training.steps, self.config.training.optimizer)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -137,8 +135,8 @@ class Trainer:
         )
         self.optimizer.zero_grad(set_to_none=True)
         # + grads
-        terms, ci_lower = spd_losses(
-            self.model, x, self.config, self.mask_stream, self.step, self.pgd_sources, self.parallel
+        terms, ci_lower, self.pgd = spd_losses(
+            self.model, x, self.config, self.mask_stream, self.step, self.pgd, self.parallel
         )
         if self.parallel.active:
             self.parallel.sum_gradients(self.model.trainable_parameters())
@@ -211,11 +209,14 @@ class Trainer:
         on_step: Callable[[Trainer], None] | None = None,
     ) -> None:
         """Train from the current step to config.training.steps; log and checkpoint on the way.
+        A run from step 0 first runs the faithfulness warm-up phase, if configured.
 
         On Ctrl-C or SIGTERM a checkpoint is written before the interrupt propagates, so
         nothing is lost and `spdkit resume` continues exactly.
         """
         cfg = self.config
+        if self.step == 0 and cfg.training.faithfulness_warmup.steps > 0:
+            self.faithfulness_warmup()  # phase 1 (VPD notes §5): U V ≈ W before SPD's steps
         bar = progress_bar(
             cfg.training.steps, "spd", progress and self.parallel.is_main, initial=self.step
         )
@@ -269,9 +270,9 @@ class Trainer:
         for name, counts in self.firing.items():
             tensors[f"firing.{name}"] = par.sum_(counts.clone())
         positions = par.sum_(torch.tensor([self.firing_positions], device=self.device))
-        if self.pgd_sources is not None:
+        if self.pgd is not None:
             per_sample = self.config.adversary.scope == "position"
-            for key, value in self.pgd_sources.state_tensors().items():
+            for key, value in self.pgd.state_tensors().items():
                 rows = per_sample and key.endswith(SHARDED_PGD)
                 tensors[key] = par.gather_rows(value) if rows else value
         meta = {
@@ -323,9 +324,9 @@ class Trainer:
             if f"firing.{name}" in tensors and main:  # absent in checkpoints older than it
                 self.firing[name] = tensors[f"firing.{name}"].to(self.device)
         self.firing_positions = int(meta.get("firing_positions", 0)) if main else 0
-        if self.pgd_sources is not None:
+        if self.pgd is not None:
             per_sample = self.config.adversary.scope == "position"
-            self.pgd_sources.load_state(
+            self.pgd = PGDState.from_tensors(
                 {
                     k: self.parallel.local(v) if per_sample and k.endswith(SHARDED_PGD) else v
                     for k, v in tensors.items()
