@@ -47,5 +47,15 @@ def test_ci_pair_is_both_sigmoids_of_the_same_raw_values():
 
 
 @pytest.mark.parametrize("backend", ["eager", "bogus"])
-def test_set_backend_falls_back_to_eager(backend):
-    assert CausalImportance(2, 2).set_backend(backend, "cpu") == "eager"
+def test_an_unknown_backend_runs_eager(backend):
+    assert CausalImportance(2, 2, backend=backend).backend_used("cpu") == "eager"
+
+
+def test_a_kernel_that_does_not_apply_falls_back_per_call():
+    """The fused kernel is CPU float32 only: float64 inputs run the eager formula."""
+    ci = CausalImportance(3, 4, backend="auto").double()
+    h = torch.randn(5, 3, dtype=torch.float64)
+    lower, upper = ci(h)
+    raw = ci_mlp(h, ci.w_in, ci.b_in, ci.w_out, ci.b_out)
+    torch.testing.assert_close(lower, lower_leaky_hard_sigmoid(raw))
+    torch.testing.assert_close(upper, upper_leaky_hard_sigmoid(raw))

@@ -102,7 +102,6 @@ def _step(per_pass: bool, n_modules: int, peak: list[int], layerwise: float = 1.
     )
     torch.manual_seed(0)
     model = ComponentModel(Deep(n_modules), config.modules, config.ci_fn.hidden_dim)
-    model.set_ci_backend("eager", "cpu")
     x = torch.randn(256, 64)
     live = [0]
 

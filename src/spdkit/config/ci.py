@@ -99,9 +99,3 @@ CIFnConfig = Annotated[
     MLPCIConfig | VectorMLPCIConfig | GlobalMLPCIConfig | GlobalTransformerCIConfig,
     Field(discriminator="kind"),
 ]
-
-
-def ci_backend(config: CIFnConfig) -> str:
-    """The backend a CI function is asked to run with: the `mlp` kind's `backend`; the other
-    kinds have one way to run (eager)."""
-    return getattr(config, "backend", "eager")

@@ -119,7 +119,7 @@ class ComponentModel(nn.Module):
         if ci_fn is not None and ci_hidden_dim is not None:
             raise ValueError("give ci_fn (with its own settings) or ci_hidden_dim, not both")
         if ci_fn is None:
-            ci_fn = MLPCIConfig(hidden_dim=ci_hidden_dim or 16)
+            ci_fn = MLPCIConfig(hidden_dim=ci_hidden_dim or 16, backend="eager")
         self.output_field = output_field  # which tensor of the target's output D compares
         self.delta = delta
         matched = match_modules(target, specs)
@@ -159,12 +159,6 @@ class ComponentModel(nn.Module):
             output_field=getattr(config.target, "output", None),
             delta=config.components.delta,
         )
-
-    def set_ci_backend(self, backend: str, device: torch.device | str) -> str:
-        """Run every CI function with `backend` ("auto", "fused", "compiled", "eager"); returns
-        the one used. Training and evaluation must agree: the backends match only to float
-        rounding, and a loaded run should reproduce its summary's numbers exactly."""
-        return self.ci.set_backend(backend, device)
 
     def _decompose(self, name: str, C: int) -> None:
         """Give target module `name` C subcomponents."""

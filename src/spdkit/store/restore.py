@@ -9,7 +9,6 @@ from pathlib import Path
 from torch import nn
 
 from spdkit.config import SPDConfig
-from spdkit.config.ci import ci_backend
 from spdkit.errors import RunDirError
 from spdkit.method.model import ComponentModel
 from spdkit.store import runs
@@ -55,5 +54,4 @@ def restore(
         tensors, _ = runs.load_tensors(path)
         runs.load_component_tensors(model, tensors, path)
         step = config.training.steps
-    model.set_ci_backend(ci_backend(config.ci_fn), device)
     return model, config, step

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 
 from spdkit.config import OptimizerConfig, SPDConfig
-from spdkit.config.ci import ci_backend
 from spdkit.engine.distributed import SINGLE, Parallel, shard_size
 from spdkit.engine.random_stream import MaskStream
 from spdkit.errors import CheckpointError, NonFiniteError
@@ -113,7 +112,7 @@ class Trainer:
             for n in model.module_names
         }
         self.firing_positions = 0
-        self.ci_backend = model.set_ci_backend(ci_backend(config.ci_fn), device)
+        self.ci_backend = model.ci.backend_used(device)  # what the CI function runs with here
         # persistent PGD's sources and their Adam state (VPD): each step returns the next
         self.pgd: PGDState | None = (
             PGDState()

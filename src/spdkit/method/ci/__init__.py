@@ -24,7 +24,7 @@ def build_ci_function(config: CIFnConfig, slots: list[ModuleSlot]) -> CIFunction
     ordered = sorted(slots, key=lambda s: s.name)
     lower = config.lower_sigmoid
     if config.kind == "mlp":
-        return MLPCI(slots, config.hidden_dim, lower)
+        return MLPCI(slots, config.hidden_dim, lower, config.backend)
     if config.kind == "vector_mlp":
         return VectorMLPCI(slots, config.hidden_dims, config.input_norm, lower)
     if config.kind == "global_mlp":

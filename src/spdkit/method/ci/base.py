@@ -74,8 +74,8 @@ class CIFunction(nn.Module):
             {n: upper_leaky_hard_sigmoid(r) for n, r in raw.items()},
         )
 
-    def set_backend(self, backend: str, device: torch.device | str) -> str:
-        """How the function runs; only the `mlp` kind has a fused kernel."""
+    def backend_used(self, device: torch.device | str) -> str:
+        """How the function runs on `device`; only the `mlp` kind has other backends."""
         return "eager"
 
     def tensors(self) -> dict[str, Tensor]:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spdkit.config.ci import LowerSigmoid
+from spdkit.engine.kernels import fused_available, fused_causal_importance, fused_ci_mlp
 from spdkit.method.ci.base import CIFunction, ModuleSlot, key
 from spdkit.method.ci.sigmoids import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
 
@@ -45,7 +46,12 @@ def causal_importance_pair(
 class CausalImportance(nn.Module):
     """The C causal-importance MLPs of one module, as batched parameters."""
 
-    def __init__(self, C: int, d_gate: int) -> None:
+    def __init__(self, C: int, d_gate: int, backend: str = "eager") -> None:
+        """`backend`, how the MLPs run: "fused", the C++ kernel of `spdkit.engine.kernels`
+        (CPU, float32), one pass for forward and one for backward; "compiled", torch.compile
+        of the formula; "eager"; "auto" = fused where it applies. All are the same arithmetic
+        up to float rounding (tests/test_kernels.py); a kernel that does not apply to an input
+        (another device or dtype) falls back to eager for that call."""
         super().__init__()
         # Init (README): w_in ~ N(0, 1) (fan-in 1), w_out ~ N(0, 1/d_gate), zero biases; the raw
         # CI then starts near 0 with unit-scale sensitivity to h.
@@ -53,43 +59,52 @@ class CausalImportance(nn.Module):
         self.b_in = nn.Parameter(torch.zeros(C, d_gate))
         self.w_out = nn.Parameter(torch.randn(C, d_gate) / math.sqrt(d_gate))
         self.b_out = nn.Parameter(torch.zeros(C))
-        self.mlp, self.raw_mlp = causal_importance_pair, ci_mlp
+        self.backend = backend
+        self._compiled = (
+            (
+                torch.compile(causal_importance_pair, dynamic=False),
+                torch.compile(ci_mlp, dynamic=False),
+            )
+            if backend == "compiled"
+            else None
+        )
 
-    def set_backend(self, backend: str, device: torch.device | str) -> str:
-        """Choose how the MLPs run; returns the backend actually used.
+    def kernels(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> tuple:
+        """(backend used, the (g, g⁺) function, the raw-CI function) for inputs on `device`."""
+        if self.backend in ("auto", "fused") and dtype == torch.float32 and fused_available(device):
+            return "fused", fused_causal_importance, fused_ci_mlp
+        if self._compiled is not None:
+            return "compiled", *self._compiled
+        return "eager", causal_importance_pair, ci_mlp
 
-        "fused": the C++ kernel of `spdkit.engine.kernels` (CPU, float32), one pass for forward and one
-        for backward. "compiled": torch.compile of `ci_mlp`. Both are the same arithmetic as
-        "eager" up to float rounding (tests/test_kernels.py).
-        """
-        from spdkit.engine.kernels import fused_available, fused_causal_importance, fused_ci_mlp
-
-        if backend in ("auto", "fused") and fused_available(device):
-            self.mlp, self.raw_mlp, used = fused_causal_importance, fused_ci_mlp, "fused"
-        elif backend == "compiled":
-            self.mlp = torch.compile(causal_importance_pair, dynamic=False)
-            self.raw_mlp, used = torch.compile(ci_mlp, dynamic=False), "compiled"
-        else:
-            self.mlp, self.raw_mlp, used = causal_importance_pair, ci_mlp, "eager"
-        return used
+    def backend_used(self, device: torch.device | str) -> str:
+        return self.kernels(device)[0]
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """(g, g⁺), each [..., C], from inner activations h [..., C]."""
-        return self.mlp(h, self.w_in, self.b_in, self.w_out, self.b_out)
+        _, pair, _ = self.kernels(h.device, h.dtype)
+        return pair(h, self.w_in, self.b_in, self.w_out, self.b_out)
 
     def raw(self, h: Tensor) -> Tensor:
         """The raw CI [..., C] (before either sigmoid) with the same backend."""
-        return self.raw_mlp(h, self.w_in, self.b_in, self.w_out, self.b_out)
+        _, _, raw = self.kernels(h.device, h.dtype)
+        return raw(h, self.w_in, self.b_in, self.w_out, self.b_out)
 
 
 class MLPCI(CIFunction):
     per_module = True
 
     def __init__(
-        self, slots: list[ModuleSlot], d_gate: int, lower_sigmoid: LowerSigmoid = "leaky"
+        self,
+        slots: list[ModuleSlot],
+        d_gate: int,
+        lower_sigmoid: LowerSigmoid = "leaky",
+        backend: str = "eager",
     ) -> None:
         super().__init__(slots, lower_sigmoid=lower_sigmoid)
-        self.functions = nn.ModuleDict({key(s.name): CausalImportance(s.C, d_gate) for s in slots})
+        self.functions = nn.ModuleDict(
+            {key(s.name): CausalImportance(s.C, d_gate, backend) for s in slots}
+        )
 
     def of(self, name: str) -> CausalImportance:
         """The C scalar MLPs of one module."""
@@ -109,8 +124,8 @@ class MLPCI(CIFunction):
         pairs = {s.name: self.of(s.name)(inner[s.name]) for s in self.slots}
         return {n: p[0] for n, p in pairs.items()}, {n: p[1] for n, p in pairs.items()}
 
-    def set_backend(self, backend: str, device: torch.device | str) -> str:
-        return {f.set_backend(backend, device) for f in self.functions.values()}.pop()  # type: ignore[operator]
+    def backend_used(self, device: torch.device | str) -> str:
+        return {f.backend_used(device) for f in self.functions.values()}.pop()  # type: ignore[operator]
 
     def tensors(self) -> dict[str, Tensor]:
         return {f"{s.name}.ci.{p}": getattr(self.of(s.name), p) for s in self.slots for p in PARAMS}
