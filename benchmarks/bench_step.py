@@ -36,7 +36,7 @@ import yaml
 
 from spdkit.config import bundled_config_names, load_config
 from spdkit.engine.malloc import keep_freed_memory
-from spdkit.method.model import model_output
+from spdkit.method.forwards import model_output
 from spdkit.method.reference import reference_spd_losses
 from spdkit.targets import data_source, target_kind
 from spdkit.training.loop import build_trainer

@@ -21,7 +21,7 @@ rows [r·B/W, (r+1)·B/W). Three rules make W ranks compute what one process com
   any rank) are decided identically everywhere.
 
 Why not `DistributedDataParallel`: a step runs several backward calls (one per masked pass,
-`step.StepLoss`), persistent PGD's ascent differentiates with `torch.autograd.grad`, and
+`engine.per_pass.StepLoss`), persistent PGD's ascent differentiates with `torch.autograd.grad`, and
 the faithfulness warm-up has its own loop; DDP's hooks would all-reduce on every backward or
 need `no_sync` juggling. One explicit all-reduce after the step is what DDP does for a step
 with one backward, without the hooks.

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from spdkit.config import ModuleSpec
-from spdkit.method.components import _components_class
+from spdkit.method.components import _components_class, is_decomposable
 
 
 @dataclass(frozen=True)
@@ -90,3 +90,40 @@ def on_meta_device(build) -> nn.Module:  # noqa: ANN001
     """`build()` with every tensor on the meta device: shapes only, nothing allocated."""
     with torch.device("meta"):
         return build()
+
+
+def match_modules(model: nn.Module, specs: list[ModuleSpec]) -> dict[str, int]:
+    """Module name → C for every decomposable module matched by a pattern.
+
+    Matched modules without weights of their own (activations, dropout, containers) are skipped,
+    so `*.mlp.*` means "the MLP's matrices". A pattern is an error if it matches nothing, only
+    such modules, or a module that holds weights spdkit cannot decompose (a LayerNorm, a Conv2d):
+    silently leaving those out would misdescribe the decomposition.
+    """
+    decomposable = [n for n, m in model.named_modules() if n and is_decomposable(m)]
+    listing = f"(decomposable modules: {', '.join(decomposable) or 'none'})"
+    modules = dict(model.named_modules())
+    matched: dict[str, int] = {}
+    for spec in specs:
+        names = [n for n in modules if n and fnmatch.fnmatchcase(n, spec.pattern)]
+        if not names:
+            raise ValueError(f"module pattern {spec.pattern!r} matches nothing {listing}")
+        for name in names:
+            module = modules[name]
+            if not is_decomposable(module) and any(True for _ in module.parameters(recurse=False)):
+                raise ValueError(
+                    f"pattern {spec.pattern!r} matches {name!r}, a {type(module).__name__} "
+                    f"that cannot be decomposed {listing}"
+                )
+        chosen = [n for n in names if is_decomposable(modules[n])]
+        if not chosen:
+            kinds = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in names[:5])
+            raise ValueError(
+                f"pattern {spec.pattern!r} matches only modules that cannot be decomposed: "
+                f"{kinds} {listing}"
+            )
+        for name in chosen:
+            if name in matched:
+                raise ValueError(f"module {name!r} is matched by more than one pattern")
+            matched[name] = spec.C
+    return matched

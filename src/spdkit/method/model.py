@@ -15,26 +15,29 @@ nothing that describes a pass stays on a module. Its exact shortcuts are named i
 
 from __future__ import annotations
 
-import contextlib
-import fnmatch
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from spdkit.config import CIFnConfig, IdentitySpec, MLPCIConfig, ModuleSpec, SPDConfig
-from spdkit.engine.record import RUN, Record, assert_unchanged, record_forward, replay_plan
+from spdkit.engine.record import Record, assert_unchanged, record_forward, replay_plan
 from spdkit.method.ci import CIFunction, ModuleSlot, build_ci_function
 from spdkit.method.ci.base import key
 from spdkit.method.components import (
     Components,
     EmbeddingComponents,
-    is_decomposable,
     make_components,
 )
+from spdkit.method.forwards import (
+    forwards_replaced,
+    masked_forward_of,
+    model_output,
+    replaying,
+)
 from spdkit.method.identity import insert_identity, match_identity_sites
+from spdkit.method.inventory import match_modules
 
 
 @dataclass(frozen=True)
@@ -56,43 +59,6 @@ class Shortcuts:
 
 ALL_SHORTCUTS = Shortcuts()
 NO_SHORTCUTS = Shortcuts(reuse_inner=False, replay_prefix=False)
-
-
-def match_modules(model: nn.Module, specs: list[ModuleSpec]) -> dict[str, int]:
-    """Module name → C for every decomposable module matched by a pattern.
-
-    Matched modules without weights of their own (activations, dropout, containers) are skipped,
-    so `*.mlp.*` means "the MLP's matrices". A pattern is an error if it matches nothing, only
-    such modules, or a module that holds weights spdkit cannot decompose (a LayerNorm, a Conv2d):
-    silently leaving those out would misdescribe the decomposition.
-    """
-    decomposable = [n for n, m in model.named_modules() if n and is_decomposable(m)]
-    listing = f"(decomposable modules: {', '.join(decomposable) or 'none'})"
-    modules = dict(model.named_modules())
-    matched: dict[str, int] = {}
-    for spec in specs:
-        names = [n for n in modules if n and fnmatch.fnmatchcase(n, spec.pattern)]
-        if not names:
-            raise ValueError(f"module pattern {spec.pattern!r} matches nothing {listing}")
-        for name in names:
-            module = modules[name]
-            if not is_decomposable(module) and any(True for _ in module.parameters(recurse=False)):
-                raise ValueError(
-                    f"pattern {spec.pattern!r} matches {name!r}, a {type(module).__name__} "
-                    f"that cannot be decomposed {listing}"
-                )
-        chosen = [n for n in names if is_decomposable(modules[n])]
-        if not chosen:
-            kinds = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in names[:5])
-            raise ValueError(
-                f"pattern {spec.pattern!r} matches only modules that cannot be decomposed: "
-                f"{kinds} {listing}"
-            )
-        for name in chosen:
-            if name in matched:
-                raise ValueError(f"module {name!r} is matched by more than one pattern")
-            matched[name] = spec.C
-    return matched
 
 
 class ComponentModel(nn.Module):
@@ -206,7 +172,7 @@ class ComponentModel(nn.Module):
         """f(x | W'): each module l in `masks` computes ((a Vᵀ) ⊙ m^l) Uᵀ (+ b) from its input a
         in this pass, with m^l [..., C] broadcast over the positions; every other module runs
         its original weights. The original matmul of a masked module never runs, except when
-        `delta[l]` [..., 1] masks its Δ-component W − U V (`_with_delta`; a model built with
+        `delta[l]` [..., 1] masks its Δ-component W − U V (`with_delta`; a model built with
         `delta`; a module without one leaves Δ out).
 
         routes[l] (bool [...], optional) is subset routing: module l is masked at the
@@ -224,7 +190,7 @@ class ComponentModel(nn.Module):
         forwards: dict[str, Callable[..., Any]] = {}
         for name, mask in masks.items():
             reuse = shortcuts.reuse_inner and inner is not None and name == first
-            forwards[name] = _masked_forward_of(
+            forwards[name] = masked_forward_of(
                 self.components(name),
                 mask,
                 inner[name] if reuse else None,  # type: ignore[index]
@@ -234,8 +200,8 @@ class ComponentModel(nn.Module):
         plan = {}
         if shortcuts.replay_prefix and record is not None:
             plan = replay_plan(record, record.starts[first])  # type: ignore[index]
-            forwards.update({n: _replaying(actions) for n, actions in plan.items()})
-        with _forwards_replaced(self.target, forwards):
+            forwards.update({n: replaying(actions) for n, actions in plan.items()})
+        with forwards_replaced(self.target, forwards):
             y = model_output(self.target(x), self.output_field)
         if plan:
             assert_unchanged(record)  # type: ignore[arg-type]
@@ -264,132 +230,3 @@ class ComponentModel(nn.Module):
     def ones_masks(self) -> dict[str, Tensor]:
         """Masks of all ones [C] (broadcast over the batch): the unmasked sum of components."""
         return {n: self.components(n).V.new_ones(self.components(n).C) for n in self.module_names}
-
-
-# A replaced forward receives the module's previous forward (to run the original weights)
-ForwardFactory = Callable[[Callable[..., Any]], Callable[..., Any]]
-
-
-def _masked_forward_of(
-    components: Components,
-    mask: Tensor,
-    inner: Tensor | None,
-    route: Tensor | None,
-    delta: Tensor | None = None,
-) -> ForwardFactory:
-    """The forward of a masked module: ((a Vᵀ) ⊙ m) Uᵀ (+ b), h reused if given; with a Δ
-    mask, the Δ-component too; with a route, torch.where(route, masked, original) per
-    position."""
-
-    def factory(original: Callable[..., Any]) -> Callable[..., Any]:
-        def forward(*args: Any, **kwargs: Any) -> Tensor:
-            if mask.shape[-1] != components.C:
-                raise ValueError(
-                    f"a mask needs C = {components.C} entries, got {mask.shape[-1]} (the "
-                    "Δ-component's mask is given apart: masked_forward(..., delta=...))"
-                )
-            a = args[0] if args else next(iter(kwargs.values()))
-            h = inner if inner is not None else components.inner(a)
-            # the original weights' output, when the Δ-component or a route needs it
-            y = original(*args, **kwargs) if delta is not None or route is not None else None
-            if delta is not None:
-                out = _with_delta(components, h, mask, delta, y)
-            else:
-                out = components.outer(h * mask)
-            if route is not None:
-                out = torch.where(route.unsqueeze(-1), out, y)
-            return out
-
-        return forward
-
-    return factory
-
-
-def _with_delta(
-    components: Components, h: Tensor, m: Tensor, m_delta: Tensor, y_target: Tensor
-) -> Tensor:
-    """The masked module with the Δ-component (VPD notes §2): m [..., C], m_Δ [..., 1],
-
-        y = ((a Vᵀ) ⊙ m) Uᵀ + m_Δ · a Δᵀ + b,   Δ = W − U V   (not detached: U, V learn
-                                                  through it too)
-          = ((a Vᵀ) ⊙ (m − m_Δ)) Uᵀ + m_Δ · (a Wᵀ) + b
-
-    with a Wᵀ = y_target − b the module's own output without its bias: at m = 1, m_Δ = 1 the
-    module is exactly the target's, whatever U V is."""
-    bias = components.bias if components.bias is not None else 0.0
-    return components.outer(h * (m - m_delta)) + m_delta * (y_target - bias)
-
-
-def _replaying(actions: list[Any]) -> ForwardFactory:
-    """The forward of a module whose first calls in the pass return recorded outputs."""
-
-    def factory(original: Callable[..., Any]) -> Callable[..., Any]:
-        remaining = iter(actions)
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            action = next(remaining, RUN)
-            return original(*args, **kwargs) if action is RUN else action
-
-        return forward
-
-    return factory
-
-
-@contextlib.contextmanager
-def _forwards_replaced(
-    target: nn.Module, factories: Mapping[str, ForwardFactory]
-) -> Iterator[None]:
-    """While open, module `name`'s forward is `factories[name](its previous forward)` (an
-    instance attribute, so hooks still run); on exit every module is as it was."""
-    saved: list[tuple[nn.Module, Any]] = []
-    try:
-        for name, factory in factories.items():
-            module = target.get_submodule(name)
-            saved.append((module, module.__dict__.get("forward")))
-            module.forward = factory(module.forward)
-        yield
-    finally:
-        for module, previous in reversed(saved):
-            if previous is None:
-                del module.forward
-            else:
-                module.forward = previous
-
-
-def model_output(out: object, field: str | None = None) -> Tensor:
-    """The tensor the divergence compares: the output's `field` (a Hugging Face ModelOutput's
-    `last_hidden_state`, say) if one is named, else the output itself, its `.logits`, or the
-    first element of a tuple."""
-    if field is not None:
-        value = out.get(field) if isinstance(out, Mapping) else getattr(out, field, None)
-        if isinstance(value, Tensor):
-            return value
-        raise ValueError(
-            f"target.output {field!r}: the target's {type(out).__name__} has no such tensor "
-            f"(it has: {', '.join(output_fields(out)) or 'none'})"
-        )
-    if isinstance(out, Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        return out[0]
-    raise ValueError(
-        f"the target returned a {type(out).__name__} without logits; name the tensor to compare "
-        f"with target.output (it has: {', '.join(output_fields(out)) or 'none'})"
-    )
-
-
-def output_fields(out: object) -> list[str]:
-    """The tensor fields of a model's output (a ModelOutput is a Mapping of them)."""
-    items = out.items() if isinstance(out, Mapping) else vars(out).items()
-    return [k for k, v in items if isinstance(v, Tensor)]
-
-
-def split_delta_slot(
-    masks: Mapping[str, Tensor],
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Masks drawn with the Δ-component's slot last ([..., C + 1], `with_delta_slot`) →
-    (the components' masks [..., C], the Δ-component's [..., 1]), for `masked_forward`."""
-    return {n: m[..., :-1] for n, m in masks.items()}, {n: m[..., -1:] for n, m in masks.items()}

@@ -24,7 +24,8 @@ from torch import Tensor
 
 from spdkit.config import SPDConfig
 from spdkit.engine.random_stream import MaskStream, uniform
-from spdkit.method.model import NO_SHORTCUTS, ComponentModel, split_delta_slot
+from spdkit.method.forwards import split_delta_slot
+from spdkit.method.model import NO_SHORTCUTS, ComponentModel
 
 
 def _draw(stream: MaskStream, n: int, device: torch.device) -> Tensor:

@@ -16,7 +16,12 @@ stream, so routing is a pure function of the seed and the step, on any device.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import Tensor
+
+from spdkit.config import SubsetRoutingConfig
+from spdkit.engine.random_stream import MaskStream
 
 
 def uniform_k_subsets(u_k: Tensor, u_rank: Tensor) -> Tensor:
@@ -55,3 +60,35 @@ def draw_routes(
 def routes_by_module(routes: Tensor, names: list[str]) -> dict[str, Tensor]:
     """{module: bool [*positions]} for the modules routed at one position or more."""
     return {n: routes[..., i] for i, n in enumerate(names) if bool(routes[..., i].any())}
+
+
+def subset_masks(
+    masks: Mapping[str, Tensor], routing: SubsetRoutingConfig, stream: MaskStream
+) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+    """The masks of the routed modules and, for per-position routing, each one's route
+    (bool [...]), by `draw_routes` above with the stream's numbers. Modules routed nowhere
+    are left out."""
+    names = list(masks)
+    first = masks[names[0]]
+    positions = tuple(first.shape[:-1]) if routing.scope == "position" else ()
+    mismatched = [
+        n for n in names if routing.scope == "position" and masks[n].shape[:-1] != positions
+    ]
+    if mismatched:
+        raise ValueError(
+            f"subset_routing.scope=position needs every decomposed module to see the same "
+            f"positions; {mismatched[0]} has {list(masks[mismatched[0]].shape[:-1])}, "
+            f"{names[0]} {list(positions)} (use subset_routing.scope=batch)"
+        )
+    routes = draw_routes(
+        routing.kind,
+        routing.p,
+        positions,
+        len(names),
+        lambda n: stream.uniforms(n, first.device, per_sample=bool(positions)),
+    )
+    if routing.scope == "batch":
+        routed = [n for i, n in enumerate(names) if bool(routes[i])]
+        return {n: masks[n] for n in routed}, None
+    by_module = routes_by_module(routes, names)
+    return {n: masks[n] for n in by_module}, by_module

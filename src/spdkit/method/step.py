@@ -29,6 +29,7 @@ from torch import Tensor
 
 from spdkit.config import SPDConfig
 from spdkit.engine.distributed import SINGLE, Parallel
+from spdkit.engine.per_pass import StepLoss
 from spdkit.engine.random_stream import MaskStream
 from spdkit.method.adversary import (
     Ascent,
@@ -39,6 +40,7 @@ from spdkit.method.adversary import (
     persistent_lr,
     source_shape,
 )
+from spdkit.method.forwards import split_delta_slot
 from spdkit.method.losses import (
     DIVERGENCES,
     faithfulness_loss,
@@ -48,8 +50,8 @@ from spdkit.method.losses import (
     pnorm_at,
     smooth_l0_penalty,
 )
-from spdkit.method.model import ComponentModel, split_delta_slot
-from spdkit.method.routing import draw_routes, routes_by_module
+from spdkit.method.model import ComponentModel
+from spdkit.method.routing import subset_masks
 
 LOSS_TERMS = (
     "faithfulness",
@@ -174,7 +176,7 @@ def spd_losses(
             for n in names:
                 loss.add("stochastic_recon_layerwise", D({n: masks[n]}) / (S * L))
         if coeffs["stochastic_recon_subset"] > 0:
-            routed, routes = subset_masks(masks, config, stream)
+            routed, routes = subset_masks(masks, config.loss.subset_routing, stream)
             # nothing routed anywhere: the pass is the target itself, D = 0
             d = D(routed, routes) if routed else record.output.new_zeros(())
             loss.add("stochastic_recon_subset", d / S)
@@ -216,7 +218,7 @@ def adversarial_problems(
         return [(dict(g), None, 1.0)]
     if routing == "layerwise":
         return [({n: v}, None, 1.0 / len(g)) for n, v in g.items()]
-    routed, routes = subset_masks(g, config, stream)
+    routed, routes = subset_masks(g, config.loss.subset_routing, stream)
     return [(routed, routes, 1.0)] if routed else []
 
 
@@ -275,98 +277,3 @@ def masked_pass_precision(
     if config.engine.masked_pass_dtype == "bfloat16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def subset_masks(
-    masks: Mapping[str, Tensor], config: SPDConfig, stream: MaskStream
-) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
-    """The masks of the routed modules and, for per-position routing, each one's route
-    (bool [...]); `spdkit.method.routing` has the formula. Modules routed nowhere are left out."""
-    routing, names = config.loss.subset_routing, list(masks)
-    first = masks[names[0]]
-    positions = tuple(first.shape[:-1]) if routing.scope == "position" else ()
-    mismatched = [
-        n for n in names if routing.scope == "position" and masks[n].shape[:-1] != positions
-    ]
-    if mismatched:
-        raise ValueError(
-            f"subset_routing.scope=position needs every decomposed module to see the same "
-            f"positions; {mismatched[0]} has {list(masks[mismatched[0]].shape[:-1])}, "
-            f"{names[0]} {list(positions)} (use subset_routing.scope=batch)"
-        )
-    routes = draw_routes(
-        routing.kind,
-        routing.p,
-        positions,
-        len(names),
-        lambda n: stream.uniforms(n, first.device, per_sample=bool(positions)),
-    )
-    if routing.scope == "batch":
-        routed = [n for i, n in enumerate(names) if bool(routes[i])]
-        return {n: masks[n] for n in routed}, None
-    by_module = routes_by_module(routes, names)
-    return {n: masks[n] for n in by_module}, by_module
-
-
-class StepLoss:
-    """The weighted terms of one step and their backward.
-
-    Per-pass backward (`per_pass_backward`, on by default) is a memory shortcut, exact up to
-    float summation order: the masked passes read the CI outputs g and the inner activations h
-    through detached copies (`cut`); each pass's term is differentiated as soon as it is
-    known, which frees that pass's graph and adds ∂L_pass/∂g to the copy's .grad; `finish`
-    then runs one backward through the CI graph with those gradients (the chain rule):
-
-        ∂total/∂θ = ∂(rest)/∂θ + Σ_pass [∂L_pass/∂θ]_direct + Σ_pass ⟨∂L_pass/∂g, ∂g/∂θ⟩
-
-    so peak memory is one masked pass plus the CI graph, not 1 + L (+ 1) passes at once.
-    With it off, every term stays in one graph and one backward runs at the end.
-    """
-
-    def __init__(self, coeffs: Mapping[str, float], per_pass: bool) -> None:
-        self.coeffs = coeffs
-        self.grad = torch.is_grad_enabled()
-        self.per_pass = per_pass and self.grad
-        self.values: dict[str, Tensor] = {}  # detached
-        self.graph: list[Tensor] = []  # weighted terms still holding their graph
-        self.cuts: list[tuple[Tensor, Tensor]] = []  # (source in the CI graph, its copy)
-
-    def cut(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        if not self.per_pass:
-            return dict(tensors)
-        copies = {}
-        for name, t in tensors.items():
-            copies[name] = t.detach().requires_grad_(t.requires_grad)
-            self.cuts.append((t, copies[name]))
-        return copies
-
-    def add(self, name: str, value: Tensor) -> None:
-        """One pass's share of term `name` (its value, with graph)."""
-        previous = self.values.get(name)
-        self.values[name] = value.detach() if previous is None else previous + value.detach()
-        weighted = self.coeffs[name] * value
-        if not weighted.requires_grad:
-            return
-        if self.per_pass:
-            weighted.backward()
-        else:
-            self.graph.append(weighted)
-
-    def finish(self, **rest: Tensor) -> dict[str, Tensor]:
-        """Add the terms computed once per step (with graph), run the remaining backward and
-        return every term's value and "total"."""
-        for name, value in rest.items():
-            self.values[name] = value.detach()
-            self.graph.append(self.coeffs[name] * value)
-        if self.grad:
-            outputs = [t for t in self.graph if t.requires_grad]
-            grads: list[Tensor | None] = [None] * len(outputs)
-            for source, copy in self.cuts:
-                if copy.grad is not None and source.requires_grad:
-                    outputs.append(source)
-                    grads.append(copy.grad)
-            if outputs:
-                torch.autograd.backward(outputs, grads)
-        terms = {k: self.values[k] for k in self.coeffs if k in self.values}  # canonical order
-        terms["total"] = sum(self.coeffs[k] * v for k, v in terms.items())  # type: ignore[assignment]
-        return terms

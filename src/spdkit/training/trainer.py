@@ -8,11 +8,9 @@ needs to resume bit-exactly.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 import threading
-import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -21,20 +19,16 @@ from torch import Tensor
 from spdkit.config import OptimizerConfig, SPDConfig
 from spdkit.engine.distributed import SINGLE, Parallel, shard_size
 from spdkit.engine.random_stream import MaskStream
-from spdkit.errors import CheckpointError, NonFiniteError
+from spdkit.errors import NonFiniteError
 from spdkit.method.adversary import PGDState
 from spdkit.method.losses import faithfulness_loss
 from spdkit.method.model import ComponentModel
 from spdkit.method.step import LOSS_TERMS, loss_coefficients, spd_losses
 from spdkit.progress import progress_bar
-from spdkit.store.runs import checkpoint_parameter_problems, copy_checkpoint_parameters
 from spdkit.targets import DataSource
+from spdkit.training.checkpoint import checkpoint_state, restore_checkpoint_state
 
 __all__ = ["LOSS_TERMS", "Trainer", "loss_coefficients", "lr_at", "spd_losses"]
-
-
-# persistent PGD's per-position state: one row per sample of the batch (the step count is not)
-SHARDED_PGD = (".source", ".m", ".v")
 
 
 def nonfinite_problem(terms: dict[str, Tensor], params: list[torch.nn.Parameter]) -> str | None:
@@ -251,88 +245,14 @@ class Trainer:
             finally:
                 bar.close()
 
-    # --- checkpoint state ------------------------------------------------------------------
+    # --- checkpoint state (`spdkit.training.checkpoint`) --------------------------------------
     def state_tensors(self) -> tuple[dict[str, Tensor], dict[str, str]]:
-        """Everything needed to resume: parameters, Adam moments, generator states (tensors)
-        and step, LR-group settings (string metadata)."""
-        tensors = {
-            f"param.{i}": p.detach() for i, p in enumerate(self.model.trainable_parameters())
-        }
-        opt_state = self.optimizer.state_dict()
-        for i, state in opt_state["state"].items():
-            for key, value in state.items():
-                tensors[f"optim.{i}.{key}"] = value
-        tensors["rng.data"] = self.data_generator.get_state()
-        tensors["rng.mask"] = self.mask_stream.state()
-        tensors["rng.torch"] = torch.get_rng_state()
-        par = self.parallel  # the checkpoint holds global state, whatever the world size
-        for name, counts in self.firing.items():
-            tensors[f"firing.{name}"] = par.sum_(counts.clone())
-        positions = par.sum_(torch.tensor([self.firing_positions], device=self.device))
-        if self.pgd is not None:
-            per_sample = self.config.adversary.scope == "position"
-            for key, value in self.pgd.state_tensors().items():
-                rows = per_sample and key.endswith(SHARDED_PGD)
-                tensors[key] = par.gather_rows(value) if rows else value
-        meta = {
-            "step": str(self.step),
-            "skipped_steps": str(self.skipped_steps),
-            "firing_positions": str(int(positions.item())),
-            "param_groups": json.dumps(opt_state["param_groups"]),
-        }
-        return tensors, meta
+        """Everything needed to resume, as tensors and string metadata."""
+        return checkpoint_state(self)
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
-        """Restore `state_tensors()`; a checkpoint that lacks a piece or holds a tensor of the
-        wrong shape is a CheckpointError naming it, before anything is changed."""
-        problems = [
-            f"missing {k}" for k in ("rng.data", "rng.mask", "rng.torch") if k not in tensors
-        ]
-        problems += [f"missing metadata {k!r}" for k in ("step", "param_groups") if k not in meta]
-        params = self.model.trainable_parameters()
-        problems += checkpoint_parameter_problems(params, tensors)
-        if problems:
-            raise CheckpointError("checkpoint does not fit this config: " + "; ".join(problems))
-        copy_checkpoint_parameters(params, tensors)
-        state: dict[int, dict[str, Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, i, name = key.split(".", 2)
-                state.setdefault(int(i), {})[name] = (
-                    value.to(self.device) if name != "step" else value
-                )
-        self.optimizer.load_state_dict(
-            {"state": state, "param_groups": json.loads(meta["param_groups"])}
-        )
-        self.data_generator.set_state(tensors["rng.data"])
-        if tensors["rng.mask"].dtype == torch.int64:
-            self.mask_stream.set_state(tensors["rng.mask"])
-        else:  # older checkpoints hold a torch.Generator state: continue on a fresh stretch
-            warnings.warn(
-                "checkpoint from an older spdkit: the mask random stream restarts here, so this "
-                "run will not match one that never stopped",
-                stacklevel=2,
-            )
-            self.mask_stream.offset = 1 << 62
-        torch.set_rng_state(tensors["rng.torch"])
-        self.step = int(meta["step"])
-        self.skipped_steps = int(meta.get("skipped_steps", 0))
-        # global firing counts: rank 0 carries them on, the others count from zero
-        main = self.parallel.is_main
-        for name in self.firing:
-            if f"firing.{name}" in tensors and main:  # absent in checkpoints older than it
-                self.firing[name] = tensors[f"firing.{name}"].to(self.device)
-        self.firing_positions = int(meta.get("firing_positions", 0)) if main else 0
-        if self.pgd is not None:
-            per_sample = self.config.adversary.scope == "position"
-            self.pgd = PGDState.from_tensors(
-                {
-                    k: self.parallel.local(v) if per_sample and k.endswith(SHARDED_PGD) else v
-                    for k, v in tensors.items()
-                    if k.startswith("pgd.")
-                },
-                self.device,
-            )
+        """Restore `state_tensors()` (a CheckpointError names what does not fit)."""
+        restore_checkpoint_state(self, tensors, meta)
 
 
 @contextlib.contextmanager
