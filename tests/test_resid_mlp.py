@@ -162,6 +162,7 @@ def test_short_resid_run_writes_the_analysis(tmp_path):
     assert meta["info"]["mse"] < meta["info"]["mse_without_mlps"]
 
 
+@pytest.mark.slow  # 6000 steps: about 2 minutes on 2 cores; `pytest -m slow` runs it
 def test_short_spd_run_on_a_small_resid_mlp_finds_the_ground_truth(tmp_path):
     """Compressed computation, scaled down: 20 features through 10 ReLU neurons (d_resid 100).
     The right answer is 20 monosemantic W_in subcomponents, 10 dense W_out subcomponents (one

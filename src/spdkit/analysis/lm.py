@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from spdkit.config import EvalConfig
-from spdkit.method.adversary import adversarial_masks, fresh_pgd_ladder
+from spdkit.method.adversary import Ascent, adversarial_masks, fresh_pgd_ladder
 from spdkit.method.losses import kl_divergence
 from spdkit.method.measures import chunks, weighted_sum
 from spdkit.method.model import ComponentModel
@@ -52,7 +52,7 @@ def lm_mask_evaluation(
     """CE and KL(target ‖ masked) of the masked model, every module masked, for masks = CI
     (g), stochastic (g + (1-g) r), all ones, rounded CI (1 where CI > τ, else 0: `rounded` at
     `ci_threshold`, `rounded>τ` for each of `round_thresholds`), zero, and `pgd_n`: the
-    masks g + (1 − g) s with fresh sign-PGD sources s after n ascent steps on the KL (VPD's
+    masks g + (1 − g) s with fresh PGD sources s after n ascent steps on the KL (VPD's
     adversarial evaluation; one source per module shared by the batch). Also the fraction of
     the CE gap between zero masks and the target that each recovers. Masks of C entries:
     a Δ-component is left out (VPD's table).
@@ -100,7 +100,8 @@ def lm_mask_evaluation(
 
         parts = [(share, kl_at(piece, g)) for (share, piece), g in zip(pieces, gs, strict=True)]
         shapes = {n: (v.shape[-1],) for n, v in gs[0].items()}
-        ladder = fresh_pgd_ladder(parts, shapes, ev.pgd_steps, ev.pgd_step_size, generator)
+        ascent = Ascent(ev.pgd_optimizer, ev.pgd_adam_betas)
+        ladder = fresh_pgd_ladder(parts, shapes, ev.pgd_steps, ev.pgd_step_size, generator, ascent)
         for i, ((_, piece), g) in enumerate(zip(pieces, gs, strict=True)):
             adv = {f"pgd_{n}": adversarial_masks(g, s) for n, s in ladder.items()}
             extra = scores(piece, adv, kept)

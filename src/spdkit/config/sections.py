@@ -89,10 +89,16 @@ class EvalConfig(StrictModel):
     )
     pgd_steps: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [20, 40, 80],
-        description="LM targets: KL under fresh sign-PGD sources (one per module, shared by "
+        description="LM targets: KL under fresh PGD sources (one per module, shared by "
         "the batch) after each number of ascent steps; [] for none",
     )
     pgd_step_size: float = Field(default=0.1, gt=0, description="the evaluation PGD's step")
+    pgd_optimizer: Literal["sign", "adam"] = Field(
+        default="sign", description="the evaluation PGD's ascent: sign (VPD's) or adam"
+    )
+    pgd_adam_betas: tuple[float, float] = Field(
+        default=(0.5, 0.99), description="its Adam β1, β2 (pgd_optimizer adam)"
+    )
     batch_size: int | None = Field(
         default=None,
         ge=1,

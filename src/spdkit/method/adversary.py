@@ -101,11 +101,11 @@ class Ascent:
         return (s + lr * m_hat / (v_hat.sqrt() + ADAM_EPS)).clamp_(0.0, 1.0)
 
 
-Divergence = Callable[[dict[str, Tensor]], Tensor]
+SourceObjective = Callable[[dict[str, Tensor]], Tensor]  # s ↦ D at the masks s makes
 
 
 def source_gradients(
-    parts: Sequence[tuple[float, Divergence]], sources: Mapping[str, Tensor]
+    parts: Sequence[tuple[float, SourceObjective]], sources: Mapping[str, Tensor]
 ) -> dict[str, Tensor]:
     """∇_s Σ_i w_i D_i(s) with respect to the sources only, one backward per part: a batch
     attacked in chunks holds one chunk's graph at a time (the evaluation of a large model).
@@ -124,7 +124,7 @@ def source_gradients(
 
 
 def ascend(
-    divergence_at: Divergence | Sequence[tuple[float, Divergence]],
+    divergence_at: SourceObjective | Sequence[tuple[float, SourceObjective]],
     sources: dict[str, Tensor],
     n_steps: int,
     ascent: Ascent,
@@ -218,21 +218,24 @@ def persistent_lr(config: PGDConfig, step: int, steps: int) -> float:
 
 
 def fresh_pgd_ladder(
-    divergence_at: Divergence | Sequence[tuple[float, Divergence]],
+    divergence_at: SourceObjective | Sequence[tuple[float, SourceObjective]],
     shapes: Mapping[str, tuple[int, ...]],
     n_steps: list[int],
     step_size: float,
     generator: torch.Generator,
+    ascent: Ascent | None = None,
 ) -> dict[int, dict[str, Tensor]]:
-    """VPD's evaluation adversary: fresh sources s⁰ ~ U(0, 1) (from `generator`), sign ascent
-    of `step_size`, and the sources after each count in `n_steps`. Attacks of growing
+    """VPD's evaluation adversary: fresh sources s⁰ ~ U(0, 1) (from `generator`), ascent steps
+    of `step_size` (`ascent`, default sign ascent as VPD's; `eval.pgd_optimizer`), and the
+    sources after each count in `n_steps`. Attacks of growing
     strength from the same start are one trajectory read at several points, so the ladder
     costs max(n_steps) ascent passes, not their sum."""
     device = generator.device
     sources = {
         n: torch.rand(shape, generator=generator, device=device) for n, shape in shapes.items()
     }
-    ascent, done, out = Ascent("sign", (0.5, 0.99)), 0, {}
+    ascent = ascent or Ascent("sign", (0.5, 0.99))  # the betas only matter for adam
+    done, out = 0, {}
     for n in sorted(set(n_steps)):
         sources = ascend(divergence_at, sources, n - done, ascent, step_size)
         done, out[n] = n, sources

@@ -27,7 +27,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from spdkit.config import SPDConfig
+from spdkit.config import (
+    ImportanceConfig,
+    LossConfig,
+    PGDConfig,
+    SPDConfig,
+    SubsetRoutingConfig,
+)
 from spdkit.engine.distributed import SINGLE, Parallel
 from spdkit.engine.per_pass import StepLoss
 from spdkit.engine.random_stream import MaskStream
@@ -74,37 +80,32 @@ class StepResult(NamedTuple):
     pgd: PGDState | None = None
 
 
-def loss_coefficients(config: SPDConfig) -> dict[str, float]:
+def loss_coefficients(loss: LossConfig) -> dict[str, float]:
     return {
-        "faithfulness": config.loss.faithfulness_coeff,
-        "stochastic_recon": config.loss.stochastic_recon_coeff,
-        "stochastic_recon_layerwise": config.loss.stochastic_recon_layerwise_coeff,
-        "stochastic_recon_subset": config.loss.stochastic_recon_subset_coeff,
-        "adversarial_recon": config.loss.adversarial_recon_coeff,
-        "importance_minimality": config.loss.importance_minimality_coeff,
-        "frequency_minimality": config.loss.frequency_minimality_coeff,
+        "faithfulness": loss.faithfulness_coeff,
+        "stochastic_recon": loss.stochastic_recon_coeff,
+        "stochastic_recon_layerwise": loss.stochastic_recon_layerwise_coeff,
+        "stochastic_recon_subset": loss.stochastic_recon_subset_coeff,
+        "adversarial_recon": loss.adversarial_recon_coeff,
+        "importance_minimality": loss.importance_minimality_coeff,
+        "frequency_minimality": loss.frequency_minimality_coeff,
     }
 
 
-def current_pnorm(config: SPDConfig, step: int) -> float:
+def current_pnorm(importance: ImportanceConfig, step: int, steps: int) -> float:
     """p of the importance penalty at `step`: `pnorm`, or its anneal (`pnorm_anneal`)."""
-    a = config.importance.pnorm_anneal
+    a = importance.pnorm_anneal
     if a is None:
-        return config.importance.pnorm
-    return pnorm_at(
-        step, config.training.steps, config.importance.pnorm, a.p_end, a.start_frac, a.end_frac
-    )
+        return importance.pnorm
+    return pnorm_at(step, steps, importance.pnorm, a.p_end, a.start_frac, a.end_frac)
 
 
 def importance_penalties(
-    ci_upper: Mapping[str, Tensor], config: SPDConfig, step: int
+    ci_upper: Mapping[str, Tensor], importance: ImportanceConfig, p: float
 ) -> dict[str, Tensor]:
     """φ(g⁺) per module [..., C]: (g⁺)^p (the paper's) or the smooth-L0 penalty."""
-    if config.importance.penalty == "smooth_l0":
-        return {
-            n: smooth_l0_penalty(g, config.importance.smooth_l0_scale) for n, g in ci_upper.items()
-        }
-    p = current_pnorm(config, step)
+    if importance.penalty == "smooth_l0":
+        return {n: smooth_l0_penalty(g, importance.smooth_l0_scale) for n, g in ci_upper.items()}
     return {n: lp_penalty(g, p) for n, g in ci_upper.items()}
 
 
@@ -131,7 +132,7 @@ def spd_losses(
     the subset term's routes.
     """
     divergence = DIVERGENCES[config.loss.output_loss]
-    coeffs = loss_coefficients(config)
+    coeffs = loss_coefficients(config.loss)
     names = model.module_names
     loss = StepLoss(coeffs, per_pass=config.engine.per_pass_backward)
 
@@ -144,7 +145,8 @@ def spd_losses(
     )
     inner = model.inner_acts(record.inputs)
     ci_lower, ci_upper = model.causal_importances(record.inputs, inner)
-    penalties = importance_penalties(ci_upper, config, step)
+    p = current_pnorm(config.importance, step, config.training.steps)
+    penalties = importance_penalties(ci_upper, config.importance, p)
     per_step = {
         "faithfulness": share(faithfulness),
         "importance_minimality": share(minimality_loss(list(penalties.values()))),
@@ -162,7 +164,7 @@ def spd_losses(
         """D(f(x | W' on the modules in `masks`), f(x | W)): one masked pass. With the
         Δ-component, each mask's last slot is Δ's."""
         masks, delta = split_delta_slot(masks) if model.delta else (masks, None)
-        with masked_pass_precision(config, x.device):
+        with masked_pass_precision(config.engine.masked_pass_dtype, x.device):
             y = model.masked_forward(x, masks, record, inner=h, routes=routes, delta=delta)
         return share(divergence.compare(y.float(), y_target))
 
@@ -183,8 +185,12 @@ def spd_losses(
 
     if coeffs["adversarial_recon"] > 0:
         gx = {n: with_delta_slot(g[n], model.delta) for n in names}
-        for group, routes, weight in adversarial_problems(gx, config, stream):
-            d, pgd = adversarial_divergence(D, group, routes, config, stream, step, pgd, parallel)
+        adversary = config.adversary
+        problems = adversarial_problems(gx, adversary.routing, config.loss.subset_routing, stream)
+        for group, routes, weight in problems:
+            d, pgd = adversarial_divergence(
+                D, group, routes, adversary, stream, (step, config.training.steps), pgd, parallel
+            )
             loss.add("adversarial_recon", d * weight)
 
     terms = loss.finish(**per_step)
@@ -208,17 +214,19 @@ def _value_share(term: Tensor, world: int) -> Tensor:
 
 
 def adversarial_problems(
-    g: Mapping[str, Tensor], config: SPDConfig, stream: MaskStream
+    g: Mapping[str, Tensor],
+    routing: str,
+    subset_routing: SubsetRoutingConfig,
+    stream: MaskStream,
 ) -> list[tuple[dict[str, Tensor], dict[str, Tensor] | None, float]]:
-    """The adversary's passes by `pgd.routing`, each (g of its masked modules, routes, weight):
+    """The adversary's passes by `routing`, each (g of its masked modules, routes, weight):
     all modules at once; a routed subset (routes drawn like the subset term's); or each
     module alone with weight 1/L, like the layerwise term."""
-    routing = config.adversary.routing
     if routing == "all":
         return [(dict(g), None, 1.0)]
     if routing == "layerwise":
         return [({n: v}, None, 1.0 / len(g)) for n, v in g.items()]
-    routed, routes = subset_masks(g, config.loss.subset_routing, stream)
+    routed, routes = subset_masks(g, subset_routing, stream)
     return [(routed, routes, 1.0)] if routed else []
 
 
@@ -226,9 +234,9 @@ def adversarial_divergence(
     D: Callable[[Mapping[str, Tensor], Mapping[str, Tensor] | None], Tensor],
     g: Mapping[str, Tensor],
     routes: Mapping[str, Tensor] | None,
-    config: SPDConfig,
+    pgd: PGDConfig,
     stream: MaskStream,
-    step: int,
+    progress: tuple[int, int],
     persistent: PGDState | None,
     parallel: Parallel = SINGLE,
 ) -> tuple[Tensor, PGDState | None]:
@@ -236,14 +244,15 @@ def adversarial_divergence(
     `adversary.n_steps` ascent steps on D with g held fixed, from fresh sources or from the
     persistent ones (whose next state holds s* and the ascent's moments); gradients of D reach
     U, V and the CI function, not s*. Sources shared by the batch (scope batch) ascend the
-    global D: their gradients are summed over ranks."""
-    pgd, device = config.adversary, next(iter(g.values())).device
+    global D: their gradients are summed over ranks. `progress` (step, steps) warms up the
+    persistent ascent's step size."""
+    device = next(iter(g.values())).device
     shapes = {n: source_shape(v, pgd.scope) for n, v in g.items()}
     per_sample = pgd.scope == "position"
     if persistent is not None:
         start = persistent.starting(shapes, pgd, stream, device)
         ascent = Ascent(pgd.optimizer, pgd.adam_betas, persistent.moments, persistent.t)
-        lr = persistent_lr(pgd, step, config.training.steps)
+        lr = persistent_lr(pgd, *progress)
     else:
         start = initial_sources(shapes, pgd.init, stream, device, per_sample)
         ascent, lr = Ascent(pgd.optimizer, pgd.adam_betas), pgd.step_size
@@ -269,11 +278,9 @@ def with_delta_slot(g: Tensor, delta: bool) -> Tensor:
     return torch.cat([g, g.new_zeros(*g.shape[:-1], 1)], dim=-1)
 
 
-def masked_pass_precision(
-    config: SPDConfig, device: torch.device
-) -> contextlib.AbstractContextManager:
+def masked_pass_precision(dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
     """torch.autocast to bfloat16 for the masked passes when the config asks for it. The
     divergence is computed in float32 from the (autocast) output."""
-    if config.engine.masked_pass_dtype == "bfloat16":
+    if dtype == "bfloat16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

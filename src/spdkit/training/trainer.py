@@ -23,12 +23,12 @@ from spdkit.errors import NonFiniteError
 from spdkit.method.adversary import PGDState
 from spdkit.method.losses import faithfulness_loss
 from spdkit.method.model import ComponentModel
-from spdkit.method.step import LOSS_TERMS, loss_coefficients, spd_losses
+from spdkit.method.step import LOSS_TERMS, spd_losses
 from spdkit.progress import progress_bar
 from spdkit.targets import DataSource
 from spdkit.training.checkpoint import checkpoint_state, restore_checkpoint_state
 
-__all__ = ["LOSS_TERMS", "Trainer", "loss_coefficients", "lr_at", "spd_losses"]
+__all__ = ["LOSS_TERMS", "Trainer", "lr_at", "spd_losses"]
 
 
 def nonfinite_problem(terms: dict[str, Tensor], params: list[torch.nn.Parameter]) -> str | None:
