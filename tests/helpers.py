@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+import yaml
 from torch import nn
 
-from spdkit.config import parse_config
+from spdkit.config import SPDConfig, parse_config
 from spdkit.method.model import ComponentModel
 from spdkit.targets import data_source, target_kind
 from spdkit.training.loop import build_trainer
@@ -97,8 +100,23 @@ def exact_components(model: ComponentModel) -> None:
             comps.V[:k] = Vh
 
 
+def trainer_for(config: SPDConfig | dict, device: str = "cpu") -> Trainer:
+    """A trainer of the config (or config dict) on its untrained target, built from the
+    current torch seed."""
+    config = config if isinstance(config, SPDConfig) else parse_config(config)
+    target = target_kind(config.target).build(config.target)
+    return build_trainer(target, data_source(config), config, device)
+
+
 def tiny_trainer(**overrides) -> Trainer:
     """A trainer of the tiny TMS config (10 steps) on its untrained target."""
-    config = parse_config(tiny_tms_dict(**{"steps": 10, **overrides}))
-    target = target_kind(config.target).build(config.target)
-    return build_trainer(target, data_source(config), config, "cpu")
+    return trainer_for(tiny_tms_dict(**{"steps": 10, **overrides}))
+
+
+def tiny_config_file(path: Path, target_train_steps: int, **overrides) -> Path:
+    """The tiny TMS config with `overrides`, its target trained for `target_train_steps`,
+    written as YAML to `path` (for the command line)."""
+    data = tiny_tms_dict(**overrides)
+    data["target"]["train_steps"] = target_train_steps
+    path.write_text(yaml.safe_dump(data))
+    return path

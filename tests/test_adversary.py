@@ -4,12 +4,9 @@ sources across steps and through a checkpoint."""
 import pytest
 import torch
 
-from spdkit.config import parse_config
 from spdkit.engine.random_stream import MaskStream, uniform
 from spdkit.method.adversary import Ascent, ascend, initial_sources, source_shape
-from spdkit.targets import data_source, target_kind
-from spdkit.training.loop import build_trainer
-from tests.helpers import tiny_tms_dict
+from tests.helpers import tiny_trainer
 
 
 def test_sign_ascent_by_hand_and_projected_onto_the_unit_interval():
@@ -60,16 +57,9 @@ def test_initial_sources_and_scopes():
 
 
 def _trainer(**pgd):
-    config = parse_config(
-        tiny_tms_dict(
-            steps=10,
-            adversarial_recon_coeff=1.0,
-            pgd={"persistent": True, "optimizer": "adam", "step_size": 0.05, **pgd},
-        )
-    )
     torch.manual_seed(0)
-    target = target_kind(config.target).build(config.target)
-    return build_trainer(target, data_source(config), config, "cpu")
+    persistent = {"persistent": True, "optimizer": "adam", "step_size": 0.05, **pgd}
+    return tiny_trainer(adversarial_recon_coeff=1.0, pgd=persistent)
 
 
 def test_persistent_sources_carry_over_and_resume_bit_exactly():

@@ -6,17 +6,13 @@ import yaml
 from typer.testing import CliRunner
 
 from spdkit.cli import app
-from tests.helpers import tiny_tms_dict
+from tests.helpers import tiny_config_file
 
 runner = CliRunner()
 
 
 def write_config(tmp_path, **overrides):
-    data = tiny_tms_dict(steps=20, **overrides)
-    data["target"]["train_steps"] = 100
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return tiny_config_file(tmp_path / "tiny.yaml", 100, **{"steps": 20, **overrides})
 
 
 def test_run_then_eval_then_resume_finished(tmp_path):

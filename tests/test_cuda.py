@@ -10,13 +10,10 @@ import pytest
 import torch
 
 from spdkit.analysis.lm import lm_mask_evaluation
-from spdkit.config import parse_config
 from spdkit.engine.random_stream import MaskStream
-from spdkit.targets import data_source, target_kind
 from spdkit.targets.text import TokenWindows
-from spdkit.training.loop import build_trainer
 from tests import hf_models
-from tests.helpers import tiny_tms_dict
+from tests.helpers import tiny_tms_dict, trainer_for
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -40,10 +37,8 @@ class Fixed:
 
 
 def _trainer(data: dict, device: str):
-    config = parse_config(data)
     torch.manual_seed(0)  # the same (untrained) target each time
-    target = target_kind(config.target).build(config.target)
-    return build_trainer(target, data_source(config), config, device)
+    return trainer_for(data, device)
 
 
 CASES = {

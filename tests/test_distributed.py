@@ -17,7 +17,7 @@ import yaml
 from spdkit.engine.distributed import Parallel, shard_size
 from spdkit.engine.random_stream import MaskStream
 from spdkit.store import runs
-from tests.helpers import tiny_tms_dict
+from tests.helpers import tiny_config_file, tiny_tms_dict
 
 SPDKIT = [sys.executable, "-m", "spdkit"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -65,11 +65,7 @@ def _env() -> dict[str, str]:
 
 
 def _config(tmp: Path, **overrides) -> Path:
-    data = tiny_tms_dict(**{**VPD_TERMS, **overrides})
-    data["target"]["train_steps"] = 300
-    path = tmp / "c.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return tiny_config_file(tmp / "c.yaml", 300, **{**VPD_TERMS, **overrides})
 
 
 def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:

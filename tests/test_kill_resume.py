@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from spdkit.store import runs
-from tests.helpers import tiny_tms_dict
+from tests.helpers import tiny_config_file
 
 SPDKIT = [sys.executable, "-c", "from spdkit.cli import main; main()"]
 
@@ -25,9 +25,9 @@ PERSISTENT_PGD = {
 
 
 def write_config(path, **overrides):
-    data = tiny_tms_dict(steps=150, checkpoint_every=7, log_every=5, **overrides)
-    data["target"]["train_steps"] = 300
-    path.write_text(yaml.safe_dump(data))
+    tiny_config_file(
+        path, 300, **{"steps": 150, "checkpoint_every": 7, "log_every": 5, **overrides}
+    )
 
 
 def spdkit(*args, env):

@@ -6,12 +6,10 @@ import math
 import pytest
 import torch
 
-from spdkit.config import OptimizerConfig, parse_config
+from spdkit.config import OptimizerConfig
 from spdkit.method.losses import faithfulness_loss
-from spdkit.targets import data_source, target_kind
-from spdkit.training.loop import build_trainer
 from spdkit.training.trainer import NonFiniteError, lr_at, nonfinite_problem, spd_losses
-from tests.helpers import tiny_tms_dict, tiny_trainer
+from tests.helpers import tiny_trainer
 
 
 def test_lr_schedules():
@@ -28,9 +26,7 @@ def test_lr_schedules():
 
 
 def poisoned_trainer(mode: str):
-    config = parse_config(tiny_tms_dict(on_nonfinite=mode, steps=10))
-    target = target_kind(config.target).build(config.target)
-    trainer = build_trainer(target, data_source(config), config, "cpu")
+    trainer = tiny_trainer(on_nonfinite=mode)
     trainer.train_step()
     with torch.no_grad():
         trainer.model.components("linear1").V[0, 0] = float("nan")
