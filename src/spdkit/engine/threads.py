@@ -10,7 +10,8 @@ Two remedies, neither of which changes a result:
 * processes that spdkit starts together split the cores (`threads_per_process`): torchrun
   ranks (`--nproc`) and `spdkit sweep --jobs`;
 * a short spin (`SPIN_COUNT`, set as GOMP_SPINCOUNT before torch is first imported, unless the
-  environment sets it): a waiting thread soon yields its core. OMP_WAIT_POLICY=PASSIVE (no
+  environment sets it; the command line does it on import, a library user may call
+  `set_short_spin()` first): a waiting thread soon yields its core. OMP_WAIT_POLICY=PASSIVE (no
   spin) made a lone tms_5-2 run 2.3× slower; 1000 spins cost it about a quarter and nothing
   measurable on resid_mlp1, while a run next to a busy core and two runs side by side regain
   most of their speed (docs/distributed.md).
