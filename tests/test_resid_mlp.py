@@ -293,3 +293,12 @@ def test_sweep_with_jobs_runs_points_side_by_side_and_matches_one_at_a_time(tmp_
             torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7)
     info = [json.loads((tmp_path / "b" / r["run"] / "target.json").read_text()) for r in rows]
     assert sum("loaded_from" in i["info"] for i in info) == 2  # one trained target per seed
+
+
+def test_sweep_columns_use_the_paper_symbols_for_old_and_grouped_keys():
+    from spdkit.pipeline.sweep import _short
+
+    assert _short("importance_minimality_coeff") == "β3"
+    assert _short("loss.importance_minimality_coeff") == "β3"
+    assert _short("importance.pnorm") == _short("pnorm") == "p"
+    assert _short("training.optimizer.lr") == "lr"

@@ -45,7 +45,8 @@ class GridPoint:
 
 def _short(key: str) -> str:
     """Paper symbols for the keys people sweep most, else the last part of the key."""
-    return {"importance_minimality_coeff": "β3", "pnorm": "p"}.get(key, key.rsplit(".", 1)[-1])
+    last = key.rsplit(".", 1)[-1]  # `loss.importance_minimality_coeff` or the flat name
+    return {"importance_minimality_coeff": "β3", "pnorm": "p"}.get(last, last)
 
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:

@@ -1,4 +1,5 @@
-"""Toy target models: how to build, train and sample data for each `target.kind`."""
+"""Target kinds (`target.kind`): how to build, train and sample each, and what each adds to a
+decomposition's evaluation (`TargetKind`; the registry `TARGET_KINDS`)."""
 
 from __future__ import annotations
 
