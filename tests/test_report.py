@@ -4,6 +4,7 @@ over real small run directories (screenshots into test-artifacts/report/)."""
 from __future__ import annotations
 
 import json
+import random
 import re
 import shutil
 import threading
@@ -203,3 +204,100 @@ def test_report_and_serve_errors_are_one_line(tmp_path):
     for command in ("report", "serve"):
         result = runner.invoke(app, [command, str(tmp_path / "missing")])
         assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def _random_json(rng: random.Random, depth: int = 0):  # noqa: ANN202
+    """A random JSON value: scalars, strings with any characters, lists and objects."""
+    roll = rng.random()
+    if depth > 3 or roll < 0.45:
+        return rng.choice(
+            [
+                None,
+                True,
+                rng.randint(-(10**12), 10**12),
+                rng.uniform(-1e6, 1e6),
+                "".join(chr(rng.randint(1, 0x2FFF)) for _ in range(rng.randint(0, 40))),
+                "hello",
+                "",
+            ]
+        )
+    if roll < 0.7:
+        return [_random_json(rng, depth + 1) for _ in range(rng.randint(0, 5))]
+    keys = ["input", "clusters", "subcomponents", "x", ""]
+    return {rng.choice(keys): _random_json(rng, depth + 1) for _ in range(rng.randint(0, 4))}
+
+
+def _bodies(rng: random.Random, n: int) -> list[bytes]:
+    """Malformed and half-right request bodies: random JSON values, objects of the right
+    fields with wrong values, deep nesting, random bytes (not UTF-8), truncated JSON, a body
+    over the size limit, and a few valid ones."""
+    out = []
+    for i in range(n):
+        kind = i % 8
+        if kind == 0:
+            out.append(json.dumps(_random_json(rng)).encode())
+        elif kind == 1:
+            fields = {k: _random_json(rng) for k in ("input", "clusters", "subcomponents")}
+            out.append(json.dumps({k: v for k, v in fields.items() if rng.random() < 0.7}).encode())
+        elif kind == 2:
+            d = rng.choice([100, 5000, 50000])
+            out.append(("[" * d + "]" * d).encode() if rng.random() < 0.5 else b'{"a":' * d)
+        elif kind == 3:
+            out.append(bytes(rng.randrange(256) for _ in range(rng.randint(0, 200))))
+        elif kind == 4:
+            text = json.dumps({"input": "hello world", "clusters": [0]})
+            out.append(text[: rng.randint(0, len(text) - 1)].encode())
+        elif kind == 5:
+            out.append(json.dumps({"input": "x" * rng.choice([10, 600, 70_000])}).encode())
+        elif kind == 6:
+            sub = rng.choice(["blocks.0.mlp.up:0", "nope:3", "blocks.0.mlp.up:99999", ":"])
+            out.append(json.dumps({"input": "abc", "subcomponents": [sub]}).encode())
+        else:
+            out.append(json.dumps({"input": rng.choice(["hello", "ab", "é∑ \\n"])}).encode())
+    return out
+
+
+def test_served_api_never_answers_a_malformed_body_with_a_server_error(served):
+    """Hundreds of random bodies to every endpoint of a real server on 127.0.0.1: each gets
+    200 or a one-line JSON error (400, or 413 over the size limit), never a 500, and the
+    server still answers afterwards."""
+    import urllib.error
+    import urllib.request
+
+    rng = random.Random(0)
+    statuses: dict[int, int] = {}
+    for endpoint in ("/api/ci", "/api/ablate"):
+        for body in _bodies(rng, 200):
+            req = urllib.request.Request(served + endpoint, data=body, method="POST")
+            req.add_header("Content-Type", rng.choice(["application/json", "text/plain"]))
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    status, payload = r.status, json.loads(r.read())
+            except urllib.error.HTTPError as err:
+                status, payload = err.code, json.loads(err.read())
+                assert set(payload) == {"error"} and "\n" not in payload["error"], payload
+            statuses[status] = statuses.get(status, 0) + 1
+    print(f"{sum(statuses.values())} requests, statuses {dict(sorted(statuses.items()))}")
+    assert set(statuses) <= {200, 400, 413}, statuses
+    assert statuses.get(200, 0) > 0 and statuses.get(400, 0) > 0 and statuses.get(413, 0) > 0
+    with urllib.request.urlopen(served + "/", timeout=60) as r:
+        assert r.status == 200
+
+
+def test_served_toy_inputs_must_be_finite_and_short(tms_run):
+    decomp = spdkit.load(tms_run)
+    client = create_app(decomp, gather(decomp, tms_run), tms_run).test_client()
+    n = decomp.config.target.n_features
+    ok = client.post("/api/ci", json={"input": " ".join(["0.5"] * n)})
+    assert ok.status_code == 200
+    for text, says in [
+        (" ".join(["nan"] * n), "finite"),
+        (" ".join(["1e999"] * n), "finite"),
+        ("0 " * 10_000, "characters"),
+    ]:
+        r = client.post("/api/ci", json={"input": text})
+        assert r.status_code == 400 and says in r.get_json()["error"], r.get_json()
+    r = client.post("/api/ablate", json={"input": "1 " * n, "clusters": [True]})
+    assert r.status_code == 400 and "cluster ids" in r.get_json()["error"]
+    r = client.post("/api/ci", data="not json", content_type="text/plain")
+    assert r.status_code == 400 and "not JSON" in r.get_json()["error"]

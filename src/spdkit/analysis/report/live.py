@@ -3,6 +3,7 @@ subcomponents switched off. Pure functions of a decomposition and an input."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -28,12 +29,28 @@ def input_kind(decomp: Decomposed) -> str:
     return "vector" if hasattr(target, "n_features") else "none"
 
 
+CHARS_PER_TOKEN = 16  # a prompt may be this many characters per context token, at most
+
+
+def max_input_chars(decomp: Decomposed) -> int:
+    """The longest input text accepted: CHARS_PER_TOKEN × the target's context length (a
+    prompt is cut to its last `seq_len` tokens anyway; this bounds the tokenizer's work), or
+    32 characters per feature of a toy's input vector; 16384 without either."""
+    target = decomp.config.target
+    if input_kind(decomp) == "vector":
+        return 32 * target.n_features + 64
+    return CHARS_PER_TOKEN * int(getattr(target, "seq_len", None) or 1024)
+
+
 def parse_input(decomp: Decomposed, text: str) -> Tensor:
     """A prompt (LM targets: token ids [1, T], cut to the context length) or a feature vector
     (toy targets: "0.5, 0, 1, ..." → [1, n_features]); ValueError naming what is wrong."""
     target = decomp.config.target
     device = next(decomp.model.parameters()).device
     kind = input_kind(decomp)
+    limit = max_input_chars(decomp)
+    if len(text) > limit:
+        raise ValueError(f"the input has {len(text)} characters; at most {limit} are read here")
     if kind == "text":
         ids = target_kind(target).encoder(target)(text)
         if not ids:
@@ -46,6 +63,8 @@ def parse_input(decomp: Decomposed, text: str) -> Tensor:
             values = [float(v) for v in text.replace(",", " ").split()]
         except ValueError:
             raise ValueError(f"expected {target.n_features} numbers, got {text!r}") from None
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError("the input's numbers must be finite")
         if len(values) != target.n_features:
             raise ValueError(f"expected {target.n_features} numbers, got {len(values)}")
         return torch.tensor([values], device=device)

@@ -5,15 +5,19 @@ GET  /live: type an input, see CI per token per module, switch mechanisms off;
 POST /api/ci      {"input": text}                             -> CI table (live.ci_table)
 POST /api/ablate  {"input": text, "clusters": [id, ...],
                    "subcomponents": ["<module>:<index>", ...]} -> outputs (live.ablation)
-Errors in a request come back as {"error": one line} with status 400.
+Errors in a request come back as {"error": one line}: status 400 for a body that is not a
+JSON object of the endpoint's fields (or holds a prompt longer than the target reads, see
+`live.max_input_chars`), 413 for a body over MAX_BODY_BYTES. Nothing a client sends makes a 500.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, abort, jsonify, request, send_from_directory
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from spdkit.analysis.decomposed import Decomposed
 from spdkit.analysis.report import live
@@ -26,9 +30,52 @@ from spdkit.analysis.report.render import (
     static_file,
 )
 
+MAX_BODY_BYTES = 64 * 1024  # a prompt of thousands of tokens and its options fit many times over
+# each endpoint's fields: name -> (check, what it must be)
+FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
+    "ci": {"input": (lambda v: isinstance(v, str), "a string")},
+    "ablate": {
+        "input": (lambda v: isinstance(v, str), "a string"),
+        "clusters": (
+            lambda v: (
+                isinstance(v, list)
+                and all(isinstance(k, int) and not isinstance(k, bool) for k in v)
+            ),
+            "a list of cluster ids (integers)",
+        ),
+        "subcomponents": (
+            lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v),
+            'a list of "<module>:<index>" strings',
+        ),
+    },
+}
+
+
+def parse_body(raw: bytes, fields: dict[str, tuple[Any, str]]) -> dict[str, Any]:
+    """A request body as a JSON object of `fields`, each checked; a ValueError with one line
+    saying what is wrong otherwise (not UTF-8, not JSON, nested too deep for the parser, not an
+    object, an unknown field, a field of the wrong type)."""
+    usage = "{" + ", ".join(f'"{name}": ...' for name in fields) + "}"
+    try:
+        body = json.loads(raw.decode("utf-8")) if raw.strip() else None
+    except UnicodeDecodeError:
+        raise ValueError("the request body is not UTF-8 text") from None
+    except (ValueError, RecursionError):
+        raise ValueError(f"the request body is not JSON: send {usage}") from None
+    if not isinstance(body, dict):
+        raise ValueError(f"the request body must be a JSON object: {usage}")
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0]!r} (allowed: {', '.join(fields)})")
+    for name, (valid, what) in fields.items():
+        if name in body and not valid(body[name]):
+            raise ValueError(f"{name} must be {what}")
+    return body
+
 
 def create_app(decomp: Decomposed, content: ReportContent, run_dir: Path) -> Flask:
     app = Flask("spdkit.serve")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     env = environment()
     pages = dict(render_subcomponents(env, content, served=True))
     index = render_index(env, content, served=True)
@@ -75,14 +122,18 @@ def create_app(decomp: Decomposed, content: ReportContent, run_dir: Path) -> Fla
         }
         return env.get_template("live.html").render(c=content, root="/", served=True, data=data)
 
-    def _input() -> Any:
-        body = request.get_json(silent=True) or {}
-        return body, live.parse_input(decomp, str(body.get("input", "")))
+    def _input(endpoint: str) -> tuple[dict[str, Any], Any]:
+        body = parse_body(request.get_data(cache=False), FIELDS[endpoint])
+        return body, live.parse_input(decomp, body.get("input", ""))
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(_: RequestEntityTooLarge) -> tuple[Response, int]:
+        return jsonify({"error": f"the request body is over {MAX_BODY_BYTES} bytes"}), 413
 
     @app.post("/api/ci")
     def _ci() -> Response:
         try:
-            _, x = _input()
+            _, x = _input("ci")
             return jsonify(live.ci_table(decomp, x, content.threshold))
         except ValueError as err:
             return jsonify({"error": str(err)}), 400
@@ -90,12 +141,12 @@ def create_app(decomp: Decomposed, content: ReportContent, run_dir: Path) -> Fla
     @app.post("/api/ablate")
     def _ablate() -> Response:
         try:
-            body, x = _input()
-            ids = [int(k) for k in body.get("clusters", [])]
+            body, x = _input("ablate")
+            ids = body.get("clusters", [])
             known = {c.id for c in clusters}
             if any(k not in known for k in ids):
                 raise ValueError(f"no cluster among {ids} in clusters.json")
-            masks = live.ablation_masks(decomp, clusters, ids, list(body.get("subcomponents", [])))
+            masks = live.ablation_masks(decomp, clusters, ids, body.get("subcomponents", []))
             return jsonify(live.ablation(decomp, x, masks))
         except ValueError as err:
             return jsonify({"error": str(err)}), 400
