@@ -123,6 +123,7 @@ def one_setting(n_layers: int, routing: str, steps: int, device: str, ci_fn: str
 
     config = spd_config(n_layers, routing, ci_fn)
     trainer = build_trainer(target, Data(), config, device)
+    trainer.faithfulness_warmup()  # a run's first phase (Trainer.run); none if not configured
     trainer.train_step()  # warm-up (kernel build, allocator)
     times = [ms(trainer.train_step, device) for _ in range(steps)]
     base = statistics.median(base_times)

@@ -56,6 +56,7 @@ def time_config(
     config = load_config(name, {"ci_backend": ci_backend, **overrides})
     target = target_kind(config.target).build(config.target)
     trainer = build_trainer(target, data_source(config), config, device)
+    trainer.faithfulness_warmup()  # a run's first phase (Trainer.run); none if not configured
     for _ in range(warmup):
         trainer.train_step()
     flops = step_flops(trainer)

@@ -205,3 +205,23 @@ def test_the_oldest_run_directory_config_still_loads():
     cfg = load_run_config(Path(__file__).parent / "fixtures" / "run_26f5880")
     assert cfg.ci_fn.hidden_dim == 8 and cfg.training.steps == 20
     assert cfg.loss.importance_minimality_coeff == 0.003 and cfg.importance.pnorm == 1.0
+
+
+def test_switching_the_ci_kind_by_set_drops_the_old_kinds_fields(tmp_path):
+    """`--set ci_fn.kind=...` on a config written for another kind: the fields only the old
+    kind has go with it (an old flat `ci_backend` override too); a field given in the same
+    call must fit the new kind."""
+    cfg = load_config("tms_5-2", {"ci_fn.kind": "global_mlp", "ci_backend": "eager"})
+    assert cfg.ci_fn.kind == "global_mlp" and cfg.ci_fn.hidden_dims == [256]
+    assert load_config("vpd_lm", {"ci_fn.kind": "mlp"}).ci_fn.lower_sigmoid == "straight_through"
+    with pytest.raises(ConfigError, match=r"ci_fn.hidden_dim: unknown field"):
+        load_config("tms_5-2", {"ci_fn.kind": "global_mlp", "ci_fn.hidden_dim": 8})
+
+
+def test_errors_in_an_old_flat_file_name_the_key_as_written(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(tiny_tms_dict(steps=0)))
+    with pytest.raises(ConfigError, match=r"^steps: Input should be greater"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"^pnorm: Input should be greater"):
+        load_config("tms_5-2", {"pnorm": -1})

@@ -3,6 +3,7 @@ problem naming the field and what would be valid, the resolved YAML of a run dir
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -108,11 +109,14 @@ def bundled_config_names() -> list[str]:
     return sorted(f.name[: -len(".yaml")] for f in files if f.name.endswith(".yaml"))
 
 
-def parse_config(data: dict[str, Any]) -> SPDConfig:
-    """Validate a dict; raise ConfigError with one line per problem."""
+def parse_config(
+    data: dict[str, Any], written_as: dict[tuple[str, ...], str] | None = None
+) -> SPDConfig:
+    """Validate a dict; raise ConfigError with one line per problem, naming each field as it
+    was written (an old flat key by its old name; `written_as` when the caller grouped them)."""
     if not isinstance(data, dict):
         raise ConfigError(f"config must be a mapping of fields, got {type(data).__name__}")
-    written_as = {FLAT_KEYS[k]: k for k in data if k in FLAT_KEYS}
+    written_as = {**_flat_names(data), **(written_as or {})}
     try:
         data = group_flat_keys(data)  # spdkit ≤ 0.1's flat keys
     except ValueError as err:
@@ -121,6 +125,11 @@ def parse_config(data: dict[str, Any]) -> SPDConfig:
         return SPDConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, written_as=written_as)) from None
+
+
+def _flat_names(keys: Iterable[str]) -> dict[tuple[str, ...], str]:
+    """Section path → the old flat name it was written as, for each old top-level key."""
+    return {FLAT_KEYS[k]: k for k in keys if k in FLAT_KEYS}
 
 
 def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> SPDConfig:
@@ -144,13 +153,30 @@ def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
         raise ConfigError(f"{name_or_path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{name_or_path}: config must be a mapping of fields")
+    overrides = overrides or {}
+    written_as = _flat_names([*data, *(k.partition(".")[0] for k in overrides)])
     try:
         data = group_flat_keys(data)  # so that old and new keys below meet in one layout
     except ValueError as err:
         raise ConfigError(f"{name_or_path}: {err}") from None
-    for key, value in (overrides or {}).items():
+    for key, value in overrides.items():
         _set_dotted(data, grouped_key(key), value, written=key)
-    return parse_config(data)
+    _drop_other_kinds_fields(data, [grouped_key(k) for k in overrides if k.startswith("ci_fn")])
+    return parse_config(data, written_as)
+
+
+def _drop_other_kinds_fields(data: dict[str, Any], set_by_user: list[str]) -> None:
+    """`--set ci_fn.kind=global_mlp` on a config written for the `mlp` kind: the fields only
+    the old kind has (`hidden_dim`, `backend`) go with it, as an old flat `ci_hidden_dim` did;
+    a field the user sets in the same call stays, and is an error if the new kind lacks it.
+    Also old flat `ci_hidden_dim` / `ci_backend` overrides (`MLP_ONLY`) with another kind."""
+    ci_fn = data.get("ci_fn")
+    if not isinstance(ci_fn, dict) or ci_fn.get("kind") not in CI_BY_KIND:
+        return
+    fields = CI_BY_KIND[ci_fn["kind"]].model_fields
+    explicit = {k.split(".")[1] for k in set_by_user if k.count(".") >= 1}
+    for name in [n for n in ci_fn if n not in fields and n not in explicit]:
+        del ci_fn[name]
 
 
 def parse_override_value(text: str) -> Any:

@@ -1,6 +1,6 @@
 """A whole run of a bundled toy target: train (or load) the target, decompose it, evaluate, draw.
 
-This is what `spdkit run / resume / eval` call; the library API is in `decomposition.py`.
+This is what `spdkit run / resume / eval` call; the library API is `spdkit.api`.
 """
 
 from __future__ import annotations
