@@ -170,6 +170,8 @@ def sweep_row(point: GridPoint, summary: dict[str, Any], run_dir: Path) -> dict[
     if "feature_match" in summary:
         row["mmcs"] = summary["feature_match"]["mmcs"]
         row["ml2r"] = summary["feature_match"]["ml2r"]
+        if "ground_truth" in summary["feature_match"]:
+            row["ground_truth"] = summary["feature_match"]["ground_truth"]
     if "lm" in summary:  # KL to the target under each mask kind (incl. the PGD ladder)
         for kind, m in summary["lm"].items():
             if isinstance(m, dict) and "kl" in m and kind not in ("ones", "zero"):

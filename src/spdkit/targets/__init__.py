@@ -37,6 +37,9 @@ class KnownMechanisms:
     # modules of the target itself that are identities (TMS +ID's hidden layers): with the
     # identities inserted by `insert_identity`, their live subcomponents are one mechanism
     identity_prefix: str | None = None
+    # the true decomposition, (U [d_out, k], V [k, d_in]) per module: where training can be
+    # started to test whether the objective keeps it (`ground_truth.start_at_truth`)
+    true_components: Callable[[ComponentModel], dict[str, tuple[Tensor, Tensor]]] | None = None
 
 
 Report = Callable[[ComponentModel, SPDConfig, "dict[str, Tensor] | None", Path], dict[str, Any]]
@@ -75,7 +78,11 @@ TARGET_KINDS: dict[str, TargetKind] = {
         data=lambda c: tms.SparseFeatureData(c.n_features, c.feature_probability),
         architecture=("n_features", "n_hidden", "n_hidden_layers"),
         report=tms_analysis.report,
-        mechanisms=KnownMechanisms(tms_analysis.feature_owners, identity_prefix="hidden_layers."),
+        mechanisms=KnownMechanisms(
+            tms_analysis.feature_owners,
+            identity_prefix="hidden_layers.",
+            true_components=tms_analysis.true_components,
+        ),
     ),
     "resid_mlp": TargetKind(
         build=resid_mlp.build_resid_mlp,
@@ -87,6 +94,7 @@ TARGET_KINDS: dict[str, TargetKind] = {
             resid_mlp_analysis.feature_owners,
             dense_module="mlp_out",
             dense_fraction=resid_mlp_analysis.ResidVerdictRules().dense_fraction,
+            true_components=resid_mlp_analysis.true_components,
         ),
         one_hot_all_columns=True,
     ),

@@ -213,3 +213,22 @@ def plot_contribution_scatter(
     ax.set_title(f"Pearson r = {r:.3f}, slope = {slope:.3f}", fontsize=9)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def true_components(model: ComponentModel) -> dict[str, tuple[Tensor, Tensor]]:
+    """The decomposition SPD should find (paper §3.2), as (U [d_out, k], V [k, d_in]) per
+    decomposed module: each W_in (`mlp_in`) as one subcomponent per feature f reading the
+    feature's coordinate of the residual stream, U_f = W_in W_E[f], V = pinv(W_E)ᵀ (so that
+    r V_fᵀ = x_f for r = x W_E; exact in layer 0, whose input is in W_E's span, and W_in's part
+    outside that span is left out); each W_out (`mlp_out`) as one dense mechanism of d_mlp
+    rank-one terms, U = W_out, V = I (all needed whenever any feature is on)."""
+    W_E = model.target.W_E.detach()  # [n_features, d_resid]
+    out = {}
+    for name in model.module_names:
+        W = model.target_weight(name).detach()
+        if name.endswith("mlp_in"):
+            out[name] = (W @ W_E.T, torch.linalg.pinv(W_E).T.contiguous())
+        else:
+            out[name] = (W, torch.eye(W.shape[1], dtype=W.dtype, device=W.device))
+    return out
+

@@ -80,7 +80,42 @@ def report(
             "mmcs": match.mmcs,
             "ml2r": match.ml2r,
             "matched_subcomponent": match.match,
+            **tms_verdict(model, config, match.mmcs),
         }
+    }
+
+
+@dataclass(frozen=True)
+class TMSVerdictRules:
+    """The ground-truth verdict for TMS targets, as numbers (paper Table 1, Figures 1-3):
+    MMCS ≥ `mmcs_min` on `linear1`'s columns, and exactly as many non-negligible subcomponents
+    as the true decomposition has in every module: n_features in `linear1` and `linear2`
+    (one per feature, no split or shared column), and the rank of each identity layer (TMS +ID's
+    hidden layers, identities inserted by `insert_identity`)."""
+
+    mmcs_min: float = 0.999
+
+
+def tms_verdict(
+    model: ComponentModel,
+    config: SPDConfig,
+    mmcs: float,
+    rules: TMSVerdictRules = TMSVerdictRules(),
+) -> dict[str, Any]:
+    """{"ground_truth": bool, "live": {module: n}, "expected_live": {module: n}}."""
+    expected = {n: U.shape[1] for n, (U, _) in true_components(model).items()}
+    live = {
+        n: int(
+            non_negligible(
+                subcomponent_norms(*subcomponents(model, n)), config.eval.norm_threshold
+            ).sum()
+        )
+        for n in model.module_names
+    }
+    return {
+        "ground_truth": mmcs >= rules.mmcs_min and live == expected,
+        "live": live,
+        "expected_live": expected,
     }
 
 
@@ -141,3 +176,19 @@ def plot_tms_vectors(W: Tensor, U: Tensor, V: Tensor, path: Path, n_show: int) -
         _arrows(ax, cols, lim, title)
     fig.suptitle("Columns of W (one colour per input feature)", fontsize=10)
     return save_figure(fig, path)
+
+
+def true_components(model: ComponentModel) -> dict[str, tuple[Tensor, Tensor]]:
+    """The decomposition SPD should find, as (U [d_out, k], V [k, d_in]) per decomposed module
+    (paper §3.1, Figures 1-3): `linear1` W [h, n] as its n columns read from one feature each
+    (U = W, V = I_n); `linear2` [n, h] as its n rows written to one feature each (U = I_n,
+    V = W); any other module (the identity layers) as U = W, V = I_d, d rank-one terms that
+    are all needed on every input. `spdkit.analysis.mechanisms.ground_truth` starts training
+    from it, to tell a wrong objective from an optimiser that cannot reach the answer."""
+    out = {}
+    for name in model.module_names:
+        W = model.target_weight(name).detach()
+        d_out, d_in = W.shape
+        eye = torch.eye(d_out if name == "linear2" else d_in, dtype=W.dtype, device=W.device)
+        out[name] = (eye, W) if name == "linear2" else (W, eye)
+    return out

@@ -26,7 +26,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from spdkit.analysis.decomposed import Decomposed
+from spdkit.config import SPDConfig
+from spdkit.method.model import ComponentModel
 from spdkit.targets import target_kind
 
 
@@ -78,3 +82,27 @@ def score(labels: dict[str, str], clusters: list[list[str]], expected: int) -> d
         "n_mechanisms_expected": expected,
         "n_mechanisms_in_decomposition": len(set(true_ids)),
     }
+
+
+@torch.no_grad()
+def start_at_truth(model: ComponentModel, config: SPDConfig, spare_scale: float = 1e-3) -> None:
+    """Set every decomposed module's first k subcomponents to the target's true decomposition
+    (`KnownMechanisms.true_components`, k terms per module) and scale the spare C − k down to
+    `spare_scale` of their norm ‖U_c V_cᵀ‖ (alive, so training may still use them, but with no effect on
+    the output). Training from here tells apart the two ways a recipe can miss the known
+    answer: the objective prefers another decomposition (it walks away from this start), or
+    the optimiser does not reach this one from its random start (it stays)."""
+    known = target_kind(config.target).mechanisms if config.target is not None else None
+    if known is None or known.true_components is None:
+        raise ValueError("this target has no known true decomposition")
+    for name, (U_true, V_true) in known.true_components(model).items():
+        comps = model.components(name)
+        k = U_true.shape[1]
+        if k > comps.C:
+            raise ValueError(
+                f"{name}: C = {comps.C} < {k}, the true decomposition's rank-one terms"
+            )
+        comps.U.mul_(spare_scale**0.5)  # the rank-one term U_c V_cᵀ scaled by spare_scale
+        comps.V.mul_(spare_scale**0.5)
+        comps.U[:, :k] = U_true.to(comps.U)
+        comps.V[:k] = V_true.to(comps.V)

@@ -57,6 +57,8 @@ def verdicts(summary: dict[str, Any], clusters: dict[str, Any] | None) -> list[t
     match = summary.get("feature_match")
     if match:
         out += [("TMS MMCS", match["mmcs"]), ("TMS ML2R", match["ml2r"])]
+        if "ground_truth" in match:
+            out.append(("TMS ground truth", match["ground_truth"]))
     resid = summary.get("resid_mlp")
     if resid:
         out.append(("resid_mlp ground truth", resid["verdict"]["ground_truth"]))
