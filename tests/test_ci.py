@@ -73,6 +73,33 @@ def test_input_norm_rms_loses_the_scale_and_none_keeps_it(kind):
         assert torch.allclose(a, b, atol=1e-5) == same
 
 
+@pytest.mark.parametrize("kind", ["vector_mlp", "global_mlp", "global_transformer"])
+def test_reads_input_inner_or_both(kind):
+    """`reads`: which of a and h = a Vᵀ the function sees; what it does not read cannot
+    change its output, and built through the model, h carries V's gradient into the CI."""
+    inputs, inner = _io()
+    moved_a = {n: v + torch.randn_like(v) for n, v in inputs.items()}
+    moved_h = {n: v + torch.randn_like(v) for n, v in inner.items()}
+    for reads, sees_a, sees_h in (
+        ("input", True, False),
+        ("inner", False, True),
+        ("input+inner", True, True),
+    ):
+        slots = [ModuleSlot(s.name, s.C, s.d_in, reads) for s in SLOTS]
+        ci = build_ci_function(KINDS[kind].model_copy(update={"reads": reads}), slots)
+        out = ci.raw(inputs, inner)["a.lin"]
+        assert not torch.allclose(ci.raw(moved_a, inner)["a.lin"], out) == sees_a
+        assert not torch.allclose(ci.raw(inputs, moved_h)["a.lin"], out) == sees_h
+    config = parse_config(tiny_tms_dict(ci_fn={"kind": kind, "reads": "inner"}))
+    target = target_kind(config.target).build(config.target)
+    model = build_trainer(target, data_source(config), config, "cpu").model
+    x = torch.rand(8, 5)
+    record = model.record(x)
+    g, _ = model.causal_importances(record.inputs, model.inner_acts(record.inputs))
+    sum(v.sum() for v in g.values()).backward()
+    assert model.components("linear1").V.grad.abs().sum() > 0
+
+
 def test_global_mlp_reads_every_module_in_sorted_order():
     ci = build_ci_function(KINDS["global_mlp"], SLOTS)
     assert [s.name for s in ci.slots] == ["a.lin", "b.lin"]

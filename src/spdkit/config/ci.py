@@ -12,6 +12,7 @@ from spdkit.config.base import StrictModel
 
 InputNorm = Literal["rms", "none"]
 LowerSigmoid = Literal["leaky", "straight_through"]
+Reads = Literal["input", "inner", "input+inner"]
 
 
 def lower_sigmoid_field() -> Any:
@@ -20,6 +21,15 @@ def lower_sigmoid_field() -> Any:
         default="leaky",
         description="σ_H,lower for the masks: leaky (the paper's, 0.01·x below 0) or "
         "straight_through (VPD's: clamp, leak only in the backward of negative gradients)",
+    )
+
+
+def reads_field() -> Any:
+    """What the kinds that read module features read of each module."""
+    return Field(
+        default="input",
+        description="per module: its input a, its inner activations h = a Vᵀ (as the mlp kind "
+        "reads; gives the CI a gradient to V), or both (input+inner); embeddings are read as h",
     )
 
 
@@ -43,6 +53,7 @@ class VectorMLPCIConfig(StrictModel):
 
     kind: Literal["vector_mlp"] = "vector_mlp"
     lower_sigmoid: LowerSigmoid = lower_sigmoid_field()
+    reads: Reads = reads_field()
     hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [64], description="widths of the GELU hidden layers"
     )
@@ -58,6 +69,7 @@ class GlobalMLPCIConfig(StrictModel):
 
     kind: Literal["global_mlp"] = "global_mlp"
     lower_sigmoid: LowerSigmoid = lower_sigmoid_field()
+    reads: Reads = reads_field()
     hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [256], description="widths of the GELU hidden layers"
     )
@@ -73,6 +85,7 @@ class GlobalTransformerCIConfig(StrictModel):
 
     kind: Literal["global_transformer"] = "global_transformer"
     lower_sigmoid: LowerSigmoid = lower_sigmoid_field()
+    reads: Reads = reads_field()
     d_model: int = Field(default=128, ge=1, description="width of the residual stream")
     n_layers: int = Field(default=2, ge=1, description="pre-norm attention + MLP blocks")
     n_heads: int = Field(default=4, ge=1, description="attention heads (d_model divisible)")

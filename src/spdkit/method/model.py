@@ -106,8 +106,9 @@ class ComponentModel(nn.Module):
             name = insert_identity(target, site, d)
             self._decompose(name, C)
             self.identity_modules[name] = d
+        reads = getattr(ci_fn, "reads", "input")
         slots = [
-            ModuleSlot(n, c.C, c.d_in, reads_inner=isinstance(c, EmbeddingComponents))
+            ModuleSlot(n, c.C, c.d_in, "inner" if isinstance(c, EmbeddingComponents) else reads)
             for n, c in ((n, self.components(n)) for n in self.module_names)
         ]
         self.ci: CIFunction = build_ci_function(ci_fn, slots)

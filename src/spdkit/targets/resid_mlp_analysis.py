@@ -231,4 +231,3 @@ def true_components(model: ComponentModel) -> dict[str, tuple[Tensor, Tensor]]:
         else:
             out[name] = (W, torch.eye(W.shape[1], dtype=W.dtype, device=W.device))
     return out
-

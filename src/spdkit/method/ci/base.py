@@ -18,24 +18,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spdkit.config.ci import InputNorm, LowerSigmoid
+from spdkit.config.ci import InputNorm, LowerSigmoid, Reads
 from spdkit.method.ci.sigmoids import LOWER_SIGMOIDS, upper_leaky_hard_sigmoid
 
 
 @dataclass(frozen=True)
 class ModuleSlot:
-    """What a CI function needs to know of one decomposed module. `reads_inner`: its input
-    is token ids (an embedding), so functions that read module inputs read its h instead."""
+    """What a CI function needs to know of one decomposed module, and what the kinds that read
+    module features read of it (`reads`): its input a [d_in], its inner activations
+    h = a Vᵀ [C], or both side by side. An embedding's input is token ids, so it is read as h."""
 
     name: str
     C: int
     d_in: int
-    reads_inner: bool = False
+    reads: Reads = "input"
 
     @property
     def width(self) -> int:
-        """Width of the feature a reading function sees: d_in, or C for an embedding."""
-        return self.C if self.reads_inner else self.d_in
+        """Width of the feature a reading function sees."""
+        return {"input": self.d_in, "inner": self.C, "input+inner": self.d_in + self.C}[self.reads]
 
 
 def key(name: str) -> str:
@@ -92,11 +93,17 @@ class CIFunction(nn.Module):
     def feature(
         self, slot: ModuleSlot, inputs: Mapping[str, Tensor], inner: Mapping[str, Tensor]
     ) -> Tensor:
-        """The module's input, RMS-normalised over its last dimension (no gain) with
-        `input_norm: rms`: every module then enters at the same scale (VPD notes §4), but the
-        input's magnitude is lost (a one-hot input of any size maps to the same point).
-        `input_norm: none` passes it as it is. An embedding's h instead of its ids."""
-        x = (inner[slot.name] if slot.reads_inner else inputs[slot.name]).float()
+        """What the slot reads (its input a, its h = a Vᵀ, or both), each part RMS-normalised
+        over its last dimension (no gain) with `input_norm: rms`: every module then enters at
+        the same scale (VPD notes §4), but the magnitude is lost (a one-hot input of any size
+        maps to the same point). `input_norm: none` passes it as it is. h carries a gradient
+        to V: the CI function's use of it shapes the directions, as the paper's per-subcomponent
+        function does, where a CI read from a alone leaves V to the reconstruction losses."""
+        parts = {"input": [inputs], "inner": [inner], "input+inner": [inputs, inner]}[slot.reads]
+        feats = [self._normed(part[slot.name].float()) for part in parts]
+        return feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
+
+    def _normed(self, x: Tensor) -> Tensor:
         return F.rms_norm(x, (x.shape[-1],)) if self.input_norm == "rms" else x
 
     def concatenated(self, inputs: Mapping[str, Tensor], inner: Mapping[str, Tensor]) -> Tensor:
