@@ -88,8 +88,8 @@ def test_reads_input_inner_or_both(kind):
         slots = [ModuleSlot(s.name, s.C, s.d_in, reads) for s in SLOTS]
         ci = build_ci_function(KINDS[kind].model_copy(update={"reads": reads}), slots)
         out = ci.raw(inputs, inner)["a.lin"]
-        assert not torch.allclose(ci.raw(moved_a, inner)["a.lin"], out) == sees_a
-        assert not torch.allclose(ci.raw(inputs, moved_h)["a.lin"], out) == sees_h
+        assert torch.allclose(ci.raw(moved_a, inner)["a.lin"], out) != sees_a  # changed iff read
+        assert torch.allclose(ci.raw(inputs, moved_h)["a.lin"], out) != sees_h
     config = parse_config(tiny_tms_dict(ci_fn={"kind": kind, "reads": "inner"}))
     target = target_kind(config.target).build(config.target)
     model = build_trainer(target, data_source(config), config, "cpu").model

@@ -36,6 +36,15 @@ SUBSET = {
     "stochastic_recon_subset_coeff": 1.0,
 }
 
+
+def _minimality_warmup() -> dict:
+    """tiny TMS, 60 steps: after the test's 3 steps the ramp over 30 steps is at 0.1."""
+    data = tiny_tms_dict(frequency_minimality_coeff=1e-3)
+    data.pop("pnorm")
+    data["importance"] = {"pnorm": 1.0, "warmup_frac": 0.5}
+    return data
+
+
 CASES = {
     "tms 5-2 + identity": tiny_tms_dict(
         target={"kind": "tms", "n_features": 5, "n_hidden": 2, "n_hidden_layers": 1},
@@ -103,6 +112,7 @@ CASES = {
     "induction (KL), frequency over batch and positions, straight-through, subset": _induction(
         frequency_minimality_coeff=1e-3, lower_sigmoid="straight_through", **SUBSET
     ),
+    "tms, minimality warm-up (at 1/10 of its ramp), frequency": _minimality_warmup(),
     "resid mlp, Δ-component, all + layerwise": tiny_resid_dict(delta_component=True),
     "tms + identity, Δ-component, subset per position": tiny_tms_dict(
         insert_identity=[{"pattern": "linear2"}], delta_component=True, **SUBSET

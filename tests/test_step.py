@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from spdkit.config import ModuleSpec, parse_config
+from spdkit.config import ImportanceConfig, LossConfig, ModuleSpec, parse_config
 from spdkit.engine.random_stream import MaskStream
 from spdkit.method.model import ComponentModel
 from spdkit.method.routing import bernoulli_subsets, draw_routes, uniform_k_subsets
-from spdkit.method.step import spd_losses
+from spdkit.method.step import loss_coefficients, minimality_warmup, spd_losses
 from tests.helpers import tiny_tms_dict
 
 
@@ -167,3 +167,13 @@ def test_subset_term_is_logged_and_draws_from_the_stream(scope):
     masks_only = 16 * 8 * 2  # two modules' [16, 8] masks
     routing = 16 * (1 + 2) if scope == "position" else 1 + 2
     assert stream.offset == masks_only + routing
+
+
+def test_minimality_warmup_ramps_both_minimality_coefficients():
+    imp = ImportanceConfig(pnorm=1.0, warmup_frac=0.25)
+    assert [minimality_warmup(imp, s, 100) for s in (0, 5, 25, 90)] == [0.0, 0.2, 1.0, 1.0]
+    assert minimality_warmup(ImportanceConfig(pnorm=1.0), 0, 100) == 1.0  # the paper's: none
+    loss = LossConfig(importance_minimality_coeff=3e-3, frequency_minimality_coeff=1e-3)
+    coeffs = loss_coefficients(loss, 0.5)
+    assert coeffs["importance_minimality"] == 1.5e-3 and coeffs["frequency_minimality"] == 5e-4
+    assert coeffs["stochastic_recon"] == loss.stochastic_recon_coeff

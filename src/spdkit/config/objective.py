@@ -132,3 +132,10 @@ class ImportanceConfig(StrictModel):
     smooth_l0_scale: float = Field(
         default=0.1, gt=0, description="σ of the smooth_l0 penalty (CI ≫ σ costs about 1)"
     )
+    warmup_frac: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="the minimality coefficients (importance and frequency) ramp linearly from "
+        "0 over this fraction of training (0: full from the first step, the paper's)",
+    )

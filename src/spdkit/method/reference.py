@@ -151,6 +151,11 @@ def reference_spd_losses(
         "importance_minimality": config.loss.importance_minimality_coeff,
         "frequency_minimality": config.loss.frequency_minimality_coeff,
     }
+    # the minimality coefficients ramp from 0 over warmup_frac of training
+    if config.importance.warmup_frac > 0:
+        ramp = min(1.0, step / (config.importance.warmup_frac * config.training.steps))
+        coeffs["importance_minimality"] *= ramp
+        coeffs["frequency_minimality"] *= ramp
     terms["total"] = sum(coeffs[k] * v for k, v in terms.items())  # type: ignore[assignment]
     return terms
 

@@ -80,16 +80,28 @@ class StepResult(NamedTuple):
     pgd: PGDState | None = None
 
 
-def loss_coefficients(loss: LossConfig) -> dict[str, float]:
+def loss_coefficients(loss: LossConfig, minimality_scale: float = 1.0) -> dict[str, float]:
+    """Each term's coefficient; the minimality terms' times `minimality_scale` (their warm-up)."""
     return {
         "faithfulness": loss.faithfulness_coeff,
         "stochastic_recon": loss.stochastic_recon_coeff,
         "stochastic_recon_layerwise": loss.stochastic_recon_layerwise_coeff,
         "stochastic_recon_subset": loss.stochastic_recon_subset_coeff,
         "adversarial_recon": loss.adversarial_recon_coeff,
-        "importance_minimality": loss.importance_minimality_coeff,
-        "frequency_minimality": loss.frequency_minimality_coeff,
+        "importance_minimality": loss.importance_minimality_coeff * minimality_scale,
+        "frequency_minimality": loss.frequency_minimality_coeff * minimality_scale,
     }
+
+
+def minimality_warmup(importance: ImportanceConfig, step: int, steps: int) -> float:
+    """The minimality coefficients' factor at `step` (0-based): min(1, step / (warmup_frac ·
+    steps)), 1 without a warm-up. While it is small, no subcomponent pays for being used, so
+    none is pushed to zero norm before the reconstruction losses have sorted out which input
+    needs which: a subcomponent at U = V = 0 gets no gradient and never comes back. A pure
+    function of the step: resume exact."""
+    if importance.warmup_frac == 0:
+        return 1.0
+    return min(1.0, step / (importance.warmup_frac * steps))
 
 
 def current_pnorm(importance: ImportanceConfig, step: int, steps: int) -> float:
@@ -132,7 +144,8 @@ def spd_losses(
     the subset term's routes.
     """
     divergence = DIVERGENCES[config.loss.output_loss]
-    coeffs = loss_coefficients(config.loss)
+    warm = minimality_warmup(config.importance, step, config.training.steps)
+    coeffs = loss_coefficients(config.loss, warm)
     names = model.module_names
     loss = StepLoss(coeffs, per_pass=config.engine.per_pass_backward)
 
@@ -151,7 +164,7 @@ def spd_losses(
         "faithfulness": share(faithfulness),
         "importance_minimality": share(minimality_loss(list(penalties.values()))),
     }
-    if coeffs["frequency_minimality"] > 0:
+    if config.loss.frequency_minimality_coeff > 0:
         frequency = frequency_minimality_loss(
             list(penalties.values()),
             parallel.sum_ if parallel.active else None,
