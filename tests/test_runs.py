@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from spdkit.api import load
 from spdkit.cli import app
 from spdkit.config import parse_config
+from spdkit.errors import ConfigError
 from spdkit.pipeline.run import resume_run, run_experiment
 from spdkit.store import runs
 from tests.helpers import tiny_tms_dict
@@ -284,7 +285,7 @@ def test_decompose_and_load_a_user_model(tmp_path):
     assert (tmp_path / "mine" / "figures" / "ci_histograms.png").is_file()
     again = decomp.evaluate(tmp_path / "elsewhere", progress=False)
     assert again["output_losses"] == summary["output_losses"]
-    with pytest.raises(runs.RunDirError, match="pass load"):
+    with pytest.raises(runs.RunDirError, match=r"spdkit.load\(run_dir, target=model, data=data\)"):
         load(tmp_path / "mine")
     again = load(tmp_path / "mine", target=make())
     for name in ("0", "2"):
@@ -308,3 +309,42 @@ def test_a_checkpoint_missing_state_or_with_wrong_shapes_is_named(finished_run, 
     line = result.output.strip()
     assert "latest.safetensors" in line and "missing rng.data" in line
     assert "param.0 has shape [3, 3]" in line
+
+
+def test_the_readme_snippet_on_a_user_model_with_a_bundled_config(tmp_path, caplog):
+    """README "Python API": load_config("tms_5-2") then decompose a model of one's own: the
+    TMS target section is dropped with one line (its data would not fit the model), and the
+    run directory stays usable: cluster, evaluate, load with the model and its data."""
+    from torch import nn
+
+    import spdkit
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear1, self.linear2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.linear2(torch.relu(self.linear1(x)))
+
+    class Data:
+        def sample(self, batch_size, generator):
+            return torch.rand(batch_size, 8, generator=generator)
+
+    torch.manual_seed(0)
+    config = spdkit.load_config(
+        "tms_5-2", {"training.steps": 10, "training.batch_size": 64, "eval.n_eval_samples": 128}
+    )
+    with caplog.at_level("WARNING"):
+        decomp = spdkit.decompose(MLP(), Data(), config, run_dir=tmp_path / "mine", progress=False)
+    assert "ignoring the config's target section (kind tms)" in caplog.text
+    assert decomp.config.target is None
+    assert decomp.cluster(progress=False).clusters
+    assert decomp.evaluate(tmp_path / "again", progress=False)["modules"].keys() == {
+        "linear1",
+        "linear2",
+    }
+    loaded = load(tmp_path / "mine", target=MLP(), data=Data())
+    assert loaded.cluster(progress=False).clusters
+    with pytest.raises(ConfigError, match="whose data spdkit does not keep"):
+        load(tmp_path / "mine", target=MLP()).cluster(progress=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +25,10 @@ from spdkit.method.measures import causal_importance
 from spdkit.method.model import ComponentModel
 from spdkit.store import runs
 from spdkit.store.restore import restore
-from spdkit.targets import DataSource
+from spdkit.targets import DataSource, target_kind
 from spdkit.training.loop import build_trainer, train_in_run_dir
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -101,11 +104,14 @@ def decompose(
 ) -> Decomposition:
     """Decompose the modules of `model` named by `config.modules` with SPD.
 
-    `data.sample(batch_size, generator)` gives input batches. The model is frozen and its
-    matched modules are wrapped in place. With `run_dir`, config, target weights, metrics,
+    `data.sample(batch_size, generator)` gives input batches. The model is frozen; its
+    modules are never wrapped or renamed. With `run_dir`, config, target weights, metrics,
     checkpoints, components, summary.json and figures are written there (as `spdkit run`
-    writes them).
+    writes them). A bundled toy config's `target` section (`load_config("tms_5-2")`)
+    describes a target spdkit would train, not `model`: it is dropped, saying so, and the
+    config's losses and schedule apply to `model` with `data`.
     """
+    config = for_user_model(config)
     trainer = build_trainer(model, data, config, device)
     path = Path(run_dir) if run_dir is not None else None
     if path is not None:
@@ -119,13 +125,32 @@ def decompose(
     return decomp
 
 
+def for_user_model(config: SPDConfig) -> SPDConfig:
+    """`config` without a target section that describes a toy target spdkit trains itself
+    (the evaluation would otherwise feed that target's data to the user's model); a loaded
+    target's section (`hf`, `python`: where the model came from) is kept."""
+    if config.target is None or target_kind(config.target).loaded:
+        return config
+    log.warning(
+        "decompose: ignoring the config's target section (kind %s): it describes a bundled "
+        "target, and the model you passed is decomposed instead",
+        config.target.kind,
+    )
+    return config.model_copy(update={"target": None})
+
+
 def load(
-    run_dir: str | Path, device: str = "cpu", target: nn.Module | None = None
+    run_dir: str | Path,
+    device: str = "cpu",
+    target: nn.Module | None = None,
+    data: DataSource | None = None,
 ) -> Decomposition:
     """Load a finished run directory (safetensors only; nothing is unpickled).
 
     Bundled targets are rebuilt from target.json + target.safetensors; for your own model pass
-    a fresh instance as `target` (its weights are replaced by the saved ones).
+    a fresh instance as `target` (its weights are replaced by the saved ones) and, for the
+    analyses that draw inputs (`evaluate`, `cluster`), its `data`.
     """
     model, config, _ = restore(Path(run_dir), device, target)
-    return Decomposition(model, config, Path(run_dir), runs.read_summary(Path(run_dir)))
+    summary = runs.read_summary(Path(run_dir))
+    return Decomposition(model, config, Path(run_dir), summary, data=data)

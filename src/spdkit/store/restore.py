@@ -34,7 +34,10 @@ def restore(
     if target is None:
         if config.target is None:
             raise RunDirError(
-                f"{run_dir}: the config names no bundled target; pass load(..., target=model)"
+                f"{run_dir}: a decomposition of a model passed to spdkit.decompose, which the "
+                "run directory cannot rebuild: load it in Python with spdkit.load(run_dir, "
+                "target=model, data=data), or make runs with --target-factory / --data-factory "
+                "so that the CLI can"
             )
         target, _ = runs.load_target(run_dir, config.target)
     else:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from spdkit.config import SPDConfig, TargetConfig
+from spdkit.errors import ConfigError
 from spdkit.method.model import ComponentModel
 from spdkit.targets import hf, python, resid_mlp, resid_mlp_analysis, tms, tms_analysis, transformer
 
@@ -150,6 +151,12 @@ def reports_lm(config: TargetConfig | None) -> bool:
 
 
 def data_source(config: SPDConfig) -> DataSource:
+    """The data of the config's bundled target; a run of the user's own model keeps none."""
+    if config.target is None:
+        raise ConfigError(
+            "this decomposition is of your own model, whose data spdkit does not keep: pass it "
+            "(spdkit.load(run_dir, target=model, data=data); the CLI: --data-factory)"
+        )
     return target_kind(config.target).data(config.target)
 
 
