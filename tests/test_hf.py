@@ -210,3 +210,9 @@ def test_modules_lists_a_saved_model_without_loading_it(tmp_path):
     assert fc and all(r[1] == "Conv1D" for r in fc)
     n_params = sum(int(r[5].replace(",", "")) for r in fc)
     assert f"pattern '*.c_fc': {len(fc)} modules, {n_params:,} parameters" in result.output
+    # the LM head shares the token embedding's matrix: listed as tied, counted once
+    head = next(r for r in rows if r and r[0] == "lm_head")
+    assert head[-3:] == ["tied", "to", "transformer.wte"]
+    listed = [r for r in rows if len(r) > 5 and r[3] == "x" and r[0] != "module"]
+    total = sum(int(r[5].replace(",", "")) for r in listed if "tied" not in r)
+    assert f"{len(listed)} decomposable modules, {total:,} parameters" in result.output

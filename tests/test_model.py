@@ -103,17 +103,32 @@ def test_module_matched_twice_is_an_error():
         ComponentModel(Net(), specs, 2)
 
 
-def test_weightless_matches_are_skipped_and_weighted_ones_are_errors():
+def test_weightless_and_elementwise_matches_are_skipped_and_other_weights_are_errors(caplog):
     class WithNorm(Net):
         def __init__(self) -> None:
             super().__init__()
             self.norm = nn.LayerNorm(6)
             self.act = nn.ReLU()
+            self.conv = nn.Conv2d(1, 2, 3)
 
     model = ComponentModel(WithNorm(), [ModuleSpec(pattern="layers.0.*", C=2)], 2)
     assert model.module_names == ["layers.0.mlp_in", "layers.0.mlp_out"]
-    with pytest.raises(ValueError, match="'norm', a LayerNorm that cannot be decomposed"):
+    with caplog.at_level("INFO"):  # a LayerNorm holds no matrix: skipped, with a line
+        model = ComponentModel(WithNorm(), [ModuleSpec(pattern="[hn]*", C=2)], 2)
+    assert model.module_names == ["head"]
+    assert "skipping norm (LayerNorm): elementwise weights only" in caplog.text
+    with pytest.raises(ValueError, match="'conv', a Conv2d that cannot be decomposed"):
         ComponentModel(WithNorm(), [ModuleSpec(pattern="*", C=2)], 2)
+
+
+def test_a_long_module_listing_is_cut_with_a_pointer():
+    many = nn.Sequential(*[nn.Linear(2, 2) for _ in range(40)])
+    with pytest.raises(ValueError) as err:
+        ComponentModel(many, [ModuleSpec(pattern="nothing", C=2)], 2)
+    message = str(err.value)
+    assert "0, 1, 2" in message and ", 39" not in message
+    assert "and 28 more; `spdkit modules` lists them all" in message
+    assert len(message) < 200
 
 
 def test_delta_component_by_hand():

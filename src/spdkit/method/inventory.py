@@ -8,6 +8,7 @@ large model is instant.
 from __future__ import annotations
 
 import fnmatch
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,8 @@ from torch import nn
 
 from spdkit.config import ModuleSpec
 from spdkit.method.components import _components_class, is_decomposable
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,7 @@ class ModuleRow:
     d_out: int
     pattern: str | None  # the first config pattern matching it
     C: int | None  # that pattern's C
+    tied_to: str | None = None  # an earlier module holding the same weight (a tied lm_head)
 
     @property
     def params(self) -> int:
@@ -41,6 +45,7 @@ def module_rows(model: nn.Module, specs: list[ModuleSpec]) -> list[ModuleRow]:
     """One row per decomposable module of `model`, in the model's order, with the config
     pattern (the first of `specs`) that picks it."""
     rows = []
+    owner: dict[int, str] = {}  # id of a weight Parameter -> the first module holding it
     for name, module in model.named_modules():
         cls = _components_class(module) if name else None
         if cls is None:
@@ -55,8 +60,10 @@ def module_rows(model: nn.Module, specs: list[ModuleSpec]) -> list[ModuleRow]:
                 int(d_out),
                 spec.pattern if spec else None,
                 spec.C if spec else None,
+                owner.get(id(module.weight)),
             )
         )
+        owner.setdefault(id(module.weight), name)
     return rows
 
 
@@ -68,11 +75,12 @@ def format_rows(rows: list[ModuleRow], patterns: list[tuple[str, int | None]]) -
     ]
     for r in rows:
         chosen = f"{r.C} via {r.pattern}" if r.pattern else "-"
+        tied = f"  tied to {r.tied_to}" if r.tied_to else ""
         lines.append(
             f"{r.name:<{width}}  {r.kind:<10} {f'{r.d_in} x {r.d_out}':>13} {r.params:>11,}  "
-            f"{chosen} ({r.suggested_C})"
+            f"{chosen} ({r.suggested_C}){tied}"
         )
-    total = sum(r.params for r in rows)
+    total = sum(r.params for r in rows if r.tied_to is None)  # a tied weight counts once
     lines.append(f"{len(rows)} decomposable modules, {total:,} parameters in their matrices")
     for pattern, C in patterns:
         matched = [r for r in rows if fnmatch.fnmatchcase(r.name, pattern)]
@@ -92,16 +100,29 @@ def on_meta_device(build) -> nn.Module:  # noqa: ANN001
         return build()
 
 
+def decomposable_listing(model: nn.Module, shown: int = 12) -> str:
+    """'(decomposable modules: a, b, ...)' for an error message: the first `shown` names, then
+    how many more and where to see them all (a 135M LM has hundreds)."""
+    names = [n for n, m in model.named_modules() if n and is_decomposable(m)]
+    if not names:
+        return "(the model has no decomposable module: nn.Linear, nn.Embedding, GPT-2 Conv1D)"
+    head = ", ".join(names[:shown])
+    more = len(names) - shown
+    tail = f", ... and {more} more; `spdkit modules` lists them all" if more > 0 else ""
+    return f"(decomposable modules: {head}{tail})"
+
+
 def match_modules(model: nn.Module, specs: list[ModuleSpec]) -> dict[str, int]:
     """Module name → C for every decomposable module matched by a pattern.
 
     Matched modules without weights of their own (activations, dropout, containers) are skipped,
-    so `*.mlp.*` means "the MLP's matrices". A pattern is an error if it matches nothing, only
-    such modules, or a module that holds weights spdkit cannot decompose (a LayerNorm, a Conv2d):
-    silently leaving those out would misdescribe the decomposition.
+    so `*.mlp.*` means "the MLP's matrices"; so are modules whose weights are all elementwise
+    (LayerNorm, RMSNorm: `layers.0.*` means the layer's matrices), with a logged line. A pattern
+    is an error if it matches nothing, only such modules, or a module that holds a weight
+    matrix spdkit cannot decompose (a Conv2d): leaving those out would misdescribe the
+    decomposition.
     """
-    decomposable = [n for n, m in model.named_modules() if n and is_decomposable(m)]
-    listing = f"(decomposable modules: {', '.join(decomposable) or 'none'})"
+    listing = decomposable_listing(model)
     modules = dict(model.named_modules())
     matched: dict[str, int] = {}
     for spec in specs:
@@ -110,11 +131,21 @@ def match_modules(model: nn.Module, specs: list[ModuleSpec]) -> dict[str, int]:
             raise ValueError(f"module pattern {spec.pattern!r} matches nothing {listing}")
         for name in names:
             module = modules[name]
-            if not is_decomposable(module) and any(True for _ in module.parameters(recurse=False)):
-                raise ValueError(
-                    f"pattern {spec.pattern!r} matches {name!r}, a {type(module).__name__} "
-                    f"that cannot be decomposed {listing}"
+            own = list(module.parameters(recurse=False))
+            if is_decomposable(module) or not own:
+                continue
+            if all(p.dim() <= 1 for p in own):  # LayerNorm, RMSNorm: no matrix to decompose
+                log.info(
+                    "pattern %r: skipping %s (%s): elementwise weights only, no matrix",
+                    spec.pattern,
+                    name,
+                    type(module).__name__,
                 )
+                continue
+            raise ValueError(
+                f"pattern {spec.pattern!r} matches {name!r}, a {type(module).__name__} "
+                f"that cannot be decomposed {listing}"
+            )
         chosen = [n for n in names if is_decomposable(modules[n])]
         if not chosen:
             kinds = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in names[:5])
