@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from spdkit.api import load
 from spdkit.cli import app
-from spdkit.config import parse_config
+from spdkit.config import ModuleSpec, parse_config
 from spdkit.errors import ConfigError
 from spdkit.pipeline.run import resume_run, run_experiment
 from spdkit.store import runs
@@ -135,6 +135,30 @@ def test_existing_run_dir_is_not_overwritten(finished_run):
     out, _ = finished_run
     with pytest.raises(FileExistsError, match="spdkit resume"):
         run_experiment(small_config(), out, progress=False)
+
+
+def test_a_run_that_failed_before_its_first_step_does_not_block_its_fix(tmp_path, caplog):
+    """A bad pattern stops a run after config.yaml and the target are written: the corrected
+    command into the same --out replaces them (issue 34 item 4)."""
+    out = tmp_path / "r"
+    bad = small_config().model_copy(update={"modules": [ModuleSpec(pattern="lin*r9", C=4)]})
+    with pytest.raises(ValueError, match="matches nothing"):
+        run_experiment(bad, out, progress=False)
+    assert (out / "config.yaml").exists() and (out / "target.safetensors").exists()
+    with caplog.at_level("WARNING"):
+        run_experiment(small_config(), out, progress=False)
+    assert "replacing a run that stopped before its first step" in caplog.text
+    assert runs.load_run_config(out).modules == small_config().modules
+
+
+def test_a_target_that_cannot_be_read_leaves_no_run_to_resume(tmp_path):
+    """A mistyped --target: nothing for `resume` to pick up and silently train afresh."""
+    out = tmp_path / "r"
+    with pytest.raises(Exception, match="missing"):
+        run_experiment(small_config(), out, target_path=tmp_path / "missing", progress=False)
+    assert not (out / "config.yaml").exists()
+    with pytest.raises(Exception, match="config.yaml"):
+        resume_run(out, progress=False)
 
 
 def test_reuse_a_trained_target(finished_run, tmp_path):

@@ -37,11 +37,22 @@ def resolve_device(device: str) -> str:
     return device
 
 
+# what a run writes before its first step: a run that stopped there (a bad pattern, a missing
+# corpus) left only these, and rerunning the corrected command replaces them
+BEFORE_FIRST_STEP = ("config.yaml", "target.json", "target.safetensors")
+
+
 def prepare_run_dir(out: Path) -> Path:
     if (out / "config.yaml").exists():
-        raise FileExistsError(
-            f"{out} already holds a run; continue it with `spdkit resume {out}` or pick another --out"
-        )
+        started = (out / runs.CHECKPOINT).exists() or (out / "components.safetensors").exists()
+        if started:
+            raise FileExistsError(
+                f"{out} already holds a run; continue it with `spdkit resume {out}` or pick "
+                "another --out"
+            )
+        log.warning("%s: replacing a run that stopped before its first step", out)
+        for name in BEFORE_FIRST_STEP:
+            (out / name).unlink(missing_ok=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -94,9 +105,9 @@ def create_run_dir(config: SPDConfig, out: Path, target_path: Path | None = None
     `spdkit resume` then runs it from the start. Returns the config as saved."""
     config = with_architecture(config)
     prepare_run_dir(out)
-    runs.save_config(out, config)
-    if target_path is not None:
+    if target_path is not None:  # first: a target that cannot be read leaves no run to resume
         copy_target(target_path, out, config)
+    runs.save_config(out, config)
     return config
 
 
