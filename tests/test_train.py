@@ -142,3 +142,25 @@ def test_faithfulness_warmup_runs_before_the_first_step_and_fits_W():
         ran.model.trainable_parameters(), warm.model.trainable_parameters(), strict=True
     ):
         assert torch.equal(a, b)
+
+
+def test_an_ignored_sigint_stays_ignored_during_training():
+    """A shell's background job starts with SIGINT ignored: training leaves it so, as target
+    training and evaluation do; SIGTERM still stops it at the next step."""
+    import signal
+
+    from spdkit.training.trainer import _stop_requests
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _stop_requests() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGTERM)
+            assert stop.is_set()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with _stop_requests() as stop:  # a SIGINT that is not ignored stops training too
+            signal.raise_signal(signal.SIGINT)
+            assert stop.is_set()
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -40,11 +40,20 @@ def _fail(err: Exception) -> None:
 def _interrupted(run_dir: Path | None) -> None:
     """Ctrl-C or SIGTERM: exit 130 with how to continue (if the run directory exists yet);
     data-parallel ranks other than 0 exit without repeating it."""
+    from spdkit.store.runs import CHECKPOINT
+
     if os.environ.get("RANK", "0") != "0":
         raise typer.Exit(130)
-    if run_dir is not None and (run_dir / "config.yaml").exists():
+    if run_dir is not None and (run_dir / CHECKPOINT).exists():
         typer.echo(
             f"interrupted: continue from the last checkpoint with `spdkit resume {run_dir}`",
+            err=True,
+        )
+    elif run_dir is not None and (run_dir / "config.yaml").exists():
+        saved = "its saved target" if (run_dir / "target.safetensors").exists() else "the target"
+        typer.echo(
+            f"interrupted before the first checkpoint: `spdkit resume {run_dir}` starts the run "
+            f"again from its first step (with {saved})",
             err=True,
         )
     else:

@@ -270,7 +270,12 @@ def _stop_requests() -> Iterator[threading.Event]:
             raise KeyboardInterrupt(f"signal {signum}")
         stop.set()
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # a SIGINT the process was started to ignore (a shell's background job) stays ignored, as
+    # it is before and after training
+    signals = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signals.append(signal.SIGINT)
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
         yield stop
     finally:
