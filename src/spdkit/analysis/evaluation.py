@@ -72,8 +72,11 @@ def evaluate(
         U, V = decomp.subcomponents(name)
         norms = subcomponent_norms(U, V)
         live = non_negligible(norms, ev.norm_threshold)
+        W = model.target_weight(name).detach()
         summary["modules"][name] = {
             "C": U.shape[1],
+            # ‖W − U V‖_F / ‖W‖_F: near 0 once the components sum to the target's matrix
+            "weight_error": round(((W - U @ V).norm() / W.norm().clamp_min(1e-30)).item(), 5),
             "n_non_negligible": int(live.sum()),
             "norms_sorted": [round(v, 5) for v in norms.sort(descending=True).values.tolist()],
         }

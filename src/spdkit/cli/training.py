@@ -36,7 +36,11 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     )
     if "feature_match" in summary:
         fm = summary["feature_match"]
-        typer.echo(f"feature match on {fm['module']}: MMCS {fm['mmcs']:.4f}  ML2R {fm['ml2r']:.4f}")
+        paper = fm.get("paper")
+        ref = f"  (paper Table 1: {paper['mmcs']:.3f}, {paper['ml2r']:.3f})" if paper else ""
+        typer.echo(
+            f"feature match on {fm['module']}: MMCS {fm['mmcs']:.4f}  ML2R {fm['ml2r']:.4f}{ref}"
+        )
         if "ground_truth" in fm:
             live = ", ".join(f"{n} {k}/{fm['expected_live'][n]}" for n, k in fm["live"].items())
             typer.echo(f"live subcomponents: {live}; ground truth: {fm['ground_truth']}")
@@ -73,6 +77,18 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
         typer.echo(
             f"  {name:<20} C={m['C']:<4} non-negligible {m['n_non_negligible']:<4} "
             f"{extra}mean CI-L0 {l0:.3f}"
+        )
+    far = {
+        n: m["weight_error"]
+        for n, m in summary["modules"].items()
+        if m.get("weight_error", 0) > 0.1
+    }
+    if far:
+        worst = max(far, key=far.get)
+        typer.echo(
+            f"warning: the components do not sum to W yet in {len(far)} module(s) "
+            f"(‖W − UV‖/‖W‖ {far[worst]:.2f} in {worst}): masks act on a model that is not the "
+            "target; train longer, or set components.delta"
         )
     for name, check in summary.get("identity_check", {}).items():
         typer.echo(

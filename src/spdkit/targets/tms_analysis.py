@@ -21,6 +21,14 @@ from spdkit.method.model import ComponentModel
 
 FEATURE_MODULE = "linear1"  # its weight columns are the ground-truth feature directions
 
+# paper Table 1 (MMCS, ML2R on W), by (n_features, n_hidden, with the hidden identity)
+PAPER_TABLE_1 = {
+    (5, 2, False): (1.000, 0.993),
+    (40, 10, False): (1.000, 1.010),
+    (5, 2, True): (1.000, 0.992),
+    (40, 10, True): (1.000, 1.031),
+}
+
 
 @dataclass(frozen=True)
 class FeatureMatch:
@@ -81,8 +89,16 @@ def report(
             "ml2r": match.ml2r,
             "matched_subcomponent": match.match,
             **tms_verdict(model, config, match.mmcs),
+            **paper_values(config),
         }
     }
+
+
+def paper_values(config: SPDConfig) -> dict[str, Any]:
+    """{"paper": {"mmcs", "ml2r"}} of paper Table 1 for this TMS architecture, if it has a row."""
+    t = config.target
+    row = PAPER_TABLE_1.get((t.n_features, t.n_hidden, t.n_hidden_layers > 0))
+    return {"paper": {"mmcs": row[0], "ml2r": row[1]}} if row else {}
 
 
 @dataclass(frozen=True)
