@@ -51,3 +51,16 @@ class TrainingConfig(StrictModel):
         default="stop",
         description="a NaN/inf loss or gradient: stop (keeping the last checkpoint) or skip the step",
     )
+    candidates: int = Field(
+        default=1,
+        ge=1,
+        description="starts tried on the same target (component init, data and mask streams "
+        "from seed + 100003·i): each trains to select_frac of the schedule, the one with the "
+        "lowest evaluation loss is finished (1: a single start, the paper's)",
+    )
+    select_frac: float = Field(
+        default=0.4,
+        gt=0,
+        lt=1,
+        description="where the candidates are compared, as a fraction of training",
+    )

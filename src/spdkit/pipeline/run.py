@@ -18,6 +18,7 @@ from spdkit.api import Decomposition, load
 from spdkit.config import SPDConfig
 from spdkit.engine.distributed import SINGLE, Parallel, finish
 from spdkit.errors import CheckpointError, ConfigError, RunDirError
+from spdkit.pipeline.candidates import select_start
 from spdkit.pipeline.plan import GIB, Plan, check_fits, make_plan
 from spdkit.store import runs
 from spdkit.store.restore import restore
@@ -149,6 +150,13 @@ def _decompose_into(
     parallel.barrier()
     if not parallel.is_main:
         target, _ = runs.load_target(run_dir, config.target)
+    if config.training.candidates > 1 and not ckpt.exists():
+        if parallel.active:
+            raise ConfigError(
+                "training.candidates > 1 runs in one process: drop --nproc, or set "
+                "training.candidates=1"
+            )
+        select_start(run_dir, target, config, device, progress)
     trainer = build_trainer(target, data_source(config), config, device, parallel)
     if ckpt.exists():
         tensors, meta = runs.load_tensors(ckpt)

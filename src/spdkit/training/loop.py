@@ -36,11 +36,13 @@ def train_in_run_dir(
     run_dir: Path | None,
     progress: bool = True,
     on_step: Callable[[Trainer], None] | None = None,
+    until: int | None = None,
 ) -> None:
-    """Run the loop, appending metrics and writing atomic checkpoints into run_dir if given
-    (data-parallel: rank 0 writes; a checkpoint gathers state from every rank)."""
+    """Run the loop (to the end, or to step `until`), appending metrics and writing atomic
+    checkpoints into run_dir if given (data-parallel: rank 0 writes; a checkpoint gathers
+    state from every rank); components.safetensors once training is complete."""
     if run_dir is None:
-        trainer.run(progress=progress, on_step=on_step)
+        trainer.run(progress=progress, on_step=on_step, until=until)
         return
     main = trainer.parallel.is_main
 
@@ -53,7 +55,9 @@ def train_in_run_dir(
         if main:
             runs.save_checkpoint(run_dir, tensors, meta)
 
-    trainer.run(on_log=on_log, on_checkpoint=on_checkpoint, progress=progress, on_step=on_step)
-    if main:
+    trainer.run(
+        on_log=on_log, on_checkpoint=on_checkpoint, progress=progress, on_step=on_step, until=until
+    )
+    if main and trainer.step == trainer.config.training.steps:
         components = runs.component_tensors(trainer.model)
         runs.save_tensors(run_dir / "components.safetensors", components)

@@ -200,8 +200,10 @@ class Trainer:
         on_checkpoint: Callable[[Trainer], None] | None = None,
         progress: bool = True,
         on_step: Callable[[Trainer], None] | None = None,
+        until: int | None = None,
     ) -> None:
-        """Train from the current step to config.training.steps; log and checkpoint on the way.
+        """Train from the current step to config.training.steps (or to step `until`, on the
+        same schedule, with a checkpoint there); log and checkpoint on the way.
         A run from step 0 first runs the faithfulness warm-up phase, if configured.
 
         On Ctrl-C or SIGTERM a checkpoint is written before the interrupt propagates, so
@@ -210,19 +212,19 @@ class Trainer:
         cfg = self.config
         if self.step == 0 and cfg.training.faithfulness_warmup.steps > 0:
             self.faithfulness_warmup()  # phase 1 (VPD notes §5): U V ≈ W before SPD's steps
-        bar = progress_bar(
-            cfg.training.steps, "spd", progress and self.parallel.is_main, initial=self.step
-        )
+        end = cfg.training.steps if until is None else min(until, cfg.training.steps)
+        bar = progress_bar(end, "spd", progress and self.parallel.is_main, initial=self.step)
         seq_len = getattr(cfg.target, "seq_len", None)  # language models: tokens per second
         tokens_per_step = cfg.training.batch_size * seq_len if seq_len else 0
         with _stop_requests() as stop:
             try:
-                while self.step < cfg.training.steps:
+                while self.step < end:
                     terms, ci_lower = self.train_step(stop.is_set())
                     bar.update(1)
                     if on_step:
                         on_step(self)
-                    if self.step % cfg.training.log_every == 0 or self.step == cfg.training.steps:
+                    last = self.step == cfg.training.steps
+                    if self.step % cfg.training.log_every == 0 or last:
                         record = step_record(self, terms, ci_lower)
                         shown = ("total", *LOSS_TERMS)
                         postfix = {k: f"{record[k]:.3g}" for k in shown if k in record}
@@ -232,10 +234,7 @@ class Trainer:
                         bar.set_postfix(postfix)
                         if on_log:
                             on_log(self.step, record)
-                    due = (
-                        self.step % cfg.training.checkpoint_every == 0
-                        or self.step == cfg.training.steps
-                    )
+                    due = self.step % cfg.training.checkpoint_every == 0 or self.step == end
                     # together: the ranks' requests as of this step's reduction
                     stopping = self.stop_agreed if self.parallel.active else stop.is_set()
                     if on_checkpoint and (due or stopping):
