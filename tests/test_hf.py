@@ -4,6 +4,7 @@ Llama (Linear) decomposed by module pattern through the public API."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -216,3 +217,76 @@ def test_modules_lists_a_saved_model_without_loading_it(tmp_path):
     listed = [r for r in rows if len(r) > 5 and r[3] == "x" and r[0] != "module"]
     total = sum(int(r[5].replace(",", "")) for r in listed if "tied" not in r)
     assert f"{len(listed)} decomposable modules, {total:,} parameters" in result.output
+
+
+def _populate_hub_cache(cache: Path, repo_id: str, model) -> str:
+    """`repo_id`'s snapshot in a Hugging Face cache laid out as huggingface_hub lays it out
+    (models--org--name/{snapshots/<commit>/, refs/main}), without any network."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    model.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return commit
+
+
+def test_hub_ids_resolve_from_the_local_cache_offline(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from spdkit.cli import app
+    from spdkit.targets.hf import model_dir
+
+    cache = tmp_path / "hub"
+    commit = _populate_hub_cache(cache, "someorg/tiny-gpt2", gpt2())
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    model_dir.cache_clear()
+    try:
+        assert (
+            model_dir("someorg/tiny-gpt2")
+            == cache / "models--someorg--tiny-gpt2" / "snapshots" / commit
+        )
+        assert model_dir(f"someorg/tiny-gpt2@{commit}").name == commit
+        result = CliRunner().invoke(app, ["modules", "someorg/tiny-gpt2", "--pattern", "*.c_fc"])
+        assert result.exit_code == 0, result.output
+        assert "pattern '*.c_fc': 2 modules" in result.output
+        out = tmp_path / "run"
+        result = CliRunner().invoke(
+            app,
+            [
+                "run",
+                "hf_lm",
+                "--target-hf",
+                "someorg/tiny-gpt2",
+                "--steps",
+                "2",
+                "--quiet",
+                "--out",
+                str(out),
+                "--set",
+                "modules=[{pattern: '*.c_fc', C: 8}]",
+                "--set",
+                "target.data=random_tokens",
+                "--set",
+                "eval.n_eval_samples=4",
+                "--set",
+                "eval.pgd_steps=[]",
+                "--set",
+                "training.batch_size=2",
+                "--set",
+                f"target.seq_len={SEQ}",
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        info = json.loads((out / "target.json").read_text())
+        assert info["info"]["revision"] == commit
+        missing = CliRunner().invoke(app, ["modules", "someorg/absent-model"])
+        assert missing.exit_code == 2
+        line = missing.output.strip()
+        assert len(line.splitlines()) == 1
+        assert "neither a local directory nor in the Hugging Face cache" in line
+        assert "hf download someorg/absent-model" in line
+    finally:
+        model_dir.cache_clear()

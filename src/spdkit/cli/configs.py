@@ -70,7 +70,9 @@ def plan(
 @app.command()
 def modules(
     source: str = typer.Argument(
-        ..., help="a local transformers model directory, or a config (bundled name or YAML)"
+        ...,
+        help="a transformers model directory or Hub id org/name[@revision] (from the local "
+        "cache), or a config (bundled name or YAML)",
     ),
     pattern: list[str] = typer.Option(
         [], "--pattern", help="also show what this pattern matches: PATTERN or PATTERN:C"
@@ -82,14 +84,16 @@ def modules(
     """Every decomposable module of a model (name, kind, shape, parameters), what the config's
     patterns pick and a suggested C; built on the meta device, so nothing is loaded."""
     from spdkit.config import HFTargetConfig, ModuleSpec
+    from spdkit.config.io import bundled_config_names
     from spdkit.method.inventory import format_rows, module_rows, on_meta_device
     from spdkit.targets import target_kind
     from spdkit.targets.hf import build_hf, read_hf_config
 
     patterns = [(p["pattern"], p.get("C")) for p in map(_identity_spec, pattern)]
     specs: list[ModuleSpec] = []
+    is_config = source in bundled_config_names() or source.endswith((".yaml", ".yml"))
     try:
-        if (Path(source) / "config.json").is_file():
+        if not is_config and (Path(source).is_dir() or "/" in source):  # a model dir or Hub id
             target = HFTargetConfig(path=source, hf_config=read_hf_config(source))
             model = on_meta_device(lambda: build_hf(target))
         else:

@@ -121,8 +121,9 @@ def run(
     ),
     target_hf: Path | None = typer.Option(  # noqa: UP007
         None,
-        help="decompose a local transformers causal-LM directory (config.json + weights; "
-        "never downloaded) instead of the config's target",
+        help="decompose a transformers model instead of the config's target: a directory "
+        "(config.json + weights) or a Hub id org/name[@revision] from the local cache "
+        "(never downloaded)",
     ),
     target_factory: str | None = typer.Option(  # noqa: UP007
         None,

@@ -1,13 +1,14 @@
 """Hugging Face `transformers` models as targets, and token data sources for language models.
 
-Nothing here reaches the network: models load from a local directory only
-(`local_files_only=True`), and `transformers` is imported only when a model is loaded
+Nothing here reaches the network: models load from a local directory or, for a Hub id, from
+the local Hugging Face cache only (`local_files_only=True`), and `transformers` is imported only when a model is loaded
 (install it with `pip install -c constraints.txt -e '.[hf]'`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -46,7 +47,7 @@ def load_hf_model(path: str | Path) -> nn.Module:
     """The model of a local `transformers` directory (config.json + weights), as the class
     its config names."""
     cls = model_class(read_hf_config(path))
-    model = cls.from_pretrained(str(path), local_files_only=True)
+    model = cls.from_pretrained(str(model_dir(path)), local_files_only=True)
     return _without_cache(model).eval()
 
 
@@ -68,9 +69,36 @@ def _transformers():
     return transformers
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(@[\w./-]+)?$")  # org/name[@revision]
+
+
+@cache
+def model_dir(path: str | Path) -> Path:
+    """The local directory of a model: `path` itself, or for a Hub id `org/name[@revision]`
+    its snapshot in the local Hugging Face cache (`HF_HOME` / `HF_HUB_CACHE`), as
+    `huggingface_hub` lays it out; nothing is downloaded (offline mode works). A missing id
+    is one line saying how to fetch it."""
+    local = Path(path)
+    if local.is_dir() or not HUB_ID.match(str(path)):
+        return local
+    repo_id, _, revision = str(path).partition("@")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"{path} is neither a local directory nor in the Hugging Face cache; spdkit never "
+            f"downloads: fetch it once with `hf download {repo_id}"
+            + (f" --revision {revision}`" if revision else "`")
+            + " (or point HF_HOME at a cache that has it)"
+        ) from None
+
+
 def read_hf_config(path: str | Path) -> dict[str, Any]:
     """The model directory's config.json as a dict (what `HFTargetConfig.hf_config` records)."""
-    file = Path(path) / "config.json"
+    file = model_dir(path) / "config.json"
     if not file.is_file():
         raise FileNotFoundError(
             f"{path} is not a local transformers model directory (no config.json); spdkit never "
@@ -100,7 +128,10 @@ def train_hf(
 ) -> tuple[nn.Module, dict]:
     """Nothing to train: load the weights from the local directory."""
     model = load_hf_model(config.path).to(device)
-    return model, {"loaded_from": str(config.path), "model_type": model.config.model_type}
+    info = {"loaded_from": str(config.path), "model_type": model.config.model_type}
+    if model_dir(config.path) != Path(config.path):  # a Hub id: the snapshot's commit
+        info["revision"] = model_dir(config.path).name
+    return model, info
 
 
 def hf_data(config: HFTargetConfig) -> RandomTokens | TokenWindows:
@@ -111,7 +142,7 @@ def hf_data(config: HFTargetConfig) -> RandomTokens | TokenWindows:
         return RandomTokens(vocab, config.seq_len)
     if isinstance(config.data, CorpusConfig):
         tokens = corpus.corpus_tokens(
-            config.data, Path(config.path), vocab, lambda: _tokenizer(config.path)
+            config.data, model_dir(config.path), vocab, lambda: _tokenizer(config.path)
         )
         train, held = corpus.split(tokens, config.data.heldout_frac, config.seq_len)
         return TokenWindows(train, config.seq_len, heldout=TokenWindows(held, config.seq_len))
@@ -121,7 +152,9 @@ def hf_data(config: HFTargetConfig) -> RandomTokens | TokenWindows:
 @cache
 def _tokenizer(path: str):
     try:
-        return _transformers().AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return _transformers().AutoTokenizer.from_pretrained(
+            str(model_dir(path)), local_files_only=True
+        )
     except (OSError, ValueError) as err:
         raise ValueError(
             f"target.data is text but {path} has no usable tokenizer ({err}); save one there "
