@@ -29,6 +29,17 @@ def test_run_then_eval_then_resume_finished(tmp_path):
     assert json.loads((out / "summary.json").read_text())["final_losses"] == summary["final_losses"]
     result = runner.invoke(app, ["resume", str(out), "--quiet"])  # already finished: re-evaluates
     assert result.exit_code == 0, result.output
+    # --set changes this evaluation only, says so in summary.json, and only eval.* fields
+    result = runner.invoke(app, ["eval", str(out), "--set", "eval.n_eval_samples=64"])
+    assert result.exit_code == 0, result.output
+    again = json.loads((out / "summary.json").read_text())
+    assert again["eval_overrides"] == {"eval.n_eval_samples": 64}
+    assert yaml.safe_load((out / "config.yaml").read_text())["eval"]["n_eval_samples"] != 64
+    result = runner.invoke(app, ["eval", str(out), "--set", "training.steps=3"])
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        "error: spdkit eval --set changes the evaluation only (eval.*), not training.steps"
+    )
 
 
 def test_list_shows_bundled_configs():

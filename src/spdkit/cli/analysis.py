@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from spdkit.cli.common import USER_ERRORS, _fail, app
+from spdkit.cli.common import USER_ERRORS, _fail, _parse_overrides, app
 from spdkit.cli.training import _print_summary
 
 
@@ -19,15 +19,19 @@ def eval_(
         "--checkpoint",
         help="evaluate an unfinished run at its last checkpoint, into RUN_DIR/partial/step_N/",
     ),
+    set_: list[str] = typer.Option(
+        [], "--set", help="override an eval.* field for this evaluation: --set eval.pgd_steps=[20]"
+    ),
 ) -> None:
     """Recompute a run's metrics (summary.json) and figures."""
     from spdkit.pipeline.run import evaluate_checkpoint, evaluate_run_dir
 
     try:
+        overrides = _parse_overrides(set_)
         if checkpoint:
-            summary, out_dir = evaluate_checkpoint(run_dir, device)
+            summary, out_dir = evaluate_checkpoint(run_dir, device, overrides)
         else:
-            summary, out_dir = evaluate_run_dir(run_dir, device), run_dir
+            summary, out_dir = evaluate_run_dir(run_dir, device, overrides), run_dir
     except USER_ERRORS as err:
         _fail(err)
     if checkpoint:

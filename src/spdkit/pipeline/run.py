@@ -15,7 +15,7 @@ import torch
 
 from spdkit.analysis.evaluation import evaluate
 from spdkit.api import Decomposition, load
-from spdkit.config import SPDConfig
+from spdkit.config import SPDConfig, load_config
 from spdkit.engine.distributed import SINGLE, Parallel, finish
 from spdkit.errors import CheckpointError, ConfigError, RunDirError
 from spdkit.pipeline.candidates import select_start
@@ -235,23 +235,51 @@ def plan_config(config: SPDConfig, device: str = "cpu") -> Plan:
     return make_plan(build_trainer(target, data_source(config), config, device))
 
 
-def evaluate_run_dir(run_dir: Path, device: str = "cpu") -> dict[str, Any]:
+def with_eval_overrides(
+    decomp: Decomposition, run_dir: Path, overrides: dict[str, Any] | None
+) -> Decomposition:
+    """The decomposition with `eval.*` overrides applied to its config (`spdkit eval --set`):
+    only how it is evaluated may change, not what was trained."""
+    if not overrides:
+        return decomp
+    other = sorted(k for k in overrides if not k.startswith("eval."))
+    if other:
+        raise ConfigError(
+            f"spdkit eval --set changes the evaluation only (eval.*), not {', '.join(other)}"
+        )
+    config = load_config(Path(run_dir) / "config.yaml", overrides)
+    decomp.config = decomp.config.model_copy(update={"eval": config.eval})
+    return decomp
+
+
+def evaluate_run_dir(
+    run_dir: Path, device: str = "cpu", overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """`spdkit eval`: recompute the summary and figures of a finished run."""
-    decomp = load(run_dir, resolve_device(device))
+    decomp = with_eval_overrides(load(run_dir, resolve_device(device)), run_dir, overrides)
     previous = decomp.summary.get("timing")
-    return evaluate(decomp, Path(run_dir), previous)
+    summary = evaluate(decomp, Path(run_dir), previous)
+    if overrides:  # summary.json says how it differs from config.yaml's evaluation
+        summary["eval_overrides"] = overrides
+        runs.write_summary(Path(run_dir), summary)
+    return summary
 
 
 PARTIAL_DIR = "partial"
 
 
-def evaluate_checkpoint(run_dir: Path, device: str = "cpu") -> tuple[dict[str, Any], Path]:
+def evaluate_checkpoint(
+    run_dir: Path, device: str = "cpu", overrides: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], Path]:
     """`spdkit eval --checkpoint`: the end-of-run metrics and figures of an unfinished run, at
     its last checkpoint, into `<run_dir>/partial/step_<N>/` (the run's own summary.json and
     figures/ are left alone: they describe finished runs only). Returns (summary, out_dir)."""
     decomp, step = load_checkpoint(run_dir, device)
+    decomp = with_eval_overrides(decomp, run_dir, overrides)
     out_dir = Path(run_dir) / PARTIAL_DIR / f"step_{step}"
     partial = {"step": step, "steps": decomp.config.training.steps}
+    if overrides:
+        partial["eval_overrides"] = overrides
     return evaluate(decomp, Path(run_dir), out_dir=out_dir, partial=partial), out_dir
 
 
