@@ -23,6 +23,10 @@ def test_run_then_eval_then_resume_finished(tmp_path):
     assert "MMCS" in result.output and "run directory" in result.output
     assert yaml.safe_load((out / "config.yaml").read_text())["training"]["steps"] == 12
     summary = json.loads((out / "summary.json").read_text())
+    result = runner.invoke(app, ["resume", str(out), "--quiet"])  # finished: evaluated again
+    assert result.exit_code == 0, result.output
+    assert "training: 0.0 s" not in result.output  # the run's own timing is kept
+    assert json.loads((out / "summary.json").read_text())["timing"] == summary["timing"]
     (out / "summary.json").unlink()
     result = runner.invoke(app, ["eval", str(out)])
     assert result.exit_code == 0, result.output

@@ -218,6 +218,9 @@ def _train_and_finish(
         "ms_per_step": round(1000 * seconds / max(1, trainer.step - start_step), 3),
         "device": trainer.device,
     }
+    if trainer.step == start_step:  # a finished run resumed: re-evaluated, timing kept
+        log.info("%s: already finished; evaluating it again", run_dir)
+        timing = runs.read_summary(run_dir).get("timing") or timing
     return evaluate(decomp, run_dir, timing, progress=progress)
 
 
