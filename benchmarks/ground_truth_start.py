@@ -70,7 +70,7 @@ def score(model: ComponentModel, config: SPDConfig, out: Path) -> dict[str, Any]
     summary = Decomposition(model, config).evaluate(out, progress=False)
     row: dict[str, Any] = dict(summary["final_losses"])
     row["ci_l0"] = sum(summary["mean_ci_l0"].values())
-    row["live"] = {n: m["n_non_negligible"] for n, m in summary["modules"].items()}
+    row["non_negligible"] = {n: m["n_non_negligible"] for n, m in summary["modules"].items()}
     if "feature_match" in summary:
         fm = summary["feature_match"]
         row.update(mmcs=fm["mmcs"], ml2r=fm["ml2r"], ground_truth=fm.get("ground_truth"))
@@ -109,10 +109,10 @@ def main() -> None:
     record = {"run_dir": str(args.run_dir), "ci_steps": args.ci_steps, "rows": rows}
     (args.out / "ground_truth_start.json").write_text(json.dumps(record, indent=1))
     terms = [k for k in rows["found"] if isinstance(rows["found"][k], float)]
-    print(f"{'':10}" + "".join(f"{k[:14]:>15}" for k in terms) + "  live / ground truth")
+    print(f"{'':10}" + "".join(f"{k[:14]:>15}" for k in terms) + "  non-negligible / ground truth")
     for name, row in rows.items():
         vals = "".join(f"{row[k]:15.5g}" for k in terms)
-        print(f"{name:10}{vals}  {row['live']} {row.get('ground_truth')}")
+        print(f"{name:10}{vals}  {row['non_negligible']} {row.get('ground_truth')}")
 
 
 if __name__ == "__main__":

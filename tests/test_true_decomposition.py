@@ -39,7 +39,7 @@ def test_start_at_truth_sets_the_terms_and_shrinks_the_spares():
         assert 0 < spare < 1e-3  # alive, but with no effect on the output
     verdict = tms_verdict(model, config, mmcs=1.0)
     assert verdict["ground_truth"], verdict
-    assert verdict["live"] == {"linear1": 5, "linear2": 5}
+    assert verdict["non_negligible"] == {"linear1": 5, "linear2": 5}
 
 
 def test_tms_verdict_needs_mmcs_and_one_term_per_feature():
@@ -53,7 +53,7 @@ def test_tms_verdict_needs_mmcs_and_one_term_per_feature():
         comps.V[5] = comps.V[4] * 0.5
         comps.V[4] *= 0.5
     verdict = tms_verdict(model, config, mmcs=1.0)
-    assert verdict["live"]["linear1"] == 6 and not verdict["ground_truth"]
+    assert verdict["non_negligible"]["linear1"] == 6 and not verdict["ground_truth"]
 
 
 def test_resid_mlp_truth_is_exact_on_the_embedded_inputs():

@@ -42,8 +42,10 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
             f"feature match on {fm['module']}: MMCS {fm['mmcs']:.4f}  ML2R {fm['ml2r']:.4f}{ref}"
         )
         if "ground_truth" in fm:
-            live = ", ".join(f"{n} {k}/{fm['expected_live'][n]}" for n, k in fm["live"].items())
-            typer.echo(f"live subcomponents: {live}; ground truth: {fm['ground_truth']}")
+            live = ", ".join(
+                f"{n} {k}/{fm['expected'][n]}" for n, k in fm["non_negligible"].items()
+            )
+            typer.echo(f"non-negligible subcomponents: {live}; ground truth: {fm['ground_truth']}")
     if "resid_mlp" in summary:
         v, nc = summary["resid_mlp"]["verdict"], summary["resid_mlp"]["neuron_contributions"]
         mono = ", ".join(f"{name} {m['features_monosemantic']}" for name, m in v["w_in"].items())

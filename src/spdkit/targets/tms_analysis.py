@@ -118,9 +118,9 @@ def tms_verdict(
     mmcs: float,
     rules: TMSVerdictRules = TMSVerdictRules(),
 ) -> dict[str, Any]:
-    """{"ground_truth": bool, "live": {module: n}, "expected_live": {module: n}}."""
+    """{"ground_truth": bool, "non_negligible": {module: n}, "expected": {module: n}}."""
     expected = {n: U.shape[1] for n, (U, _) in true_components(model).items()}
-    live = {
+    counts = {
         n: int(
             non_negligible(
                 subcomponent_norms(*subcomponents(model, n)), config.eval.norm_threshold
@@ -129,9 +129,9 @@ def tms_verdict(
         for n in model.module_names
     }
     return {
-        "ground_truth": mmcs >= rules.mmcs_min and live == expected,
-        "live": live,
-        "expected_live": expected,
+        "ground_truth": mmcs >= rules.mmcs_min and counts == expected,
+        "non_negligible": counts,
+        "expected": expected,
     }
 
 
