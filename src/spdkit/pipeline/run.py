@@ -45,7 +45,8 @@ BEFORE_FIRST_STEP = ("config.yaml", "target.json", "target.safetensors")
 
 def prepare_run_dir(out: Path) -> Path:
     if (out / "config.yaml").exists():
-        started = (out / runs.CHECKPOINT).exists() or (out / "components.safetensors").exists()
+        trained = (runs.CHECKPOINT, Path("components.safetensors"), Path("candidates"))
+        started = any((out / name).exists() for name in trained)
         if started:
             raise FileExistsError(
                 f"{out} already holds a run; continue it with `spdkit resume {out}` or pick "
