@@ -119,5 +119,7 @@ def test_modules_lists_the_targets_matrices_and_what_patterns_pick():
     assert "256 via blocks.*.mlp.* (256)" in row
     assert "pattern 'blocks.*.mlp.*' (C 256): 4 modules, 65,536 parameters" in result.output
     assert "pattern 'blocks.0.attn.*' (C 32): 4 modules, 16,384 parameters" in result.output
+    attn = next(line for line in lines if line.startswith("blocks.0.attn.q "))
+    assert "32 via blocks.0.attn.*" in attn  # a --pattern's rows are marked as it picks them
     result = runner.invoke(app, ["modules", "tms_5-2", "--pattern", "nothing*"])
     assert "pattern 'nothing*': matches no decomposable module" in result.output

@@ -105,8 +105,8 @@ def modules(
             model = on_meta_device(lambda: target_kind(cfg.target).build(cfg.target))
     except USER_ERRORS as err:
         _fail(err)
-    patterns = [(spec.pattern, spec.C) for spec in specs] + patterns
-    typer.echo(format_rows(module_rows(model, specs), patterns))
+    rows = module_rows(model, specs, patterns)  # --pattern rows marked as the config's are
+    typer.echo(format_rows(rows, [(spec.pattern, spec.C) for spec in specs] + patterns))
 
 
 @app.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,9 +42,14 @@ class ModuleRow:
         return max(self.d_in, self.d_out)
 
 
-def module_rows(model: nn.Module, specs: list[ModuleSpec]) -> list[ModuleRow]:
+def module_rows(
+    model: nn.Module,
+    specs: list[ModuleSpec],
+    extra: Sequence[tuple[str, int | None]] = (),
+) -> list[ModuleRow]:
     """One row per decomposable module of `model`, in the model's order, with the config
-    pattern (the first of `specs`) that picks it."""
+    pattern (the first of `specs`) that picks it, else the first of the `extra` patterns
+    (`spdkit modules --pattern P[:C]`) that would."""
     rows = []
     owner: dict[int, str] = {}  # id of a weight Parameter -> the first module holding it
     for name, module in model.named_modules():
@@ -51,15 +57,16 @@ def module_rows(model: nn.Module, specs: list[ModuleSpec]) -> list[ModuleRow]:
         if cls is None:
             continue
         d_out, d_in = cls.target_weight(module).shape
-        spec = next((s for s in specs if fnmatch.fnmatchcase(name, s.pattern)), None)
+        picks = [(s.pattern, s.C) for s in specs] + list(extra)
+        pattern, C = next(((p, c) for p, c in picks if fnmatch.fnmatchcase(name, p)), (None, None))
         rows.append(
             ModuleRow(
                 name,
                 type(module).__name__,
                 int(d_in),
                 int(d_out),
-                spec.pattern if spec else None,
-                spec.C if spec else None,
+                pattern,
+                C,
                 owner.get(id(module.weight)),
             )
         )
@@ -74,7 +81,7 @@ def format_rows(rows: list[ModuleRow], patterns: list[tuple[str, int | None]]) -
         f"{'module':<{width}}  {'kind':<10} {'d_in x d_out':>13} {'params':>11}  C (suggested)"
     ]
     for r in rows:
-        chosen = f"{r.C} via {r.pattern}" if r.pattern else "-"
+        chosen = f"{'?' if r.C is None else r.C} via {r.pattern}" if r.pattern else "-"
         tied = f"  tied to {r.tied_to}" if r.tied_to else ""
         lines.append(
             f"{r.name:<{width}}  {r.kind:<10} {f'{r.d_in} x {r.d_out}':>13} {r.params:>11,}  "
