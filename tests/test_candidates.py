@@ -56,3 +56,18 @@ def test_a_selection_stopped_midway_resumes_from_the_starts_checkpoints(tmp_path
     assert again == first
     redone, _ = runs.load_tensors(out / "components.safetensors")
     assert all(torch.equal(done[k], redone[k]) for k in done)
+
+
+def test_the_api_says_candidates_are_a_run_feature():
+    import pytest
+    from torch import nn
+
+    import spdkit
+    from spdkit.errors import ConfigError
+
+    class Data:
+        def sample(self, batch_size, generator):
+            return torch.rand(batch_size, 5, generator=generator)
+
+    with pytest.raises(ConfigError, match="training.candidates > 1 is run by `spdkit run`"):
+        spdkit.decompose(nn.Sequential(nn.Linear(5, 2)), Data(), _config(), progress=False)

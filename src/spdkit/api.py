@@ -21,6 +21,7 @@ from spdkit.analysis.mechanisms.clusters import (
     write_clusters,
 )
 from spdkit.config import SPDConfig
+from spdkit.errors import ConfigError
 from spdkit.method.measures import causal_importance
 from spdkit.method.model import ComponentModel
 from spdkit.store import runs
@@ -112,6 +113,11 @@ def decompose(
     config's losses and schedule apply to `model` with `data`.
     """
     config = for_user_model(config)
+    if config.training.candidates > 1:
+        raise ConfigError(
+            "training.candidates > 1 is run by `spdkit run` (--target-factory for your own "
+            "model); spdkit.decompose trains one start: set training.candidates=1"
+        )
     trainer = build_trainer(model, data, config, device)
     path = Path(run_dir) if run_dir is not None else None
     if path is not None:
