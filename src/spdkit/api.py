@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from spdkit.analysis import ablation
 from spdkit.analysis.evaluation import evaluate
 from spdkit.analysis.mechanisms.clusters import (
     Cluster,
@@ -84,6 +85,40 @@ class Decomposition:
         them on: `decomp.model(x, decomp.mechanism_masks(off=[3]))` runs the model without
         mechanism 3 (its members' rank-one weights removed)."""
         return mechanism_masks(self, self.clusters(), off, only)
+
+    def ablate(self, items: Sequence[str], n: int = 256, seed: int = 0) -> dict[str, Any]:
+        """What removing `items` (`cluster:<id>` or `<module>:<index>`) costs, per position
+        group (`planted_lm`: per task; other LMs: every position of n held-out sequences):
+        next-token CE under the CI-gated ablation and the static weight edit, side by side
+        (`spdkit.analysis.ablation`)."""
+        sizes = {m: self.model.components(m).C for m in self.module_names}
+        clusters = self._clusters_if_any()
+        off = ablation.parse_items(items, clusters, sizes)
+        recs = ablation.prepare(self.model, ablation.position_groups(self, n, seed))
+        decoder = target_kind(self.config.target).decoder if self.config.target else None
+        decode = decoder(self.config.target) if decoder is not None else None
+        return {"off": off, "groups": ablation.measure(self.model, recs, off, decode)}
+
+    def mechanism_score(
+        self,
+        frac: float = 0.8,
+        max_clusters: int = 8,
+        n: int = 256,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> dict[str, Any]:
+        """Per position group, the fewest clusters (greedy) whose CI-gated ablation costs ≥
+        `frac` of the everything-ablated CE increase, and their selectivity (the largest
+        increase they cause in another group, as a fraction of its own)."""
+        recs = ablation.prepare(self.model, ablation.position_groups(self, n, seed))
+        return ablation.mechanism_score(
+            self.model, recs, self.clusters(), frac, max_clusters, progress
+        )
+
+    def _clusters_if_any(self) -> list[Cluster]:
+        if self.run_dir is None or not (self.run_dir / "clusters.json").exists():
+            return []
+        return self.clusters()
 
     def subcomponents(self, module: str) -> tuple[Tensor, Tensor]:
         """(U [d_out, C], V [C, d_in]) of one decomposed module."""

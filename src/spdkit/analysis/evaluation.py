@@ -109,7 +109,7 @@ def evaluate(
     if reports_lm(config.target):
         release_free_memory()  # the losses' freed blocks fit the report's tensors badly
         summary.update(lm_report(decomp, fig_dir, progress))
-    elif config.target is not None and target_kind(config.target).report is not None:
+    if config.target is not None and target_kind(config.target).report is not None:
         summary.update(target_kind(config.target).report(model, config, ci_onehot, fig_dir))
     if ci_onehot is not None:
         summary["ci_one_hot"] = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from spdkit.config.base import StrictModel
 
@@ -99,6 +99,51 @@ class TinyLMTargetConfig(_TransformerTraining):
         return f"tiny_lm {self.n_layers}L d{self.d_model} char-level"
 
 
+PLANTED_TASKS = ("induction", "lookup", "copy", "sum")
+
+
+class PlantedLMTargetConfig(_TransformerTraining):
+    """A small transformer (LayerNorm, GELU MLPs) trained on a mixture of synthetic tasks whose
+    mechanisms are known (`spdkit.targets.planted`): a task token starts each sequence, and each
+    task scores its own positions. Built to check that a decomposition finds mechanisms."""
+
+    kind: Literal["planted_lm"] = "planted_lm"
+    n_tokens: int = Field(default=48, ge=8, description="content tokens (task tokens come after)")
+    seq_len: int = Field(default=33, ge=8, description="tokens per sequence, task token included")
+    d_model: int = Field(default=64, ge=1, description="residual width")
+    n_layers: int = Field(default=2, ge=2, description="transformer blocks (induction needs 2)")
+    n_heads: int = Field(default=2, ge=1, description="heads per layer")
+    d_mlp: int = Field(default=128, ge=1, description="MLP hidden width")
+    tasks: list[Literal["induction", "lookup", "copy", "sum"]] = Field(
+        default_factory=lambda: list(PLANTED_TASKS),
+        min_length=1,
+        description="the tasks mixed in training, in task-token order: induction, lookup, "
+        "copy, sum",
+    )
+    copy_offset: int = Field(
+        default=3, ge=1, description="copy task: a token repeats the one this many back (odd)"
+    )
+    sum_modulus: int = Field(
+        default=7, ge=2, description="sum task: s = (a + b) mod this, a and b below it"
+    )
+    table_seed: int = Field(
+        default=0, description="seed of the lookup task's fixed random map (not the run seed)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> PlantedLMTargetConfig:
+        if self.copy_offset % 2 == 0:
+            raise ValueError(f"copy_offset must be odd (got {self.copy_offset})")
+        if self.sum_modulus > self.n_tokens:
+            raise ValueError(f"sum_modulus {self.sum_modulus} exceeds n_tokens {self.n_tokens}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks repeat a name: {self.tasks}")
+        return self
+
+    def describe(self) -> str:
+        return f"planted_lm {self.n_layers}L d{self.d_model} tasks {'+'.join(self.tasks)}"
+
+
 class CorpusConfig(StrictModel):
     """A corpus on disk for a language-model target (`target.data`), read in the format its
     files name (or `format`): text is tokenised once by the model's tokenizer and cached;
@@ -191,6 +236,7 @@ TargetConfig = Annotated[
     | ResidMLPTargetConfig
     | InductionTargetConfig
     | TinyLMTargetConfig
+    | PlantedLMTargetConfig
     | HFTargetConfig
     | PythonTargetConfig,
     Field(discriminator="kind"),
@@ -200,6 +246,7 @@ TARGET_CONFIGS: tuple[type[StrictModel], ...] = (
     ResidMLPTargetConfig,
     InductionTargetConfig,
     TinyLMTargetConfig,
+    PlantedLMTargetConfig,
     HFTargetConfig,
     PythonTargetConfig,
 )

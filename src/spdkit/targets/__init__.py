@@ -14,7 +14,16 @@ from torch import Tensor, nn
 from spdkit.config import SPDConfig, TargetConfig
 from spdkit.errors import ConfigError
 from spdkit.method.model import ComponentModel
-from spdkit.targets import hf, python, resid_mlp, resid_mlp_analysis, tms, tms_analysis, transformer
+from spdkit.targets import (
+    hf,
+    planted,
+    python,
+    resid_mlp,
+    resid_mlp_analysis,
+    tms,
+    tms_analysis,
+    transformer,
+)
 
 
 class DataSource(Protocol):
@@ -70,6 +79,9 @@ class TargetKind:
     one_hot_all_columns: bool = False
     # a target loaded from disk or code (not trained here): `spdkit plan` may load it
     loaded: bool = False
+    # LMs with planted mechanisms: (config, n, seed, device) -> {group: (ids [n, T], scored
+    # [n, T] bool)}, the positions each mechanism decides (`spdkit ablate` scores per group)
+    position_groups: Callable[..., dict[str, tuple[Tensor, Tensor]]] | None = None
 
 
 TARGET_KINDS: dict[str, TargetKind] = {
@@ -116,6 +128,17 @@ TARGET_KINDS: dict[str, TargetKind] = {
         decoder=lambda c: transformer.CharCorpus.decode,
         encoder=lambda c: transformer.CharCorpus.encode,
         is_lm=lambda c: True,
+    ),
+    "planted_lm": TargetKind(
+        build=planted.build_planted_lm,
+        train=planted.train_planted_lm,
+        data=planted.PlantedTasks,
+        architecture=("n_tokens", "seq_len", "d_model", "n_layers", "n_heads", "d_mlp", "tasks"),
+        decoder=lambda c: lambda ids: planted.decode(c, ids),
+        encoder=lambda c: lambda text: planted.encode(c, text),
+        is_lm=lambda c: True,
+        report=planted.report,
+        position_groups=planted.eval_task_batches,
     ),
     "hf": TargetKind(
         build=hf.build_hf,

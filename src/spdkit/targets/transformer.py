@@ -116,6 +116,14 @@ def next_token_loss(logits: Tensor, ids: Tensor, start: int = 0) -> Tensor:
     )
 
 
+def scored_token_ce(logits: Tensor, ids: Tensor) -> Tensor:
+    """Per-token cross-entropy [B, T − 1]: entry t is the loss of predicting ids[:, t + 1]
+    from logits[:, t] (so a mask over ids' positions 1.. selects the scored ones)."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none"
+    ).view(ids.shape[0], -1)
+
+
 # --- induction ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RepeatedTokens:
@@ -165,7 +173,7 @@ def train_induction(
     torch.manual_seed(seed)
     model = build_induction(config).to(device)
     data = RepeatedTokens(config.vocab_size, config.seq_len)
-    _train(model, data, config, seed, device, progress)
+    train_next_token(model, data, config, seed, device, progress)
     info = {"trained_seed": seed, **induction_losses(model.cpu(), data, seed)}
     log.info("induction target: %s", info)
     return model.eval().requires_grad_(False), info
@@ -240,7 +248,7 @@ def train_tiny_lm(
 ) -> tuple[Transformer, dict]:
     torch.manual_seed(seed)
     model = build_tiny_lm(config).to(device)
-    _train(model, CharCorpus(config.seq_len), config, seed, device, progress)
+    train_next_token(model, CharCorpus(config.seq_len), config, seed, device, progress)
     model = model.cpu().eval()
     gen = torch.Generator().manual_seed(seed + 1000)
     ids = CharCorpus(config.seq_len, "validation").sample(256, gen)
@@ -256,7 +264,9 @@ def train_tiny_lm(
     return model.requires_grad_(False), info
 
 
-def _train(model: Transformer, data, config, seed: int, device: str, progress: bool) -> None:
+def train_next_token(
+    model: Transformer, data, config, seed: int, device: str, progress: bool
+) -> None:
     """AdamW, linear warm-up (5%) then cosine decay, next-token cross-entropy."""
     gen = torch.Generator(device=device).manual_seed(seed)
     opt = torch.optim.AdamW(

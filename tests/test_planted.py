@@ -1,0 +1,208 @@
+"""planted_lm: each task's sequences follow its rule and score the positions the rule fixes;
+ablations (CI-gated and static edit) measure what subcomponents do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import exact_components
+from spdkit.analysis import ablation
+from spdkit.analysis.mechanisms.clusters import Cluster
+from spdkit.config import PlantedLMTargetConfig, load_config
+from spdkit.method.model import ComponentModel
+from spdkit.targets import planted
+
+SMALL = PlantedLMTargetConfig(
+    n_tokens=16, seq_len=17, d_model=16, d_mlp=32, train_steps=1, copy_offset=3, sum_modulus=5
+)
+
+
+def test_every_task_follows_its_rule_on_the_scored_positions():
+    data = planted.PlantedTasks(SMALL)
+    gen = torch.Generator().manual_seed(0)
+    for task in SMALL.tasks:
+        ids, scored = data.task_batch(task, 64, gen)
+        assert ids.shape == scored.shape == (64, 17)
+        assert (ids[:, 0] == data.task_token(task)).all() and (ids[:, 1:] < 16).all()
+        rows, cols = scored.nonzero(as_tuple=True)
+        assert rows.numel() > 0 and (cols >= 2).all()
+        if task == "induction":  # 16 content tokens: 8, then the same 8
+            assert torch.equal(ids[:, 1:9], ids[:, 9:17]) and set(cols.tolist()) == set(
+                range(10, 17)
+            )
+        elif task == "lookup":
+            assert torch.equal(ids[rows, cols], data.table[ids[rows, cols - 1]])
+        elif task == "copy":
+            assert torch.equal(ids[rows, cols], ids[rows, cols - 3]) and (cols % 2 == 0).all()
+        elif task == "sum":
+            a, b = ids[rows, cols - 2], ids[rows, cols - 1]
+            assert (a < 5).all() and torch.equal(ids[rows, cols], (a + b) % 5)
+    mixed = data.sample(256, gen)
+    assert set(mixed[:, 0].tolist()) == {16, 17, 18, 19}
+
+
+def test_the_lookup_table_is_fixed_by_the_config_not_the_run_seed():
+    other = SMALL.model_copy(update={"table_seed": 1})
+    assert torch.equal(planted.lookup_table(SMALL), planted.lookup_table(SMALL))
+    assert not torch.equal(planted.lookup_table(SMALL), planted.lookup_table(other))
+
+
+def test_bad_planted_settings_are_refused_in_one_line():
+    with pytest.raises(ValueError, match="copy_offset must be odd"):
+        PlantedLMTargetConfig(train_steps=1, copy_offset=2)
+    with pytest.raises(ValueError, match="sum_modulus 60 exceeds n_tokens 48"):
+        PlantedLMTargetConfig(train_steps=1, sum_modulus=60)
+
+
+def test_text_round_trips_through_the_task_tokens():
+    ids = planted.encode(SMALL, "<copy> 3 4 5")
+    assert ids == [18, 3, 4, 5] and planted.decode(SMALL, ids) == "<copy> 3 4 5"
+    with pytest.raises(ValueError, match="unknown task token <add>"):
+        planted.encode(SMALL, "<add> 1")
+
+
+def _model(exact: bool = True) -> tuple[ComponentModel, ablation.Groups]:
+    torch.manual_seed(0)
+    target = planted.build_planted_lm(SMALL).eval()
+    specs = load_config(
+        "tiny_lm",
+        {"modules": [{"pattern": "blocks.*.*.*", "C": 24}, {"pattern": "embed", "C": 24}]},
+    ).modules
+    model = ComponentModel(target, specs)
+    if exact:
+        exact_components(model)
+    return model, planted.eval_task_batches(SMALL, 8, seed=0)
+
+
+def test_static_edit_equals_the_masked_model_with_those_masks_off_when_u_v_is_w():
+    """With U V = W exactly, W − Σ_S U_c V_c is the sum of the other pieces: the edited target
+    and the all-ones masked model with S switched off compute the same function."""
+    model, groups = _model()
+    off = {"blocks.0.attn.v": [0, 3], "blocks.1.mlp.fc_in": [1], "embed": [2, 5]}
+    ids = groups["induction"][0]
+    masks = ablation.gated_masks(model.ones_masks(), off)
+    with torch.no_grad():
+        edited = ablation.edited_forward(model, off)(ids)
+        masked = model(ids, masks)
+        plain = model.target(ids)
+    torch.testing.assert_close(edited, masked, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(edited, plain, atol=1e-3)
+    # the target itself is untouched by an edit
+    torch.testing.assert_close(model.target(ids), plain)
+
+
+def test_measure_reports_both_removals_and_everything_ablated_is_fraction_one():
+    model, groups = _model()
+    recs = ablation.prepare(model, groups)
+    every = ablation.everything(model)
+    out = ablation.measure(model, recs, every, decode=lambda ids: " ".join(map(str, ids)))
+    for task in SMALL.tasks:
+        for kind in ("gated", "static"):
+            assert out[task][kind]["fraction"] == pytest.approx(1.0)
+        assert len(out[task]["most_moved"]) == 10 and out[task]["most_moved"][0][
+            "context"
+        ].endswith("]")
+    none = ablation.measure(model, recs, {})
+    assert all(none[t]["static"]["ablated"] == none[t]["static"]["baseline"] for t in SMALL.tasks)
+
+
+def test_parse_items_names_clusters_and_subcomponents_and_refuses_others():
+    sizes = {"blocks.0.attn.q": 4, "embed": 4}
+    clusters = [Cluster(0, ["embed:1", "blocks.0.attn.q:3"], 0.1)]
+    off = ablation.parse_items(["cluster:0", "embed:2", "embed:1"], clusters, sizes)
+    assert off == {"embed": [1, 2], "blocks.0.attn.q": [3]}
+    for bad, match in (
+        ("cluster:7", "no such cluster"),
+        ("embed:9", "is not a subcomponent"),
+        ("nothing", "is not a subcomponent"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            ablation.parse_items([bad], clusters, sizes)
+    with pytest.raises(ValueError, match="has no clusters.json"):
+        ablation.parse_items(["cluster:0"], [], sizes)
+
+
+def test_mechanism_score_finds_a_planted_split():
+    """Clusters that are exactly the pieces of one module each: ablating the set of every
+    cluster reaches fraction 1 for every group, so the score stops within the cap."""
+    model, groups = _model()
+    recs = ablation.prepare(model, groups)
+    clusters = [
+        Cluster(i, [f"{n}:{c}" for c in range(24)], 0.5) for i, n in enumerate(model.module_names)
+    ]
+    score = ablation.mechanism_score(
+        model, recs, clusters, max_clusters=len(clusters), progress=False
+    )
+    for task in SMALL.tasks:
+        row = score[task]
+        assert row["found"] and row["fraction"] >= 0.8 and 0 <= row["selectivity"] <= 1.5
+        assert row["clusters"] and len(row["clusters"]) <= len(clusters)
+
+
+def test_a_planted_run_reports_each_task_and_ablate_scores_its_clusters(tmp_path):
+    """End to end on a tiny planted_lm: the run's summary has each task's CE under every mask
+    kind; `spdkit cluster` then `spdkit ablate --clusters/--subcomponents/--score` write
+    ablation.json, mechanism_score.json and the figure."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from spdkit.cli import app
+    from spdkit.pipeline.run import run_experiment
+
+    config = load_config(
+        "planted_lm",
+        {
+            "target.n_tokens": 16,
+            "target.seq_len": 17,
+            "target.d_model": 16,
+            "target.d_mlp": 32,
+            "target.train_steps": 20,
+            "modules": [
+                {"pattern": "blocks.*.attn.*", "C": 6},
+                {"pattern": "blocks.*.mlp.*", "C": 8},
+            ],
+            "steps": 20,
+            "batch_size": 8,
+            "eval.n_eval_samples": 16,
+        },
+    )
+    run = tmp_path / "run"
+    summary = run_experiment(config, run, progress=False)
+    tasks = summary["planted_tasks"]
+    assert set(tasks) == {"induction", "lookup", "copy", "sum"}
+    assert set(tasks["sum"]) == {"target", "ci", "rounded", "ones", "zero", "chance"}
+    assert (run / "figures" / "planted_tasks.png").exists() and "lm" in summary
+    runner = CliRunner()
+    out = runner.invoke(app, ["cluster", str(run), "--samples", "200", "--quiet"])
+    assert out.exit_code == 0, out.output
+    n_clusters = len(json.loads((run / "clusters.json").read_text())["clusters"])
+    out = runner.invoke(
+        app,
+        [
+            "ablate",
+            str(run),
+            "--clusters",
+            "0",
+            "--subcomponents",
+            "blocks.0.mlp.fc_in:1",
+            "--n",
+            "8",
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    saved = json.loads((run / "ablation.json").read_text())
+    assert set(saved["groups"]) == set(tasks) and "blocks.0.mlp.fc_in" in saved["off"]
+    assert "CI-gated" in out.output and "static edit" in out.output
+    out = runner.invoke(
+        app, ["ablate", str(run), "--score", "--n", "8", "--quiet", "--max-clusters", "3"]
+    )
+    assert out.exit_code == 0, out.output
+    score = json.loads((run / "mechanism_score.json").read_text())
+    assert all(1 <= len(score[t]["clusters"]) <= min(3, n_clusters) for t in tasks)
+    assert (run / "figures" / "mechanism_score.png").exists()
+    out = runner.invoke(app, ["ablate", str(run), "--subcomponents", "blocks.9.mlp.fc_in:1"])
+    assert out.exit_code == 2 and "is not a subcomponent" in out.output
+    out = runner.invoke(app, ["ablate", str(run)])
+    assert out.exit_code == 2 and "--score" in out.output
