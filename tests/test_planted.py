@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import exact_components
 from spdkit.analysis import ablation
 from spdkit.analysis.mechanisms.clusters import Cluster
 from spdkit.config import PlantedLMTargetConfig, load_config
 from spdkit.method.model import ComponentModel
 from spdkit.targets import planted
+from tests.helpers import exact_components
 
 SMALL = PlantedLMTargetConfig(
     n_tokens=16, seq_len=17, d_model=16, d_mlp=32, train_steps=1, copy_offset=3, sum_modulus=5
@@ -140,12 +140,9 @@ def test_mechanism_score_finds_a_planted_split():
         assert row["clusters"] and len(row["clusters"]) <= len(clusters)
 
 
-def test_a_planted_run_reports_each_task_and_ablate_scores_its_clusters(tmp_path):
-    """End to end on a tiny planted_lm: the run's summary has each task's CE under every mask
-    kind; `spdkit cluster` then `spdkit ablate --clusters/--subcomponents/--score` write
-    ablation.json, mechanism_score.json and the figure."""
-    import json
-
+@pytest.fixture(scope="module")
+def planted_run(tmp_path_factory):
+    """A tiny planted_lm run (20 target steps, 20 decomposition steps) with clusters.json."""
     from typer.testing import CliRunner
 
     from spdkit.cli import app
@@ -168,41 +165,86 @@ def test_a_planted_run_reports_each_task_and_ablate_scores_its_clusters(tmp_path
             "eval.n_eval_samples": 16,
         },
     )
-    run = tmp_path / "run"
+    run = tmp_path_factory.mktemp("planted") / "run"
     summary = run_experiment(config, run, progress=False)
+    out = CliRunner().invoke(app, ["cluster", str(run), "--samples", "200", "--quiet"])
+    assert out.exit_code == 0, out.output
+    return run, summary
+
+
+def test_a_planted_run_reports_each_task_under_every_mask_kind(planted_run):
+    run, summary = planted_run
     tasks = summary["planted_tasks"]
     assert set(tasks) == {"induction", "lookup", "copy", "sum"}
     assert set(tasks["sum"]) == {"target", "ci", "rounded", "ones", "zero", "chance"}
     assert (run / "figures" / "planted_tasks.png").exists() and "lm" in summary
+
+
+def test_ablate_measures_items_and_scores_the_clusters(planted_run):
+    import json
+
+    from typer.testing import CliRunner
+
+    from spdkit.cli import app
+
+    run, summary = planted_run
     runner = CliRunner()
-    out = runner.invoke(app, ["cluster", str(run), "--samples", "200", "--quiet"])
-    assert out.exit_code == 0, out.output
     n_clusters = len(json.loads((run / "clusters.json").read_text())["clusters"])
-    out = runner.invoke(
-        app,
-        [
-            "ablate",
-            str(run),
-            "--clusters",
-            "0",
-            "--subcomponents",
-            "blocks.0.mlp.fc_in:1",
-            "--n",
-            "8",
-        ],
-    )
+    args = ["ablate", str(run), "--clusters", "0", "--subcomponents", "blocks.0.mlp.fc_in:1"]
+    out = runner.invoke(app, [*args, "--n", "8"])
     assert out.exit_code == 0, out.output
     saved = json.loads((run / "ablation.json").read_text())
-    assert set(saved["groups"]) == set(tasks) and "blocks.0.mlp.fc_in" in saved["off"]
+    assert set(saved["groups"]) == set(summary["planted_tasks"])
+    assert "blocks.0.mlp.fc_in" in saved["off"]
     assert "CI-gated" in out.output and "static edit" in out.output
-    out = runner.invoke(
-        app, ["ablate", str(run), "--score", "--n", "8", "--quiet", "--max-clusters", "3"]
-    )
+    args = ["ablate", str(run), "--score", "--n", "8", "--quiet", "--max-clusters", "3"]
+    out = runner.invoke(app, args)
     assert out.exit_code == 0, out.output
     score = json.loads((run / "mechanism_score.json").read_text())
-    assert all(1 <= len(score[t]["clusters"]) <= min(3, n_clusters) for t in tasks)
+    assert all(1 <= len(row["clusters"]) <= min(3, n_clusters) for row in score.values())
     assert (run / "figures" / "mechanism_score.png").exists()
     out = runner.invoke(app, ["ablate", str(run), "--subcomponents", "blocks.9.mlp.fc_in:1"])
     assert out.exit_code == 2 and "is not a subcomponent" in out.output
     out = runner.invoke(app, ["ablate", str(run)])
     assert out.exit_code == 2 and "--score" in out.output
+
+
+def test_edit_writes_a_target_that_reloads_and_decomposes_again(planted_run, tmp_path):
+    """`spdkit edit` writes target.safetensors + target.json with W − U_c V_c in the edited
+    module only; the file round trip changes nothing; --target DIR runs on it."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from spdkit import load
+    from spdkit.cli import app
+    from spdkit.store import runs
+
+    run, _ = planted_run
+    edited = tmp_path / "edited"
+    args = ["edit", str(run), "--off", "blocks.1.mlp.fc_out:2", "--off", "cluster:0"]
+    out = CliRunner().invoke(app, [*args, "--out", str(edited), "--n", "8"])
+    assert out.exit_code == 0, out.output
+    result = json.loads((edited / "edit.json").read_text())
+    assert all(row["reload_max_abs_diff"] < 1e-5 for row in result["groups"].values())
+    decomp = load(run)
+    original, _ = runs.load_target(run, decomp.config.target)
+    changed, _ = runs.load_target(edited, decomp.config.target)
+    U, V = decomp.subcomponents("blocks.1.mlp.fc_out")
+    off = result["off"]["blocks.1.mlp.fc_out"]
+    want = original.blocks[1].mlp.fc_out.weight - U[:, off] @ V[off]
+    torch.testing.assert_close(changed.blocks[1].mlp.fc_out.weight, want)
+    untouched = [m for m in decomp.module_names if m not in result["off"]]
+    for m in untouched:
+        w = changed.get_submodule(m).weight
+        assert torch.equal(w, original.get_submodule(m).weight)
+    out = CliRunner().invoke(app, [*args, "--out", str(edited)])
+    assert out.exit_code == 2 and "not empty" in out.output
+    rerun = tmp_path / "rerun"
+    cfg = ["run", "planted_lm", "--target", str(edited), "--out", str(rerun), "--steps", "2"]
+    sets = ["target.n_tokens=16", "target.seq_len=17", "target.d_model=16", "target.d_mlp=32"]
+    sets += ["eval.n_eval_samples=8", "modules.0.C=4", "modules.1.C=4"]
+    out = CliRunner().invoke(app, [*cfg, "--quiet", *[a for s in sets for a in ("--set", s)]])
+    assert out.exit_code == 0, out.output
+    reused = runs.load_target(rerun, decomp.config.target)[0]
+    assert torch.equal(reused.blocks[1].mlp.fc_out.weight, changed.blocks[1].mlp.fc_out.weight)

@@ -92,7 +92,7 @@ class Decomposition:
         next-token CE under the CI-gated ablation and the static weight edit, side by side
         (`spdkit.analysis.ablation`)."""
         sizes = {m: self.model.components(m).C for m in self.module_names}
-        clusters = self._clusters_if_any()
+        clusters = self.saved_clusters()
         off = ablation.parse_items(items, clusters, sizes)
         recs = ablation.prepare(self.model, ablation.position_groups(self, n, seed))
         decoder = target_kind(self.config.target).decoder if self.config.target else None
@@ -115,7 +115,8 @@ class Decomposition:
             self.model, recs, self.clusters(), frac, max_clusters, progress
         )
 
-    def _clusters_if_any(self) -> list[Cluster]:
+    def saved_clusters(self) -> list[Cluster]:
+        """The clusters of RUN_DIR/clusters.json, or none when there is no such file."""
         if self.run_dir is None or not (self.run_dir / "clusters.json").exists():
             return []
         return self.clusters()

@@ -209,3 +209,34 @@ def _print_score(table: dict, frac: float) -> None:
             f"subcomponents): {row['fraction']:.2f} of its damage, selectivity "
             f"{row['selectivity']:.3f}; static edit {row['static_fraction']:.2f}"
         )
+
+
+@app.command()
+def edit(
+    run_dir: Path = typer.Argument(..., help="a finished run directory"),
+    off: list[str] = typer.Option(
+        ..., "--off", help="what to remove: cluster:<id> or <module>:<index>; repeat the option"
+    ),
+    out: Path = typer.Option(..., help="a new folder for the edited target"),
+    n: int = typer.Option(256, min=1, help="held-out sequences the effect is measured on"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+) -> None:
+    """The target with those subcomponents subtracted from its weights, written in its own
+    format (bundled: target.safetensors + target.json, for --target; Hugging Face: a
+    save_pretrained folder), reloaded and measured into OUT/edit.json."""
+    from spdkit.api import load
+    from spdkit.pipeline.edit import edit_target
+    from spdkit.pipeline.run import resolve_device
+
+    try:
+        result = edit_target(load(run_dir, resolve_device(device)), off, out, n)
+    except USER_ERRORS as err:
+        _fail(err)
+    n_off = sum(len(v) for v in result["off"].values())
+    typer.echo(f"wrote {out} ({result['format']}): {n_off} subcomponents removed")
+    typer.echo(f"{'group':<12} {'target':>8} {'edited':>8} {'all removed':>12} {'fraction':>9}")
+    for group, row in result["groups"].items():
+        typer.echo(
+            f"{group:<12} {row['target']:>8.4f} {row['edited']:>8.4f} {row['everything']:>12.4f}"
+            f" {row['fraction']:>9.2f}"
+        )

@@ -142,7 +142,7 @@ def hf_data(config: HFTargetConfig) -> RandomTokens | TokenWindows:
         return RandomTokens(vocab, config.seq_len)
     if isinstance(config.data, CorpusConfig):
         tokens = corpus.corpus_tokens(
-            config.data, model_dir(config.path), vocab, lambda: _tokenizer(config.path)
+            config.data, model_dir(config.path), vocab, lambda: tokenizer(config.path)
         )
         train, held = corpus.split(tokens, config.data.heldout_frac, config.seq_len)
         return TokenWindows(train, config.seq_len, heldout=TokenWindows(held, config.seq_len))
@@ -150,7 +150,8 @@ def hf_data(config: HFTargetConfig) -> RandomTokens | TokenWindows:
 
 
 @cache
-def _tokenizer(path: str):
+def tokenizer(path: str):  # noqa: ANN201 (a transformers tokenizer)
+    """The tokenizer saved in a local model directory (or Hub snapshot); one line if none."""
     try:
         return _transformers().AutoTokenizer.from_pretrained(
             str(model_dir(path)), local_files_only=True
@@ -165,7 +166,7 @@ def _tokenizer(path: str):
 @cache
 def _pydoc_tokens(path: str) -> Tensor:
     text = corpus_text()
-    ids = _tokenizer(path)(text, return_attention_mask=False)["input_ids"]
+    ids = tokenizer(path)(text, return_attention_mask=False)["input_ids"]
     if len(ids) < len(text) // 20:
         raise ValueError(
             f"the tokenizer in {path} turned {len(text)} characters of pydoc text into "
@@ -179,7 +180,7 @@ def hf_decoder(config: HFTargetConfig) -> Callable[[list[int]], str] | None:
     if config.data == "random_tokens":
         return None
     try:
-        tok = _tokenizer(config.path)
+        tok = tokenizer(config.path)
     except ValueError:  # token files need no tokenizer, but tables need one
         return None
     return lambda ids: tok.decode(ids).replace("\n", "⏎")
@@ -188,7 +189,7 @@ def hf_decoder(config: HFTargetConfig) -> Callable[[list[int]], str] | None:
 def hf_encoder(config: HFTargetConfig) -> Callable[[str], list[int]] | None:
     """Text to token ids with the directory's tokenizer; None without one."""
     try:
-        tok = _tokenizer(config.path)
+        tok = tokenizer(config.path)
     except ValueError:
         return None
     return lambda text: tok(text, return_attention_mask=False)["input_ids"]
