@@ -94,16 +94,17 @@ def test_static_edit_equals_the_masked_model_with_those_masks_off_when_u_v_is_w(
 
 def test_measure_reports_both_removals_and_everything_ablated_is_fraction_one():
     model, groups = _model()
-    recs = ablation.prepare(model, groups)
     every = ablation.everything(model)
-    out = ablation.measure(model, recs, every, decode=lambda ids: " ".join(map(str, ids)))
+    out = ablation.measure(
+        model, groups, every, decode=lambda ids: " ".join(map(str, ids)), chunk=3
+    )
     for task in SMALL.tasks:
         for kind in ("gated", "static"):
             assert out[task][kind]["fraction"] == pytest.approx(1.0)
         assert len(out[task]["most_moved"]) == 10 and out[task]["most_moved"][0][
             "context"
         ].endswith("]")
-    none = ablation.measure(model, recs, {})
+    none = ablation.measure(model, groups, {})
     assert all(none[t]["static"]["ablated"] == none[t]["static"]["baseline"] for t in SMALL.tasks)
 
 
@@ -127,12 +128,11 @@ def test_mechanism_score_finds_a_planted_split():
     """Clusters that are exactly the pieces of one module each: ablating the set of every
     cluster reaches fraction 1 for every group, so the score stops within the cap."""
     model, groups = _model()
-    recs = ablation.prepare(model, groups)
     clusters = [
         Cluster(i, [f"{n}:{c}" for c in range(24)], 0.5) for i, n in enumerate(model.module_names)
     ]
     score = ablation.mechanism_score(
-        model, recs, clusters, max_clusters=len(clusters), progress=False
+        model, groups, clusters, max_clusters=len(clusters), progress=False
     )
     for task in SMALL.tasks:
         row = score[task]
@@ -248,3 +248,12 @@ def test_edit_writes_a_target_that_reloads_and_decomposes_again(planted_run, tmp
     assert out.exit_code == 0, out.output
     reused = runs.load_target(rerun, decomp.config.target)[0]
     assert torch.equal(reused.blocks[1].mlp.fc_out.weight, changed.blocks[1].mlp.fc_out.weight)
+
+
+def test_scored_ces_do_not_depend_on_the_chunk_size():
+    model, groups = _model(exact=False)
+    removals = [("gated", {}), ("gated", {"blocks.0.attn.q": [1, 2]}), ("static", None)]
+    whole = ablation.scored_ces(model, groups, removals, chunk=8)
+    pieces = ablation.scored_ces(model, groups, removals, chunk=3)
+    for a, b in zip(whole, pieces, strict=True):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-5) for k in a)

@@ -94,10 +94,14 @@ class Decomposition:
         sizes = {m: self.model.components(m).C for m in self.module_names}
         clusters = self.saved_clusters()
         off = ablation.parse_items(items, clusters, sizes)
-        recs = ablation.prepare(self.model, ablation.position_groups(self, n, seed))
+        groups = ablation.position_groups(self, n, seed)
         decoder = target_kind(self.config.target).decoder if self.config.target else None
         decode = decoder(self.config.target) if decoder is not None else None
-        return {"off": off, "groups": ablation.measure(self.model, recs, off, decode)}
+        chunk = self.config.eval.batch_size
+        return {
+            "off": off,
+            "groups": ablation.measure(self.model, groups, off, decode, chunk=chunk),
+        }
 
     def mechanism_score(
         self,
@@ -110,9 +114,15 @@ class Decomposition:
         """Per position group, the fewest clusters (greedy) whose CI-gated ablation costs ≥
         `frac` of the everything-ablated CE increase, and their selectivity (the largest
         increase they cause in another group, as a fraction of its own)."""
-        recs = ablation.prepare(self.model, ablation.position_groups(self, n, seed))
+        groups = ablation.position_groups(self, n, seed)
         return ablation.mechanism_score(
-            self.model, recs, self.clusters(), frac, max_clusters, progress
+            self.model,
+            groups,
+            self.clusters(),
+            frac,
+            max_clusters,
+            progress,
+            chunk=self.config.eval.batch_size,
         )
 
     def saved_clusters(self) -> list[Cluster]:

@@ -129,188 +129,203 @@ def edited_forward(model: ComponentModel, off: Off) -> Callable[[Tensor], Tensor
     return forward
 
 
-@dataclass(frozen=True)
-class GroupRecord:
-    """One position group, what every ablation of it reuses: ids, the scored positions, the
-    target's record and the CI masks g."""
+Removal = tuple[str, "Off | None"]  # ("gated" | "static", off); ("static", None): the target
 
-    ids: Tensor
-    scored: Tensor
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of one position group with what every removal of it reuses: the target's
+    record of it and its CI masks g."""
+
+    ids: Tensor  # [b, T]
+    scored: Tensor  # [b, T] bool
     record: Any
     g: dict[str, Tensor]
 
 
-def prepare(model: ComponentModel, groups: Groups) -> dict[str, GroupRecord]:
-    out = {}
-    with torch.no_grad():
-        for name, (ids, scored) in groups.items():
-            record = model.record(ids)
+def group_chunks(model: ComponentModel, ids: Tensor, scored: Tensor, size: int | None):  # noqa: ANN201
+    """The group's chunks of `size` sequences (None: all), one at a time (a record lives only
+    while its chunk is measured: memory is that of one chunk, whatever n)."""
+    size = size or ids.shape[0]
+    for start in range(0, ids.shape[0], size):
+        piece = ids[start : start + size]
+        with torch.no_grad():
+            record = model.record(piece)
             g, _ = model.causal_importances(record.inputs, model.inner_acts(record.inputs))
-            out[name] = GroupRecord(ids, scored, record, g)
+        yield Chunk(piece, scored[start : start + size], record, g)
+
+
+@torch.no_grad()
+def token_ce(model: ComponentModel, chunk: Chunk, removal: Removal) -> Tensor:
+    """Per-token CE [b, T − 1] of the chunk under one removal: `gated` is the masked model
+    with masks g minus `off`; `static` the target with `off` subtracted from its weights
+    (off None: the target itself)."""
+    kind, off = removal
+    if kind == "gated":
+        logits = model.masked_forward(chunk.ids, gated_masks(chunk.g, off or {}), chunk.record)
+    elif off is None:
+        logits = chunk.record.output
+    else:
+        logits = edited_forward(model, off)(chunk.ids)
+    return scored_token_ce(logits, chunk.ids)
+
+
+def scored_ces(
+    model: ComponentModel,
+    groups: Groups,
+    removals: Sequence[Removal],
+    chunk: int | None = 64,
+    tick: Callable[[], object] = lambda: None,
+) -> list[dict[str, float]]:
+    """Mean CE of each group's scored positions under each removal: one pass over the data,
+    every removal measured on each chunk while its record is alive (only per-token CE is
+    kept, so many removals cost time, not memory). `tick` after each removal of a chunk."""
+    out: list[dict[str, float]] = [{} for _ in removals]
+    for name, (ids, scored) in groups.items():
+        sums = [0.0] * len(removals)
+        count = int(scored[:, 1:].sum())
+        for piece in group_chunks(model, ids, scored, chunk):
+            mask = piece.scored[:, 1:]
+            for i, removal in enumerate(removals):
+                sums[i] += token_ce(model, piece, removal)[mask].sum().item()
+                tick()
+        for i in range(len(removals)):
+            out[i][name] = sums[i] / max(1, count)
     return out
 
 
-@torch.no_grad()
-def gated_ce(model: ComponentModel, rec: GroupRecord, off: Off) -> Tensor:
-    """Per-token CE [B, T − 1] of the masked model with masks g minus `off`."""
-    logits = model.masked_forward(rec.ids, gated_masks(rec.g, off), rec.record)
-    return scored_token_ce(logits, rec.ids)
-
-
-@torch.no_grad()
-def static_ce(model: ComponentModel, rec: GroupRecord, off: Off | None) -> Tensor:
-    """Per-token CE [B, T − 1] of the target with `off` subtracted from its weights (None:
-    the target itself)."""
-    logits = rec.record.output if off is None else edited_forward(model, off)(rec.ids)
-    return scored_token_ce(logits, rec.ids)
-
-
-def mean_scored(ce: Tensor, scored: Tensor) -> float:
-    return ce[scored[:, 1:]].mean().item()
+def fraction(ablated: float, base: float, full: float) -> float:
+    """(ablated − base) / (full − base): the share of everything-removed damage."""
+    return (ablated - base) / (full - base) if full != base else float("nan")
 
 
 def measure(
     model: ComponentModel,
-    recs: dict[str, GroupRecord],
+    groups: Groups,
     off: Off,
     decode: Callable[[list[int]], str] | None = None,
     n_tokens: int = 10,
+    chunk: int | None = 64,
 ) -> dict[str, Any]:
     """Per group, CE of the scored positions for both kinds of removal: baseline, with `off`
-    removed, with everything decomposed removed, and `fraction`: (ablated − baseline) /
-    (everything − baseline). With `decode`, the `n_tokens` positions whose CE rises most
-    under the CI-gated ablation, as text ending in [the predicted token]."""
+    removed, with everything decomposed removed, and `fraction`. With `decode`, the
+    `n_tokens` positions whose CE rises most under the CI-gated ablation, as text ending
+    in [the predicted token]."""
     every = everything(model)
+    removals: list[Removal] = [
+        ("gated", {}), ("gated", off), ("gated", every),
+        ("static", None), ("static", off), ("static", every),
+    ]  # fmt: skip
+    ces = scored_ces(model, groups, removals, chunk)
     out: dict[str, Any] = {}
-    for name, rec in recs.items():
+    for name in groups:
         row: dict[str, Any] = {}
-        for kind, ce_of in (
-            ("gated", lambda o, rec=rec: gated_ce(model, rec, o)),
-            ("static", lambda o, rec=rec: static_ce(model, rec, o)),
-        ):
-            base_ce = gated_ce(model, rec, {}) if kind == "gated" else static_ce(model, rec, None)
-            ablated_ce = ce_of(off)
-            base = mean_scored(base_ce, rec.scored)
-            ablated = mean_scored(ablated_ce, rec.scored)
-            full = mean_scored(ce_of(every), rec.scored)
+        for kind, (b, a, f) in (("gated", ces[0:3]), ("static", ces[3:6])):
             row[kind] = {
-                "baseline": base,
-                "ablated": ablated,
-                "everything": full,
-                "fraction": (ablated - base) / (full - base) if full != base else float("nan"),
+                "baseline": b[name],
+                "ablated": a[name],
+                "everything": f[name],
+                "fraction": fraction(a[name], b[name], f[name]),
             }
-            if kind == "gated" and decode is not None:
-                row["most_moved"] = most_moved(ablated_ce - base_ce, rec, decode, n_tokens)
+        if decode is not None:
+            row["most_moved"] = most_moved(model, groups[name], off, decode, n_tokens, chunk)
         out[name] = row
     return out
 
 
 def most_moved(
-    delta: Tensor, rec: GroupRecord, decode: Callable[[list[int]], str], n: int, width: int = 12
+    model: ComponentModel,
+    group: tuple[Tensor, Tensor],
+    off: Off,
+    decode: Callable[[list[int]], str],
+    n: int,
+    chunk: int | None = 64,
+    width: int = 12,
 ) -> list[dict[str, Any]]:
-    """The n scored positions whose CE rose most ([B, T − 1] `delta`), as the context before
-    the predicted token and the token in brackets."""
-    moved = torch.where(rec.scored[:, 1:], delta, torch.full_like(delta, -torch.inf))
-    top = moved.flatten().topk(min(n, int(rec.scored[:, 1:].sum()))).indices
-    out = []
-    for flat in top.tolist():
-        b, t = divmod(flat, delta.shape[1])
-        ids = rec.ids[b].tolist()
-        context = decode(ids[max(0, t + 1 - width) : t + 1])
-        out.append(
-            {"context": f"{context} [{decode([ids[t + 1]])}]", "ce_rise": delta[b, t].item()}
-        )
-    return out
+    """The n scored positions whose CE rises most under the CI-gated ablation, as the
+    context before the predicted token and the token in brackets."""
+    found: list[tuple[float, list[int], int]] = []  # (rise, ids of the sequence, position)
+    for piece in group_chunks(model, *group, chunk):
+        rise = token_ce(model, piece, ("gated", off)) - token_ce(model, piece, ("gated", {}))
+        rise = rise.masked_fill(~piece.scored[:, 1:], -torch.inf)
+        k = min(n, int(piece.scored[:, 1:].sum()))
+        values, flat = rise.flatten().topk(k)
+        for v, f in zip(values.tolist(), flat.tolist(), strict=True):
+            b, t = divmod(f, rise.shape[1])
+            found.append((v, piece.ids[b].tolist(), t))
+        found = sorted(found, key=lambda item: -item[0])[:n]
+    return [
+        {
+            "context": f"{decode(ids[max(0, t + 1 - width) : t + 1])} [{decode([ids[t + 1]])}]",
+            "ce_rise": v,
+        }
+        for v, ids, t in found
+    ]
 
 
 def mechanism_score(
     model: ComponentModel,
-    recs: dict[str, GroupRecord],
+    groups: Groups,
     clusters: Sequence[Cluster],
     frac: float = 0.8,
     max_clusters: int = 8,
     progress: bool = True,
+    chunk: int | None = 64,
 ) -> dict[str, Any]:
     """Per group: the clusters (greedy by single-cluster damage) whose CI-gated ablation costs
     ≥ `frac` of the everything-ablated increase, at most `max_clusters`; the fraction
     reached, the selectivity (the largest other group's increase as a fraction of its own
-    everything-ablated increase), and the same set's numbers under the static edit."""
-    base = {n: mean_scored(gated_ce(model, r, {}), r.scored) for n, r in recs.items()}
-    full = {
-        n: mean_scored(gated_ce(model, r, everything(model)), r.scored) for n, r in recs.items()
+    everything-ablated increase), and the same set's fractions under the static edit."""
+    every = everything(model)
+    base, full = scored_ces(model, groups, [("gated", {}), ("gated", every)], chunk)
+    n_chunks = sum(-(-len(ids) // (chunk or len(ids))) for ids, _ in groups.values())
+    bar = progress_bar(n_chunks * len(clusters) + len(groups) * max_clusters, "ablate", progress)
+    removals: list[Removal] = [("gated", c.indices()) for c in clusters]
+    ces = scored_ces(model, groups, removals, chunk, tick=lambda: bar.update(1))
+    single = {
+        c.id: {n: ce[n] - base[n] for n in groups} for c, ce in zip(clusters, ces, strict=True)
     }
-    bar = progress_bar(len(clusters), "ablate clusters", progress)
-    single: dict[int, dict[str, float]] = {}
-    for c in clusters:
-        single[c.id] = {
-            n: mean_scored(gated_ce(model, r, c.indices()), r.scored) - base[n]
-            for n, r in recs.items()
-        }
-        bar.update(1)
-    bar.close()
     by_id = {c.id: c for c in clusters}
+    s_base, s_full = scored_ces(model, groups, [("static", None), ("static", every)], chunk)
     out: dict[str, Any] = {}
-    for group in recs:
+    for group in groups:
         order = sorted(single, key=lambda k: single[k][group], reverse=True)
         chosen: list[int] = []
         fractions: dict[str, float] = {}
         for k in order[:max_clusters]:
             chosen.append(k)
-            fractions = _fractions(model, recs, _union(by_id, chosen), base, full)
+            (ce,) = scored_ces(model, groups, [("gated", union(by_id, chosen))], chunk)
+            fractions = {n: fraction(ce[n], base[n], full[n]) for n in groups}
+            bar.update(1)
             if fractions[group] >= frac:
                 break
-        others = [fractions[n] for n in recs if n != group]
-        off = _union(by_id, chosen)
-        static = measure_static_fractions(model, recs, off)
+        off = union(by_id, chosen)
+        (s_ce,) = scored_ces(model, groups, [("static", off)], chunk)
+        static = {n: fraction(s_ce[n], s_base[n], s_full[n]) for n in groups}
+        others = [fractions[n] for n in groups if n != group]
         out[group] = {
             "clusters": chosen,
             "n_subcomponents": sum(len(v) for v in off.values()),
             "fraction": fractions[group],
             "found": fractions[group] >= frac,
             "selectivity": max(others) if others else 0.0,
-            "other_fractions": {n: fractions[n] for n in recs if n != group},
+            "other_fractions": {n: fractions[n] for n in groups if n != group},
             "static_fraction": static[group],
-            "static_other_fractions": {n: static[n] for n in recs if n != group},
+            "static_other_fractions": {n: static[n] for n in groups if n != group},
             "baseline_ce": base[group],
             "everything_ce": full[group],
         }
+    bar.close()
     return out
 
 
-def _union(by_id: Mapping[int, Cluster], ids: Sequence[int]) -> Off:
+def union(by_id: Mapping[int, Cluster], ids: Sequence[int]) -> Off:
+    """The members of the clusters `ids`, as one removal."""
     off: Off = {}
     for k in ids:
         for module, indices in by_id[k].indices().items():
             off.setdefault(module, []).extend(indices)
     return off
-
-
-def _fractions(
-    model: ComponentModel,
-    recs: dict[str, GroupRecord],
-    off: Off,
-    base: Mapping[str, float],
-    full: Mapping[str, float],
-) -> dict[str, float]:
-    out = {}
-    for n, r in recs.items():
-        rise = mean_scored(gated_ce(model, r, off), r.scored) - base[n]
-        out[n] = rise / (full[n] - base[n]) if full[n] != base[n] else float("nan")
-    return out
-
-
-def measure_static_fractions(
-    model: ComponentModel, recs: dict[str, GroupRecord], off: Off
-) -> dict[str, float]:
-    """Per group, (edited − target) / (everything edited − target) CE of the scored positions."""
-    every = everything(model)
-    out = {}
-    for n, r in recs.items():
-        base = mean_scored(static_ce(model, r, None), r.scored)
-        rise = mean_scored(static_ce(model, r, off), r.scored) - base
-        gap = mean_scored(static_ce(model, r, every), r.scored) - base
-        out[n] = rise / gap if gap else float("nan")
-    return out
 
 
 def plot_mechanism_score(score: dict[str, Any], path: Path) -> Path:

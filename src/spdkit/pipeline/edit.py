@@ -115,22 +115,24 @@ def measure_edit(
     """Per position group: scored CE of the target, the reloaded edit, everything removed;
     the fraction, and the largest |logit| difference between the reloaded edit and the
     in-memory one (the file round trip)."""
-    model = decomp.model
-    field = model.output_field
-    recs = ablation.prepare(model, ablation.position_groups(decomp, n))
+    model, chunk = decomp.model, decomp.config.eval.batch_size
+    groups = ablation.position_groups(decomp, n)
     every = ablation.everything(model)
+    base, full = ablation.scored_ces(model, groups, [("static", None), ("static", every)], chunk)
+    in_memory = ablation.edited_forward(model, off)
     out = {}
-    for group, rec in recs.items():
-        logits: Tensor = model_output(edited(rec.ids), field)
-        in_memory = ablation.edited_forward(model, off)(rec.ids)
-        base = ablation.mean_scored(ablation.static_ce(model, rec, None), rec.scored)
-        full = ablation.mean_scored(ablation.static_ce(model, rec, every), rec.scored)
-        ce = ablation.mean_scored(scored_token_ce(logits, rec.ids), rec.scored)
+    for group, (ids, scored) in groups.items():
+        total, diff = 0.0, 0.0
+        for piece in ablation.group_chunks(model, ids, scored, chunk):
+            logits: Tensor = model_output(edited(piece.ids), model.output_field)
+            total += scored_token_ce(logits, piece.ids)[piece.scored[:, 1:]].sum().item()
+            diff = max(diff, (logits - in_memory(piece.ids)).abs().max().item())
+        ce = total / max(1, int(scored[:, 1:].sum()))
         out[group] = {
-            "target": base,
+            "target": base[group],
             "edited": ce,
-            "everything": full,
-            "fraction": (ce - base) / (full - base) if full != base else float("nan"),
-            "reload_max_abs_diff": (logits - in_memory).abs().max().item(),
+            "everything": full[group],
+            "fraction": ablation.fraction(ce, base[group], full[group]),
+            "reload_max_abs_diff": diff,
         }
     return out
