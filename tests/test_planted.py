@@ -257,3 +257,29 @@ def test_scored_ces_do_not_depend_on_the_chunk_size():
     pieces = ablation.scored_ces(model, groups, removals, chunk=3)
     for a, b in zip(whole, pieces, strict=True):
         assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-5) for k in a)
+
+
+def test_attribute_writes_a_prompt_graph_and_dataset_edges(planted_run):
+    import json
+
+    from typer.testing import CliRunner
+
+    from spdkit.cli import app
+
+    run, _ = planted_run
+    runner = CliRunner()
+    prompt = "<induction> 1 2 3 4 5 6 7 8 1 2 3"
+    out = runner.invoke(app, ["attribute", str(run), "--prompt", prompt, "--quiet"])
+    assert out.exit_code == 0, out.output
+    (path,) = (run / "attributions").glob("prompt_*.json")
+    graph = json.loads(path.read_text())
+    assert graph["kind"] == "prompt" and graph["tokens"][0] == "<induction>"
+    assert path.with_suffix(".png").exists() and "strongest" in out.output
+    out = runner.invoke(app, ["attribute", str(run), "--tokens", "200", "--quiet"])
+    assert out.exit_code == 0, out.output
+    table = json.loads((run / "attributions" / "dataset.json").read_text())
+    assert table["kind"] == "dataset" and table["n_tokens"] >= 200
+    out = runner.invoke(app, ["attribute", str(run), "--prompt", "<nope> 1"])
+    assert out.exit_code == 2 and "unknown task token" in out.output
+    out = runner.invoke(app, ["attribute", str(run)])
+    assert out.exit_code == 2 and "--prompt" in out.output

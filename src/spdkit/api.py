@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from spdkit.analysis import ablation
+from spdkit.analysis import ablation, attribution
+from spdkit.analysis.attribution import AttributionParams
 from spdkit.analysis.evaluation import evaluate
 from spdkit.analysis.mechanisms.clusters import (
     Cluster,
@@ -27,7 +29,7 @@ from spdkit.method.measures import causal_importance
 from spdkit.method.model import ComponentModel
 from spdkit.store import runs
 from spdkit.store.restore import restore
-from spdkit.targets import DataSource, target_kind
+from spdkit.targets import DataSource, eval_data_source, target_kind
 from spdkit.training.loop import build_trainer, train_in_run_dir
 
 log = logging.getLogger(__name__)
@@ -95,13 +97,9 @@ class Decomposition:
         clusters = self.saved_clusters()
         off = ablation.parse_items(items, clusters, sizes)
         groups = ablation.position_groups(self, n, seed)
-        decoder = target_kind(self.config.target).decoder if self.config.target else None
-        decode = decoder(self.config.target) if decoder is not None else None
         chunk = self.config.eval.batch_size
-        return {
-            "off": off,
-            "groups": ablation.measure(self.model, groups, off, decode, chunk=chunk),
-        }
+        measured = ablation.measure(self.model, groups, off, self._decoder(), chunk=chunk)
+        return {"off": off, "groups": measured}
 
     def mechanism_score(
         self,
@@ -124,6 +122,65 @@ class Decomposition:
             progress,
             chunk=self.config.eval.batch_size,
         )
+
+    def attribute(
+        self, prompt: str | Tensor, params: AttributionParams | None = None, progress: bool = False
+    ) -> dict[str, Any]:
+        """The attribution graph of one prompt (text through the target's encoder, or token
+        ids [T] / [1, T]): edges gradient × activation between live subcomponents and into
+        the logits (`spdkit.analysis.attribution`; the file format in the README)."""
+        ids = self._prompt_ids(prompt)
+        return attribution.prompt_graph(
+            self.model, ids, params or self._attribution_params(), decode=self._decoder(),
+            progress=progress,
+        )  # fmt: skip
+
+    def dataset_attributions(
+        self,
+        n_tokens: int,
+        params: AttributionParams | None = None,
+        batch_size: int | None = None,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> dict[str, Any]:
+        """Edges between subcomponents averaged over ≥ n_tokens held-out tokens, streamed in
+        batches of `batch_size` sequences (default: eval.batch_size, else 16)."""
+        config = self.config
+        device = next(self.model.parameters()).device
+        gen = torch.Generator(device=device).manual_seed(config.seed + 6000 + seed)
+        source = eval_data_source(config, self.data)
+        size = batch_size or config.eval.batch_size or 16
+
+        def batches() -> Iterator[Tensor]:
+            while True:
+                yield source.sample(size, gen)
+
+        return attribution.dataset_attributions(
+            self.model, batches(), n_tokens, params or self._attribution_params(), progress
+        )
+
+    def _attribution_params(self) -> AttributionParams:
+        return AttributionParams(ci_threshold=self.config.eval.ci_threshold)
+
+    def _decoder(self) -> Callable[[list[int]], str] | None:
+        target = self.config.target
+        decoder = target_kind(target).decoder if target is not None else None
+        return decoder(target) if decoder is not None else None
+
+    def _prompt_ids(self, prompt: str | Tensor) -> Tensor:
+        device = next(self.model.parameters()).device
+        if isinstance(prompt, Tensor):
+            return prompt.reshape(1, -1).to(device)
+        target = self.config.target
+        encoder = target_kind(target).encoder if target is not None else None
+        encode = encoder(target) if encoder is not None else None
+        if encode is None:
+            raise ValueError("this target has no text encoder: pass token ids as a tensor")
+        ids = encode(prompt)
+        seq_len = getattr(target, "seq_len", None)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        return torch.tensor([ids[-seq_len:] if seq_len else ids], device=device)
 
     def saved_clusters(self) -> list[Cluster]:
         """The clusters of RUN_DIR/clusters.json, or none when there is no such file."""

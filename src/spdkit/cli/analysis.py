@@ -240,3 +240,73 @@ def edit(
             f"{group:<12} {row['target']:>8.4f} {row['edited']:>8.4f} {row['everything']:>12.4f}"
             f" {row['fraction']:>9.2f}"
         )
+
+
+@app.command()
+def attribute(
+    run_dir: Path = typer.Argument(..., help="a finished run directory (a language model)"),
+    prompt: str = typer.Option(None, help="the graph of this prompt (the target's own text)"),
+    tokens: int = typer.Option(None, min=1, help="edges averaged over this many held-out tokens"),
+    ci_threshold: float = typer.Option(None, min=0, max=1, help="alive: CI > this (eval's)"),
+    per_target: int = typer.Option(8, min=1, help="incoming edges kept per target node"),
+    max_edges: int = typer.Option(1000, min=1, help="edges kept in all (prompt graph)"),
+    batch_nodes: int = typer.Option(64, min=1, help="target nodes per backward pass"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    quiet: bool = typer.Option(False, help="no progress bars"),
+) -> None:
+    """Attribution graphs: which subcomponents drive which (gradient × activation, one hop,
+    through the CI-masked model). --prompt: one prompt's graph, into
+    RUN_DIR/attributions/prompt_<hash>.json and .png; --tokens: over held-out data, into
+    RUN_DIR/attributions/dataset.json."""
+    import hashlib
+    import json
+
+    from spdkit.analysis.attribution import AttributionParams, plot_prompt_graph
+    from spdkit.api import load
+    from spdkit.pipeline.run import resolve_device
+    from spdkit.store import atomic
+
+    try:
+        if prompt is None and tokens is None:
+            raise ValueError("give --prompt TEXT (one graph) or --tokens N (over a dataset)")
+        decomp = load(run_dir, resolve_device(device))
+        params = AttributionParams(
+            decomp.config.eval.ci_threshold if ci_threshold is None else ci_threshold,
+            per_target,
+            max_edges,
+            batch_nodes,
+        )
+        out_dir = run_dir / "attributions"
+        if prompt is not None:
+            graph = decomp.attribute(prompt, params, progress=not quiet)
+            digest = hashlib.sha1(json.dumps(graph["ids"]).encode()).hexdigest()[:10]
+            path = out_dir / f"prompt_{digest}.json"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            atomic.atomic_write_text(path, json.dumps(graph) + "\n")
+            plot_prompt_graph(graph, path.with_suffix(".png"))
+            _print_edges(graph, path)
+        if tokens is not None:
+            table = decomp.dataset_attributions(tokens, params, progress=not quiet)
+            path = out_dir / "dataset.json"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            atomic.atomic_write_text(path, json.dumps(table) + "\n")
+            _print_edges(table, path)
+    except USER_ERRORS as err:
+        _fail(err)
+
+
+def _print_edges(graph: dict, path: Path, n: int = 15) -> None:
+    edges = sorted(graph["edges"], key=lambda e: -abs(e["value"]))
+    if graph["kind"] == "prompt":
+        mass = graph["edge_mass"]
+        typer.echo(
+            f"{len(graph['nodes'])} live nodes, {len(graph['edges'])} edges kept "
+            f"({mass['kept'] / max(mass['total'], 1e-30):.0%} of the edge mass); strongest:"
+        )
+    else:
+        typer.echo(
+            f"{len(edges)} edges over {graph['n_tokens']} tokens (mean per token); strongest:"
+        )
+    for e in edges[:n]:
+        typer.echo(f"  {e['value']:+.4f}  {e['source']} → {e['target']}")
+    typer.echo(f"wrote {path}")
