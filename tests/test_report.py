@@ -200,6 +200,25 @@ def test_served_prompt_returns_ci_in_chromium(browser, served):
     assert text["page"] == "index"
 
 
+def test_served_attribution_graph_draws_and_a_node_opens_its_page(browser, served):
+    page, errors = open_page(browser, served + "/live")
+    page.fill("#input", "import os")
+    page.click("#run-graph")
+    page.wait_for_selector("#graph-plot .main-svg")
+    page.wait_for_function("document.getElementById('graph-plot').dataset.nodes !== undefined")
+    assert int(page.get_attribute("#graph-plot", "data-nodes")) > 0
+    shot(page, "lm_graph.png")
+    index = page.evaluate(
+        "document.getElementById('graph-plot').data.at(-1).customdata.findIndex((p) => p)"
+    )
+    assert index >= 0, "no drawn node has a subcomponent page"
+    point = page.locator("#graph-plot .scatterlayer .trace").last.locator(".points path").nth(index)
+    box = point.bounding_box()
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.wait_for_url(re.compile(r".*/sub/blocks\.\d\.mlp\.fc_(in|out)_\d+\.html"))
+    assert errors == [], errors
+
+
 def test_report_and_serve_errors_are_one_line(tmp_path):
     for command in ("report", "serve"):
         result = runner.invoke(app, [command, str(tmp_path / "missing")])

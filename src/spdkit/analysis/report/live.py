@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from spdkit.analysis.attribution import AttributionParams, prompt_graph
 from spdkit.analysis.decomposed import Decomposed
 from spdkit.analysis.mechanisms.clusters import Cluster
 from spdkit.method.measures import causal_importance
@@ -165,3 +166,19 @@ def ablation(decomp: Decomposed, x: Tensor, masks: dict[str, Tensor]) -> dict[st
             "ablated": float(F.mse_loss(ablated, target)),
         },
     }
+
+
+GRAPH_PARAMS = {"per_target": 4, "max_edges": 150}  # a graph a browser draws at once
+
+
+def attribution_graph(decomp: Decomposed, ids: Tensor, threshold: float, pages: set[str]) -> dict:
+    """The attribution graph of a typed prompt (`analysis.attribution.prompt_graph`, its 150
+    strongest edges), each node with its subcomponent page where the report has one."""
+    params = AttributionParams(ci_threshold=threshold, **GRAPH_PARAMS)
+    target = decomp.config.target
+    decoder = target_kind(target).decoder if target is not None else None
+    graph = prompt_graph(decomp.model, ids, params, decode=decoder(target) if decoder else None)
+    for node in graph["nodes"]:
+        page = f"sub/{node['module']}_{node['index']}.html"
+        node["page"] = page if page in pages else None
+    return graph

@@ -3,6 +3,7 @@
 GET  /, /sub/<page>, /figures/<png>, static files: the pages `spdkit report` writes;
 GET  /live: type an input, see CI per token per module, switch mechanisms off;
 POST /api/ci      {"input": text}                             -> CI table (live.ci_table)
+POST /api/attribute {"input": text}                         -> attribution graph (LMs)
 POST /api/ablate  {"input": text, "clusters": [id, ...],
                    "subcomponents": ["<module>:<index>", ...]} -> outputs (live.ablation)
 Errors in a request come back as {"error": one line}: status 400 for a body that is not a
@@ -34,6 +35,7 @@ MAX_BODY_BYTES = 64 * 1024  # a prompt of thousands of tokens and its options fi
 # each endpoint's fields: name -> (check, what it must be)
 FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
     "ci": {"input": (lambda v: isinstance(v, str), "a string")},
+    "attribute": {"input": (lambda v: isinstance(v, str), "a string")},
     "ablate": {
         "input": (lambda v: isinstance(v, str), "a string"),
         "clusters": (
@@ -135,6 +137,16 @@ def create_app(decomp: Decomposed, content: ReportContent, run_dir: Path) -> Fla
         try:
             _, x = _input("ci")
             return jsonify(live.ci_table(decomp, x, content.threshold))
+        except ValueError as err:
+            return jsonify({"error": str(err)}), 400
+
+    @app.post("/api/attribute")
+    def _attribute() -> Response:
+        try:
+            _, x = _input("attribute")
+            if live.input_kind(decomp) != "text":
+                raise ValueError("attribution graphs need a language model target")
+            return jsonify(live.attribution_graph(decomp, x, content.threshold, set(pages)))
         except ValueError as err:
             return jsonify({"error": str(err)}), 400
 

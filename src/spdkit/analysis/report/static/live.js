@@ -55,6 +55,43 @@ function drawAblation(r) {
   }
 }
 
+function drawGraph(g) {
+  // nodes at (position, module row), logits on the top row; the strongest edges as lines
+  const modules = [...new Set(g.nodes.map((n) => n.module))];
+  const row = (id) => (id.startsWith("logit:") ? modules.length : modules.indexOf(id.slice(0, id.lastIndexOf(":", id.lastIndexOf(":") - 1))));
+  const pos = (id) => {
+    const parts = id.split(":");
+    return id.startsWith("logit:") ? Number(parts[1]) : Number(parts[parts.length - 2]) + 0.05 * (Number(parts[parts.length - 1]) % 7) - 0.15;
+  };
+  const top = Math.max(1e-12, ...g.edges.map((e) => Math.abs(e.value)));
+  const lines = g.edges.map((e) => ({
+    x: [pos(e.source), pos(e.target)], y: [row(e.source), row(e.target)], mode: "lines", hoverinfo: "skip", showlegend: false,
+    line: { width: 0.5 + 4 * Math.abs(e.value) / top, color: e.value > 0 ? "rgba(31,119,180,0.5)" : "rgba(214,39,40,0.5)" },
+  }));
+  const used = new Set(g.edges.flatMap((e) => [e.source, e.target]));
+  const nodes = g.nodes.filter((n) => used.has(n.id));
+  const logits = g.logits.filter((l) => used.has(l.id));
+  const points = {
+    x: nodes.map((n) => pos(n.id)).concat(logits.map((l) => l.position)),
+    y: nodes.map((n) => row(n.id)).concat(logits.map(() => modules.length)),
+    text: nodes.map((n) => n.module + ":" + n.index + " @" + n.position + " ci " + n.ci.toFixed(2)).concat(logits.map((l) => "logit " + l.text + " @" + l.position)),
+    customdata: nodes.map((n) => n.page || "").concat(logits.map(() => "")),
+    mode: "markers", type: "scatter", hoverinfo: "text", showlegend: false, marker: { size: 8, color: "black" },
+  };
+  const tokens = g.tokens || g.ids.map(String);
+  const div = document.getElementById("graph-plot");
+  Plotly.newPlot(div, lines.concat([points]), Object.assign({}, LAYOUT, {
+    title: { text: g.edges.length + " strongest edges" }, height: 120 + 40 * (modules.length + 1), margin: { l: 150, r: 20, t: 40, b: 60 },
+    xaxis: { tickvals: tokens.map((_, i) => i), ticktext: tokens, title: { text: "position" } },
+    yaxis: { tickvals: modules.map((_, i) => i).concat([modules.length]), ticktext: modules.concat(["logit"]) },
+  }), { responsive: true, displaylogo: false });
+  div.on("plotly_click", (ev) => {
+    const page = ev.points[0] && ev.points[0].customdata;
+    if (page) window.location.href = "/" + page;
+  });
+  div.dataset.nodes = String(nodes.length);
+}
+
 window.setUpLive = function () {
   const input = () => document.getElementById("input").value;
   const formIn = document.getElementById("form-input");
@@ -64,6 +101,13 @@ window.setUpLive = function () {
     const err = document.getElementById("ci-error");
     err.textContent = "";
     try { drawCI(await post("/api/ci", { input: input() })); } catch (x) { err.textContent = x.message; }
+  });
+  const formGraph = document.getElementById("form-graph");
+  if (formGraph) formGraph.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const err = document.getElementById("graph-error");
+    err.textContent = "";
+    try { drawGraph(await post("/api/attribute", { input: input() })); } catch (x) { err.textContent = x.message; }
   });
   document.getElementById("form-ablate").addEventListener("submit", async (e) => {
     e.preventDefault();
