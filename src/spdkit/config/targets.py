@@ -112,8 +112,8 @@ class PlantedLMTargetConfig(_TransformerTraining):
     seq_len: int = Field(default=33, ge=8, description="tokens per sequence, task token included")
     d_model: int = Field(default=64, ge=1, description="residual width")
     n_layers: int = Field(default=2, ge=2, description="transformer blocks (induction needs 2)")
-    n_heads: int = Field(default=2, ge=1, description="heads per layer")
-    d_mlp: int = Field(default=128, ge=1, description="MLP hidden width")
+    n_heads: int = Field(default=4, ge=1, description="heads per layer")
+    d_mlp: int = Field(default=256, ge=1, description="MLP hidden width")
     tasks: list[Literal["induction", "lookup", "copy", "sum"]] = Field(
         default_factory=lambda: list(PLANTED_TASKS),
         min_length=1,
