@@ -85,6 +85,20 @@ def test_frequency_minimality_by_hand():
     torch.testing.assert_close(leaf.grad, per_c.expand_as(phi))
 
 
+def test_frequency_reference_count_takes_the_count_at_a_fixed_size():
+    """log2(1 + s·N/BT): at N = BT the paper's value; a batch twice as large with the same
+    firing rates costs the same per position."""
+    phi = torch.tensor([[[1.0, 0.0], [1.0, 0.5]], [[1.0, 0.0], [0.0, 0.0]]])
+    paper = frequency_minimality_loss([phi]).item()
+    assert frequency_minimality_loss([phi], reference_count=4).item() == pytest.approx(paper)
+    twice = torch.cat([phi, phi])
+    assert frequency_minimality_loss([twice]).item() > paper  # absolute count: one bit more
+    assert frequency_minimality_loss([twice], reference_count=4).item() == pytest.approx(paper)
+    # s = (3, 0.5) at N = 1: (3 log2(1 + 3/4) + 0.5 log2(1 + 0.5/4)) / 4
+    expected = (3 * math.log2(1.75) + 0.5 * math.log2(1.125)) / 4
+    assert frequency_minimality_loss([phi], reference_count=1).item() == pytest.approx(expected)
+
+
 def test_smooth_l0_penalty_saturates_and_has_a_finite_slope_at_zero():
     g = torch.tensor([0.0, 0.1, 1.0], requires_grad=True)
     phi = smooth_l0_penalty(g, scale=0.1)

@@ -45,6 +45,17 @@ def _minimality_warmup() -> dict:
     return data
 
 
+def _frequency_reference() -> dict:
+    data = tiny_tms_dict()
+    data.pop("importance_minimality_coeff")
+    data["loss"] = {
+        "importance_minimality_coeff": 3e-3,
+        "frequency_minimality_coeff": 0.5,
+        "frequency_reference_count": 7,
+    }
+    return data
+
+
 CASES = {
     "tms 5-2 + identity": tiny_tms_dict(
         target={"kind": "tms", "n_features": 5, "n_hidden": 2, "n_hidden_layers": 1},
@@ -112,6 +123,7 @@ CASES = {
     "induction (KL), frequency over batch and positions, straight-through, subset": _induction(
         frequency_minimality_coeff=1e-3, lower_sigmoid="straight_through", **SUBSET
     ),
+    "tms, frequency at a reference count": _frequency_reference(),
     "tms, minimality warm-up (at 1/10 of its ramp), frequency": _minimality_warmup(),
     "resid mlp, Δ-component, all + layerwise": tiny_resid_dict(delta_component=True),
     "tms + identity, Δ-component, subset per position": tiny_tms_dict(

@@ -106,6 +106,12 @@ class LossConfig(StrictModel):
         description="weight of L_frequency: (1/BT) Σ_c s_c log2(1 + s_c), s_c = Σ_bt of the "
         "penalty (VPD notes §2.5)",
     )
+    frequency_reference_count: int | None = Field(
+        default=None,
+        ge=1,
+        description="L_frequency's count taken at this many positions: log2(1 + s·N/BT) "
+        "(None: the absolute count, VPD's paper; its later configs add a reference count)",
+    )
     n_mask_samples: int = Field(default=1, ge=1, description="mask samples per step (S)")
     output_loss: Literal["mse", "kl"] = Field(
         default="mse", description="divergence D between masked and target outputs"

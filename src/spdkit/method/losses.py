@@ -103,6 +103,7 @@ def frequency_minimality_loss(
     penalties: Sequence[Tensor],
     global_sum: Callable[[Tensor], Tensor] | None = None,
     world: int = 1,
+    reference_count: int | None = None,
 ) -> Tensor:
     """L_frequency = (1/BT) Σ_l Σ_c s^l_c · log2(1 + s^l_c),   s^l_c = Σ_{b,t} φ(g⁺^l_{b,t,c})
 
@@ -115,6 +116,11 @@ def frequency_minimality_loss(
     `global_sum(s)` [C] → [C] sums over the `world` ranks (equal shards), and s enters as
     s_rank + (Σ_ranks s − s_rank) held constant, so every rank returns the global value, and
     its gradient with respect to this rank's φ is the global loss's.
+
+    `reference_count` N: the count inside the log is taken at N positions, log2(1 + s·N/BT),
+    so the penalty no longer grows with the batch (s is an absolute count: doubling B·T adds
+    one bit to every log). N = BT is the paper's; a small N makes the term nearly linear in s
+    (it then barely favours splitting a frequent subcomponent), a large one more superlinear.
     """
     total = None
     for phi in penalties:
@@ -122,7 +128,9 @@ def frequency_minimality_loss(
         if global_sum is not None:
             local = s.detach()
             s = s + (global_sum(local.clone()) - local)
-        term = (s * torch.log2(1.0 + s)).sum() / (phi[..., 0].numel() * world)
+        n_pos = phi[..., 0].numel() * world
+        inside = s if reference_count is None else s * (reference_count / n_pos)
+        term = (s * torch.log2(1.0 + inside)).sum() / n_pos
         total = term if total is None else total + term
     return total if total is not None else torch.zeros(())
 

@@ -99,9 +99,12 @@ def reference_spd_losses(
     # frequency minimality: Σ_l Σ_c s_c log2(1 + s_c) / (number of positions), s_c = Σ φ
     if config.loss.frequency_minimality_coeff > 0:
         freq = 0.0
+        ref = config.loss.frequency_reference_count
         for v in phi.values():
             s_c = v.reshape(-1, v.shape[-1]).sum(0)
-            freq = freq + (s_c * torch.log2(1 + s_c)).sum() / (v.numel() / v.shape[-1])
+            n_pos = v.numel() / v.shape[-1]
+            inside = s_c if ref is None else s_c * ref / n_pos  # the count at the reference size
+            freq = freq + (s_c * torch.log2(1 + inside)).sum() / n_pos
         terms["frequency_minimality"] = freq
 
     # 4. S stochastic masks m = g + (1 − g) r: all modules masked, each one alone, a subset

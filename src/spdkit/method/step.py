@@ -169,6 +169,7 @@ def spd_losses(
             list(penalties.values()),
             parallel.sum_ if parallel.active else None,
             parallel.world,
+            config.loss.frequency_reference_count,
         )  # the global value on every rank, with this rank's gradient
         per_step["frequency_minimality"] = _value_share(frequency, parallel.world)
     g, h = loss.cut(ci_lower), loss.cut(inner)  # what the masked passes differentiate
