@@ -283,3 +283,9 @@ def test_attribute_writes_a_prompt_graph_and_dataset_edges(planted_run):
     assert out.exit_code == 2 and "unknown task token" in out.output
     out = runner.invoke(app, ["attribute", str(run)])
     assert out.exit_code == 2 and "--prompt" in out.output
+
+
+def test_the_vpd_config_decomposes_the_same_planted_target():
+    paper, vpd = load_config("planted_lm"), load_config("planted_lm_vpd")
+    assert paper.target == vpd.target and paper.seed == vpd.seed and paper.modules == vpd.modules
+    assert vpd.ci_fn.kind == "global_transformer" and vpd.components.delta
