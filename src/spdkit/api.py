@@ -29,7 +29,7 @@ from spdkit.method.measures import causal_importance
 from spdkit.method.model import ComponentModel
 from spdkit.store import runs
 from spdkit.store.restore import restore
-from spdkit.targets import DataSource, eval_data_source, target_kind
+from spdkit.targets import DataSource, eval_data_source, hf, target_kind
 from spdkit.training.loop import build_trainer, train_in_run_dir
 
 log = logging.getLogger(__name__)
@@ -254,12 +254,30 @@ def load(
     target: nn.Module | None = None,
     data: DataSource | None = None,
 ) -> Decomposition:
-    """Load a finished run directory (safetensors only; nothing is unpickled).
+    """Load a finished run directory or `spdkit export` folder (or its Hub id, from the local
+    cache); safetensors only, nothing is unpickled.
 
     Bundled targets are rebuilt from target.json + target.safetensors; for your own model pass
     a fresh instance as `target` (its weights are replaced by the saved ones) and, for the
     analyses that draw inputs (`evaluate`, `cluster`), its `data`.
     """
-    model, config, _ = restore(Path(run_dir), device, target)
-    summary = runs.read_summary(Path(run_dir))
-    return Decomposition(model, config, Path(run_dir), summary, data=data)
+    run_dir = local_folder(run_dir)
+    model, config, _ = restore(run_dir, device, target)
+    summary = runs.read_summary(run_dir)
+    return Decomposition(model, config, run_dir, summary, data=data)
+
+
+def local_folder(path: str | Path) -> Path:
+    """A run directory or export folder: `path` itself, or for a Hub id `org/name[@rev]` its
+    snapshot in the local Hugging Face cache (`spdkit export` folders pushed to the Hub)."""
+    local = Path(path)
+    if local.exists() or "/" not in str(path) or str(path).startswith((".", "/", "~")):
+        return local
+    try:
+        return hf.model_dir(str(path))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{path}: no such run directory, and {err}") from None
+    except ImportError:
+        raise FileNotFoundError(
+            f"{path}: no such run directory (a Hub id needs huggingface_hub: the [hf] extra)"
+        ) from None

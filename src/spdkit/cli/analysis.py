@@ -310,3 +310,24 @@ def _print_edges(graph: dict, path: Path, n: int = 15) -> None:
     for e in edges[:n]:
         typer.echo(f"  {e['value']:+.4f}  {e['source']} → {e['target']}")
     typer.echo(f"wrote {path}")
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="a finished run directory"),
+    out: Path = typer.Argument(..., help="a new folder"),
+    with_target: bool = typer.Option(
+        False, "--with-target", help="Hugging Face targets: copy the weights too (else referenced)"
+    ),
+) -> None:
+    """A self-describing folder to publish (model card README.md, config, components, target),
+    which spdkit.load() reads back; push it with the Hub's own client (`hf upload`)."""
+    from spdkit.pipeline.export import export_run
+
+    try:
+        path = export_run(run_dir, out, with_target)
+    except USER_ERRORS as err:
+        _fail(err)
+    files = sorted(p.name for p in path.iterdir())
+    typer.echo(f"wrote {path}: {', '.join(files)}")
+    typer.echo(f"publish: hf upload ORG/NAME {path} .   (load: spdkit.load('{path}'))")

@@ -62,6 +62,10 @@ def load_target(path: Path, config: TargetConfig) -> tuple[nn.Module, dict]:
     path = Path(path)
     st_path = path / "target.safetensors" if path.is_dir() else path
     json_path = st_path.with_name("target.json")
+    if not st_path.is_file() and json_path.is_file() and config.kind == "hf":
+        meta = read_json_object(json_path)
+        if meta.get("weights") == "referenced":  # an export that names its weights' source
+            return _referenced_hf_target(config, json_path), meta.get("info", {})
     if not st_path.is_file():
         raise RunDirError(f"target file not found: {st_path}")
     if not json_path.is_file():
@@ -86,6 +90,24 @@ def load_target(path: Path, config: TargetConfig) -> tuple[nn.Module, dict]:
     tensors, _ = load_tensors(st_path)
     load_state_checked(model, tensors, st_path)
     return model.eval(), meta.get("info", {})
+
+
+def _referenced_hf_target(config: TargetConfig, json_path: Path) -> nn.Module:
+    """The target of an export whose weights stay where they came from (`target.path`: a Hub
+    id in the local cache or a folder), checked against the architecture the run recorded."""
+    from spdkit.targets import hf
+
+    model = hf.load_hf_model(config.path)
+    found = hf.read_hf_config(config.path)
+    recorded = config.hf_config or {}
+    differ = [k for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+              if k in recorded and recorded.get(k) != found.get(k)]  # fmt: skip
+    if differ:
+        raise RunDirError(
+            f"{json_path}: the target at {config.path} is not the one decomposed "
+            f"({', '.join(f'{k}: {recorded[k]} vs {found.get(k)}' for k in differ)})"
+        )
+    return model
 
 
 def check_tensors(expected: dict[str, Tensor], tensors: dict[str, Tensor], path: Path) -> None:
