@@ -91,3 +91,12 @@ def test_export_of_a_hub_model_references_its_weights_and_loads_by_hub_id(tmp_pa
             spdkit.load("me/missing")
     finally:
         model_dir.cache_clear()
+
+
+def test_a_decomposition_describes_itself_in_a_notebook_cell(tiny_tms_run):
+    decomp = spdkit.load(tiny_tms_run)
+    text = repr(decomp)
+    assert text.startswith("Decomposition of tms 5-2") and "linear1 (C 8)" in text
+    assert "MMCS" in text and str(tiny_tms_run) in text
+    html = decomp._repr_html_()
+    assert html.startswith("<b>Decomposition of tms 5-2</b><table>") and "<td>modules</td>" in html

@@ -45,6 +45,45 @@ class Decomposition:
     summary: dict[str, Any] = field(default_factory=dict)
     data: DataSource | None = None  # the API's data; a config's target names its own
 
+    def __repr__(self) -> str:
+        return "\n".join(self.summary_lines())
+
+    def _repr_html_(self) -> str:
+        """A notebook cell shows the same lines as a small table."""
+        import html
+
+        lines = self.summary_lines()
+        rows = "".join(
+            f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>"
+            for k, _, v in (line.partition(": ") for line in lines[1:])
+        )
+        return f"<b>{html.escape(lines[0])}</b><table>{rows}</table>"
+
+    def summary_lines(self) -> list[str]:
+        """What this decomposition is, in a few lines: target, modules and C, CI function,
+        schedule, where it is stored, and the evaluation's headline numbers if it has one."""
+        config = self.config
+        target = config.target.describe() if config.target is not None else "your model"
+        modules = ", ".join(
+            f"{n} (C {self.model.components(n).C})" for n in self.module_names[:6]
+        ) + (f", ... {len(self.module_names) - 6} more" if len(self.module_names) > 6 else "")
+        lines = [
+            f"Decomposition of {target}",
+            f"modules: {modules}",
+            f"CI function: {config.ci_fn.kind}; steps {config.training.steps}, seed {config.seed}",
+            f"run directory: {self.run_dir or 'none'}",
+        ]
+        l0 = self.summary.get("mean_ci_l0")
+        if isinstance(l0, dict):
+            lines.append(f"mean CI-L0: {sum(l0.values()):.3g} (all modules)")
+        lm = self.summary.get("lm")
+        if lm:
+            lines.append(f"CE: target {lm['target']['ce']:.4f}, CI masks {lm['ci']['ce']:.4f} nats")
+        match = self.summary.get("feature_match", {})
+        if "mmcs" in match:
+            lines.append(f"MMCS: {match['mmcs']:.4f} (ground truth: {match.get('ground_truth')})")
+        return lines
+
     def evaluate(self, out_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
         """The end-of-run metrics into summary.json and the figures into figures/ of
         `out_dir` (default: the run directory), as `spdkit run` writes them; returns the

@@ -35,9 +35,17 @@ def is_terminal(stream: TextIO | None = None) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)())
 
 
+def in_notebook() -> bool:
+    """Running in a Jupyter kernel (tqdm.auto then draws a widget, which renders in place)."""
+    shell = sys.modules.get("IPython")
+    get = getattr(shell, "get_ipython", None)
+    return get is not None and type(get()).__name__ == "ZMQInteractiveShell"
+
+
 def progress_bar(total: int | None = None, desc: str = "", enabled: bool = True, **kw: Any) -> tqdm:
-    """A tqdm bar on stderr: in place in a terminal, else a line every LOG_INTERVAL_S s."""
-    if enabled and not is_terminal():
+    """A tqdm bar: in place in a terminal or a notebook (a widget), else a line on stderr
+    every LOG_INTERVAL_S s."""
+    if enabled and not is_terminal() and not in_notebook():
         kw = {"file": _Lines(sys.stderr), "mininterval": LOG_INTERVAL_S, "ascii": True, **kw}
         kw.setdefault("ncols", 120)
     else:
