@@ -138,6 +138,9 @@ def run(
         help="PATTERN[:C]: insert a d×d identity before matched nn.Linear/Conv1D modules and "
         "decompose it too (default C = 2d); the summary says how many subcomponents it used",
     ),
+    log: str | None = typer.Option(  # noqa: UP007
+        None, "--log", help="also track the run in wandb or tensorboard (training.track)"
+    ),
     nproc: int = typer.Option(1, min=1, help=NPROC_HELP),
 ) -> None:
     """Train (or load) the target and decompose it."""
@@ -151,6 +154,8 @@ def run(
             overrides["seed"] = seed
         if steps is not None:
             overrides["steps"] = steps
+        if log is not None:
+            overrides["training.track"] = log
         if target_hf is not None:  # first, so that --set target.* applies on top of it
             overrides = {"target": hf_target_override(target_hf, config), **overrides}
         if target_factory is not None or data_factory is not None:

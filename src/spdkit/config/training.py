@@ -64,3 +64,11 @@ class TrainingConfig(StrictModel):
         lt=1,
         description="where the candidates are compared, as a fraction of training",
     )
+    track: Literal["none", "wandb", "tensorboard"] = Field(
+        default="none",
+        description="also send metrics, figures and the summary to an experiment tracker "
+        "(the run directory stays the record; resume continues the same tracked run)",
+    )
+    track_project: str = Field(
+        default="spdkit", min_length=1, description="W&B project of tracked runs"
+    )

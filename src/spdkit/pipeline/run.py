@@ -25,6 +25,7 @@ from spdkit.store.restore import restore
 from spdkit.targets import data_source, target_kind
 from spdkit.training.loop import build_trainer, train_in_run_dir
 from spdkit.training.profiling import StepProfiler
+from spdkit.training.tracking import open_tracker
 from spdkit.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -207,10 +208,24 @@ def _train_and_finish(
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     start_step = trainer.step
-    train_in_run_dir(trainer, run_dir, progress, on_step)
-    finish(trainer.parallel)
-    if not trainer.parallel.is_main:
-        return {}
+    main = trainer.parallel.is_main
+    tracker = open_tracker(trainer.config, run_dir if main else None, start_step)
+    try:
+        train_in_run_dir(trainer, run_dir, progress, on_step, on_metrics=tracker.log)
+        finish(trainer.parallel)
+        if not main:
+            return {}
+        summary = _evaluate_finished(trainer, run_dir, t0, start_step, progress)
+        figures = sorted((run_dir / "figures").glob("*.png"))
+        tracker.finish(trainer.step, summary, figures)
+        return summary
+    finally:
+        tracker.close()
+
+
+def _evaluate_finished(
+    trainer: Trainer, run_dir: Path, t0: float, start_step: int, progress: bool
+) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     decomp = Decomposition(trainer.model, trainer.config, run_dir)
     timing = {

@@ -37,10 +37,12 @@ def train_in_run_dir(
     progress: bool = True,
     on_step: Callable[[Trainer], None] | None = None,
     until: int | None = None,
+    on_metrics: Callable[[int, dict[str, float]], None] | None = None,
 ) -> None:
     """Run the loop (to the end, or to step `until`), appending metrics and writing atomic
     checkpoints into run_dir if given (data-parallel: rank 0 writes; a checkpoint gathers
-    state from every rank); components.safetensors once training is complete."""
+    state from every rank); components.safetensors once training is complete. `on_metrics`
+    (rank 0) sees each logged record too (an experiment tracker)."""
     if run_dir is None:
         trainer.run(progress=progress, on_step=on_step, until=until)
         return
@@ -49,6 +51,8 @@ def train_in_run_dir(
     def on_log(step: int, record: dict[str, float]) -> None:
         if main:
             runs.append_metrics(run_dir, {"step": step, **record})
+            if on_metrics is not None:
+                on_metrics(step, record)
 
     def on_checkpoint(t: Trainer) -> None:
         tensors, meta = t.state_tensors()
