@@ -217,3 +217,37 @@ def test_an_unknown_output_field_names_the_available_ones(tmp_path):
     args = [*args[:-2], "--set", "target.output=last_hidden_state", "--out", str(tmp_path / "r3")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "use output_loss: mse" in result.output, result.output
+
+
+def test_a_hub_dataset_id_reads_from_the_local_cache_offline(tmp_path, tokenizer_dir, monkeypatch):
+    """hf:org/name[:config][:split] resolves to its snapshot in a Hugging Face cache laid out as
+    huggingface_hub lays it out (datasets--org--name/{snapshots/<commit>/, refs/main}),
+    offline; the same tokens as the files themselves; a missing id is one line."""
+    import huggingface_hub
+
+    from tests.test_hf import _no_network
+
+    _no_network(monkeypatch)
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "datasets--someorg--tiny-text"
+    data = repo / "snapshots" / commit / "data"
+    data.mkdir(parents=True)
+    for split, docs in (("train", DOCS), ("test", DOCS[:3])):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert corpus.corpus_format(CorpusConfig(path="hf:someorg/tiny-text")) == "hf_hub"
+    from_hub = tokens_of("hf:someorg/tiny-text", tokenizer_dir)
+    from_files = tokens_of(data / "train.jsonl", tokenizer_dir)
+    np.testing.assert_array_equal(from_hub, from_files)
+    test_split = tokens_of("hf:someorg/tiny-text::test", tokenizer_dir)
+    assert 0 < test_split.size < from_hub.size
+    with pytest.raises(FileNotFoundError, match="hf download someorg/other --repo-type dataset"):
+        tokens_of("hf:someorg/other", tokenizer_dir)

@@ -150,11 +150,18 @@ class CorpusConfig(StrictModel):
     token files are read in place through a memmap, so a corpus larger than memory works.
     The last `heldout_frac` of the token stream is held out for the evaluation."""
 
-    path: str = Field(min_length=1, description="a file, or a folder of files of one format")
-    format: Literal["auto", "text", "jsonl", "parquet", "hf_dataset", "npy", "bin"] = Field(
-        default="auto",
-        description="auto: from the suffix (.txt, .jsonl, .parquet, .npy, .bin) or, for a "
-        "folder, its files; hf_dataset: a folder written by datasets' save_to_disk",
+    path: str = Field(
+        min_length=1,
+        description="a file, a folder of files of one format, or a Hub dataset id "
+        "hf:org/name[:config][:split] from the local Hugging Face cache",
+    )
+    format: Literal["auto", "text", "jsonl", "parquet", "hf_dataset", "hf_hub", "npy", "bin"] = (
+        Field(
+            default="auto",
+            description="auto: from the suffix (.txt, .jsonl, .parquet, .npy, .bin), for a "
+            "folder its files, hf: ids the Hub; hf_dataset: a folder written by datasets' "
+            "save_to_disk; hf_hub: a Hub dataset id",
+        )
     )
     field: str = Field(
         default="text", min_length=1, description="JSON-lines field / Parquet or dataset column"

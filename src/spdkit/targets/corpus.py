@@ -44,10 +44,42 @@ def cache_root() -> Path:
     return Path(xdg) / "spdkit" / "tokens"
 
 
+HUB_PREFIX = "hf:"
+
+
+def hub_dataset(path: str) -> tuple[Path, str | None, str]:
+    """`hf:org/name[@revision][:config][:split]` → (its snapshot folder in the local Hugging
+    Face cache, config, split (default train)), as huggingface_hub lays the cache out; nothing
+    is downloaded. A missing id is one line saying how to fetch it."""
+    spec = path.removeprefix(HUB_PREFIX)
+    repo, _, rest = spec.partition(":")
+    config, _, split = rest.partition(":")
+    repo_id, _, revision = repo.partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:
+        raise ImportError(
+            "a Hub dataset id needs huggingface_hub: pip install -c constraints.txt -e '.[hf]'"
+        ) from None
+    try:
+        folder = snapshot_download(
+            repo_id, repo_type="dataset", revision=revision or None, local_files_only=True
+        )
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"target.data.path {path}: not in the Hugging Face cache; spdkit never downloads: "
+            f"fetch it once with `hf download {repo_id} --repo-type dataset`"
+        ) from None
+    return Path(folder), config or None, split or "train"
+
+
 def corpus_format(config: CorpusConfig) -> str:
     """The configured format, or the one the path's suffix (a folder: its files') names."""
     if config.format != "auto":
         return config.format
+    if config.path.startswith(HUB_PREFIX):
+        return "hf_hub"
     path = Path(config.path)
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
@@ -72,6 +104,8 @@ def corpus_format(config: CorpusConfig) -> str:
 
 def corpus_files(config: CorpusConfig, fmt: str) -> list[Path]:
     """The files of the corpus in a fixed (sorted) order; a folder is searched recursively."""
+    if fmt == "hf_hub":
+        return [hub_dataset(config.path)[0]]
     path = Path(config.path)
     if not path.exists():
         raise FileNotFoundError(f"target.data.path {path} does not exist")
@@ -90,6 +124,10 @@ def documents(config: CorpusConfig, fmt: str, files: list[Path]) -> Iterator[str
     readers = {"text": _text_docs, "jsonl": _jsonl_docs, "parquet": _parquet_docs}
     if fmt == "hf_dataset":
         yield from _dataset_docs(files[0], config.field)
+        return
+    if fmt == "hf_hub":
+        _, name, split = hub_dataset(config.path)
+        yield from _hub_docs(files[0], name, split, config.field)
         return
     for file in files:
         yield from readers[fmt](file, config.field)
@@ -147,6 +185,25 @@ def _dataset_docs(folder: Path, field: str) -> Iterator[str]:
         yield from (str(v) for v in batch[field] if v is not None)
 
 
+def _hub_docs(folder: Path, name: str | None, split: str, field: str) -> Iterator[str]:
+    """A Hub dataset's snapshot read by `datasets` as a local folder (offline: its files are
+    all there), the given config and split."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            "a Hub dataset id needs `datasets`: pip install -c constraints.txt -e '.[hf]'"
+        ) from None
+    try:
+        ds = datasets.load_dataset(str(folder), name=name, split=split)
+    except ValueError as err:  # an unknown split or config
+        raise ValueError(f"{folder}: {str(err).splitlines()[0]}") from None
+    if field not in ds.column_names:
+        raise ValueError(f"{folder}: no column {field!r} (has {ds.column_names})")
+    for batch in ds.iter(batch_size=1024):
+        yield from (str(v) for v in batch[field] if v is not None)
+
+
 # --- tokens -----------------------------------------------------------------------------------
 def cache_key(config: CorpusConfig, fmt: str, files: list[Path], tokenizer_dir: Path) -> str:
     """Hash of what the token file depends on: the tokenizer's files (contents), the corpus
@@ -160,7 +217,7 @@ def cache_key(config: CorpusConfig, fmt: str, files: list[Path], tokenizer_dir: 
         for part in (p for p in parts if p.is_file()):
             st = part.stat()
             digest.update(f"{part.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
-    digest.update(f"{fmt}|{config.field}|{config.append_eos}".encode())
+    digest.update(f"{fmt}|{config.field}|{config.append_eos}|{config.path}".encode())
     return digest.hexdigest()[:16]
 
 
