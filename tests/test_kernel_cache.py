@@ -91,3 +91,15 @@ def test_a_build_killed_midway_is_finished_by_the_next_process(tmp_path):
     result = load_in_subprocess(tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
     assert (build / "built").exists() and not (build / "lock").exists()
+
+
+def test_a_failed_build_is_reported_in_one_telling_line():
+    from spdkit.engine.kernels import build_problem
+
+    err = RuntimeError(
+        "Error building extension 'k': [1/4] /x/c++ -MMD -c a.cpp\n"
+        "/bin/sh: 1: /x/c++: not found\nninja: build stopped: subcommand failed."
+    )
+    assert build_problem(err) == "/bin/sh: 1: /x/c++: not found"
+    assert build_problem(RuntimeError("x" * 500)).endswith("…")
+    assert build_problem(RuntimeError("")) == "RuntimeError"

@@ -69,8 +69,25 @@ def load_extension() -> ModuleType | None:
     try:
         return _load_or_build(cache_root() / build_name())
     except Exception as err:  # a missing compiler or ninja must not stop a run
-        log.warning("fused CI kernel unavailable (%s); using the eager implementation", err)
+        log.warning(
+            "fused CI kernel unavailable (%s); using the eager implementation "
+            "(SPDKIT_NO_FUSED=1 skips the attempt)",
+            build_problem(err),
+        )
         return None
+
+
+def build_problem(err: Exception, limit: int = 160) -> str:
+    """One line of a failed build's error (the compiler's output spans many): the last line
+    that says what went wrong, else the first, cut to `limit` characters."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    telling = [
+        line
+        for line in lines
+        if any(w in line.lower() for w in ("not found", "no such file", "error:", "fatal"))
+    ]
+    line = (telling or lines or [type(err).__name__])[-1 if telling else 0]
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def _load_or_build(build_dir: Path) -> ModuleType:
