@@ -100,3 +100,15 @@ def test_a_decomposition_describes_itself_in_a_notebook_cell(tiny_tms_run):
     assert "MMCS" in text and str(tiny_tms_run) in text
     html = decomp._repr_html_()
     assert html.startswith("<b>Decomposition of tms 5-2</b><table>") and "<td>modules</td>" in html
+
+
+def test_figure_functions_return_a_figure_and_save_only_when_asked(tmp_path):
+    from matplotlib.figure import Figure
+
+    from spdkit.analysis import plots
+
+    ci = {"linear1": torch.rand(50, 8), "linear2": torch.rand(50, 8)}
+    fig = plots.plot_ci_histograms(ci, None)
+    assert isinstance(fig, Figure) and not list(tmp_path.iterdir())
+    again = plots.plot_ci_histograms(ci, tmp_path / "h.png")
+    assert isinstance(again, Figure) and (tmp_path / "h.png").is_file()

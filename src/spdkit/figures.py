@@ -22,3 +22,11 @@ def save_figure(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     return path
+
+
+def finish(fig: Figure, path: Path | None) -> Figure:
+    """The figure saved as a PNG at `path` if one is given, and returned either way (a notebook
+    cell shows a returned Figure; a script may keep drawing on it)."""
+    if path is not None:
+        save_figure(fig, path)
+    return fig

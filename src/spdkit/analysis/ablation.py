@@ -29,12 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor
 from torch.func import functional_call
 
 from spdkit.analysis.decomposed import Decomposed
 from spdkit.analysis.mechanisms.clusters import Cluster
-from spdkit.figures import new_figure, save_figure
+from spdkit.figures import finish, new_figure
 from spdkit.method.forwards import model_output
 from spdkit.method.model import ComponentModel
 from spdkit.progress import progress_bar
@@ -328,7 +329,7 @@ def union(by_id: Mapping[int, Cluster], ids: Sequence[int]) -> Off:
     return off
 
 
-def plot_mechanism_score(score: dict[str, Any], path: Path) -> Path:
+def plot_mechanism_score(score: dict[str, Any], path: Path | None) -> Figure:
     """Rows: each group's chosen clusters; columns: the groups; cell: the fraction of that
     group's everything-ablated CE increase the row's ablation causes. A planted mechanism
     found selectively is a bright diagonal (≥ 0.8) on a dark field (≤ 0.1)."""
@@ -348,4 +349,4 @@ def plot_mechanism_score(score: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("CE increase in group (fraction of everything ablated)")
     ax.set_title("mechanism score (CI-gated ablation)")
     fig.colorbar(im, ax=ax, shrink=0.8)
-    return save_figure(fig, path)
+    return finish(fig, path)

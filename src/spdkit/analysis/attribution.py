@@ -44,9 +44,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor
 
-from spdkit.figures import new_figure, save_figure
+from spdkit.figures import finish, new_figure
 from spdkit.method.forwards import ForwardFactory, forwards_replaced, model_output
 from spdkit.method.model import ComponentModel
 from spdkit.progress import progress_bar
@@ -369,7 +370,7 @@ def _top_logit_edges(to_logit: Mapping[str, Tensor], n: int, k: int) -> list[dic
 
 
 # --- figure ---------------------------------------------------------------------------------
-def plot_prompt_graph(graph: dict[str, Any], path: Path, n_edges: int = 60) -> Path:
+def plot_prompt_graph(graph: dict[str, Any], path: Path | None, n_edges: int = 60) -> Figure:
     """Nodes at (position, layer order of their module), the `n_edges` strongest edges as
     lines (width ∝ |e|; blue positive, red negative), logits on the top row."""
     modules = list(dict.fromkeys(node["module"] for node in graph["nodes"]))
@@ -397,4 +398,4 @@ def plot_prompt_graph(graph: dict[str, Any], path: Path, n_edges: int = 60) -> P
     tokens = graph.get("tokens") or [str(i) for i in graph["ids"]]
     ax.set_xticks(range(T), tokens, fontsize=6, rotation=90)
     ax.set_title(f"attribution graph: {len(edges)} strongest edges")
-    return save_figure(fig, path)
+    return finish(fig, path)

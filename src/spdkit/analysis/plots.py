@@ -8,16 +8,17 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor
 
 from spdkit.analysis.metrics import greedy_feature_order
-from spdkit.figures import new_figure, save_figure
+from spdkit.figures import finish, new_figure
 
 
 def plot_matrix_decomposition(
-    target: Tensor, U: Tensor, V: Tensor, path: Path, n_show: int, title: str
-) -> Path:
+    target: Tensor, U: Tensor, V: Tensor, path: Path | None, n_show: int, title: str
+) -> Figure:
     """Paper Figure 3: the target matrix, the sum of all subcomponents, the largest ones."""
     target, U, V = (t.detach().cpu().float() for t in (target, U, V))
     norms = (U.norm(dim=0) * V.norm(dim=1)).numpy()
@@ -33,17 +34,17 @@ def plot_matrix_decomposition(
         ax.set_yticks([])
     fig.colorbar(im, ax=np.atleast_1d(axes).tolist(), shrink=0.8)
     fig.suptitle(title, fontsize=10)
-    return save_figure(fig, path)
+    return finish(fig, path)
 
 
 def plot_ci_heatmaps(
     ci: dict[str, Tensor],
-    path: Path,
+    path: Path | None,
     threshold: float,
     input_label: str,
     show_all: bool = False,
     ncols: int | None = None,
-) -> Path:
+) -> Figure:
     """CI on one-hot inputs, one panel per module: rows = input feature, columns = subcomponents
     greedily ordered to show the diagonal (paper Figures 8, 12, 13); only the ever-active ones
     (CI > threshold) unless `show_all`."""
@@ -72,12 +73,12 @@ def plot_ci_heatmaps(
         if len(order) <= 40:
             ax.set_xticks(range(len(order)), [str(c) for c in order], fontsize=6, rotation=90)
     fig.colorbar(im, ax=axes.flatten().tolist(), shrink=0.8, label="causal importance")
-    return save_figure(fig, path)
+    return finish(fig, path)
 
 
 def plot_ci_grid(
-    runs_ci: dict[str, dict[str, Tensor]], path: Path, threshold: float, title: str = ""
-) -> Path:
+    runs_ci: dict[str, dict[str, Tensor]], path: Path | None, threshold: float, title: str = ""
+) -> Figure:
     """Sweep figure (paper Figure 8): one column per run, one row per module, CI on one-hot
     inputs with columns greedily ordered."""
     labels = list(runs_ci)
@@ -108,10 +109,10 @@ def plot_ci_grid(
     fig.colorbar(im, ax=axes.flatten().tolist(), shrink=0.6, label="causal importance")
     if title:
         fig.suptitle(title)
-    return save_figure(fig, path)
+    return finish(fig, path)
 
 
-def plot_losses(records: Sequence[dict], path: Path, keys: Sequence[str]) -> Path:
+def plot_losses(records: Sequence[dict], path: Path | None, keys: Sequence[str]) -> Figure:
     """Loss terms over training (log scale)."""
     fig, ax = new_figure(figsize=(7, 4))
     steps = [r["step"] for r in records]
@@ -127,10 +128,10 @@ def plot_losses(records: Sequence[dict], path: Path, keys: Sequence[str]) -> Pat
     else:
         ax.set_title("no metrics recorded", fontsize=9)
     ax.grid(alpha=0.3)
-    return save_figure(fig, path)
+    return finish(fig, path)
 
 
-def plot_l0_over_training(records: Sequence[dict], path: Path) -> Path:
+def plot_l0_over_training(records: Sequence[dict], path: Path | None) -> Figure:
     """Mean CI-L0 per module (subcomponents with CI > threshold per input/token) over training."""
     keys = sorted({k for r in records for k in r if k.startswith("l0/")})
     fig, ax = new_figure(figsize=(7, 4))
@@ -146,10 +147,10 @@ def plot_l0_over_training(records: Sequence[dict], path: Path) -> Path:
         ax.legend(fontsize=7)
     else:
         ax.set_title("no metrics recorded", fontsize=9)
-    return save_figure(fig, path)
+    return finish(fig, path)
 
 
-def plot_ci_histograms(ci: dict[str, Tensor], path: Path) -> Path:
+def plot_ci_histograms(ci: dict[str, Tensor], path: Path | None) -> Figure:
     """Distribution of CI values per module over an evaluation batch (log counts): a good
     decomposition has most mass at 0 and a clear bump at 1."""
     names = list(ci)
@@ -164,10 +165,10 @@ def plot_ci_histograms(ci: dict[str, Tensor], path: Path) -> Path:
         ax.hist(values, bins=bins, log=True, color="C0")
         ax.set_title(name, fontsize=8)
         ax.set_xlabel("causal importance", fontsize=7)
-    return save_figure(fig, path)
+    return finish(fig, path)
 
 
-def plot_top_contexts(table: dict[str, list[dict]], path: Path) -> Path:
+def plot_top_contexts(table: dict[str, list[dict]], path: Path | None) -> Figure:
     """Text panel: for the most used subcomponents of each module, the contexts where their CI
     is highest (the token at the right end, marked with brackets)."""
     lines = []
@@ -182,12 +183,12 @@ def plot_top_contexts(table: dict[str, list[dict]], path: Path) -> Path:
     ax.text(
         0, 1, "\n".join(lines) or "no subcomponents fired", va="top", family="monospace", fontsize=7
     )
-    return save_figure(fig, path)
+    return finish(fig, path)
 
 
 def plot_pareto(
-    points: Sequence[dict], path: Path, measures: Sequence[str], title: str = ""
-) -> Path:
+    points: Sequence[dict], path: Path | None, measures: Sequence[str], title: str = ""
+) -> Figure:
     """Sparsity against faithfulness, one point per run: x = CI-L0 per token (summed over
     modules), y = each KL in `measures` (one marker per measure, one colour per run). The
     better decomposition of two at the same L0 is the lower one; an adversarial KL far above
@@ -214,12 +215,12 @@ def plot_pareto(
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6, loc="best")
-    return save_figure(fig, path)
+    return finish(fig, path)
 
 
 def plot_coactivation(
-    pair_counts: Tensor, sizes: Sequence[int], names: Sequence[str], path: Path
-) -> Path:
+    pair_counts: Tensor, sizes: Sequence[int], names: Sequence[str], path: Path | None
+) -> Figure:
     """The co-activation matrix of live subcomponents ordered by cluster, normalised as
     s_ij / √(s_i s_j) (1: always fire together, 0: never), each cluster's block outlined;
     `names` label the axes when there are few."""
@@ -245,4 +246,4 @@ def plot_coactivation(
         ax.set_xticks(range(n), names, fontsize=7, rotation=90)
         ax.set_yticks(range(n), names, fontsize=7)
     fig.colorbar(im, ax=ax, shrink=0.8, label=r"co-activation $s_{ij} / \sqrt{s_i s_j}$")
-    return save_figure(fig, path)
+    return finish(fig, path)

@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor
 
 from spdkit.config import PlantedLMTargetConfig, SPDConfig
-from spdkit.figures import new_figure, save_figure
+from spdkit.figures import finish, new_figure
 from spdkit.method.model import ComponentModel
 from spdkit.targets.transformer import (
     Transformer,
@@ -185,7 +186,7 @@ def report(
     return {"planted_tasks": out}
 
 
-def plot_task_ces(table: dict[str, dict[str, float]], path: Path) -> Path:
+def plot_task_ces(table: dict[str, dict[str, float]], path: Path | None) -> Figure:
     """Grouped bars: per task, scored CE for each model (target, masked kinds, chance)."""
     kinds = ["target", "ci", "rounded", "ones", "zero", "chance"]
     fig, ax = new_figure(figsize=(1.6 + 1.4 * len(table), 3.2))
@@ -197,7 +198,7 @@ def plot_task_ces(table: dict[str, dict[str, float]], path: Path) -> Path:
     ax.set_ylabel("CE of the scored positions (nats)")
     ax.set_title("planted tasks: target and masked model")
     ax.legend(fontsize=7, ncol=3)
-    return save_figure(fig, path)
+    return finish(fig, path)
 
 
 def build_planted_lm(config: PlantedLMTargetConfig) -> Transformer:

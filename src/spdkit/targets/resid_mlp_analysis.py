@@ -11,10 +11,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor
 
 from spdkit.config import SPDConfig
-from spdkit.figures import new_figure, save_figure
+from spdkit.figures import finish, new_figure
 from spdkit.method.measures import causal_importance, one_hot_inputs, subcomponents
 from spdkit.method.model import ComponentModel
 
@@ -173,8 +174,8 @@ def feature_owners(model: ComponentModel, config: SPDConfig) -> dict[str, list[l
 
 
 def plot_neuron_contributions(
-    target: Tensor, subcomponent: Tensor, path: Path, n_show: int = 10
-) -> Path:
+    target: Tensor, subcomponent: Tensor, path: Path | None, n_show: int = 10
+) -> Figure:
     """Paper Figure 6: per-neuron contributions to the first `n_show` features, target (top)
     vs the feature's W_in subcomponent (bottom). Inputs [n_features, n_neurons]."""
     target, subcomponent = target.detach().cpu(), subcomponent.detach().cpu()
@@ -193,12 +194,12 @@ def plot_neuron_contributions(
             if row == 0:
                 ax.set_title(f"feature {i}", fontsize=8)
     fig.supxlabel("neuron", fontsize=9)
-    return save_figure(fig, path)
+    return finish(fig, path)
 
 
 def plot_contribution_scatter(
-    target: Tensor, subcomponent: Tensor, path: Path, r: float, slope: float
-) -> Path:
+    target: Tensor, subcomponent: Tensor, path: Path | None, r: float, slope: float
+) -> Figure:
     """Paper Figures 7, 10, 11: every (feature, neuron) contribution, target vs subcomponent."""
     x = target.detach().cpu().flatten().numpy()
     y = subcomponent.detach().cpu().flatten().numpy()
@@ -212,7 +213,7 @@ def plot_contribution_scatter(
     ax.set_ylabel("neuron contribution, W_in subcomponent")
     ax.set_title(f"Pearson r = {r:.3f}, slope = {slope:.3f}", fontsize=9)
     ax.legend(fontsize=8)
-    return save_figure(fig, path)
+    return finish(fig, path)
 
 
 def true_components(model: ComponentModel) -> dict[str, tuple[Tensor, Tensor]]:

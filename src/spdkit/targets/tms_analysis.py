@@ -12,10 +12,11 @@ import matplotlib
 import numpy as np
 import torch
 from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 from torch import Tensor
 
 from spdkit.config import SPDConfig
-from spdkit.figures import new_figure, save_figure
+from spdkit.figures import finish, new_figure
 from spdkit.method.measures import non_negligible, subcomponent_norms, subcomponents
 from spdkit.method.model import ComponentModel
 
@@ -176,7 +177,7 @@ def _arrows(ax: Axes, cols: np.ndarray, lim: float, title: str) -> None:
     ax.set_title(title, fontsize=9)
 
 
-def plot_tms_vectors(W: Tensor, U: Tensor, V: Tensor, path: Path, n_show: int) -> Path:
+def plot_tms_vectors(W: Tensor, U: Tensor, V: Tensor, path: Path | None, n_show: int) -> Figure:
     """Paper Figure 1 (top row): columns of W [2, n]; columns of Σ_c U_c V_cᵀ; then the
     `n_show` largest subcomponents (by norm), each drawn as its columns U[:, c] V[c, j]."""
     W, U, V = (t.detach().cpu().float() for t in (W, U, V))
@@ -191,7 +192,7 @@ def plot_tms_vectors(W: Tensor, U: Tensor, V: Tensor, path: Path, n_show: int) -
     for ax, (title, cols) in zip(np.atleast_1d(axes), panels, strict=True):
         _arrows(ax, cols, lim, title)
     fig.suptitle("Columns of W (one colour per input feature)", fontsize=10)
-    return save_figure(fig, path)
+    return finish(fig, path)
 
 
 def true_components(model: ComponentModel) -> dict[str, tuple[Tensor, Tensor]]:
