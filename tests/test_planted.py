@@ -289,3 +289,51 @@ def test_the_vpd_config_decomposes_the_same_planted_target():
     paper, vpd = load_config("planted_lm"), load_config("planted_lm_vpd")
     assert paper.target == vpd.target and paper.seed == vpd.seed and paper.modules == vpd.modules
     assert vpd.ci_fn.kind == "global_transformer" and vpd.components.delta
+
+
+def test_harvest_keeps_bounded_statistics_that_match_a_direct_count(planted_run):
+    """On the tiny planted run: firing counts and mean CI equal a direct count over the same
+    tokens; top contexts are the highest-CI firings and end at the firing token; the Parquet
+    files read back; the kept state does not grow with the tokens read."""
+    import json
+
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from spdkit import load
+    from spdkit.analysis import harvest
+    from spdkit.cli import app
+    from spdkit.method.measures import causal_importance
+
+    run, _ = planted_run
+    decomp = load(run)
+    data = planted.PlantedTasks(decomp.config.target)
+    gen = torch.Generator().manual_seed(3)
+    batches = [data.sample(8, gen) for _ in range(3)]
+    params = harvest.HarvestParams(tokens=3 * 8 * 17, threshold=0.1, top_k=3, random_k=2, window=5)
+    result = harvest.harvest(decomp.model, iter(batches), 20, params, progress=False)
+    ids = torch.cat(batches)
+    ci = causal_importance(decomp.model, ids)
+    flat = torch.cat([ci[m] for m in decomp.model.module_names], -1).flatten(0, 1)
+    fires = flat > 0.1
+    assert torch.equal(result.fire, fires.sum(0)) and result.n_tokens == ids.numel()
+    torch.testing.assert_close(result.ci_sum.float(), torch.where(fires, flat, 0.0).sum(0))
+    c = int(result.fire.argmax())
+    best = torch.where(fires[:, c], flat[:, c], -1.0).topk(3).values
+    torch.testing.assert_close(result.top.ci[c], best)
+    pos = int(torch.where(fires[:, c], flat[:, c], -1.0).argmax())
+    assert result.top.windows[c, 0, -1] == ids.flatten()[pos]  # the window ends at the firing
+    assert result.top.windows.shape == (len(result.names), 3, 5)
+    out = CliRunner().invoke(
+        app, ["harvest", str(run), "--tokens", "600", "--top-k", "3", "--random-k", "2", "--quiet"]
+    )
+    assert out.exit_code == 0, out.output
+    subs = pq.read_table(run / "harvest" / "subcomponents.parquet").to_pylist()
+    ctx = pq.read_table(run / "harvest" / "contexts.parquet").to_pylist()
+    meta = json.loads((run / "harvest" / "meta.json").read_text())
+    assert meta["n_tokens"] >= 600 and len(subs) == meta["n_fired"] > 0
+    row = max(subs, key=lambda r: r["n_fire"])
+    assert 0 < row["density"] <= 1 and row["mean_ci"] > 0.1 and row["input_tokens"]
+    assert {"token", "count", "precision", "recall", "pmi", "text"} <= set(row["input_tokens"][0])
+    mine = [r for r in ctx if r["name"] == row["name"]]
+    assert {r["kind"] for r in mine} == {"top", "random"} and all("[" in r["text"] for r in mine)

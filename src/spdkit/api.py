@@ -12,8 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from spdkit.analysis import ablation, attribution
+from spdkit.analysis import harvest as harvest_module
 from spdkit.analysis.attribution import AttributionParams
 from spdkit.analysis.evaluation import evaluate
+from spdkit.analysis.harvest import HarvestParams
 from spdkit.analysis.mechanisms.clusters import (
     Cluster,
     Clustering,
@@ -29,7 +31,7 @@ from spdkit.method.measures import causal_importance
 from spdkit.method.model import ComponentModel
 from spdkit.store import runs
 from spdkit.store.restore import restore
-from spdkit.targets import DataSource, eval_data_source, hf, target_kind
+from spdkit.targets import DataSource, eval_data_source, hf, reports_lm, target_kind
 from spdkit.training.loop import build_trainer, train_in_run_dir
 
 log = logging.getLogger(__name__)
@@ -197,6 +199,46 @@ class Decomposition:
         return attribution.dataset_attributions(
             self.model, batches(), n_tokens, params or self._attribution_params(), progress
         )
+
+    def harvest(
+        self,
+        params: HarvestParams | None = None,
+        batch_size: int | None = None,
+        out_dir: str | Path | None = None,
+        progress: bool = True,
+    ) -> dict[str, Any]:
+        """One streaming pass over held-out tokens keeping, per subcomponent that fires, its
+        density, mean CI, top and random contexts, associated tokens and co-firing neighbours
+        (`spdkit.analysis.harvest`); written as Parquet into `out_dir` (default
+        RUN_DIR/harvest/). Returns meta.json's content."""
+        config = self.config
+        params = params or HarvestParams(threshold=config.eval.ci_threshold)
+        where = Path(out_dir) if out_dir is not None else None
+        if where is None:
+            if self.run_dir is None:
+                raise ValueError("this decomposition has no run directory: pass harvest(out_dir=)")
+            where = self.run_dir / harvest_module.HARVEST_DIR
+        device = next(self.model.parameters()).device
+        gen = torch.Generator(device=device).manual_seed(config.seed + 7000 + params.seed)
+        source = eval_data_source(config, self.data)
+        size = batch_size or config.eval.batch_size or 16
+
+        def batches() -> Iterator[Tensor]:
+            while True:
+                yield source.sample(size, gen)
+
+        vocab = self._vocab_size()
+        result = harvest_module.harvest(
+            self.model, batches(), vocab, params, chunk=config.eval.batch_size, progress=progress
+        )
+        return harvest_module.write_harvest(result, where, params, self._decoder())
+
+    def _vocab_size(self) -> int:
+        """The target's token vocabulary (the embedding's rows)."""
+        embed = next((m for m in self.model.target.modules() if isinstance(m, nn.Embedding)), None)
+        if embed is None or not reports_lm(self.config.target):
+            raise ValueError("harvest reads token ids: this run's target is not a language model")
+        return embed.num_embeddings
 
     def _attribution_params(self) -> AttributionParams:
         return AttributionParams(ci_threshold=self.config.eval.ci_threshold)

@@ -331,3 +331,33 @@ def export(
     files = sorted(p.name for p in path.iterdir())
     typer.echo(f"wrote {path}: {', '.join(files)}")
     typer.echo(f"publish: hf upload ORG/NAME {path} .   (load: spdkit.load('{path}'))")
+
+
+@app.command()
+def harvest(
+    run_dir: Path = typer.Argument(..., help="a finished run directory (a language model)"),
+    tokens: int = typer.Option(100_000, min=1, help="held-out tokens to read"),
+    top_k: int = typer.Option(10, min=0, help="highest-CI contexts kept per subcomponent"),
+    random_k: int = typer.Option(10, min=0, help="random firing contexts kept per subcomponent"),
+    window: int = typer.Option(16, min=1, help="tokens per context, ending at the firing one"),
+    batch_size: int = typer.Option(None, min=1, help="sequences per batch (eval.batch_size)"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+) -> None:
+    """Read held-out text once and keep, per subcomponent that fires: density, mean CI,
+    top and random contexts, the input / next tokens most associated with it, and its
+    co-firing neighbours; into RUN_DIR/harvest/ (Parquet: subcomponents, contexts)."""
+    from spdkit.analysis.harvest import HarvestParams
+    from spdkit.api import load
+    from spdkit.pipeline.run import resolve_device
+
+    try:
+        decomp = load(run_dir, resolve_device(device))
+        params = HarvestParams(tokens, decomp.config.eval.ci_threshold, top_k, random_k, window)
+        meta = decomp.harvest(params, batch_size, progress=not quiet)
+    except USER_ERRORS as err:
+        _fail(err)
+    typer.echo(
+        f"{meta['n_fired']} of {meta['n_subcomponents']} subcomponents fired on "
+        f"{meta['n_tokens']} tokens; wrote {run_dir / 'harvest'}"
+    )

@@ -1,0 +1,308 @@
+"""Harvest: one streaming pass over held-out text that keeps, for every subcomponent that fires,
+what a reader needs to say what it does (`spdkit harvest`).
+
+A subcomponent *fires* at a token where its CI (σ_H,upper, the plotted value) is above τ
+(`eval.ci_threshold`). Over N tokens, per subcomponent:
+
+- firing count and density (count / N), mean CI when firing;
+- the `top_k` firing positions of highest CI and `random_k` firing positions drawn uniformly
+  (each firing gets a random key; the smallest keys are kept: a reservoir sample without
+  replacement), each as a window of `window` tokens ending at the firing token;
+- the input tokens (the firing token) and next tokens most associated with firing: counts,
+  precision P(token | fires), recall P(fires | token) and PMI log P(fires, token) /
+  (P(fires) P(token));
+- the subcomponents it fires with most (co-firing counts), when the decomposition has at most
+  `max_cofiring` subcomponents (a dense [C, C] count; larger ones skip it).
+
+Memory: the kept contexts are [C, k, window] whatever N; token associations are counted
+sparsely (one entry per (subcomponent, token) pair seen), reduced every few batches.
+
+Output (a public contract, `RUN_DIR/harvest/`): `subcomponents.parquet` (one row per
+subcomponent that fired), `contexts.parquet` (one row per kept context), `meta.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from spdkit.method.measures import causal_importance
+from spdkit.method.model import ComponentModel
+from spdkit.progress import progress_bar
+from spdkit.store import atomic
+
+HARVEST_DIR = "harvest"
+
+
+@dataclass(frozen=True)
+class HarvestParams:
+    """tokens: N to read; top_k / random_k: contexts kept per subcomponent; window: tokens
+    per context (ending at the firing token); n_tokens_kept: associated tokens listed per
+    subcomponent; max_cofiring: co-firing is counted up to this many subcomponents."""
+
+    tokens: int = 100_000
+    threshold: float = 0.1
+    top_k: int = 10
+    random_k: int = 10
+    window: int = 16
+    n_tokens_kept: int = 10
+    max_cofiring: int = 4096
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "window", "n_tokens_kept"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"harvest {name} = {getattr(self, name)}: must be ≥ 1")
+        for name in ("top_k", "random_k", "max_cofiring"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"harvest {name} = {getattr(self, name)}: must be ≥ 0")
+        if not 0 <= self.threshold < 1:
+            raise ValueError(f"harvest threshold = {self.threshold}: must be in [0, 1)")
+
+
+class KeptContexts:
+    """Per subcomponent, the k events of largest key seen so far: key [C, k] (−inf: empty),
+    the CI there [C, k] and its token window [C, k, W]. Merging a batch is one top-k over
+    the kept and the new events: the state never grows with the number of tokens."""
+
+    def __init__(self, C: int, k: int, window: int) -> None:
+        self.key = torch.full((C, k), -math.inf)
+        self.ci = torch.zeros(C, k)
+        self.windows = torch.full((C, k, window), -1, dtype=torch.long)
+
+    def add(self, key: Tensor, ci: Tensor, windows: Tensor) -> None:
+        """key, ci [C, n] (−inf: not an event) and windows [n, W] shared by every subcomponent."""
+        k = self.key.shape[1]
+        if k == 0:
+            return
+        n = key.shape[1]
+        top = key.topk(min(k, n), dim=1)  # the batch's best per subcomponent first: [C, k']
+        cand_key = torch.cat([self.key, top.values], 1)
+        cand_ci = torch.cat([self.ci, ci.gather(1, top.indices)], 1)
+        cand_win = torch.cat([self.windows, windows[top.indices]], 1)
+        best = cand_key.topk(k, dim=1).indices
+        self.key = cand_key.gather(1, best)
+        self.ci = cand_ci.gather(1, best)
+        self.windows = cand_win.gather(1, best[..., None].expand(-1, -1, cand_win.shape[-1]))
+
+
+class TokenCounts:
+    """Sparse counts of (subcomponent, token) pairs: keys sub × vocab + token, reduced with
+    np.unique every `every` batches (memory: the distinct pairs seen, not C × vocab)."""
+
+    def __init__(self, vocab: int, every: int = 16) -> None:
+        self.vocab, self.every = vocab, every
+        self.keys = np.zeros(0, dtype=np.int64)
+        self.counts = np.zeros(0, dtype=np.int64)
+        self.pending: list[np.ndarray] = []
+
+    def add(self, sub: Tensor, token: Tensor) -> None:
+        self.pending.append((sub.long() * self.vocab + token.long()).numpy())
+        if len(self.pending) >= self.every:
+            self._reduce()
+
+    def _reduce(self) -> None:
+        if not self.pending:
+            return
+        keys = np.concatenate([self.keys, *self.pending])
+        weights = np.concatenate(
+            [self.counts, np.ones(sum(len(p) for p in self.pending), np.int64)]
+        )
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        self.keys, self.counts = uniq, np.bincount(inverse, weights=weights).astype(np.int64)
+        self.pending = []
+
+    def by_subcomponent(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(sub, token, count) of every pair seen."""
+        self._reduce()
+        return self.keys // self.vocab, self.keys % self.vocab, self.counts
+
+
+@dataclass
+class HarvestResult:
+    names: list[str]  # "<module>:<index>", in the flat order
+    n_tokens: int
+    fire: Tensor  # [C] firing counts
+    ci_sum: Tensor  # [C] Σ CI when firing
+    top: KeptContexts
+    random: KeptContexts
+    inputs: TokenCounts
+    nexts: TokenCounts
+    token_totals: np.ndarray  # [vocab] occurrences of each token (as input)
+    next_totals: np.ndarray  # [vocab] occurrences as the next token
+    cofire: Tensor | None  # [C, C] or None
+
+
+def harvest(
+    model: ComponentModel,
+    batches: Iterator[Tensor],
+    vocab: int,
+    params: HarvestParams,
+    chunk: int | None = None,
+    progress: bool = True,
+) -> HarvestResult:
+    """The streaming pass over token batches [B, T] until `params.tokens` tokens are read."""
+    names = [f"{m}:{c}" for m in model.module_names for c in range(model.components(m).C)]
+    C, W = len(names), params.window
+    top, rand = KeptContexts(C, params.top_k, W), KeptContexts(C, params.random_k, W)
+    fire, ci_sum = torch.zeros(C, dtype=torch.long), torch.zeros(C, dtype=torch.float64)
+    inputs, nexts = TokenCounts(vocab), TokenCounts(vocab)
+    totals, next_totals = np.zeros(vocab, np.int64), np.zeros(vocab, np.int64)
+    cofire = torch.zeros(C, C, dtype=torch.long) if params.max_cofiring >= C else None
+    gen = torch.Generator().manual_seed(params.seed)
+    seen = 0
+    bar = progress_bar(params.tokens, "harvest", progress)
+    for ids in batches:
+        ids = ids.cpu()
+        with torch.no_grad():
+            ci = causal_importance(model, ids.to(next(model.parameters()).device), chunk=chunk)
+        flat = torch.cat([ci[m].float().cpu() for m in model.module_names], -1).flatten(0, 1)
+        fires = flat > params.threshold  # [n, C]
+        n = flat.shape[0]
+        B, T = ids.shape
+        # windows ending at each position: [n, W], −1 before the sequence start
+        padded = torch.cat([torch.full((B, W - 1), -1, dtype=torch.long), ids], 1)
+        windows = padded.unfold(1, W, 1).reshape(n, W)
+        next_ids = torch.cat([ids[:, 1:], torch.full((B, 1), -1, dtype=torch.long)], 1).flatten()
+        fire += fires.sum(0)
+        ci_sum += torch.where(fires, flat, 0.0).sum(0).double()
+        top.add(torch.where(fires, flat, -math.inf).T, flat.T, windows)  # key: the CI
+        keys = torch.rand(C, n, generator=gen)
+        rand.add(torch.where(fires.T, keys, -math.inf), flat.T, windows)
+        pos, sub = fires.nonzero(as_tuple=True)
+        inputs.add(sub, ids.flatten()[pos])
+        has_next = next_ids[pos] >= 0
+        nexts.add(sub[has_next], next_ids[pos][has_next])
+        totals += np.bincount(ids.flatten().numpy(), minlength=vocab)
+        valid = next_ids[next_ids >= 0].numpy()
+        next_totals += np.bincount(valid, minlength=vocab)
+        if cofire is not None:
+            f = fires.to(torch.float32)
+            cofire += (f.T @ f).round().long()
+        seen += n
+        bar.update(min(n, max(0, params.tokens - (seen - n))))
+        if seen >= params.tokens:
+            break
+    bar.close()
+    return HarvestResult(
+        names, seen, fire, ci_sum, top, rand, inputs, nexts, totals, next_totals, cofire
+    )
+
+
+def _associations(
+    counts: TokenCounts, fire: Tensor, totals: np.ndarray, n: int, k: int
+) -> dict[int, list[dict[str, Any]]]:
+    """Per subcomponent, its k tokens of highest PMI among those seen with it at least twice
+    (or once, if none twice), with count, precision, recall and PMI."""
+    sub, tok, cnt = counts.by_subcomponent()
+    fires = fire.numpy()[sub].astype(np.float64)
+    tot = totals[tok].astype(np.float64)
+    precision = cnt / np.maximum(fires, 1)
+    recall = cnt / np.maximum(tot, 1)
+    pmi = np.log(np.maximum(cnt * n, 1e-30) / np.maximum(fires * tot, 1e-30))
+    out: dict[int, list[dict[str, Any]]] = {}
+    order = np.lexsort((-pmi, sub))
+    for i in order:
+        rows = out.setdefault(int(sub[i]), [])
+        if len(rows) < k and (cnt[i] >= 2 or fires[i] < 2 * k):
+            rows.append(
+                {
+                    "token": int(tok[i]),
+                    "count": int(cnt[i]),
+                    "precision": round(float(precision[i]), 5),
+                    "recall": round(float(recall[i]), 5),
+                    "pmi": round(float(pmi[i]), 4),
+                }
+            )
+    return out
+
+
+def write_harvest(
+    result: HarvestResult,
+    out_dir: Path,
+    params: HarvestParams,
+    decode: Callable[[list[int]], str] | None = None,
+) -> dict[str, Any]:
+    """subcomponents.parquet, contexts.parquet and meta.json into `out_dir` (atomically each)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(
+            "spdkit harvest writes Parquet: pip install -c constraints.txt -e '.[hf]' (pyarrow)"
+        ) from None
+    text = decode or (lambda ids: " ".join(map(str, ids)))
+    n = result.n_tokens
+    live = (result.fire > 0).nonzero().flatten().tolist()
+    ins = _associations(result.inputs, result.fire, result.token_totals, n, params.n_tokens_kept)
+    nxt = _associations(result.nexts, result.fire, result.next_totals, n, params.n_tokens_kept)
+
+    def named(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{**r, "text": text([r["token"]])} for r in rows]
+
+    sub_rows = []
+    for c in live:
+        module, _, index = result.names[c].rpartition(":")
+        neighbours: list[dict[str, Any]] = []
+        if result.cofire is not None:
+            row = result.cofire[c].clone()
+            row[c] = 0
+            top = row.topk(min(10, row.numel()))
+            neighbours = [
+                {"name": result.names[j], "count": int(v)}
+                for v, j in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+                if v > 0
+            ]
+        sub_rows.append(
+            {
+                "name": result.names[c],
+                "module": module,
+                "index": int(index),
+                "n_fire": int(result.fire[c]),
+                "density": float(result.fire[c]) / max(1, n),
+                "mean_ci": float(result.ci_sum[c]) / max(1, int(result.fire[c])),
+                "input_tokens": named(ins.get(c, [])),
+                "next_tokens": named(nxt.get(c, [])),
+                "cofiring": neighbours,
+            }
+        )
+    ctx_rows = []
+    for kind, kept in (("top", result.top), ("random", result.random)):
+        for c in live:
+            for rank in range(kept.key.shape[1]):
+                if kept.key[c, rank] == -math.inf:
+                    continue
+                ids = [i for i in kept.windows[c, rank].tolist() if i >= 0]
+                ctx_rows.append(
+                    {
+                        "name": result.names[c],
+                        "kind": kind,
+                        "rank": rank,
+                        "ci": float(kept.ci[c, rank]),
+                        "tokens": ids,
+                        "text": text(ids[:-1]) + " [" + text(ids[-1:]) + "]",
+                    }
+                )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("subcomponents", sub_rows), ("contexts", ctx_rows)):
+        tmp = out_dir / f".{name}.parquet.tmp"
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+        tmp.replace(out_dir / f"{name}.parquet")
+    meta = {
+        "format": 1,
+        "n_tokens": n,
+        "n_subcomponents": len(result.names),
+        "n_fired": len(live),
+        "params": asdict(params),
+        "cofiring": result.cofire is not None,
+    }
+    atomic.atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=1) + "\n")
+    return meta
