@@ -337,3 +337,27 @@ def test_harvest_keeps_bounded_statistics_that_match_a_direct_count(planted_run)
     assert {"token", "count", "precision", "recall", "pmi", "text"} <= set(row["input_tokens"][0])
     mine = [r for r in ctx if r["name"] == row["name"]]
     assert {r["kind"] for r in mine} == {"top", "random"} and all("[" in r["text"] for r in mine)
+
+
+def test_harvested_contexts_carry_the_ci_of_every_token():
+    from spdkit.analysis import harvest
+
+    model, groups = _model(exact=False)
+    ids = groups["copy"][0]
+    params = harvest.HarvestParams(tokens=ids.numel(), threshold=0.0, top_k=2, random_k=0, window=4)
+    result = harvest.harvest(model, iter([ids]), 20, params, progress=False)
+    from spdkit.method.measures import causal_importance
+
+    ci = causal_importance(model, ids)
+    flat = torch.cat([ci[m] for m in model.module_names], -1)  # [B, T, C]
+    c = 5
+    for rank in range(2):
+        window = result.top.windows[c, rank]
+        got = result.top.ci_windows[c, rank][window >= 0]
+        # the event: a position with the kept CI whose window holds these tokens and these CIs
+        matches = []
+        for b, t in ((flat[..., c] - result.top.ci[c, rank]).abs() < 1e-7).nonzero().tolist():
+            lo = max(0, t - 3)
+            if ids[b, lo : t + 1].tolist() == window[window >= 0].tolist():
+                matches.append(torch.allclose(flat[b, lo : t + 1, c], got))
+        assert matches and any(matches)

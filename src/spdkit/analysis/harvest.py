@@ -77,21 +77,30 @@ class KeptContexts:
         self.key = torch.full((C, k), -math.inf)
         self.ci = torch.zeros(C, k)
         self.windows = torch.full((C, k, window), -1, dtype=torch.long)
+        self.ci_windows = torch.zeros(C, k, window)  # its CI on every token of the window
 
-    def add(self, key: Tensor, ci: Tensor, windows: Tensor) -> None:
-        """key, ci [C, n] (−inf: not an event) and windows [n, W] shared by every subcomponent."""
+    def add(
+        self, key: Tensor, ci: Tensor, windows: Tensor, ci_of: Callable[[Tensor, Tensor], Tensor]
+    ) -> None:
+        """key, ci [C, n] (−inf: not an event), windows [n, W] shared by every subcomponent;
+        ci_of(events [C, k], subcomponents [C, k]) gives the CI windows [C, k, W] of just
+        the events kept (never all n × C windows at once)."""
         k = self.key.shape[1]
         if k == 0:
             return
-        n = key.shape[1]
+        C, n = key.shape
         top = key.topk(min(k, n), dim=1)  # the batch's best per subcomponent first: [C, k']
+        subs = torch.arange(C)[:, None].expand_as(top.indices)
         cand_key = torch.cat([self.key, top.values], 1)
         cand_ci = torch.cat([self.ci, ci.gather(1, top.indices)], 1)
         cand_win = torch.cat([self.windows, windows[top.indices]], 1)
+        cand_ciw = torch.cat([self.ci_windows, ci_of(top.indices, subs)], 1)
         best = cand_key.topk(k, dim=1).indices
+        per_token = best[..., None].expand(-1, -1, cand_win.shape[-1])
         self.key = cand_key.gather(1, best)
         self.ci = cand_ci.gather(1, best)
-        self.windows = cand_win.gather(1, best[..., None].expand(-1, -1, cand_win.shape[-1]))
+        self.windows = cand_win.gather(1, per_token)
+        self.ci_windows = cand_ciw.gather(1, per_token)
 
 
 class TokenCounts:
@@ -124,6 +133,13 @@ class TokenCounts:
         """(sub, token, count) of every pair seen."""
         self._reduce()
         return self.keys // self.vocab, self.keys % self.vocab, self.counts
+
+
+def window_ci(ci_windows: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+    """(events [C, k] as flat positions b·T + t, subcomponents [C, k]) → their CI windows
+    [C, k, W], read from the [B, T, C, W] view without materialising it."""
+    T = ci_windows.shape[1]
+    return lambda events, subs: ci_windows[events // T, events % T, subs]
 
 
 @dataclass
@@ -171,12 +187,16 @@ def harvest(
         # windows ending at each position: [n, W], −1 before the sequence start
         padded = torch.cat([torch.full((B, W - 1), -1, dtype=torch.long), ids], 1)
         windows = padded.unfold(1, W, 1).reshape(n, W)
+        per_pos = flat.view(B, T, -1)
+        ci_pad = torch.cat([per_pos.new_zeros(B, W - 1, per_pos.shape[-1]), per_pos], 1)
+        ci_of = window_ci(ci_pad.unfold(1, W, 1))  # [B, T, C, W], a view
+
         next_ids = torch.cat([ids[:, 1:], torch.full((B, 1), -1, dtype=torch.long)], 1).flatten()
         fire += fires.sum(0)
         ci_sum += torch.where(fires, flat, 0.0).sum(0).double()
-        top.add(torch.where(fires, flat, -math.inf).T, flat.T, windows)  # key: the CI
+        top.add(torch.where(fires, flat, -math.inf).T, flat.T, windows, ci_of)  # key: the CI
         keys = torch.rand(C, n, generator=gen)
-        rand.add(torch.where(fires.T, keys, -math.inf), flat.T, windows)
+        rand.add(torch.where(fires.T, keys, -math.inf), flat.T, windows, ci_of)
         pos, sub = fires.nonzero(as_tuple=True)
         inputs.add(sub, ids.flatten()[pos])
         has_next = next_ids[pos] >= 0
@@ -280,7 +300,9 @@ def write_harvest(
             for rank in range(kept.key.shape[1]):
                 if kept.key[c, rank] == -math.inf:
                     continue
-                ids = [i for i in kept.windows[c, rank].tolist() if i >= 0]
+                window = kept.windows[c, rank]
+                ids = window[window >= 0].tolist()
+                ci_tokens = kept.ci_windows[c, rank][window >= 0]
                 ctx_rows.append(
                     {
                         "name": result.names[c],
@@ -288,6 +310,8 @@ def write_harvest(
                         "rank": rank,
                         "ci": float(kept.ci[c, rank]),
                         "tokens": ids,
+                        "token_texts": [text([i]) for i in ids],
+                        "ci_tokens": [round(v, 3) for v in ci_tokens.tolist()],
                         "text": text(ids[:-1]) + " [" + text(ids[-1:]) + "]",
                     }
                 )
