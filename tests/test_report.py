@@ -51,6 +51,9 @@ def lm_run(tmp_path_factory) -> Path:
     )
     out = tmp_path_factory.mktemp("lm") / "lm_run"
     run_experiment(config, out, progress=False)
+    from spdkit.analysis.harvest import HarvestParams
+
+    spdkit.load(out).harvest(HarvestParams(tokens=4000, top_k=4, random_k=3), progress=False)
     return out
 
 
@@ -216,6 +219,21 @@ def test_served_attribution_graph_draws_and_a_node_opens_its_page(browser, serve
     box = point.bounding_box()
     page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
     page.wait_for_url(re.compile(r".*/sub/blocks\.\d\.mlp\.fc_(in|out)_\d+\.html"))
+    assert errors == [], errors
+
+
+def test_served_search_finds_what_fires_and_pages_show_the_harvest(browser, served):
+    page, errors = open_page(browser, served + "/search")
+    page.fill("#query", "e")
+    page.click("#run-search")
+    page.wait_for_selector("#search-count")
+    assert int(page.inner_text("#search-count").split()[0]) > 0
+    shot(page, "lm_search.png")
+    page.locator("#search-result a").first.click()
+    page.wait_for_url(re.compile(r".*/sub/blocks\.\d\.mlp\.fc_(in|out)_\d+\.html"))
+    page.wait_for_selector("#harvest .harvest-top .context")
+    assert page.locator("#stats-input tr").count() > 1  # a header and token rows
+    shot(page, "lm_subcomponent_harvest.png")
     assert errors == [], errors
 
 

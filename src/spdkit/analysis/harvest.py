@@ -11,7 +11,8 @@ A subcomponent *fires* at a token where its CI (σ_H,upper, the plotted value) i
 - the input tokens (the firing token) and next tokens most associated with firing: counts,
   precision P(token | fires), recall P(fires | token) and PMI log P(fires, token) /
   (P(fires) P(token));
-- the subcomponents it fires with most (co-firing counts), when the decomposition has at most
+- the subcomponents it fires with most (co-firing counts, ranked by Jaccard |A∩B| / |A∪B| so
+  that subcomponents firing everywhere do not top every list), when the decomposition has at most
   `max_cofiring` subcomponents (a dense [C, C] count; larger ones skip it).
 
 Memory: the kept contexts are [C, k, window] whatever N; token associations are counted
@@ -272,12 +273,13 @@ def write_harvest(
     for c in live:
         module, _, index = result.names[c].rpartition(":")
         neighbours: list[dict[str, Any]] = []
-        if result.cofire is not None:
-            row = result.cofire[c].clone()
-            row[c] = 0
-            top = row.topk(min(10, row.numel()))
+        if result.cofire is not None:  # ranked by Jaccard: raw counts favour dense ones
+            both = result.cofire[c].double()
+            jaccard = both / (result.fire[c] + result.fire - both).clamp_min(1)
+            jaccard[c] = 0
+            top = jaccard.topk(min(10, jaccard.numel()))
             neighbours = [
-                {"name": result.names[j], "count": int(v)}
+                {"name": result.names[j], "count": int(both[j]), "jaccard": round(v, 4)}
                 for v, j in zip(top.values.tolist(), top.indices.tolist(), strict=True)
                 if v > 0
             ]
@@ -330,3 +332,33 @@ def write_harvest(
     }
     atomic.atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=1) + "\n")
     return meta
+
+
+def read_harvest(run_dir: Path) -> dict[str, dict[str, Any]] | None:
+    """RUN_DIR/harvest/ as {subcomponent name: its row of subcomponents.parquet with "top" and
+    "random" context lists (tokens as text, CI per token, index of the firing token)}; None
+    when the run has no harvest (or pyarrow is missing)."""
+    folder = Path(run_dir) / HARVEST_DIR
+    if not (folder / "subcomponents.parquet").is_file():
+        return None
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        return None
+    meta = atomic.read_json_object(folder / "meta.json")
+    out = {
+        row["name"]: {**row, "top": [], "random": []} for row in _rows(pq, folder, "subcomponents")
+    }
+    for ctx in _rows(pq, folder, "contexts"):
+        entry = out.get(ctx["name"])
+        if entry is not None:
+            entry[ctx["kind"]].append(
+                {"tokens": ctx["token_texts"], "ci": ctx["ci_tokens"], "at": len(ctx["tokens"]) - 1}
+            )
+    for entry in out.values():
+        entry["n_tokens"] = meta.get("n_tokens")
+    return out
+
+
+def _rows(pq: Any, folder: Path, name: str) -> list[dict[str, Any]]:
+    return pq.read_table(folder / f"{name}.parquet").to_pylist()

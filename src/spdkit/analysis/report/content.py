@@ -5,7 +5,7 @@ run's held-out data): its norm ‖U_c V_cᵀ‖_F, firing frequency (share of ro
 mean CI, cluster (from clusters.json when it exists), a CI histogram, its U and V (all entries
 for short vectors, the largest by magnitude otherwise), CI on one-hot inputs (toy targets with
 features) and, for language models, the contexts where its CI is highest with the CI of every
-token of the context.
+token of the context, and what `spdkit harvest` kept of it when the run has a harvest.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from spdkit.analysis.decomposed import Decomposed
+from spdkit.analysis.harvest import read_harvest
 from spdkit.analysis.mechanisms.clusters import FILE as CLUSTERS_FILE
 from spdkit.analysis.mechanisms.clusters import read_clusters
 from spdkit.method.measures import causal_importance, one_hot_inputs, subcomponent_norms
@@ -43,6 +44,7 @@ class Subcomponent:
     v: dict[str, list]
     one_hot_ci: list[float] | None = None
     contexts: list[dict[str, Any]] = field(default_factory=list)  # LM: tokens + CI per token
+    harvest: dict[str, Any] | None = None  # from RUN_DIR/harvest/ (`spdkit harvest`), if any
 
     @property
     def name(self) -> str:
@@ -103,6 +105,7 @@ def gather(decomp: Decomposed, run_dir: Path, n_rows: int | None = None) -> Repo
         found = read_clusters(run_dir)
         cluster_of = {m: c.id for c in found.clusters for m in c.members}
         clusters = {"clusters": found.clusters, "dead": found.dead, **found.info}
+    harvested = read_harvest(run_dir) or {}
     modules, n_subs = {}, {}
     for name in model.module_names:
         U, V = decomp.subcomponents(name)
@@ -132,6 +135,7 @@ def gather(decomp: Decomposed, run_dir: Path, n_rows: int | None = None) -> Repo
             )
             if decode is not None:
                 sub.contexts = highest_ci_contexts(g[..., c], x.cpu(), decode)
+            sub.harvest = harvested.get(sub.name)
             subs.append(sub)
         modules[name] = subs
     return ReportContent(

@@ -182,3 +182,38 @@ def attribution_graph(decomp: Decomposed, ids: Tensor, threshold: float, pages: 
         page = f"sub/{node['module']}_{node['index']}.html"
         node["page"] = page if page in pages else None
     return graph
+
+
+def search_harvest(
+    harvested: dict[str, dict[str, Any]], query: str, pages: set[str], limit: int = 50
+) -> dict[str, Any]:
+    """Which subcomponents fire on `query`, and where, from the harvest: per subcomponent, the
+    kept contexts whose text contains it, and how many of those fire *on* it (the firing token
+    is the query); subcomponents with most firings on it first, then most contexts."""
+    query = query.strip()
+    if not query:
+        raise ValueError("type a string or token to search for")
+    found = []
+    for name, entry in harvested.items():
+        hits = [
+            ctx
+            for ctx in entry["top"] + entry["random"]
+            if query in "".join(ctx["tokens"]) or query in " ".join(ctx["tokens"])
+        ]
+        if not hits:
+            continue
+        on_it = sum(ctx["tokens"][ctx["at"]].strip() == query for ctx in hits)
+        module, _, index = name.rpartition(":")
+        page = f"sub/{module}_{index}.html"
+        found.append(
+            {
+                "name": name,
+                "page": page if page in pages else None,
+                "fires_on_query": on_it,
+                "n_contexts": len(hits),
+                "density": entry["density"],
+                "contexts": hits[:3],
+            }
+        )
+    found.sort(key=lambda r: (-r["fires_on_query"], -r["n_contexts"], r["name"]))
+    return {"query": query, "n_subcomponents": len(found), "results": found[:limit]}

@@ -4,6 +4,7 @@ GET  /, /sub/<page>, /figures/<png>, static files: the pages `spdkit report` wri
 GET  /live: type an input, see CI per token per module, switch mechanisms off;
 POST /api/ci      {"input": text}                             -> CI table (live.ci_table)
 POST /api/attribute {"input": text}                         -> attribution graph (LMs)
+GET  /search, POST /api/search {"query": text}              -> what fires on it (the harvest)
 POST /api/ablate  {"input": text, "clusters": [id, ...],
                    "subcomponents": ["<module>:<index>", ...]} -> outputs (live.ablation)
 Errors in a request come back as {"error": one line}: status 400 for a body that is not a
@@ -21,6 +22,7 @@ from flask import Flask, Response, abort, jsonify, request, send_from_directory
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from spdkit.analysis.decomposed import Decomposed
+from spdkit.analysis.harvest import read_harvest
 from spdkit.analysis.report import live
 from spdkit.analysis.report.content import ReportContent
 from spdkit.analysis.report.render import (
@@ -36,6 +38,7 @@ MAX_BODY_BYTES = 64 * 1024  # a prompt of thousands of tokens and its options fi
 FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
     "ci": {"input": (lambda v: isinstance(v, str), "a string")},
     "attribute": {"input": (lambda v: isinstance(v, str), "a string")},
+    "search": {"query": (lambda v: isinstance(v, str) and len(v) <= 200, "a string (≤ 200)")},
     "ablate": {
         "input": (lambda v: isinstance(v, str), "a string"),
         "clusters": (
@@ -137,6 +140,23 @@ def create_app(decomp: Decomposed, content: ReportContent, run_dir: Path) -> Fla
         try:
             _, x = _input("ci")
             return jsonify(live.ci_table(decomp, x, content.threshold))
+        except ValueError as err:
+            return jsonify({"error": str(err)}), 400
+
+    harvested = read_harvest(run_dir) or {}
+
+    @app.get("/search")
+    def _search_page() -> str:
+        data = {"page": "search", "harvested": len(harvested)}
+        return env.get_template("search.html").render(c=content, root="/", served=True, data=data)
+
+    @app.post("/api/search")
+    def _search() -> Response:
+        try:
+            body = parse_body(request.get_data(cache=False), FIELDS["search"])
+            if not harvested:
+                raise ValueError(f"no harvest in {run_dir}: run `spdkit harvest {run_dir}` first")
+            return jsonify(live.search_harvest(harvested, body.get("query", ""), set(pages)))
         except ValueError as err:
             return jsonify({"error": str(err)}), 400
 

@@ -92,7 +92,28 @@ function drawGraph(g) {
   div.dataset.nodes = String(nodes.length);
 }
 
+function shade(ctx) {
+  return ctx.tokens.map((tok, i) => "<span class='tok" + (i === ctx.at ? " top" : "") + "' style='background: rgba(220, 60, 30, " +
+    Math.max(0, Math.min(1, ctx.ci[i])).toFixed(3) + ")' title='CI " + ctx.ci[i] + "'>" + esc(tok) + "</span>").join("");
+}
+
+function drawSearch(r) {
+  const box = document.getElementById("search-result");
+  const rows = r.results.map((s) => "<tr><td>" + (s.page ? "<a href='/" + s.page + "'>" + esc(s.name) + "</a>" : esc(s.name)) +
+    "</td><td>" + s.fires_on_query + "</td><td>" + s.n_contexts + "</td><td>" + s.density.toExponential(2) + "</td><td>" +
+    s.contexts.map((c) => "<div class='context'>" + shade(c) + "</div>").join("") + "</td></tr>");
+  box.innerHTML = "<p id='search-count'>" + r.n_subcomponents + " subcomponents with contexts containing <code>" + esc(r.query) + "</code></p>" +
+    "<table class='kv'><tr><th>subcomponent</th><th>fires on it</th><th>contexts</th><th>density</th><th>where</th></tr>" + rows.join("") + "</table>";
+}
+
 window.setUpLive = function () {
+  const formSearch = document.getElementById("form-search");
+  if (formSearch) formSearch.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const err = document.getElementById("search-error");
+    err.textContent = "";
+    try { drawSearch(await post("/api/search", { query: document.getElementById("query").value })); } catch (x) { err.textContent = x.message; }
+  });
   const input = () => document.getElementById("input").value;
   const formIn = document.getElementById("form-input");
   if (!formIn) return;

@@ -78,5 +78,5 @@ document.addEventListener("DOMContentLoaded", () => {
   const d = el ? JSON.parse(el.textContent) : {};
   if (d.page === "index") drawIndex(d);
   if (d.page === "subcomponent") drawSubcomponent(d);
-  if (d.page === "live" && window.setUpLive) window.setUpLive(d);
+  if ((d.page === "live" || d.page === "search") && window.setUpLive) window.setUpLive(d);
 });
