@@ -332,6 +332,13 @@ def test_harvest_keeps_bounded_statistics_that_match_a_direct_count(planted_run)
     ctx = pq.read_table(run / "harvest" / "contexts.parquet").to_pylist()
     meta = json.loads((run / "harvest" / "meta.json").read_text())
     assert meta["n_tokens"] >= 600 and len(subs) == meta["n_fired"] > 0
+    clusters = json.loads((run / "clusters.json").read_text())["clusters"]
+    as_rows = {r["name"]: r for r in subs if r["module"] == "cluster"}
+    assert as_rows and set(as_rows) <= {f"cluster:{c['id']}" for c in clusters}
+    first = clusters[0]  # a cluster fires at least as often as any of its members
+    member_fires = [r["n_fire"] for r in subs if r["name"] in first["members"]]
+    if f"cluster:{first['id']}" in as_rows and member_fires:
+        assert as_rows[f"cluster:{first['id']}"]["n_fire"] >= max(member_fires)
     row = max(subs, key=lambda r: r["n_fire"])
     assert 0 < row["density"] <= 1 and row["mean_ci"] > 0.1 and row["input_tokens"]
     assert {"token", "count", "precision", "recall", "pmi", "text"} <= set(row["input_tokens"][0])

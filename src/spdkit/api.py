@@ -229,7 +229,13 @@ class Decomposition:
 
         vocab = self._vocab_size()
         result = harvest_module.harvest(
-            self.model, batches(), vocab, params, chunk=config.eval.batch_size, progress=progress
+            self.model,
+            batches(),
+            vocab,
+            params,
+            chunk=config.eval.batch_size,
+            progress=progress,
+            clusters=self.saved_clusters(),
         )
         return harvest_module.write_harvest(result, where, params, self._decoder())
 

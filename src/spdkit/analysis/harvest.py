@@ -11,6 +11,7 @@ A subcomponent *fires* at a token where its CI (σ_H,upper, the plotted value) i
 - the input tokens (the firing token) and next tokens most associated with firing: counts,
   precision P(token | fires), recall P(fires | token) and PMI log P(fires, token) /
   (P(fires) P(token));
+- clusters (from clusters.json) as rows `cluster:<id>` too: CI the members' largest;
 - the subcomponents it fires with most (co-firing counts, ranked by Jaccard |A∩B| / |A∪B| so
   that subcomponents firing everywhere do not top every list), when the decomposition has at most
   `max_cofiring` subcomponents (a dense [C, C] count; larger ones skip it).
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from spdkit.analysis.mechanisms.clusters import Cluster
 from spdkit.method.measures import causal_importance
 from spdkit.method.model import ComponentModel
 from spdkit.progress import progress_bar
@@ -165,9 +167,15 @@ def harvest(
     params: HarvestParams,
     chunk: int | None = None,
     progress: bool = True,
+    clusters: Sequence[Cluster] = (),
 ) -> HarvestResult:
-    """The streaming pass over token batches [B, T] until `params.tokens` tokens are read."""
+    """The streaming pass over token batches [B, T] until `params.tokens` tokens are read.
+    Each cluster is one more row, `cluster:<id>`: its CI at a token is its members' largest,
+    so it fires where any member fires."""
     names = [f"{m}:{c}" for m in model.module_names for c in range(model.components(m).C)]
+    column = {name: i for i, name in enumerate(names)}
+    members = [torch.tensor([column[m] for m in c.members if m in column]) for c in clusters]
+    names += [f"cluster:{c.id}" for c in clusters]
     C, W = len(names), params.window
     top, rand = KeptContexts(C, params.top_k, W), KeptContexts(C, params.random_k, W)
     fire, ci_sum = torch.zeros(C, dtype=torch.long), torch.zeros(C, dtype=torch.float64)
@@ -182,6 +190,9 @@ def harvest(
         with torch.no_grad():
             ci = causal_importance(model, ids.to(next(model.parameters()).device), chunk=chunk)
         flat = torch.cat([ci[m].float().cpu() for m in model.module_names], -1).flatten(0, 1)
+        if members:
+            per_cluster = [flat[:, idx].amax(1) if len(idx) else flat[:, 0] * 0 for idx in members]
+            flat = torch.cat([flat, torch.stack(per_cluster, 1)], 1)
         fires = flat > params.threshold  # [n, C]
         n = flat.shape[0]
         B, T = ids.shape
@@ -271,7 +282,7 @@ def write_harvest(
 
     sub_rows = []
     for c in live:
-        module, _, index = result.names[c].rpartition(":")
+        module, _, index = result.names[c].rpartition(":")  # a cluster: "cluster", its id
         neighbours: list[dict[str, Any]] = []
         if result.cofire is not None:  # ranked by Jaccard: raw counts favour dense ones
             both = result.cofire[c].double()
