@@ -40,6 +40,7 @@ from spdkit.figures import finish, new_figure
 from spdkit.method.model import ComponentModel
 from spdkit.targets.transformer import (
     Transformer,
+    gpt_like,
     parse_token_ids,
     scored_token_ce,
     train_next_token,
@@ -202,15 +203,7 @@ def plot_task_ces(table: dict[str, dict[str, float]], path: Path | None) -> Figu
 
 
 def build_planted_lm(config: PlantedLMTargetConfig) -> Transformer:
-    return Transformer(
-        config.n_tokens + len(config.tasks),
-        config.seq_len,
-        config.d_model,
-        config.n_layers,
-        config.n_heads,
-        config.d_mlp,
-        layer_norm=True,
-    )
+    return gpt_like(config.n_tokens + len(config.tasks), config)
 
 
 def train_planted_lm(

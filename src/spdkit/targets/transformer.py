@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spdkit.config import InductionTargetConfig, TinyLMTargetConfig
+from spdkit.config import InductionTargetConfig, PlantedLMTargetConfig, TinyLMTargetConfig
 from spdkit.targets.data import training_steps
 from spdkit.targets.text import TokenWindows, corpus_text
 
@@ -231,9 +231,10 @@ def _cached_tokens(corpus: CharCorpus) -> Tensor:
     return _TOKEN_CACHE[corpus]
 
 
-def build_tiny_lm(config: TinyLMTargetConfig) -> Transformer:
+def gpt_like(vocab_size: int, config: TinyLMTargetConfig | PlantedLMTargetConfig) -> Transformer:
+    """A GPT-style transformer (LayerNorm, GELU MLPs) of a language-model target's sizes."""
     return Transformer(
-        len(CharCorpus.VOCAB),
+        vocab_size,
         config.seq_len,
         config.d_model,
         config.n_layers,
@@ -241,6 +242,10 @@ def build_tiny_lm(config: TinyLMTargetConfig) -> Transformer:
         config.d_mlp,
         layer_norm=True,
     )
+
+
+def build_tiny_lm(config: TinyLMTargetConfig) -> Transformer:
+    return gpt_like(len(CharCorpus.VOCAB), config)
 
 
 def train_tiny_lm(
