@@ -117,7 +117,7 @@ def test_yaml_file_overrides_and_errors(tmp_path):
 def test_target_kind_errors_list_the_kinds_and_fields():
     with pytest.raises(
         ConfigError,
-        match=r"target.kind: unknown \('mlp'\) \(allowed: tms, resid_mlp, induction, tiny_lm, hf, python\)",
+        match=r"target.kind: unknown \('mlp'\) \(allowed: tms, resid_mlp, induction, tiny_lm, planted_lm, hf, python\)",
     ):
         parse_config(tiny_tms_dict(target={"kind": "mlp"}))
     bad = {"kind": "resid_mlp", "n_features": 5, "n_layers": 1, "d_mlp": 2, "n_hidden": 3}
