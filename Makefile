@@ -23,7 +23,7 @@ demo: $(STAMP)
 	else $(VENV)/bin/spdkit run tms_5-2 --out runs/demo; fi
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # the report's browser tests drive Debian's Chromium; installed here when we can (root + apt)
 browser:
