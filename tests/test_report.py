@@ -264,7 +264,7 @@ def _random_json(rng: random.Random, depth: int = 0):  # noqa: ANN202
     return {rng.choice(keys): _random_json(rng, depth + 1) for _ in range(rng.randint(0, 4))}
 
 
-def _bodies(rng: random.Random, n: int) -> list[bytes]:
+def _bodies(rng: random.Random, n: int, query: bool = False) -> list[bytes]:
     """Malformed and half-right request bodies: random JSON values, objects of the right
     fields with wrong values, deep nesting, random bytes (not UTF-8), truncated JSON, a body
     over the size limit, and a few valid ones."""
@@ -291,6 +291,8 @@ def _bodies(rng: random.Random, n: int) -> list[bytes]:
             out.append(json.dumps({"input": "abc", "subcomponents": [sub]}).encode())
         else:
             out.append(json.dumps({"input": rng.choice(["hello", "ab", "é∑ \\n"])}).encode())
+        if query and i % 4 == 0:  # the search endpoint's own field, right and wrong
+            out[-1] = json.dumps({"query": rng.choice(["e", "", " ", "x" * 300, 7])}).encode()
     return out
 
 
@@ -303,8 +305,13 @@ def test_served_api_never_answers_a_malformed_body_with_a_server_error(served):
 
     rng = random.Random(0)
     statuses: dict[int, int] = {}
-    for endpoint in ("/api/ci", "/api/ablate"):
-        for body in _bodies(rng, 200):
+    for endpoint, n in (
+        ("/api/ci", 200),
+        ("/api/ablate", 200),
+        ("/api/attribute", 80),
+        ("/api/search", 80),
+    ):
+        for body in _bodies(rng, n, query=endpoint == "/api/search"):
             req = urllib.request.Request(served + endpoint, data=body, method="POST")
             req.add_header("Content-Type", rng.choice(["application/json", "text/plain"]))
             try:
