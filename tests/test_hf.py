@@ -155,8 +155,14 @@ def _no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
-@pytest.mark.parametrize("build", [gpt2, llama])
-def test_cli_target_hf_gives_a_self_contained_run_directory(tmp_path, monkeypatch, build):
+@pytest.mark.parametrize("build, copy", [(gpt2, False), (llama, True)])
+def test_cli_target_hf_run_directory_refers_to_or_copies_the_weights(
+    tmp_path, monkeypatch, build, copy
+):
+    """By default a Hugging Face target's weights are referenced (target.json: path and
+    content hash, no target.safetensors): eval works while the model is there and says in
+    one line when it moved or changed. With copy_weights the run directory alone rebuilds
+    the model."""
     from typer.testing import CliRunner
 
     from spdkit.cli import app
@@ -167,6 +173,7 @@ def test_cli_target_hf_gives_a_self_contained_run_directory(tmp_path, monkeypatc
     args = ["run", "hf_lm", "--target-hf", str(tmp_path / "model"), "--out", str(run_dir)]
     args += ["--quiet", "--steps", "20", "--set", "target.data=random_tokens"]
     args += ["--set", f"target.seq_len={SEQ}", "--set", "batch_size=4", "--set", "modules.0.C=8"]
+    args += ["--set", f"target.copy_weights={str(copy).lower()}"]
     args += ["--set", "eval.n_eval_samples=8", "--insert-identity", "*.layers.0.mlp.down_proj:20"]
     if build is gpt2:
         args[-1] = "*.h.0.mlp.c_proj:20"
@@ -176,9 +183,27 @@ def test_cli_target_hf_gives_a_self_contained_run_directory(tmp_path, monkeypatc
     assert {"target", "ci", "rounded", "stochastic", "ones", "zero"} <= set(summary["lm"])
     (identity,) = summary["identity_check"].values()
     assert identity["C"] == 20 and identity["d"] in (32, 64)  # llama d_mlp 32, gpt2 4 × 16
-    # the run directory alone rebuilds the model: eval works with the model directory gone
+    meta = json.loads((run_dir / "target.json").read_text())
+    assert (run_dir / "target.safetensors").exists() == copy
+    assert (meta.get("weights") == "referenced") != copy and (
+        len(meta.get("content_hash", "")) == 64
+    ) != copy
+    if not copy:
+        result = CliRunner().invoke(app, ["eval", str(run_dir)])
+        assert result.exit_code == 0, result.output
+        with torch.no_grad():  # another model where the run's was: a changed weight file
+            other = build()
+            next(other.parameters()).add_(1.0)
+            other.save_pretrained(tmp_path / "model")
+        result = CliRunner().invoke(app, ["eval", str(run_dir)])
+        assert result.exit_code == 2 and "changed since the run" in result.output
     (tmp_path / "model").rename(tmp_path / "moved")
     result = CliRunner().invoke(app, ["eval", str(run_dir)])
+    if not copy:  # moved: one line saying what to do
+        assert result.exit_code == 2 and "copy_weights" in result.output
+        assert len(result.output.strip().splitlines()) == 1
+        return
+    # the run directory alone rebuilds the model: eval works with the model directory gone
     assert result.exit_code == 0, result.output
     again = json.loads((run_dir / "summary.json").read_text())
     assert again["lm"]["ci"] == summary["lm"]["ci"]

@@ -40,6 +40,7 @@ def _fail(err: Exception) -> None:
 def _interrupted(run_dir: Path | None) -> None:
     """Ctrl-C or SIGTERM: exit 130 with how to continue (if the run directory exists yet);
     data-parallel ranks other than 0 exit without repeating it."""
+    from spdkit.store import runs
     from spdkit.store.runs import CHECKPOINT
 
     if os.environ.get("RANK", "0") != "0":
@@ -50,7 +51,7 @@ def _interrupted(run_dir: Path | None) -> None:
             err=True,
         )
     elif run_dir is not None and (run_dir / "config.yaml").exists():
-        saved = "its saved target" if (run_dir / "target.safetensors").exists() else "the target"
+        saved = "its saved target" if runs.has_target(run_dir) else "the target"
         typer.echo(
             f"interrupted before the first checkpoint: `spdkit resume {run_dir}` starts the run "
             f"again from its first step (with {saved})",

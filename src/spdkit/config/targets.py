@@ -182,8 +182,10 @@ class HFTargetConfig(StrictModel):
     class its config.json names (a causal LM, a masked LM, an encoder, ...).
 
     Nothing is trained or downloaded. The model's config.json is copied into `hf_config` when
-    the run starts, and its weights into target.safetensors, so the run directory rebuilds the
-    model without DIR; only `data: pydoc` needs DIR again (for its tokenizer).
+    the run starts. Its weights are referenced, not copied: target.json records the path (or
+    Hub id and revision) and a content hash of the weight files, checked whenever the run
+    directory loads the model; `copy_weights: true` copies them into target.safetensors
+    instead, so the run directory rebuilds the model without DIR (the model's size on disk).
     """
 
     kind: Literal["hf"] = "hf"
@@ -195,6 +197,11 @@ class HFTargetConfig(StrictModel):
         "({path, format, field, ...})",
     )
     seq_len: int = Field(default=64, ge=2, description="tokens per sequence")
+    copy_weights: bool = Field(
+        default=False,
+        description="copy the model's weights into the run directory (self-contained; the "
+        "model's size on disk) instead of referring to them by path and content hash",
+    )
     output: str | None = Field(
         default=None,
         min_length=1,

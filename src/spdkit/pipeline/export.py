@@ -54,11 +54,16 @@ def export_run(run_dir: Path, out: Path, with_target: bool = False) -> Path:
     referenced = config.target.kind == "hf" and not with_target
     meta = atomic.read_json_object(run_dir / "target.json")
     if referenced:
-        meta["weights"] = "referenced"
+        if meta.get("weights") != "referenced":  # a run that copied them: refer instead
+            meta.update(weights="referenced", content_hash=hf.weights_hash(config.target.path))
         atomic.atomic_write_text(out / "target.json", json.dumps(meta, indent=2))
-    else:
+    elif (run_dir / "target.safetensors").is_file():
         shutil.copy2(run_dir / "target.json", out / "target.json")
         shutil.copy2(run_dir / "target.safetensors", out / "target.safetensors")
+    else:  # a referenced Hugging Face target, copied on request
+        target, info = runs.load_target(run_dir, config.target)
+        copied = config.target.model_copy(update={"copy_weights": True})
+        runs.save_target(out, target, copied, info)
     for name in FIGURES:
         if (run_dir / "figures" / name).is_file():
             (out / "figures").mkdir(exist_ok=True)

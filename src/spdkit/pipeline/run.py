@@ -185,7 +185,7 @@ def _decompose_into(
 def _target_of(run_dir: Path, config: SPDConfig, device: str, progress: bool):  # noqa: ANN202
     """The run's saved target, else the target trained now and saved."""
     ckpt = run_dir / runs.CHECKPOINT
-    if (run_dir / "target.safetensors").exists():
+    if runs.has_target(run_dir):
         target, _ = runs.load_target(run_dir, config.target)
     elif ckpt.exists():
         # the checkpoint was trained against the saved target; retraining it on another

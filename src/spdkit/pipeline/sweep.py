@@ -142,7 +142,7 @@ def _run_points_in_parallel(
             continue
         if not (run_dir / "config.yaml").exists():
             create_run_dir(config, run_dir, target_path)
-        if (run_dir / "target.safetensors").exists() or owner == run_dir:
+        if runs.has_target(run_dir) or owner == run_dir:
             now.append(run_dir)
         else:
             later.append((run_dir, owner, config))

@@ -51,10 +51,34 @@ def target_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def save_target(run_dir: Path, model: nn.Module, config: TargetConfig, info: dict) -> None:
-    """target.json first: a run killed in between has no target.safetensors and retrains."""
+    """target.json first: a run killed in between has no target.safetensors and retrains.
+    A Hugging Face target without `copy_weights` is referenced: target.json only, with the
+    content hash of the weight files it loads from."""
     meta = {"kind": config.kind, "config": config.model_dump(mode="json"), "info": info}
+    if is_referenced(config):
+        from spdkit.targets import hf
+
+        meta.update(weights="referenced", content_hash=hf.weights_hash(config.path))
+        atomic_write_text(run_dir / "target.json", json.dumps(meta, indent=2))
+        return
     atomic_write_text(run_dir / "target.json", json.dumps(meta, indent=2))
     save_tensors(run_dir / "target.safetensors", target_state_dict(model))
+
+
+def is_referenced(config: TargetConfig | None) -> bool:
+    """Are this target's weights referenced (a Hugging Face model not copied) rather than
+    stored in target.safetensors?"""
+    return config is not None and config.kind == "hf" and not config.copy_weights
+
+
+def has_target(run_dir: Path) -> bool:
+    """Does the run directory hold its target: target.safetensors, or a target.json that
+    references the weights?"""
+    run_dir = Path(run_dir)
+    if (run_dir / "target.safetensors").is_file():
+        return True
+    json_path = run_dir / "target.json"
+    return json_path.is_file() and read_json_object(json_path).get("weights") == "referenced"
 
 
 def load_target(path: Path, config: TargetConfig) -> tuple[nn.Module, dict]:
@@ -64,8 +88,9 @@ def load_target(path: Path, config: TargetConfig) -> tuple[nn.Module, dict]:
     json_path = st_path.with_name("target.json")
     if not st_path.is_file() and json_path.is_file() and config.kind == "hf":
         meta = read_json_object(json_path)
-        if meta.get("weights") == "referenced":  # an export that names its weights' source
-            return _referenced_hf_target(config, json_path), meta.get("info", {})
+        if meta.get("weights") == "referenced":  # weights named by path and content hash
+            model = _referenced_hf_target(config, json_path, meta.get("content_hash"))
+            return model, meta.get("info", {})
     if not st_path.is_file():
         raise RunDirError(f"target file not found: {st_path}")
     if not json_path.is_file():
@@ -92,11 +117,27 @@ def load_target(path: Path, config: TargetConfig) -> tuple[nn.Module, dict]:
     return model.eval(), meta.get("info", {})
 
 
-def _referenced_hf_target(config: TargetConfig, json_path: Path) -> nn.Module:
-    """The target of an export whose weights stay where they came from (`target.path`: a Hub
-    id in the local cache or a folder), checked against the architecture the run recorded."""
+def _referenced_hf_target(
+    config: TargetConfig, json_path: Path, content_hash: str | None
+) -> nn.Module:
+    """The target whose weights stay where they came from (`target.path`: a Hub id in the
+    local cache or a folder), checked against the content hash and the architecture the run
+    recorded: a changed or moved model is one line, never a silent other model."""
     from spdkit.targets import hf
 
+    try:
+        found_hash = hf.weights_hash(config.path) if content_hash else None
+    except (OSError, ValueError) as err:
+        raise RunDirError(
+            f"{json_path}: the run's model ({config.path}) cannot be read: {err}; restore it "
+            "there, or rerun with target.copy_weights=true to keep the weights in the run"
+        ) from None
+    if content_hash and found_hash != content_hash:
+        raise RunDirError(
+            f"{json_path}: the weights at {config.path} changed since the run (content hash "
+            f"{found_hash[:12]}, recorded {content_hash[:12]}): point target.path at the "
+            "original model"
+        )
     model = hf.load_hf_model(config.path)
     found = hf.read_hf_config(config.path)
     recorded = config.hf_config or {}

@@ -7,6 +7,7 @@ the local Hugging Face cache only (`local_files_only=True`), and `transformers` 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable
@@ -94,6 +95,28 @@ def model_dir(path: str | Path) -> Path:
             + (f" --revision {revision}`" if revision else "`")
             + " (or point HF_HOME at a cache that has it)"
         ) from None
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def weights_hash(path: str | Path) -> str:
+    """sha256 over the model directory's weight files (names and contents, sorted by name):
+    what a run that references the weights checks before trusting them. Reads every byte
+    once (a second or two per GB)."""
+    folder = model_dir(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"{path}: no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(folder)).encode())
+        with file.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def read_hf_config(path: str | Path) -> dict[str, Any]:
