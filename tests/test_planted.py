@@ -124,20 +124,36 @@ def test_parse_items_names_clusters_and_subcomponents_and_refuses_others():
         ablation.parse_items(["cluster:0"], [], sizes)
 
 
-def test_mechanism_score_finds_a_planted_split():
-    """Clusters that are exactly the pieces of one module each: ablating the set of every
-    cluster reaches fraction 1 for every group, so the score stops within the cap."""
+def test_mechanism_score_takes_clusters_by_damage_until_the_share_is_reached():
+    """The score's set is the clusters in order of their single-ablation damage to the group,
+    cut where the union reaches the share; its fraction and selectivity are what removing
+    that union measures (recomputed here independently)."""
     model, groups = _model()
     clusters = [
         Cluster(i, [f"{n}:{c}" for c in range(24)], 0.5) for i, n in enumerate(model.module_names)
     ]
     score = ablation.mechanism_score(
-        model, groups, clusters, max_clusters=len(clusters), progress=False
+        model, groups, clusters, frac=0.8, max_clusters=4, progress=False
     )
+    every = ablation.everything(model)
+    base, full = ablation.scored_ces(model, groups, [("gated", {}), ("gated", every)])
+    singles = ablation.scored_ces(model, groups, [("gated", c.indices()) for c in clusters])
+    by_id = {c.id: c for c in clusters}
     for task in SMALL.tasks:
         row = score[task]
-        assert row["found"] and row["fraction"] >= 0.8 and 0 <= row["selectivity"] <= 1.5
-        assert row["clusters"] and len(row["clusters"]) <= len(clusters)
+        damage = {c.id: ce[task] - base[task] for c, ce in zip(clusters, singles, strict=True)}
+        order = sorted(damage, key=lambda k: -damage[k])
+        assert row["clusters"] == order[: len(row["clusters"])]
+        (ce,) = ablation.scored_ces(
+            model, groups, [("gated", ablation.union(by_id, row["clusters"]))]
+        )
+        fractions = {g: ablation.fraction(ce[g], base[g], full[g]) for g in groups}
+        assert row["fraction"] == pytest.approx(fractions[task], rel=1e-5)
+        assert row["found"] == (row["fraction"] >= 0.8)
+        if not row["found"]:
+            assert len(row["clusters"]) == 4  # it stopped at the cap, short of the share
+        others = [fractions[g] for g in groups if g != task]
+        assert row["selectivity"] == pytest.approx(max(others), rel=1e-5)
 
 
 @pytest.fixture(scope="module")
