@@ -198,7 +198,7 @@ def plot_task_ces(table: dict[str, dict[str, float]], path: Path | None) -> Figu
     ax.set_xticks(range(len(table)), list(table))
     ax.set_ylabel("CE of the scored positions (nats)")
     ax.set_title("planted tasks: target and masked model")
-    ax.legend(fontsize=7, ncol=3)
+    ax.legend(fontsize=7, ncol=6, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     return finish(fig, path)
 
 
