@@ -384,3 +384,17 @@ def test_harvested_contexts_carry_the_ci_of_every_token():
             if ids[b, lo : t + 1].tolist() == window[window >= 0].tolist():
                 matches.append(torch.allclose(flat[b, lo : t + 1, c], got))
         assert matches and any(matches)
+
+
+def test_a_random_induction_repeat_varies_its_offset_and_follows_the_rule():
+    config = SMALL.model_copy(update={"induction_repeat": "random"})
+    ids, scored = planted.PlantedTasks(config).task_batch(
+        "induction", 64, torch.Generator().manual_seed(0)
+    )
+    offsets = set()
+    for b in range(64):
+        cols = scored[b].nonzero().flatten()
+        m = int(cols[0]) - 2  # the repeat's 2nd token sits at ids position m + 2
+        offsets.add(m)
+        assert torch.equal(ids[b, cols], ids[b, cols - m]) and int(cols[-1]) == 2 * m
+    assert len(offsets) > 1  # a fixed-offset (positional) head cannot solve it

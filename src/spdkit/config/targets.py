@@ -120,6 +120,12 @@ class PlantedLMTargetConfig(_TransformerTraining):
         description="the tasks mixed in training, in task-token order: induction, lookup, "
         "copy, sum",
     )
+    induction_repeat: Literal["fixed", "random"] = Field(
+        default="fixed",
+        description="induction task: the repeat starts halfway (fixed: a positional head that "
+        "looks half a sequence back also solves it) or after a random-length first occurrence "
+        "(random: only induction solves it)",
+    )
     copy_offset: int = Field(
         default=3, ge=1, description="copy task: a token repeats the one this many back (odd)"
     )

@@ -133,7 +133,20 @@ TARGET_KINDS: dict[str, TargetKind] = {
         build=planted.build_planted_lm,
         train=planted.train_planted_lm,
         data=planted.PlantedTasks,
-        architecture=("n_tokens", "seq_len", "d_model", "n_layers", "n_heads", "d_mlp", "tasks"),
+        # what the weights were trained on belongs here too: a target of other tasks is refused
+        architecture=(
+            "n_tokens",
+            "seq_len",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "d_mlp",
+            "tasks",
+            "induction_repeat",
+            "copy_offset",
+            "sum_modulus",
+            "table_seed",
+        ),  # fmt: skip
         decoder=lambda c: lambda ids: planted.decode(c, ids),
         encoder=lambda c: lambda text: planted.encode(c, text),
         is_lm=lambda c: True,

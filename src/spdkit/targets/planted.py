@@ -11,13 +11,15 @@ kind:
 
 | task | sequence (after the task token) | scored | expected mechanism |
 |---|---|---|---|
-| `induction` | r₁ … r_h r₁ … r_h (random r) | the repeat from its 2nd token | a previous-token head in layer 0, an induction head in layer 1 (K-composition: its key reads the previous-token head's output; its OV copies the token) |
+| `induction` | r₁ … r_m r₁ … r_m, then random (m = half the sequence, or random in [n/4, n/2] with `induction_repeat: random`) | the repeat from its 2nd token | a previous-token head in layer 0, an induction head in layer 1 (K-composition: its key reads the previous-token head's output; its OV copies the token) |
 | `lookup` | k₁ f(k₁) k₂ f(k₂) … (f a fixed random map) | every f(k) | memorised in the MLPs: key embedding in, value unembedding out; attention only says which task it is |
 | `copy` | fresh random tokens at odd positions; an even position j > k repeats position j − k (k = `copy_offset`, odd) | the repeats | one positional head attending k − 1 back from the query, its OV copying the token |
 | `sum` | a b s a b s … with a, b < p and s = (a + b) mod p (p = `sum_modulus`) | every s | a previous-token head brings a to b's position; the MLPs compute (a + b) mod p |
 
 `copy` defeats induction on purpose: the token before a repeat is fresh (never seen before), so
-looking up its previous occurrence finds nothing. `sum`'s gather shares its kind (attend one
+looking up its previous occurrence finds nothing. With `induction_repeat: fixed` (the default,
+kept for runs made before the option) the repeat always starts halfway, so a positional head
+attending half a sequence back solves `induction` too: the bundled config uses `random`. `sum`'s gather shares its kind (attend one
 back) with induction's previous-token head; whether the model reuses one head for both is a
 fact about the trained model that the ablation table shows.
 """
@@ -83,6 +85,19 @@ class PlantedTasks:
             return torch.randint(0, high, shape, generator=generator, device=dev)
 
         pos = torch.arange(1, c.seq_len, device=dev)  # ids position of each content token
+        if task == "induction" and c.induction_repeat == "random":
+            # first occurrence of random length m in [n/4, n/2], its repeat, random filler
+            m = torch.randint(n // 4, n // 2 + 1, (batch_size, 1), generator=generator, device=dev)
+            content = rand(c.n_tokens, (batch_size, n))
+            i = torch.arange(n, device=dev)[None, :]
+            in_repeat = (i >= m) & (i < 2 * m)
+            source = torch.where(in_repeat, i - m, i)
+            content = content.gather(1, source)
+            scored_rows = (i >= m + 1) & (i < 2 * m)  # content index; the repeat from its 2nd
+            start = torch.full((batch_size, 1), self.task_token(task), device=dev)
+            ids = torch.cat([start, content], dim=1)
+            no_first = torch.zeros(batch_size, 1, dtype=torch.bool, device=dev)
+            return ids, torch.cat([no_first, scored_rows], dim=1)
         if task == "induction":
             h = n // 2
             first = rand(c.n_tokens, (batch_size, h))
