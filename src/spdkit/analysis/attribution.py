@@ -40,14 +40,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from matplotlib.figure import Figure
 from torch import Tensor
 
-from spdkit.figures import finish, new_figure
 from spdkit.method.forwards import ForwardFactory, forwards_replaced, model_output
 from spdkit.method.model import ComponentModel
 from spdkit.progress import progress_bar
@@ -367,35 +364,3 @@ def _top_logit_edges(to_logit: Mapping[str, Tensor], n: int, k: int) -> list[dic
     ]
     found.sort(key=lambda e: -abs(e[0]))
     return [{"source": s, "target": "logit:next", "value": v} for v, s in found[:k]]
-
-
-# --- figure ---------------------------------------------------------------------------------
-def plot_prompt_graph(graph: dict[str, Any], path: Path | None, n_edges: int = 60) -> Figure:
-    """Nodes at (position, layer order of their module), the `n_edges` strongest edges as
-    lines (width ∝ |e|; blue positive, red negative), logits on the top row."""
-    modules = list(dict.fromkeys(node["module"] for node in graph["nodes"]))
-    rows = {m: i for i, m in enumerate(modules)}
-    rows["logit"] = len(modules)
-    edges = graph["edges"][:n_edges]
-    used = {e["source"] for e in edges} | {e["target"] for e in edges}
-
-    def place(node: str) -> tuple[float, float]:
-        if node.startswith("logit:"):
-            return float(node.split(":")[1]), float(rows["logit"])
-        module, t, c = node.rsplit(":", 2)
-        return int(t) + 0.35 * ((int(c) % 7) / 7 - 0.5), float(rows[module])
-
-    T = len(graph["ids"])
-    fig, ax = new_figure(figsize=(max(6.0, 0.35 * T + 2), 1.0 + 0.45 * len(rows)))
-    top = max((abs(e["value"]) for e in edges), default=1.0) or 1.0
-    for e in edges:
-        (x0, y0), (x1, y1) = place(e["source"]), place(e["target"])
-        color = "tab:blue" if e["value"] > 0 else "tab:red"
-        ax.plot([x0, x1], [y0, y1], color=color, lw=0.3 + 3 * abs(e["value"]) / top, alpha=0.6)
-    xs, ys = zip(*(place(n) for n in used), strict=True) if used else ((), ())
-    ax.scatter(xs, ys, s=10, c="k", zorder=3)
-    ax.set_yticks(range(len(rows)), list(rows))
-    tokens = graph.get("tokens") or [str(i) for i in graph["ids"]]
-    ax.set_xticks(range(T), tokens, fontsize=6, rotation=90)
-    ax.set_title(f"attribution graph: {len(edges)} strongest edges")
-    return finish(fig, path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -246,4 +247,35 @@ def plot_coactivation(
         ax.set_xticks(range(n), names, fontsize=7, rotation=90)
         ax.set_yticks(range(n), names, fontsize=7)
     fig.colorbar(im, ax=ax, shrink=0.8, label=r"co-activation $s_{ij} / \sqrt{s_i s_j}$")
+    return finish(fig, path)
+
+
+def plot_prompt_graph(graph: dict[str, Any], path: Path | None, n_edges: int = 60) -> Figure:
+    """Nodes at (position, layer order of their module), the `n_edges` strongest edges as
+    lines (width ∝ |e|; blue positive, red negative), logits on the top row."""
+    modules = list(dict.fromkeys(node["module"] for node in graph["nodes"]))
+    rows = {m: i for i, m in enumerate(modules)}
+    rows["logit"] = len(modules)
+    edges = graph["edges"][:n_edges]
+    used = {e["source"] for e in edges} | {e["target"] for e in edges}
+
+    def place(node: str) -> tuple[float, float]:
+        if node.startswith("logit:"):
+            return float(node.split(":")[1]), float(rows["logit"])
+        module, t, c = node.rsplit(":", 2)
+        return int(t) + 0.35 * ((int(c) % 7) / 7 - 0.5), float(rows[module])
+
+    T = len(graph["ids"])
+    fig, ax = new_figure(figsize=(max(6.0, 0.35 * T + 2), 1.0 + 0.45 * len(rows)))
+    top = max((abs(e["value"]) for e in edges), default=1.0) or 1.0
+    for e in edges:
+        (x0, y0), (x1, y1) = place(e["source"]), place(e["target"])
+        color = "tab:blue" if e["value"] > 0 else "tab:red"
+        ax.plot([x0, x1], [y0, y1], color=color, lw=0.3 + 3 * abs(e["value"]) / top, alpha=0.6)
+    xs, ys = zip(*(place(n) for n in used), strict=True) if used else ((), ())
+    ax.scatter(xs, ys, s=10, c="k", zorder=3)
+    ax.set_yticks(range(len(rows)), list(rows))
+    tokens = graph.get("tokens") or [str(i) for i in graph["ids"]]
+    ax.set_xticks(range(T), tokens, fontsize=6, rotation=90)
+    ax.set_title(f"attribution graph: {len(edges)} strongest edges")
     return finish(fig, path)

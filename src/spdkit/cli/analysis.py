@@ -261,7 +261,8 @@ def attribute(
     import hashlib
     import json
 
-    from spdkit.analysis.attribution import AttributionParams, plot_prompt_graph
+    from spdkit.analysis.attribution import AttributionParams
+    from spdkit.analysis.plots import plot_prompt_graph
     from spdkit.api import load
     from spdkit.pipeline.run import resolve_device
     from spdkit.store import atomic
