@@ -16,7 +16,7 @@ from spdkit.engine.threads import set_short_spin
 # their core soon (`spdkit.engine.threads`); a library import of spdkit leaves this alone.
 set_short_spin()
 
-from spdkit.cli import analysis, configs, training  # noqa: E402, F401 (they register the commands)
+from spdkit.cli import analysis, configs, mechanisms, training  # noqa: E402, F401 (register)
 from spdkit.cli.common import _terminate_as_interrupt, app, hf_target_override  # noqa: E402
 
 __all__ = ["app", "hf_target_override", "main"]
