@@ -155,6 +155,20 @@ def _no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
+def _hf_run_args(model: Path, run_dir: Path, steps: int) -> list[str]:
+    """`spdkit run hf_lm` on a saved tiny model: random tokens, C 8, a few steps."""
+    args = ["run", "hf_lm", "--target-hf", str(model), "--out", str(run_dir), "--quiet"]
+    args += ["--steps", str(steps), "--set", "target.data=random_tokens"]
+    return args + [
+        "--set",
+        f"target.seq_len={SEQ}",
+        "--set",
+        "batch_size=4",
+        "--set",
+        "modules.0.C=8",
+    ]
+
+
 @pytest.mark.parametrize("build, copy", [(gpt2, False), (llama, True)])
 def test_cli_target_hf_run_directory_refers_to_or_copies_the_weights(
     tmp_path, monkeypatch, build, copy
@@ -170,9 +184,7 @@ def test_cli_target_hf_run_directory_refers_to_or_copies_the_weights(
     _no_network(monkeypatch)
     build().save_pretrained(tmp_path / "model")
     run_dir = tmp_path / "run"
-    args = ["run", "hf_lm", "--target-hf", str(tmp_path / "model"), "--out", str(run_dir)]
-    args += ["--quiet", "--steps", "20", "--set", "target.data=random_tokens"]
-    args += ["--set", f"target.seq_len={SEQ}", "--set", "batch_size=4", "--set", "modules.0.C=8"]
+    args = _hf_run_args(tmp_path / "model", run_dir, steps=20)
     args += ["--set", f"target.copy_weights={str(copy).lower()}"]
     args += ["--set", "eval.n_eval_samples=8", "--insert-identity", "*.layers.0.mlp.down_proj:20"]
     if build is gpt2:
@@ -331,9 +343,7 @@ def test_edit_writes_a_folder_plain_transformers_loads_and_generates_with(
     _no_network(monkeypatch)
     build().save_pretrained(tmp_path / "model")
     run_dir = tmp_path / "run"
-    args = ["run", "hf_lm", "--target-hf", str(tmp_path / "model"), "--out", str(run_dir)]
-    args += ["--quiet", "--steps", "5", "--set", "target.data=random_tokens"]
-    args += ["--set", f"target.seq_len={SEQ}", "--set", "batch_size=4", "--set", "modules.0.C=8"]
+    args = _hf_run_args(tmp_path / "model", run_dir, steps=5)
     args += ["--set", "eval.n_eval_samples=8"]
     assert CliRunner().invoke(app, args).exit_code == 0
     decomp = load(run_dir)
