@@ -152,7 +152,7 @@ def group_chunks(model: ComponentModel, ids: Tensor, scored: Tensor, size: int |
         piece = ids[start : start + size]
         with torch.no_grad():
             record = model.record(piece)
-            g, _ = model.causal_importances(record.inputs, model.inner_acts(record.inputs))
+            g, _ = model.importances(piece, record)
         yield Chunk(piece, scored[start : start + size], record, g)
 
 

@@ -126,7 +126,7 @@ def ci_masks(model: ComponentModel, ids: Tensor) -> dict[str, Tensor]:
     """The run's CI masks g [B, T, C] of the input (no gradient)."""
     with torch.no_grad():
         record = model.record(ids)
-        g, _ = model.causal_importances(record.inputs, model.inner_acts(record.inputs))
+        g, _ = model.importances(ids, record)
     return g
 
 

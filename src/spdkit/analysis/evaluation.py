@@ -28,7 +28,7 @@ from spdkit.method.measures import (
     weighted_sum,
 )
 from spdkit.method.model import ComponentModel
-from spdkit.method.step import LOSS_TERMS, spd_losses
+from spdkit.method.objective import loss_terms, step_losses
 from spdkit.progress import progress_bar
 from spdkit.store import runs
 from spdkit.targets import eval_data_source, reports_lm, target_kind
@@ -161,8 +161,10 @@ def evaluation_losses(
     losses = []
     for share, piece in chunks(x, config.eval.batch_size):
         with torch.no_grad():
-            terms = spd_losses(model, piece, config, stream, step).terms
-        losses.append((share, {k: terms[k].item() for k in ("total", *LOSS_TERMS) if k in terms}))
+            terms = step_losses(model, piece, config, stream, step).terms
+        losses.append(
+            (share, {k: terms[k].item() for k in ("total", *loss_terms(config)) if k in terms})
+        )
         if on_chunk is not None:
             on_chunk()
     return weighted_sum(losses)
@@ -196,7 +198,7 @@ def draw_figures(
     config, model = decomp.config, decomp.model
     ev = config.eval
     records = runs.read_metrics(run_dir)
-    plots.plot_losses(records, fig_dir / "losses.png", ["total", *LOSS_TERMS])
+    plots.plot_losses(records, fig_dir / "losses.png", ["total", *loss_terms(config)])
     plots.plot_l0_over_training(records, fig_dir / "l0.png")
     plots.plot_ci_histograms(ci_data, fig_dir / "ci_histograms.png")
     if ci_onehot is not None:

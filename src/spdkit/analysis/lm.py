@@ -82,7 +82,7 @@ def lm_mask_evaluation(
     for share, piece in pieces:
         record = model.record(piece)
         kept = record if len(pieces) == 1 else None  # one chunk: its record serves the PGD
-        g, _ = model.causal_importances(record.inputs, model.inner_acts(record.inputs))
+        g, _ = model.importances(piece, record)
         gs.append(g)
         per_chunk.append((share, scores(piece, mask_kinds(g, ev, r), record)))
         del record

@@ -52,7 +52,7 @@ def output_losses(
     parts = []
     for share, piece in chunks(x, chunk):
         record = model.record(piece)
-        ci, _ = model.causal_importances(record.inputs, model.inner_acts(record.inputs))
+        ci, _ = model.importances(piece, record)
         kinds = (("ci_masked", ci), ("unmasked", ones), ("zero_masked", zeros))
         out = {
             name: divergence(model.masked_forward(piece, masks, record), record.output).item()

@@ -37,7 +37,8 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     if "feature_match" in summary:
         fm = summary["feature_match"]
         paper = fm.get("paper")
-        ref = f"  (paper Table 1: {paper['mmcs']:.3f}, {paper['ml2r']:.3f})" if paper else ""
+        table = paper.get("table", "paper Table 1") if paper else ""
+        ref = f"  ({table}: {paper['mmcs']:.3f}, {paper['ml2r']:.3f})" if paper else ""
         typer.echo(
             f"feature match on {fm['module']}: MMCS {fm['mmcs']:.4f}  ML2R {fm['ml2r']:.4f}{ref}"
         )
@@ -45,7 +46,8 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
             live = ", ".join(
                 f"{n} {k}/{fm['expected'][n]}" for n, k in fm["non_negligible"].items()
             )
-            typer.echo(f"non-negligible subcomponents: {live}; ground truth: {fm['ground_truth']}")
+            counted = fm.get("counted", "subcomponents")
+            typer.echo(f"non-negligible {counted}: {live}; ground truth: {fm['ground_truth']}")
     if "resid_mlp" in summary:
         v, nc = summary["resid_mlp"]["verdict"], summary["resid_mlp"]["neuron_contributions"]
         mono = ", ".join(f"{name} {m['features_monosemantic']}" for name, m in v["w_in"].items())

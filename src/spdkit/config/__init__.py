@@ -24,6 +24,7 @@ from spdkit.config.io import (
     parse_override_value,
 )
 from spdkit.config.objective import (
+    APDConfig,
     ImportanceConfig,
     LossConfig,
     PAnnealConfig,
@@ -60,6 +61,7 @@ from spdkit.config.training import (
 from spdkit.errors import ConfigError
 
 __all__ = [
+    "APDConfig",
     "BUNDLED_CONFIG_PACKAGE",
     "CI_BY_KIND",
     "CI_CONFIGS",

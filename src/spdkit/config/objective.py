@@ -145,3 +145,45 @@ class ImportanceConfig(StrictModel):
         description="the minimality coefficients (importance and frequency) ramp linearly from "
         "0 over this fraction of training (0: full from the first step, the paper's)",
     )
+
+
+class APDConfig(StrictModel):
+    """Attribution-based Parameter Decomposition (APD paper §2, appendix "Practical loss: Top-k
+    formulation"), the baseline spdkit compares SPD with. Each of a module spec's C components
+    is one parameter component P_c spanning every decomposed module, P_{c,l} = U_{c,l} V_{c,l}
+    of rank `rank`; the inputs' top-k components by gradient attribution run the sparse pass."""
+
+    rank: int | None = Field(
+        default=None,
+        ge=1,
+        description="rank of each component's matrix in each module (None: full, "
+        "min(d_in, d_out), the paper's)",
+    )
+    top_k: float = Field(
+        gt=0,
+        description="active components per input: batch top-k keeps top_k × batch of the "
+        "batch's (input, component) attributions; per-input top-k keeps top_k (an integer)",
+    )
+    batch_top_k: bool = Field(
+        default=True, description="select over the whole batch (the paper's experiments)"
+    )
+    minimality_coeff: float = Field(
+        default=1.0, ge=0, description="β: weight of L_minimality, D(f(x|κ(x)), f(x|θ*))"
+    )
+    simplicity_coeff: float = Field(
+        ge=0, description="α: weight of L_simplicity, the active components' Schatten-p norms"
+    )
+    schatten_p: float = Field(
+        default=1.0, gt=0, le=1, description="p of the Schatten norm (p ≤ 1 favours low rank)"
+    )
+    attributions_from: Literal["target", "components"] = Field(
+        default="target",
+        description="whose gradients the attributions use: the target's (the paper's), or the "
+        "sum of the components' (the paper's adjustment for TMS 5-2)",
+    )
+
+    @model_validator(mode="after")
+    def _integer_top_k(self) -> APDConfig:
+        if not self.batch_top_k and not float(self.top_k).is_integer():
+            raise ValueError(f"apd.top_k must be an integer without batch_top_k, got {self.top_k}")
+        return self

@@ -9,6 +9,7 @@
     engine         how a step is computed (exact shortcuts, masked-pass precision)
     training       steps, batch, optimiser, clipping, the faithfulness warm-up, checkpoints
     eval           the end-of-run evaluation
+    apd            set: the run is APD (the baseline), not SPD (`spdkit.method.apd`)
 
 Every model forbids unknown keys, so a misspelt field is an error that names it instead of a
 setting silently dropped. Field names follow the papers' words; the symbol is in each field's
@@ -24,7 +25,7 @@ from pydantic import Field, model_validator
 from spdkit.config.base import StrictModel
 from spdkit.config.ci import CIFnConfig, MLPCIConfig
 from spdkit.config.legacy import group_flat_keys
-from spdkit.config.objective import ImportanceConfig, LossConfig, PGDConfig
+from spdkit.config.objective import APDConfig, ImportanceConfig, LossConfig, PGDConfig
 from spdkit.config.sections import (
     ComponentsConfig,
     EngineConfig,
@@ -34,6 +35,16 @@ from spdkit.config.sections import (
 )
 from spdkit.config.targets import TargetConfig
 from spdkit.config.training import TrainingConfig
+
+# the SPD terms an APD run leaves off (its own terms are in `apd`)
+APD_LOSS_DEFAULTS: dict[str, float] = {
+    "stochastic_recon_coeff": 0.0,
+    "stochastic_recon_layerwise_coeff": 0.0,
+    "stochastic_recon_subset_coeff": 0.0,
+    "adversarial_recon_coeff": 0.0,
+    "importance_minimality_coeff": 0.0,
+    "frequency_minimality_coeff": 0.0,
+}
 
 
 class SPDConfig(StrictModel):
@@ -60,12 +71,39 @@ class SPDConfig(StrictModel):
     engine: EngineConfig = Field(default_factory=lambda: EngineConfig())
     training: TrainingConfig
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    apd: APDConfig | None = Field(
+        default=None,
+        description="decompose with APD (the baseline of the APD paper) instead of SPD",
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _flat_keys(cls, data: Any) -> Any:
         """The flat layout of spdkit ≤ 0.1: old run directories and configs still load."""
-        return group_flat_keys(data)
+        data = group_flat_keys(data)
+        if isinstance(data, dict) and data.get("apd") is not None:
+            # APD has no importance penalty: the section is not asked for
+            data.setdefault("importance", {"pnorm": 1.0})
+            data.setdefault("loss", {})
+            if isinstance(data["loss"], dict):
+                data["loss"] = {**APD_LOSS_DEFAULTS, **data["loss"]}
+        return data
+
+    @model_validator(mode="after")
+    def _apd_is_apd(self) -> SPDConfig:
+        """APD's objective is faithfulness + minimality + simplicity: no SPD term may be on,
+        and every module has the same C (a component spans all decomposed modules)."""
+        if self.apd is None:
+            return self
+        on = [k for k in APD_LOSS_DEFAULTS if getattr(self.loss, k) != 0]
+        if on:
+            raise ValueError(f"apd: SPD loss terms must be 0 in an APD run, got {on} on")
+        Cs = sorted({m.C for m in self.modules})
+        if len(Cs) > 1:
+            raise ValueError(f"apd: every module needs the same C (one P_c spans all), got {Cs}")
+        if self.insert_identity or self.components.delta:
+            raise ValueError("apd: insert_identity and components.delta are SPD-only")
+        return self
 
     @model_validator(mode="after")
     def _output_loss_fits_output(self) -> SPDConfig:

@@ -46,7 +46,7 @@ def causal_importance(
     parts = []
     for _, piece in chunks(x, chunk):
         record = model.record(piece)
-        g_lower, g_upper = model.causal_importances(record.inputs, model.inner_acts(record.inputs))
+        g_lower, g_upper = model.importances(piece, record)
         parts.append(g_upper if upper else g_lower)
     return {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
 

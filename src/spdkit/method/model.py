@@ -21,8 +21,22 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from spdkit.config import CIFnConfig, IdentitySpec, MLPCIConfig, ModuleSpec, SPDConfig
+from spdkit.config import (
+    APDConfig,
+    CIFnConfig,
+    IdentitySpec,
+    MLPCIConfig,
+    ModuleSpec,
+    SPDConfig,
+)
 from spdkit.engine.record import Record, assert_unchanged, record_forward, replay_plan
+from spdkit.method.apd import (
+    APDSelection,
+    batch_top_k,
+    full_rank,
+    gradient_attributions,
+    repeat_per_rank,
+)
 from spdkit.method.ci import CIFunction, ModuleSlot, build_ci_function
 from spdkit.method.ci.base import key
 from spdkit.method.components import (
@@ -76,11 +90,14 @@ class ComponentModel(nn.Module):
         prefix_replay: bool = True,
         output_field: str | None = None,
         delta: bool = False,
+        apd: APDConfig | None = None,
     ) -> None:
         """`ci_fn`: the CI function (kind, settings, lower sigmoid); without it the paper's
         `mlp` kind with d_gate `ci_hidden_dim` (default 16). `delta`: each decomposed module
         has the Δ-component W − U V as one more component, masked by `masked_forward`'s
-        `delta` masks (VPD notes §2)."""
+        `delta` masks (VPD notes §2). `apd`: the model is APD's (`spdkit.method.apd`): a
+        module spec's C counts parameter components, each r rank-one subcomponents here, and
+        no CI function is learnt."""
         super().__init__()
         if ci_fn is not None and ci_hidden_dim is not None:
             raise ValueError("give ci_fn (with its own settings) or ci_hidden_dim, not both")
@@ -88,6 +105,8 @@ class ComponentModel(nn.Module):
             ci_fn = MLPCIConfig(hidden_dim=ci_hidden_dim or 16, backend="eager")
         self.output_field = output_field  # which tensor of the target's output D compares
         self.delta = delta
+        self.apd = apd
+        self.apd_ranks: dict[str, int] = {}  # APD: each module's component rank r
         matched = match_modules(target, specs)
         # matched against the target's own modules, before anything is inserted
         identity_sites = match_identity_sites(target, identity_specs or [])
@@ -111,7 +130,7 @@ class ComponentModel(nn.Module):
             ModuleSlot(n, c.C, c.d_in, "inner" if isinstance(c, EmbeddingComponents) else reads)
             for n, c in ((n, self.components(n)) for n in self.module_names)
         ]
-        self.ci: CIFunction = build_ci_function(ci_fn, slots)
+        self.ci: CIFunction = APDSelection(slots) if apd else build_ci_function(ci_fn, slots)
 
     @classmethod
     def from_config(cls, target: nn.Module, config: SPDConfig) -> ComponentModel:
@@ -125,11 +144,16 @@ class ComponentModel(nn.Module):
             prefix_replay=config.engine.prefix_replay,
             output_field=getattr(config.target, "output", None),
             delta=config.components.delta,
+            apd=config.apd,
         )
 
     def _decompose(self, name: str, C: int) -> None:
         """Give target module `name` C subcomponents."""
         original = self.target.get_submodule(name)
+        if self.apd is not None:  # C components of rank r: C·r rank-one subcomponents
+            rank = self.apd.rank or full_rank(make_components(original, 1))
+            self.apd_ranks[name] = rank
+            C = C * rank
         components = make_components(original, C)
         if self._component_init == "target_projection":
             components.init_from_target(components.target_weight(original))
@@ -220,6 +244,31 @@ class ComponentModel(nn.Module):
     def inner_acts(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """h [..., C] = a @ Vᵀ for each module, from its (target) input."""
         return {n: self.components(n).inner(inputs[n]) for n in self.module_names}
+
+    def importances(self, x: Tensor, record: Record) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Per module (g, g⁺) [..., C] on input x (`record` = `self.record(x)`): the CI
+        function's (SPD), or APD's top-k selection s(x) repeated over each component's rank-one
+        pieces (both entries the same binary mask). Every analysis reads a run's importances
+        here, so it reads an APD run the same way."""
+        if self.apd is None:
+            return self.causal_importances(record.inputs, self.inner_acts(record.inputs))
+        s = self.apd_selection(x).to(record.output.dtype)
+        masks = {n: repeat_per_rank(s, self.apd_ranks[n]) for n in self.module_names}
+        return masks, masks
+
+    def apd_selection(self, x: Tensor) -> Tensor:
+        """APD's s(x) (bool [B, C]): batch top-k (or per-input top-k) of the components'
+        gradient attributions, with the target's gradients or the summed components'."""
+        apd = self.apd
+        if apd is None:
+            raise ValueError("apd_selection: this model is SPD's, not APD's")
+        modules = {n: self.target.get_submodule(n) for n in self.module_names}
+        pieces = {n: (self.components(n), self.apd_ranks[n]) for n in self.module_names}
+        if apd.attributions_from == "target":
+            run = lambda: model_output(self.target(x), self.output_field)  # noqa: E731
+        else:
+            run = lambda: self.masked_forward(x, self.ones_masks())  # noqa: E731
+        return batch_top_k(gradient_attributions(run, modules, pieces), apd.top_k, apd.batch_top_k)
 
     def causal_importances(
         self, inputs: Mapping[str, Tensor], inner: Mapping[str, Tensor]

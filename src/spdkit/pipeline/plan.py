@@ -31,7 +31,7 @@ from spdkit.analysis.evaluation import measure_batch
 from spdkit.analysis.lm import lm_mask_evaluation
 from spdkit.engine.malloc import release_free_memory
 from spdkit.engine.random_stream import MaskStream
-from spdkit.method.step import spd_losses
+from spdkit.method.objective import step_losses
 from spdkit.targets import reports_lm
 from spdkit.training.profiling import fused_ci_flops, positions_per_sample
 from spdkit.training.trainer import Trainer
@@ -130,7 +130,7 @@ def probe(trainer: Trainer, batch: int, evaluation: bool = False) -> tuple[int |
         if evaluation:
             _evaluation_work(trainer, x, gen)
         else:
-            spd_losses(model, x, cfg, MaskStream(PROBE_SEED), trainer.step, None)
+            step_losses(model, x, cfg, MaskStream(PROBE_SEED), trainer.step, None)
     for p in model.trainable_parameters():
         p.grad = None
     peak = _status_kib("VmHWM") if measured else None

@@ -186,7 +186,7 @@ def report(
     with torch.no_grad():
         for task, (ids, scored) in batches.items():
             record = model.record(ids)
-            g, _ = model.causal_importances(record.inputs, model.inner_acts(record.inputs))
+            g, _ = model.importances(ids, record)
             masks = {
                 "ci": g,
                 "rounded": {k: (v > config.eval.ci_threshold).to(v.dtype) for k, v in g.items()},

@@ -1,6 +1,9 @@
 """What TMS adds to a decomposition's evaluation: the feature match of paper §3.1 (MMCS and
 ML2R of W's columns against the subcomponents), the vectors figure (paper Figure 1), and its
-known mechanisms (one per feature: its `linear1` and its `linear2` subcomponent)."""
+known mechanisms (one per feature: its `linear1` and its `linear2` subcomponent).
+
+An APD run (`spdkit.method.apd`) is measured the way the APD paper measures it: against its
+parameter components P_c (each r rank-one subcomponents here), not the rank-one pieces."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from torch import Tensor
 
 from spdkit.config import SPDConfig
 from spdkit.figures import finish, new_figure
+from spdkit.method.apd import component_matrices
 from spdkit.method.measures import non_negligible, subcomponent_norms, subcomponents
 from spdkit.method.model import ComponentModel
 
@@ -29,6 +33,8 @@ PAPER_TABLE_1 = {
     (5, 2, True): (1.000, 0.992),
     (40, 10, True): (1.000, 1.031),
 }
+# APD paper §3.1 table (MMCS, ML2R of its components on W), by (n_features, n_hidden)
+APD_PAPER_TABLE = {(5, 2): (0.998, 0.893), (40, 10): (0.996, 0.935)}
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,46 @@ def mmcs_ml2r(W: Tensor, U: Tensor, V: Tensor, candidates: Tensor) -> FeatureMat
     )
 
 
+def component_mmcs_ml2r(W: Tensor, P: Tensor, candidates: Tensor) -> FeatureMatch:
+    """MMCS and ML2R of W [d_out, n] against the columns of component matrices P [K, d_out, n]
+    (APD paper §3.1: P_{c,:,j} against W_{:,j}); only `candidates` (bool [K]) are matched."""
+    W, P = W.detach().float(), P.detach().float()
+    idx = torch.nonzero(candidates).flatten()
+    if idx.numel() == 0:
+        raise ValueError("no candidate components to match (all have negligible norm)")
+    cols = P[idx]  # [k, d_out, n]
+    col_norm = cols.norm(dim=1).clamp_min(1e-12)  # [k, n]
+    w_norm = W.norm(dim=0).clamp_min(1e-12)  # [n]
+    cos = (cols * W[None]).sum(1) / (col_norm * w_norm[None, :])  # [k, n]
+    best = cos.argmax(dim=0)
+    j = torch.arange(W.shape[1])
+    ratio = col_norm[best, j] / w_norm
+    return FeatureMatch(
+        mmcs=cos[best, j].mean().item(),
+        ml2r=ratio.mean().item(),
+        match=idx[best].tolist(),
+        cosine=cos[best, j].tolist(),
+        l2_ratio=ratio.tolist(),
+    )
+
+
+def pieces(model: ComponentModel, module: str) -> Tensor:
+    """What a decomposition is measured by, [K, d_out, d_in]: its rank-one subcomponents
+    U_c V_cᵀ (SPD), or its parameter components P_c (APD)."""
+    comps = model.components(module)
+    if model.apd is not None:
+        return component_matrices(comps, model.apd_ranks[module]).detach()
+    U, V = subcomponents(model, module)
+    return U.T[:, :, None] * V[:, None, :]
+
+
+def piece_norms(model: ComponentModel, module: str) -> Tensor:
+    """‖piece‖_F [K]: of the subcomponents (SPD) or of the components (APD)."""
+    if model.apd is None:
+        return subcomponent_norms(*subcomponents(model, module))
+    return pieces(model, module).flatten(1).norm(dim=1)
+
+
 def report(
     model: ComponentModel, config: SPDConfig, ci_onehot: dict[str, Tensor] | None, fig_dir: Path
 ) -> dict[str, Any]:
@@ -76,19 +122,24 @@ def report(
     2-dimensional hidden space, figures/vectors_linear1.png (paper Figure 1)."""
     if FEATURE_MODULE not in model.module_names:
         return {}
-    U, V = subcomponents(model, FEATURE_MODULE)
     W = model.target_weight(FEATURE_MODULE)
-    live = non_negligible(subcomponent_norms(U, V), config.eval.norm_threshold)
-    match = mmcs_ml2r(W, U, V, live)
+    live = non_negligible(piece_norms(model, FEATURE_MODULE), config.eval.norm_threshold)
+    if model.apd is None:
+        U, V = subcomponents(model, FEATURE_MODULE)
+        match = mmcs_ml2r(W, U, V, live)
+    else:
+        match = component_mmcs_ml2r(W, pieces(model, FEATURE_MODULE), live)
     if W.shape[0] == 2:
         n_show = min(int(live.sum()) + 1, 8)
-        plot_tms_vectors(W, U, V, fig_dir / f"vectors_{FEATURE_MODULE}.png", n_show=n_show)
+        path = fig_dir / f"vectors_{FEATURE_MODULE}.png"
+        plot_tms_vectors(W, pieces(model, FEATURE_MODULE), path, n_show=n_show)
     return {
         "feature_match": {
             "module": FEATURE_MODULE,
             "mmcs": match.mmcs,
             "ml2r": match.ml2r,
-            "matched_subcomponent": match.match,
+            "matched_subcomponent": match.match,  # APD: the matched component
+            "counted": "components" if model.apd is not None else "subcomponents",
             **tms_verdict(model, config, match.mmcs),
             **paper_values(config),
         }
@@ -98,6 +149,9 @@ def report(
 def paper_values(config: SPDConfig) -> dict[str, Any]:
     """{"paper": {"mmcs", "ml2r"}} of paper Table 1 for this TMS architecture, if it has a row."""
     t = config.target
+    if config.apd is not None:
+        row = APD_PAPER_TABLE.get((t.n_features, t.n_hidden)) if not t.n_hidden_layers else None
+        return {"paper": {"mmcs": row[0], "ml2r": row[1], "table": "APD paper §3.1"}} if row else {}
     row = PAPER_TABLE_1.get((t.n_features, t.n_hidden, t.n_hidden_layers > 0))
     return {"paper": {"mmcs": row[0], "ml2r": row[1]}} if row else {}
 
@@ -122,11 +176,7 @@ def tms_verdict(
     """{"ground_truth": bool, "non_negligible": {module: n}, "expected": {module: n}}."""
     expected = {n: U.shape[1] for n, (U, _) in true_components(model).items()}
     counts = {
-        n: int(
-            non_negligible(
-                subcomponent_norms(*subcomponents(model, n)), config.eval.norm_threshold
-            ).sum()
-        )
+        n: int(non_negligible(piece_norms(model, n), config.eval.norm_threshold).sum())
         for n in model.module_names
     }
     return {
@@ -177,16 +227,15 @@ def _arrows(ax: Axes, cols: np.ndarray, lim: float, title: str) -> None:
     ax.set_title(title, fontsize=9)
 
 
-def plot_tms_vectors(W: Tensor, U: Tensor, V: Tensor, path: Path | None, n_show: int) -> Figure:
-    """Paper Figure 1 (top row): columns of W [2, n]; columns of Σ_c U_c V_cᵀ; then the
-    `n_show` largest subcomponents (by norm), each drawn as its columns U[:, c] V[c, j]."""
-    W, U, V = (t.detach().cpu().float() for t in (W, U, V))
-    norms = (U.norm(dim=0) * V.norm(dim=1)).numpy()
+def plot_tms_vectors(W: Tensor, P: Tensor, path: Path | None, n_show: int) -> Figure:
+    """Paper Figure 1 (top row): columns of W [2, n]; columns of the sum of the pieces
+    P [K, 2, n] (rank-one subcomponents U_c V_cᵀ, or APD's components); then the `n_show`
+    largest pieces (by norm), each drawn as its columns."""
+    W, P = W.detach().cpu().float(), P.detach().cpu().float()
+    norms = P.flatten(1).norm(dim=1).numpy()
     order = np.argsort(-norms)[:n_show]
-    panels = [("target W", W.numpy()), ("sum of subcomponents", (U @ V).numpy())]
-    panels += [
-        (f"subcomp {c} (‖·‖={norms[c]:.2f})", np.outer(U[:, c], V[c]).reshape(2, -1)) for c in order
-    ]
+    panels = [("target W", W.numpy()), ("sum of pieces", P.sum(0).numpy())]
+    panels += [(f"piece {c} (‖·‖={norms[c]:.2f})", P[c].numpy()) for c in order]
     lim = 1.15 * max(float(np.abs(W.numpy()).max()), 1e-6)
     fig, axes = new_figure(1, len(panels), figsize=(2.2 * len(panels), 2.5))
     for ax, (title, cols) in zip(np.atleast_1d(axes), panels, strict=True):

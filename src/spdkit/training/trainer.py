@@ -1,6 +1,7 @@
 """The decomposition loop: the paper's pseudocode (appendix), step by step.
 
-`spd_losses` (step.py) is one training step, in the pseudocode's order; `Trainer` adds the
+`spd_losses` (step.py) is one training step, in the pseudocode's order (APD's step for an APD
+config, `spdkit.method.objective`); `Trainer` adds the
 optimiser, the LR schedule, seeded generators for data and masks, and the state a checkpoint
 needs to resume bit-exactly.
 """
@@ -23,6 +24,7 @@ from spdkit.errors import NonFiniteError
 from spdkit.method.adversary import PGDState
 from spdkit.method.losses import faithfulness_loss
 from spdkit.method.model import ComponentModel
+from spdkit.method.objective import loss_terms, step_losses
 from spdkit.method.step import LOSS_TERMS, spd_losses
 from spdkit.progress import progress_bar
 from spdkit.targets import DataSource
@@ -128,7 +130,7 @@ class Trainer:
         )
         self.optimizer.zero_grad(set_to_none=True)
         # + grads
-        terms, ci_lower, self.pgd = spd_losses(
+        terms, ci_lower, self.pgd = step_losses(
             self.model, x, self.config, self.mask_stream, self.step, self.pgd, self.parallel
         )
         if self.parallel.active:
@@ -226,7 +228,7 @@ class Trainer:
                     last = self.step == cfg.training.steps
                     if self.step % cfg.training.log_every == 0 or last:
                         record = step_record(self, terms, ci_lower)
-                        shown = ("total", *LOSS_TERMS)
+                        shown = ("total", *loss_terms(self.config))
                         postfix = {k: f"{record[k]:.3g}" for k in shown if k in record}
                         rate = bar.format_dict.get("rate")
                         if tokens_per_step and rate:
