@@ -26,6 +26,7 @@ from spdkit.method.reference import reference_apd_losses
 from spdkit.pipeline.run import run_experiment
 from spdkit.targets import data_source, target_kind
 from spdkit.training.loop import build_trainer
+from tests.helpers import tiny_resid_dict
 
 
 def apd_dict(**apd) -> dict:
@@ -101,17 +102,33 @@ def test_gradient_attributions_against_per_parameter_jacobian() -> None:
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
 
 
+def resid_apd_dict() -> dict:
+    """A 2-layer residual MLP with APD and the hidden-activation term on both mlp_in."""
+    data = apd_dict(top_k=2.0, hidden_recon_coeff=1.0, hidden_recon_modules=["layers.*.mlp_in"])
+    resid = tiny_resid_dict()
+    data["target"] = resid["target"]
+    data["modules"] = [{"pattern": m["pattern"], "C": 6} for m in resid["modules"]]
+    data["eval"] = resid["eval"]
+    return data
+
+
 @pytest.mark.parametrize(
-    "apd",
+    "data",
     [
-        {},
-        {"attributions_from": "components"},
-        {"batch_top_k": False, "top_k": 2, "rank": 1},
+        apd_dict(),
+        apd_dict(attributions_from="components"),
+        apd_dict(batch_top_k=False, top_k=2, rank=1),
+        resid_apd_dict(),
     ],
-    ids=["target attributions", "component attributions", "per-input top-k, rank 1"],
+    ids=[
+        "target attributions",
+        "component attributions",
+        "per-input top-k, rank 1",
+        "resid mlp, hidden term",
+    ],
 )
-def test_apd_losses_match_the_plain_implementation(apd) -> None:
-    config = parse_config(apd_dict(**apd))
+def test_apd_losses_match_the_plain_implementation(data) -> None:
+    config = parse_config(data)
     target = target_kind(config.target).build(config.target)  # untrained: any weights do
     trainer = build_trainer(target, data_source(config), config, "cpu")
     model = trainer.model
@@ -119,7 +136,8 @@ def test_apd_losses_match_the_plain_implementation(apd) -> None:
         trainer.train_step()
     # dense inputs: no two attributions tie (an all-zero TMS input ties every component at 0,
     # and top-k may break a tie either way)
-    x = torch.rand(32, 5, generator=torch.Generator().manual_seed(5))
+    d_in = config.target.n_features
+    x = torch.rand(32, d_in, generator=torch.Generator().manual_seed(5))
 
     params = model.trainable_parameters()
     for p in params:
@@ -130,7 +148,9 @@ def test_apd_losses_match_the_plain_implementation(apd) -> None:
         p.grad = None
     plain = reference_apd_losses(model, x, config)
     plain["total"].backward()
-    for k in ("faithfulness", "apd_minimality", "apd_simplicity", "total"):
+    if config.apd.hidden_recon_coeff > 0:
+        assert fast["apd_hidden"] > 0
+    for k in plain:
         torch.testing.assert_close(fast[k], plain[k].detach(), rtol=1e-5, atol=1e-9)
     for p, g in zip(params, fast_grads, strict=True):
         if g is None:

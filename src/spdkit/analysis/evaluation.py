@@ -18,6 +18,7 @@ from spdkit.analysis.metrics import identity_check, mean_l0, output_losses
 from spdkit.config import SPDConfig
 from spdkit.engine.malloc import release_free_memory
 from spdkit.engine.random_stream import MaskStream
+from spdkit.method.apd import component_matrices
 from spdkit.method.losses import DIVERGENCES
 from spdkit.method.measures import (
     causal_importance,
@@ -94,6 +95,8 @@ def evaluate(
                     "firing_frequency_sorted": [round(v, 6) for v in freq.tolist()],
                 }
             )
+    if model.apd is not None:
+        summary["apd"] = apd_summary(model, ci_data, ev.norm_threshold)
     if model.identity_modules:
         summary["identity_check"] = {
             name: identity_check(
@@ -125,6 +128,30 @@ def evaluate(
     runs.write_summary(out_dir, summary)
     draw_figures(decomp, run_dir, ci_onehot, ci_data, out_dir / "figures")
     return summary
+
+
+def apd_summary(
+    model: ComponentModel, ci_data: dict[str, Tensor], norm_threshold: float
+) -> dict[str, Any]:
+    """An APD run counted in its own units, parameter components (the per-module lines count
+    the rank-one pieces that store them): C, each module's rank, the components with a
+    non-negligible matrix per module, and the mean number selected per input."""
+    first = model.module_names[0]
+    selected = ci_data[first].reshape(-1, ci_data[first].shape[-1])[:, :: model.apd_ranks[first]]
+    return {
+        "C": model.components(first).C // model.apd_ranks[first],
+        "ranks": dict(model.apd_ranks),
+        "n_non_negligible": {
+            n: int(
+                non_negligible(
+                    component_matrices(model.components(n), r).flatten(1).norm(dim=1),
+                    norm_threshold,
+                ).sum()
+            )
+            for n, r in model.apd_ranks.items()
+        },
+        "mean_selected": round(float(selected.sum(-1).mean()), 4),
+    }
 
 
 def measure_batch(

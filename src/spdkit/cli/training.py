@@ -48,6 +48,13 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
             )
             counted = fm.get("counted", "subcomponents")
             typer.echo(f"non-negligible {counted}: {live}; ground truth: {fm['ground_truth']}")
+    if "apd" in summary:
+        a = summary["apd"]
+        live = ", ".join(f"{n} {k}" for n, k in a["n_non_negligible"].items())
+        typer.echo(
+            f"APD: {a['C']} components (ranks {a['ranks']}), non-negligible {live}; "
+            f"{a['mean_selected']} selected per input (lines below count rank-one pieces)"
+        )
     if "resid_mlp" in summary:
         v, nc = summary["resid_mlp"]["verdict"], summary["resid_mlp"]["neuron_contributions"]
         mono = ", ".join(f"{name} {m['features_monosemantic']}" for name, m in v["w_in"].items())

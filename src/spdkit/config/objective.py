@@ -176,6 +176,18 @@ class APDConfig(StrictModel):
     schatten_p: float = Field(
         default=1.0, gt=0, le=1, description="p of the Schatten norm (p ≤ 1 favours low rank)"
     )
+    hidden_recon_coeff: float = Field(
+        default=0.0,
+        ge=0,
+        description="weight of the hidden-activation term of L_minimality: the sparse pass's "
+        "outputs of `hidden_recon_modules` (after ReLU) against the target's (the paper's "
+        "residual MLPs: 1)",
+    )
+    hidden_recon_modules: list[str] = Field(
+        default_factory=list,
+        description="glob patterns of decomposed modules whose ReLU'd outputs the hidden term "
+        "matches (the residual MLPs: layers.*.mlp_in)",
+    )
     attributions_from: Literal["target", "components"] = Field(
         default="target",
         description="whose gradients the attributions use: the target's (the paper's), or the "
@@ -186,4 +198,6 @@ class APDConfig(StrictModel):
     def _integer_top_k(self) -> APDConfig:
         if not self.batch_top_k and not float(self.top_k).is_integer():
             raise ValueError(f"apd.top_k must be an integer without batch_top_k, got {self.top_k}")
+        if self.hidden_recon_coeff > 0 and not self.hidden_recon_modules:
+            raise ValueError("apd.hidden_recon_coeff > 0 needs apd.hidden_recon_modules")
         return self

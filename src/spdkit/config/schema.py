@@ -101,8 +101,8 @@ class SPDConfig(StrictModel):
         Cs = sorted({m.C for m in self.modules})
         if len(Cs) > 1:
             raise ValueError(f"apd: every module needs the same C (one P_c spans all), got {Cs}")
-        if self.insert_identity or self.components.delta:
-            raise ValueError("apd: insert_identity and components.delta are SPD-only")
+        if self.components.delta:
+            raise ValueError("apd: components.delta is SPD-only")
         return self
 
     @model_validator(mode="after")

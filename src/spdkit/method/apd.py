@@ -10,7 +10,12 @@ decomposed module, P_{c,l} = Σ_m U_{c,l,m} V_{c,l,m}ᵀ of rank r (full rank in
     L_faithfulness = (1/N) Σ_l ‖W_l − Σ_c P_{c,l}‖²
     L_minimality   = D(f(x | κ(x)), f(x | θ*))
     L_simplicity   = (1/(N B)) Σ_b Σ_c s_c(x_b) Σ_l Σ_m (‖U_{c,l,m}‖² ‖V_{c,l,m}‖²)^{p/2}
-    total = L_faithfulness + β L_minimality + α L_simplicity
+    L_hidden       = mean_b Σ_l ‖ReLU(y_l(x | κ)) − ReLU(y_l(x | θ*))‖² / Σ_l d_l   (optional)
+    total = L_faithfulness + β L_minimality + α L_simplicity + γ L_hidden
+
+L_hidden is the paper's "reconstructing hidden activations" (appendix, used for its residual
+MLPs with γ = 1): the sparse pass must also compute the target's hidden activations, not
+only its output.
 
 (Σ_{ij} ∂f_o/∂θ_{l,ij} P_{c,l,ij} = ∂f_o/∂y_l · P_{c,l} a_l for y_l = W_l a_l: the paper's
 attribution computed from the module's output gradient and input, without a per-parameter
@@ -25,7 +30,8 @@ then runs κ(x) unchanged, with s_c(x) repeated r times as the mask.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -66,6 +72,15 @@ def component_matrices(components: Components, rank: int) -> Tensor:
     U = components.U.reshape(components.d_out, C, rank).permute(1, 0, 2)  # [C, d_out, r]
     V = components.V.reshape(C, rank, components.d_in)  # [C, r, d_in]
     return U @ V
+
+
+def component_outputs(components: Components, rank: int, a: Tensor) -> Tensor:
+    """P_{c,l} a [B, C, d_out]: each component's part of the module's output on inputs a [B, d_in]
+    (bias excluded: APD leaves biases undecomposed, always on)."""
+    C = components.C // rank
+    h = components.inner(a).reshape(*a.shape[:-1], C, rank)  # [B, C, r]
+    U = components.U.reshape(components.d_out, C, rank)  # [d_out, C, r]
+    return torch.einsum("bcr,ocr->bco", h, U)
 
 
 def batch_top_k(attributions: Tensor, k: float, batch: bool = True) -> Tensor:
@@ -134,8 +149,10 @@ def gradient_attributions(
     widest = max(probes[n].shape[-1] for n in names)
     chunk = max(1, ATTRIBUTION_CHUNK_ELEMENTS // (B * widest))
     with torch.no_grad():
-        inner = {n: components[n][0].inner(acts[n]) for n in names}  # [B, C·r]
-    squares = y.new_zeros(B, components[names[0]][0].C // components[names[0]][1])
+        # each component's share of each module's output, P_{c,l} a_l [B, C, d_out]: cheaper
+        # to contract with the gradients than U's rank-one columns when d_out < d_L · r
+        shares = {n: component_outputs(components[n][0], components[n][1], acts[n]) for n in names}
+    squares = y.new_zeros(B, shares[names[0]].shape[1])
     eye = torch.eye(d_L, dtype=y.dtype, device=y.device)
     for start in range(0, d_L, chunk):
         outs = eye[start : start + chunk]  # [k, d_L]
@@ -144,10 +161,37 @@ def gradient_attributions(
             y, [probes[n] for n in names], cotangents, retain_graph=True, is_grads_batched=True
         )
         with torch.no_grad():
-            per_output = 0.0
-            for n, g in zip(names, grads, strict=True):  # g [k, B, d_out]
-                comp, rank = components[n]
-                contrib = (g @ comp.U) * inner[n]  # [k, B, C·r]: ∂f_o/∂y · U_m (V_m a)
-                per_output = per_output + contrib.reshape(*contrib.shape[:-1], -1, rank).sum(-1)
+            per_output = sum(
+                torch.einsum("kbo,bco->kbc", g, shares[n])  # ∂f_o/∂y_l · P_{c,l} a_l
+                for n, g in zip(names, grads, strict=True)
+            )
             squares += per_output.pow(2).sum(0)  # type: ignore[union-attr]
     return (squares / d_L).sqrt()
+
+
+@contextlib.contextmanager
+def outputs_of(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
+    """While open, every call of the named modules stores its output in the yielded dict
+    (hooks removed on exit)."""
+    seen: dict[str, Tensor] = {}
+
+    def keep(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
+            seen[name] = out
+
+        return hook
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in modules.items()]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def hidden_recon_loss(sparse: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> Tensor:
+    """L_hidden = mean_b Σ_l ‖ReLU(y_l^sparse) − ReLU(y_l^target)‖² / Σ_l d_l over the named
+    modules' outputs [B, d_l] (the APD paper's code normalises by the total width)."""
+    names = list(target)
+    sq = sum((torch.relu(sparse[n]) - torch.relu(target[n])).pow(2).sum(-1) for n in names)  # [B]
+    return sq.mean() / sum(target[n].shape[-1] for n in names)  # type: ignore[union-attr]

@@ -16,6 +16,7 @@ terms and gradients (same batch, same random numbers), and `benchmarks/bench_ste
 
 from __future__ import annotations
 
+import fnmatch
 import math
 
 import torch
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from spdkit.config import SPDConfig
 from spdkit.engine.random_stream import MaskStream, uniform
+from spdkit.method.apd import outputs_of
 from spdkit.method.forwards import split_delta_slot
 from spdkit.method.model import NO_SHORTCUTS, ComponentModel
 
@@ -285,9 +287,22 @@ def reference_apd_losses(model: ComponentModel, x: Tensor, config: SPDConfig) ->
             [comps.U[:, c * r : (c + 1) * r] @ comps.V[c * r : (c + 1) * r] for c in range(C)]
         )
 
-    def f(weights: dict[str, Tensor], xb: Tensor) -> Tensor:
+    hidden_names = [
+        n for n in names if any(fnmatch.fnmatchcase(n, p) for p in apd.hidden_recon_modules)
+    ]
+
+    def run(weights: dict[str, Tensor], xb: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """f(x | weights) for one input [d_in], and the outputs of the hidden-term modules."""
         full = {**params, **{f"{n}.weight": w for n, w in weights.items()}}
-        return torch.func.functional_call(model.target, full, (xb[None],))[0]
+        with outputs_of({n: model.target.get_submodule(n) for n in hidden_names}) as seen:
+            y = torch.func.functional_call(model.target, full, (xb[None],))[0]
+        return y, {n: v[0] for n, v in seen.items()}
+
+    def per_input(weights: list[dict[str, Tensor]]) -> tuple[Tensor, dict[str, Tensor]]:
+        """run() input by input (a plain loop: no vmap, which sparse embeddings lack)."""
+        outs = [run(w, xb) for w, xb in zip(weights, x, strict=True)]
+        hidden = {n: torch.stack([o[1][n] for o in outs]) for n in hidden_names}
+        return torch.stack([o[0] for o in outs]), hidden
 
     terms: dict[str, Tensor] = {}
     sq = sum(((model.target_weight(n) - P[n].sum(0)) ** 2).sum() for n in names)
@@ -297,8 +312,19 @@ def reference_apd_losses(model: ComponentModel, x: Tensor, config: SPDConfig) ->
     at = {n: model.target_weight(n).detach() for n in names}
     if apd.attributions_from == "components":
         at = {n: P[n].sum(0).detach() for n in names}
-    jac = torch.func.vmap(torch.func.jacrev(f), in_dims=(None, 0))(at, x)  # {n: [B, d_L, o, i]}
-    per_output = sum(torch.einsum("bloi,coi->blc", jac[n], P[n].detach()) for n in names)
+    per_output = []  # [d_L, C] per input: Σ_l Σ_ij ∂f_o/∂θ_l,ij P_c,l,ij
+    for xb in x:
+        jac = torch.autograd.functional.jacobian(
+            lambda *ws, xb=xb: run(dict(zip(names, ws, strict=True)), xb)[0],
+            tuple(at[n] for n in names),
+        )  # per module [d_L, o, i]
+        per_output.append(
+            sum(
+                torch.einsum("loi,coi->lc", j, P[n].detach())
+                for n, j in zip(names, jac, strict=True)
+            )
+        )
+    per_output = torch.stack(per_output)  # [B, d_L, C]
     A = per_output.pow(2).mean(1).sqrt()  # [B, C]
     B, C = A.shape
     if apd.batch_top_k:
@@ -308,10 +334,16 @@ def reference_apd_losses(model: ComponentModel, x: Tensor, config: SPDConfig) ->
         keep = A.argsort(dim=-1, descending=True)[:, : int(apd.top_k)]
         s = torch.zeros(B, C).scatter(1, keep, 1.0)
 
-    kappa = {n: torch.einsum("bc,coi->boi", s, P[n]) for n in names}  # per-input parameters
-    y = torch.func.vmap(f, in_dims=(0, 0))(kappa, x)
-    y_target = model.target(x)
+    # per-input parameters κ(x_b) = Σ_c s_bc P_c
+    kappa = [{n: torch.einsum("c,coi->oi", s[b], P[n]) for n in names} for b in range(B)]
+    y, hidden = per_input(kappa)
+    y_target, hidden_target = per_input([{n: model.target_weight(n) for n in names}] * B)
     terms["apd_minimality"] = _divergence(config.loss.output_loss, y, y_target)
+    if hidden_names:
+        sq = sum(
+            ((F.relu(hidden[n]) - F.relu(hidden_target[n])) ** 2).sum(-1) for n in hidden_names
+        )
+        terms["apd_hidden"] = sq.mean() / sum(hidden_target[n].shape[-1] for n in hidden_names)
 
     schatten = x.new_zeros(())
     for n in names:
@@ -325,5 +357,6 @@ def reference_apd_losses(model: ComponentModel, x: Tensor, config: SPDConfig) ->
         config.loss.faithfulness_coeff * terms["faithfulness"]
         + apd.minimality_coeff * terms["apd_minimality"]
         + apd.simplicity_coeff * terms["apd_simplicity"]
+        + apd.hidden_recon_coeff * terms.get("apd_hidden", x.new_zeros(()))
     )
     return terms
