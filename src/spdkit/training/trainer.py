@@ -215,7 +215,12 @@ class Trainer:
         if self.step == 0 and cfg.training.faithfulness_warmup.steps > 0:
             self.faithfulness_warmup()  # phase 1 (VPD notes §5): U V ≈ W before SPD's steps
         end = cfg.training.steps if until is None else min(until, cfg.training.steps)
-        bar = progress_bar(end, "spd", progress and self.parallel.is_main, initial=self.step)
+        bar = progress_bar(
+            end,
+            "apd" if self.config.apd else "spd",
+            progress and self.parallel.is_main,
+            initial=self.step,
+        )
         seq_len = getattr(cfg.target, "seq_len", None)  # language models: tokens per second
         tokens_per_step = cfg.training.batch_size * seq_len if seq_len else 0
         with _stop_requests() as stop:
