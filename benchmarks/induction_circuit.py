@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,15 +31,21 @@ from spdkit.targets import planted
 from spdkit.targets.transformer import RepeatedTokens
 
 
-def repeated_prompts(decomp: spdkit.Decomposition, n: int, seed: int) -> tuple[torch.Tensor, int]:
-    """n prompts [n, T] and the first position of the repeat."""
+def repeated_prompts(
+    decomp: spdkit.Decomposition, n: int, seed: int
+) -> tuple[torch.Tensor, list[set[int]]]:
+    """n prompts [n, T] and, per prompt, the positions whose next token induction predicts
+    (`planted_lm`: the task's scored tokens, one position earlier, whatever the repeat's
+    offset; `induction`: the second half)."""
     target = decomp.config.target
     gen = torch.Generator().manual_seed(seed)
     if target.kind == "planted_lm":
-        ids, _ = planted.PlantedTasks(target).task_batch("induction", n, gen)
-        return ids, 1 + (target.seq_len - 1) // 2
+        ids, scored = planted.PlantedTasks(target).task_batch("induction", n, gen)
+        return ids, [{t - 1 for t in row.nonzero().flatten().tolist()} for row in scored]
     if target.kind == "induction":
-        return RepeatedTokens(target.vocab_size, target.seq_len).sample(n, gen), target.seq_len // 2
+        ids = RepeatedTokens(target.vocab_size, target.seq_len).sample(n, gen)
+        half = target.seq_len // 2
+        return ids, [set(range(half, target.seq_len)) for _ in range(n)]
     raise SystemExit(f"{target.kind}: needs an induction or planted_lm run")
 
 
@@ -51,10 +58,11 @@ def layer_of(node: str) -> tuple[int, str] | None:
     return None
 
 
-def shares(graph: dict, start: int) -> dict[str, float]:
+def shares(graph: dict, positions: set[int]) -> dict[str, Any]:
     into_qk = {"total": 0.0, "from_l0_ov": 0.0}
     into_o0 = {"total": 0.0, "from_v0_prev": 0.0}
     into_logit = {"total": 0.0, "from_l1_ov": 0.0}
+    logit_by_module: dict[str, float] = {}
     ranks = []
     by_target: dict[str, list[dict]] = {}
     for e in graph["edges"]:
@@ -62,16 +70,18 @@ def shares(graph: dict, start: int) -> dict[str, float]:
     for target, edges in by_target.items():
         edges.sort(key=lambda e: -abs(e["value"]))
         if target.startswith("logit:"):
-            if int(target.split(":")[1]) < start:
+            if int(target.split(":")[1]) not in positions:
                 continue
             for e in edges:
                 into_logit["total"] += abs(e["value"])
+                module = e["source"].rsplit(":", 2)[0]
+                logit_by_module[module] = logit_by_module.get(module, 0.0) + abs(e["value"])
                 where = layer_of(e["source"])
                 if where and where[0] == 1 and where[1] in ("o", "v"):
                     into_logit["from_l1_ov"] += abs(e["value"])
             continue
         where, t = layer_of(target), int(target.rsplit(":", 2)[1])
-        if where is None or t < start:
+        if where is None or t not in positions:
             continue
         if where[0] == 1 and where[1] in ("q", "k"):
             hit = None
@@ -96,6 +106,9 @@ def shares(graph: dict, start: int) -> dict[str, float]:
         "o0_share_from_v0_previous_position": into_o0["from_v0_prev"]
         / max(into_o0["total"], 1e-30),
         "logit_share_from_l1_ov": into_logit["from_l1_ov"] / max(into_logit["total"], 1e-30),
+        "logit_share_by_module": {
+            k: v / max(into_logit["total"], 1e-30) for k, v in sorted(logit_by_module.items())
+        },
     }
 
 
@@ -107,13 +120,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     decomp = spdkit.load(args.run_dir)
-    ids, start = repeated_prompts(decomp, args.prompts, args.seed)
+    ids, positions = repeated_prompts(decomp, args.prompts, args.seed)
     params = AttributionParams(
         ci_threshold=decomp.config.eval.ci_threshold, per_target=10**6, max_edges=10**9
     )
-    rows = [shares(prompt_graph(decomp.model, p[None], params), start) for p in ids]
-    keys = [k for k in rows[0] if k != "qk1_first_l0_ov_rank_median"]
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+    rows = [
+        shares(prompt_graph(decomp.model, p[None], params), pos)
+        for p, pos in zip(ids, positions, strict=True)
+    ]
+    keys = [k for k in rows[0] if isinstance(rows[0][k], float)]
+    mean: dict[str, Any] = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+    modules = sorted({m for r in rows for m in r["logit_share_by_module"]})
+    mean["logit_share_by_module"] = {
+        m: sum(r["logit_share_by_module"].get(m, 0.0) for r in rows) / len(rows) for m in modules
+    }
     result = {"run": str(args.run_dir), "prompts": args.prompts, "mean": mean, "per_prompt": rows}
     print(json.dumps(mean, indent=1))
     if args.out:
