@@ -2,11 +2,12 @@
 with a full-rank parameter vector per component, is computationally heavy where SPD is not).
 
     python benchmarks/apd_cost.py [--pairs tms_5-2 resid_mlp1 ...] [--steps 5] [--threads 2]
-        [--json benchmarks/results/<date>_apd_cost.json]
+        [--equal-c] [--json benchmarks/results/<date>_apd_cost.json]
 
 For each bundled toy config NAME and its APD twin NAME-apd (each as bundled: SPD's C
 rank-one subcomponents, APD's C full-rank components), in a fresh process each (peak RSS is
-a process's high-water mark): median ms per training step over `--steps` steps after two
+a process's high-water mark; with --equal-c the APD twin gets the SPD config's C, so that C
+rank-one subcomponents face C full-rank components): median ms per training step over `--steps` steps after two
 warm-up steps at the config's own batch size, the trainable parameter count and the peak RSS.
 The target is built untrained: the cost of a step does not depend on its weights.
 """
@@ -31,10 +32,14 @@ from spdkit.training.loop import build_trainer
 DEFAULT_PAIRS = ["tms_5-2", "tms_40-10", "resid_mlp1", "resid_mlp2"]
 
 
-def measure(name: str, steps: int, threads: int) -> dict:
-    """One config in this process: ms per step, parameters, peak RSS."""
+def measure(name: str, steps: int, threads: int, C: int | None = None) -> dict:
+    """One config in this process (every module's C set to `C` if given): ms per step,
+    parameters, peak RSS."""
     torch.set_num_threads(threads)
     config = load_config(name)
+    if C is not None:
+        n = len(config.modules)
+        config = load_config(name, {f"modules.{i}.C": C for i in range(n)})
     target = target_kind(config.target).build(config.target)
     trainer = build_trainer(target, data_source(config), config, "cpu")
     times = []
@@ -59,19 +64,23 @@ def main() -> None:
     parser.add_argument("--pairs", nargs="+", default=DEFAULT_PAIRS)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--equal-c", action="store_true")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--one", help=argparse.SUPPRESS)  # child process: measure this config
+    parser.add_argument("--C", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args.steps, args.threads)))
+        print(json.dumps(measure(args.one, args.steps, args.threads, args.C)))
         return
     rows = []
     print(f"{'config':<16}{'method':>7}{'C':>6}{'params':>12}{'ms/step':>11}{'peak MB':>9}")
     for base in args.pairs:
+        spd_C = load_config(base).modules[0].C
         for name in (base, f"{base}-apd"):
+            same = ["--C", str(spd_C)] if args.equal_c and name != base else []
             out = subprocess.run(
                 [sys.executable, __file__, "--one", name, "--steps", str(args.steps)]
-                + ["--threads", str(args.threads)],
+                + ["--threads", str(args.threads), *same],
                 capture_output=True,
                 text=True,
                 check=True,
@@ -84,7 +93,8 @@ def main() -> None:
                 flush=True,
             )
     if args.json:
-        args.json.write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=1) + "\n")
+        result = {"threads": args.threads, "equal_c": args.equal_c, "rows": rows}
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
