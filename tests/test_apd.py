@@ -201,3 +201,22 @@ def test_apd_run_end_to_end(tmp_path) -> None:
     assert g["linear1"].shape == (16, 10)
     assert set(g["linear1"].unique().tolist()) <= {0.0, 1.0}
     assert g["linear1"].sum().item() == pytest.approx(2 * int(0.5 * 16))
+
+
+def test_tms_feature_owners_of_an_apd_run_are_its_components() -> None:
+    """Every rank-one piece of an APD component gets the component's feature (its matrix P_c),
+    so a clustering of an APD run is scored against the toy ground truth like SPD's."""
+    from spdkit.targets.tms_analysis import feature_owners
+
+    config = parse_config(apd_dict())
+    target = target_kind(config.target).build(config.target)
+    model = ComponentModel.from_config(target, config)
+    comps = model.components("linear1")  # 5 components of rank 2: U [2, 10], V [10, 5]
+    with torch.no_grad():
+        comps.V.zero_()
+        comps.U.fill_(1.0)
+        for c in range(5):
+            comps.V[2 * c, (c + 3) % 5] = 1.0  # component c reads feature c + 3
+            comps.V[2 * c + 1, (c + 3) % 5] = 0.5  # its second piece: the same feature
+    owners = feature_owners(model, config)["linear1"]
+    assert owners == [[(c + 3) % 5] for c in range(5) for _ in range(2)]

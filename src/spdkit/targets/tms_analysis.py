@@ -193,15 +193,23 @@ def feature_owners(
     features (V_c's largest coordinate), `linear2` writes them (U_c's); [f] when that
     coordinate holds at least `purity` of the squared norm, [] otherwise. (CI on one-hot
     inputs cannot tell: at the largest feature value `linear2`'s CI also responds to the
-    neighbouring features.)"""
+    neighbouring features.) An APD run: each component's feature, from its matrix P_c, for
+    every one of its rank-one pieces."""
     out = {}
     for module, side in (("linear1", "V"), ("linear2", "U")):
         if module not in model.module_names:
             continue
-        U, V = subcomponents(model, module)
-        w = (V if side == "V" else U.T).float().cpu() ** 2  # [C, n_features]
+        if model.apd is None:
+            U, V = subcomponents(model, module)
+            w = (V if side == "V" else U.T).float().cpu() ** 2  # [C, n_features]
+        else:  # an APD component's pieces all belong to the component's feature
+            P = pieces(model, module).float().cpu() ** 2  # [K, d_out, d_in]
+            w = P.sum(1) if side == "V" else P.sum(2)  # [K, n_features]
         share, f = (w / w.sum(-1, keepdim=True).clamp_min(1e-30)).max(-1)
-        out[module] = [[int(fi)] if si >= purity else [] for si, fi in zip(share, f, strict=True)]
+        owners = [[int(fi)] if si >= purity else [] for si, fi in zip(share, f, strict=True)]
+        if model.apd is not None:
+            owners = [o for o in owners for _ in range(model.apd_ranks[module])]
+        out[module] = owners
     return out
 
 
