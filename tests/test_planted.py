@@ -361,6 +361,16 @@ def test_harvest_keeps_bounded_statistics_that_match_a_direct_count(planted_run)
     mine = [r for r in ctx if r["name"] == row["name"]]
     assert {r["kind"] for r in mine} == {"top", "random"} and all("[" in r["text"] for r in mine)
 
+    # `spdkit label`: a token-statistics label per harvested name, read back with the harvest
+    out = CliRunner().invoke(app, ["label", str(run), "--top", "5"])
+    assert out.exit_code == 0, out.output
+    labels = pq.read_table(run / "harvest" / "labels.parquet").to_pylist()
+    assert len(labels) == 5 and labels[0]["name"] == row["name"]
+    assert all(r["source"] == "token statistics" and r["label"] for r in labels)
+    from spdkit.analysis.harvest import read_harvest
+
+    assert read_harvest(run)[row["name"]]["label"]["text"] == labels[0]["label"]
+
 
 def test_harvested_contexts_carry_the_ci_of_every_token():
     from spdkit.analysis import harvest
@@ -398,3 +408,30 @@ def test_a_random_induction_repeat_varies_its_offset_and_follows_the_rule():
         offsets.add(m)
         assert torch.equal(ids[b, cols], ids[b, cols - m]) and int(cols[-1]) == 2 * m
     assert len(offsets) > 1  # a fixed-offset (positional) head cannot solve it
+
+
+def test_statistics_label_names_the_tokens_with_the_best_f1():
+    from spdkit.analysis.labels import statistics_label
+
+    row = {
+        "density": 0.02,
+        "input_tokens": [  # PMI order; F1 ranks "b" (P .5, R .9) above "a" (P .9, R .1)
+            {"text": "a", "precision": 0.9, "recall": 0.1},
+            {"text": "b", "precision": 0.5, "recall": 0.9},
+            {"text": "c", "precision": 0.01, "recall": 0.02},  # F1 < 0.1: left out
+        ],
+        "next_tokens": [{"text": "z", "precision": 0.4, "recall": 0.3}],
+    }
+    label = statistics_label(row)
+    assert label == "in 'b' (P 0.50, R 0.90), 'a' (P 0.90, R 0.10); next 'z' (P 0.40, R 0.30)"
+    empty = statistics_label({"density": 0.02, "input_tokens": [], "next_tokens": []})
+    assert empty == "no token describes it (fires on 2 % of tokens)"
+
+
+def test_label_without_a_harvest_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from spdkit.cli import app
+
+    out = CliRunner().invoke(app, ["label", str(tmp_path)])
+    assert out.exit_code == 2 and len(out.output.strip().splitlines()) == 1, out.output

@@ -52,8 +52,10 @@ def lm_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("lm") / "lm_run"
     run_experiment(config, out, progress=False)
     from spdkit.analysis.harvest import HarvestParams
+    from spdkit.analysis.labels import write_labels
 
     spdkit.load(out).harvest(HarvestParams(tokens=4000, top_k=4, random_k=3), progress=False)
+    write_labels(out)  # `spdkit label`: token-statistics labels, shown on the pages
     return out
 
 
@@ -233,6 +235,7 @@ def test_served_search_finds_what_fires_and_pages_show_the_harvest(browser, serv
     page.wait_for_url(re.compile(r".*/sub/blocks\.\d\.mlp\.fc_(in|out)_\d+\.html"))
     page.wait_for_selector("#harvest .harvest-top .context")
     assert page.locator("#stats-input tr").count() > 1  # a header and token rows
+    assert "token statistics" in page.inner_text("#harvest-label")
     shot(page, "lm_subcomponent_harvest.png")
     assert errors == [], errors
 

@@ -347,8 +347,9 @@ def write_harvest(
 
 def read_harvest(run_dir: Path) -> dict[str, dict[str, Any]] | None:
     """RUN_DIR/harvest/ as {subcomponent name: its row of subcomponents.parquet with "top" and
-    "random" context lists (tokens as text, CI per token, index of the firing token)}; None
-    when the run has no harvest (or pyarrow is missing)."""
+    "random" context lists (tokens as text, CI per token, index of the firing token) and, once
+    `spdkit label` ran, its "label" {"text", "source"}}; None when the run has no harvest (or
+    pyarrow is missing)."""
     folder = Path(run_dir) / HARVEST_DIR
     if not (folder / "subcomponents.parquet").is_file():
         return None
@@ -366,8 +367,12 @@ def read_harvest(run_dir: Path) -> dict[str, dict[str, Any]] | None:
             entry[ctx["kind"]].append(
                 {"tokens": ctx["token_texts"], "ci": ctx["ci_tokens"], "at": len(ctx["tokens"]) - 1}
             )
-    for entry in out.values():
+    labels = folder / "labels.parquet"  # `spdkit label` (spdkit.analysis.labels)
+    named = {r["name"]: r for r in _rows(pq, folder, "labels")} if labels.is_file() else {}
+    for name, entry in out.items():
         entry["n_tokens"] = meta.get("n_tokens")
+        if name in named:
+            entry["label"] = {"text": named[name]["label"], "source": named[name]["source"]}
     return out
 
 

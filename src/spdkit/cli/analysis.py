@@ -1,4 +1,5 @@
-"""`spdkit eval`, `cluster`, `report`, `serve`, `export`, `harvest`: looking at a finished run."""
+"""`spdkit eval`, `cluster`, `report`, `serve`, `export`, `harvest`, `label`: looking at a
+finished run."""
 
 from __future__ import annotations
 
@@ -186,3 +187,22 @@ def harvest(
         f"{meta['n_fired']} of {meta['n_subcomponents']} subcomponents fired on "
         f"{meta['n_tokens']} tokens; wrote {run_dir / 'harvest'}"
     )
+
+
+@app.command()
+def label(
+    run_dir: Path = typer.Argument(..., help="a run with a harvest (`spdkit harvest`)"),
+    top: int = typer.Option(None, min=1, help="label the N most-firing names only"),
+) -> None:
+    """A label in words for every harvested subcomponent and cluster, from its token
+    statistics (the input / next tokens with the best precision-recall F1), into
+    RUN_DIR/harvest/labels.parquet; the report and `spdkit serve` show it."""
+    from spdkit.analysis.labels import write_labels
+
+    try:
+        rows = write_labels(run_dir, top)
+    except USER_ERRORS as err:
+        _fail(err)
+    for row in rows[:5]:
+        typer.echo(f"{row['name']}: {row['label']}")
+    typer.echo(f"labelled {len(rows)}; wrote {run_dir / 'harvest' / 'labels.parquet'}")
