@@ -193,6 +193,20 @@ def test_cli_target_hf_run_directory_refers_to_or_copies_the_weights(
     assert result.exit_code == 0, result.output
     summary = json.loads((run_dir / "summary.json").read_text())
     assert {"target", "ci", "rounded", "stochastic", "ones", "zero"} <= set(summary["lm"])
+    # hf_lm's Δ-component: all-ones masks (Δ included) are the target exactly, though C 8 is
+    # below the matrices' rank; U V alone is not (the tiny random model's logits hardly depend
+    # on its MLPs, so the KL in summary.json could not tell)
+    decomp = load(run_dir)
+    model = decomp.model
+    assert model.delta
+    ids = torch.randint(0, VOCAB, (2, SEQ))
+    with torch.no_grad():
+        y_target = model.target(ids).logits
+        ones = model.ones_masks()
+        y_ones = model(ids, ones, delta={n: torch.ones(1) for n in ones})
+        y_uv = model(ids, ones)
+    torch.testing.assert_close(y_ones, y_target, atol=1e-4, rtol=1e-4)
+    assert (y_uv - y_target).abs().max() > 1e-3
     (identity,) = summary["identity_check"].values()
     assert identity["C"] == 20 and identity["d"] in (32, 64)  # llama d_mlp 32, gpt2 4 × 16
     meta = json.loads((run_dir / "target.json").read_text())
