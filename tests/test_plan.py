@@ -84,7 +84,12 @@ def test_the_plan_counts_flops_as_the_profiler_does():
     from spdkit.training.profiling import step_flops
 
     trainer = tiny_trainer()
-    planned = plan.make_plan(trainer).train_flops
+    made = plan.make_plan(trainer)
+    planned = made.train_flops
+    # a time estimate for the step, the run and the evaluation, printed with the plan
+    assert made.train_seconds > 0 and made.eval_seconds > 0 and made.steps == 10
+    text = plan.format_plan(made)
+    assert "time, at most about:" in text and "for 10 steps" in text
     profiled = step_flops(trainer)
     if trainer.ci_backend == "fused":
         assert profiled["ci_fused"] > 0

@@ -21,6 +21,7 @@ base). Where the peak cannot be reset (not Linux), the plan says so and gives FL
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +88,9 @@ class Plan:
     train_flops: float  # per step
     eval_flops: float  # per evaluation
     available: int | None  # MemAvailable now
+    train_seconds: float | None = None  # per step, estimated (module docstring)
+    eval_seconds: float | None = None  # per evaluation, estimated
+    steps: int | None = None  # the run's training steps
 
     @property
     def fits(self) -> bool | None:
@@ -116,8 +120,10 @@ def _persistent_pgd_bytes(trainer: Trainer, batch: int, tokens: int) -> int:
     return 4 * n_tensors * rows * per
 
 
-def probe(trainer: Trainer, batch: int, evaluation: bool = False) -> tuple[int | None, float]:
-    """(peak RSS in bytes, FLOPs) of one training step's losses and backward at `batch`, or
+def probe(
+    trainer: Trainer, batch: int, evaluation: bool = False
+) -> tuple[int | None, float, float]:
+    """(peak RSS in bytes, FLOPs, seconds) of one training step's losses and backward at `batch`, or
     with `evaluation` of the end-of-run evaluation's work on `batch` samples (the losses
     without gradients, CI, output losses and, for token inputs, the LM report with a
     one-step attack), leaving the trainer as it was."""
@@ -126,18 +132,20 @@ def probe(trainer: Trainer, batch: int, evaluation: bool = False) -> tuple[int |
     x = trainer.data.sample(batch, gen)
     release_free_memory()  # RSS = live memory, not what earlier probes left to reuse
     measured = reset_peak_rss()
+    start = time.perf_counter()
     with FlopCounterMode(display=False) as counter:
         if evaluation:
             _evaluation_work(trainer, x, gen)
         else:
             step_losses(model, x, cfg, MaskStream(PROBE_SEED), trainer.step, None)
+    seconds = time.perf_counter() - start
     for p in model.trainable_parameters():
         p.grad = None
     peak = _status_kib("VmHWM") if measured else None
     rows = batch * positions_per_sample(cfg)
     # the fused CI kernel's work, invisible to the counter (as `step_flops` counts it)
     flops = float(counter.get_total_flops()) + fused_ci_flops(trainer, rows, not evaluation)
-    return (peak * 1024 if peak is not None else None), flops
+    return (peak * 1024 if peak is not None else None), flops, seconds
 
 
 def _evaluation_work(trainer: Trainer, x: torch.Tensor, gen: torch.Generator) -> None:
@@ -152,23 +160,24 @@ def _evaluation_work(trainer: Trainer, x: torch.Tensor, gen: torch.Generator) ->
 
 def _affine_fit(
     trainer: Trainer, target: int, start: int, evaluation: bool
-) -> tuple[int | None, float]:
-    """(peak RSS, FLOPs) at `target` samples from probes at 1 and b, both affine in the batch
-    (a per-sample part and a fixed one, such as L_faithfulness's U V): b from `start`, ×8
-    until the probes differ by MEASURABLE bytes (a small model's per-sample memory drowns in
-    allocator noise at a few samples) or b reaches `target` (then measured, not
-    extrapolated)."""
-    p1, f1 = probe(trainer, 1, evaluation)
+) -> tuple[int | None, float, float]:
+    """(peak RSS, FLOPs, seconds) at `target` samples from probes at 1 and b, both affine in
+    the batch (a per-sample part and a fixed one, such as L_faithfulness's U V): b from
+    `start`, ×8 until the probes differ by MEASURABLE bytes (a small model's per-sample memory
+    drowns in allocator noise at a few samples) or b reaches `target` (then measured, not
+    extrapolated). Seconds: probe b's, scaled by FLOPs (an upper estimate, module docstring)."""
+    p1, f1, s1 = probe(trainer, 1, evaluation)
     b = min(target, start)
     while True:
-        pb, fb = probe(trainer, b, evaluation) if b > 1 else (p1, f1)
+        pb, fb, sb = probe(trainer, b, evaluation) if b > 1 else (p1, f1, s1)
         flops = fb if b == target else f1 + (target - 1) * (fb - f1) / max(1, b - 1)
+        seconds = sb * flops / fb if fb > 0 else sb
         if p1 is None or pb is None:
-            return None, flops
+            return None, flops, seconds
         if b == target:
-            return pb, flops
+            return pb, flops, seconds
         if pb - p1 >= MEASURABLE:
-            return int(p1 + (target - 1) * max(0.0, (pb - p1) / (b - 1))), flops
+            return int(p1 + (target - 1) * max(0.0, (pb - p1) / (b - 1))), flops, seconds
         b = min(target, 8 * b)
 
 
@@ -184,12 +193,15 @@ def make_plan(trainer: Trainer) -> Plan:
     release_free_memory()
     rss = _status_kib("VmRSS")
     base = rss * 1024 if rss is not None else None
-    measured, train_flops = _affine_fit(trainer, B, PROBE_BATCH, evaluation=False)
+    measured, train_flops, train_seconds = _affine_fit(trainer, B, PROBE_BATCH, evaluation=False)
     opt = 2 * _trainable_bytes(trainer)
     persistent = _persistent_pgd_bytes(trainer, B, tokens)
     peak = int(measured + opt + persistent) if measured is not None else None
     chunk = min(cfg.eval.batch_size or cfg.eval.n_eval_samples, cfg.eval.n_eval_samples)
-    eval_measured, chunk_flops = _affine_fit(trainer, chunk, PROBE_EVAL, evaluation=True)
+    eval_measured, chunk_flops, chunk_seconds = _affine_fit(
+        trainer, chunk, PROBE_EVAL, evaluation=True
+    )
+    eval_scale = cfg.eval.n_eval_samples / chunk * _eval_passes(cfg)
     eval_peak = None
     if eval_measured is not None:
         held_ci = 4 * cfg.eval.n_eval_samples * tokens * _total_C(trainer)
@@ -207,8 +219,11 @@ def make_plan(trainer: Trainer) -> Plan:
         persistent_bytes=persistent,
         eval_peak_bytes=eval_peak,
         train_flops=train_flops,
-        eval_flops=chunk_flops * cfg.eval.n_eval_samples / chunk * _eval_passes(cfg),
+        eval_flops=chunk_flops * eval_scale,
         available=_share(available_bytes(), par.local_world),
+        train_seconds=train_seconds,
+        eval_seconds=chunk_seconds * eval_scale,
+        steps=cfg.training.steps,
     )
 
 
@@ -237,6 +252,16 @@ def _flops(n: float) -> str:
     return f"{n / 10 ** (3 * exp):.2f} {['', 'k', 'M', 'G', 'T', 'P'][exp]}FLOP"
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{1000 * seconds:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def format_plan(plan: Plan) -> str:
     tok = f" x {plan.tokens_per_sample} tokens" if plan.tokens_per_sample > 1 else ""
     lines = [
@@ -250,6 +275,13 @@ def format_plan(plan: Plan) -> str:
         f"  compute: {_flops(plan.train_flops)} per step (matmuls), "
         f"{_flops(plan.eval_flops)} per evaluation",
     ]
+    if plan.train_seconds is not None and plan.eval_seconds is not None:
+        total = f" ({_duration(plan.train_seconds * plan.steps)} for {plan.steps} steps)"
+        lines.append(
+            f"  time, at most about: {_duration(plan.train_seconds)} per step"
+            f"{total if plan.steps else ''}, {_duration(plan.eval_seconds)} per evaluation "
+            "(probe steps scaled by FLOPs)"
+        )
     if plan.peak_bytes is None:
         lines.append("  (peak memory not measurable here: /proc/self/clear_refs is Linux only)")
     return "\n".join(lines)
