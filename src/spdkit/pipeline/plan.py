@@ -262,6 +262,14 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def plan_time(plan: Plan) -> str:
+    """ "time, at most about: … per step (… for N steps), … per evaluation"."""
+    step = plan.train_seconds or 0.0
+    total = f" ({_duration(step * plan.steps)} for {plan.steps} steps)" if plan.steps else ""
+    evaluation = f", {_duration(plan.eval_seconds)} per evaluation" if plan.eval_seconds else ""
+    return f"time, at most about: {_duration(step)} per step{total}{evaluation}"
+
+
 def format_plan(plan: Plan) -> str:
     tok = f" x {plan.tokens_per_sample} tokens" if plan.tokens_per_sample > 1 else ""
     lines = [
@@ -275,13 +283,8 @@ def format_plan(plan: Plan) -> str:
         f"  compute: {_flops(plan.train_flops)} per step (matmuls), "
         f"{_flops(plan.eval_flops)} per evaluation",
     ]
-    if plan.train_seconds is not None and plan.eval_seconds is not None:
-        total = f" ({_duration(plan.train_seconds * plan.steps)} for {plan.steps} steps)"
-        lines.append(
-            f"  time, at most about: {_duration(plan.train_seconds)} per step"
-            f"{total if plan.steps else ''}, {_duration(plan.eval_seconds)} per evaluation "
-            "(probe steps scaled by FLOPs)"
-        )
+    if plan.train_seconds is not None:
+        lines.append(f"  {plan_time(plan)} (probe steps scaled by FLOPs)")
     if plan.peak_bytes is None:
         lines.append("  (peak memory not measurable here: /proc/self/clear_refs is Linux only)")
     return "\n".join(lines)

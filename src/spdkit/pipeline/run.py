@@ -19,7 +19,7 @@ from spdkit.config import SPDConfig, load_config
 from spdkit.engine.distributed import SINGLE, Parallel, finish
 from spdkit.errors import CheckpointError, ConfigError, RunDirError
 from spdkit.pipeline.candidates import select_start
-from spdkit.pipeline.plan import GIB, Plan, check_fits, make_plan
+from spdkit.pipeline.plan import GIB, Plan, check_fits, make_plan, plan_time
 from spdkit.store import runs
 from spdkit.store.restore import restore
 from spdkit.targets import data_source, target_kind
@@ -171,10 +171,11 @@ def _decompose_into(
     check_fits(plan)  # a run that will not fit stops here, not at step 0 by the OOM killer
     if plan.peak_bytes is not None:
         log.info(
-            "memory plan: peak %.2f GiB (training), %.2f GiB (evaluation); %.2f GiB available",
+            "memory plan: peak %.2f GiB (training), %.2f GiB (evaluation); %.2f GiB available%s",
             plan.peak_bytes / GIB,
             (plan.eval_peak_bytes or 0) / GIB,
             (plan.available or 0) / GIB,
+            f"; {plan_time(plan)}" if plan.train_seconds is not None else "",
         )
     if parallel.is_main:
         runs.truncate_metrics(run_dir, trainer.step)
