@@ -18,13 +18,13 @@ from spdkit.analysis.metrics import identity_check, mean_l0, output_losses
 from spdkit.config import SPDConfig
 from spdkit.engine.malloc import release_free_memory
 from spdkit.engine.random_stream import MaskStream
-from spdkit.method.apd import component_matrices
 from spdkit.method.losses import DIVERGENCES
 from spdkit.method.measures import (
     causal_importance,
     chunks,
     non_negligible,
     one_hot_inputs,
+    piece_norms,
     subcomponent_norms,
     weighted_sum,
 )
@@ -142,13 +142,8 @@ def apd_summary(
         "C": model.components(first).C // model.apd_ranks[first],
         "ranks": dict(model.apd_ranks),
         "n_non_negligible": {
-            n: int(
-                non_negligible(
-                    component_matrices(model.components(n), r).flatten(1).norm(dim=1),
-                    norm_threshold,
-                ).sum()
-            )
-            for n, r in model.apd_ranks.items()
+            n: int(non_negligible(piece_norms(model, n), norm_threshold).sum())
+            for n in model.apd_ranks
         },
         "mean_selected": round(float(selected.sum(-1).mean()), 4),
     }

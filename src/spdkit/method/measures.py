@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from spdkit.method.apd import component_matrices
 from spdkit.method.model import ComponentModel
 
 
@@ -60,3 +61,20 @@ def subcomponents(model: ComponentModel, module: str) -> tuple[Tensor, Tensor]:
     """(U [d_out, C], V [C, d_in]) of one decomposed module, detached."""
     comps = model.components(module)
     return comps.U.detach(), comps.V.detach()
+
+
+def pieces(model: ComponentModel, module: str) -> Tensor:
+    """What a decomposition is measured by, [K, d_out, d_in]: its rank-one subcomponents
+    U_c V_cᵀ (SPD), or its parameter components P_c (APD)."""
+    comps = model.components(module)
+    if model.apd is not None:
+        return component_matrices(comps, model.apd_ranks[module]).detach()
+    U, V = subcomponents(model, module)
+    return U.T[:, :, None] * V[:, None, :]
+
+
+def piece_norms(model: ComponentModel, module: str) -> Tensor:
+    """‖piece‖_F [K]: of the subcomponents (SPD) or of the components (APD)."""
+    if model.apd is None:
+        return subcomponent_norms(*subcomponents(model, module))
+    return pieces(model, module).flatten(1).norm(dim=1)

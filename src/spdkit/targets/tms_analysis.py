@@ -20,8 +20,7 @@ from torch import Tensor
 
 from spdkit.config import SPDConfig
 from spdkit.figures import finish, new_figure
-from spdkit.method.apd import component_matrices
-from spdkit.method.measures import non_negligible, subcomponent_norms, subcomponents
+from spdkit.method.measures import non_negligible, piece_norms, pieces, subcomponents
 from spdkit.method.model import ComponentModel
 
 FEATURE_MODULE = "linear1"  # its weight columns are the ground-truth feature directions
@@ -48,31 +47,13 @@ class FeatureMatch:
 
 def mmcs_ml2r(W: Tensor, U: Tensor, V: Tensor, candidates: Tensor) -> FeatureMatch:
     """Mean max cosine similarity and mean L2 ratio between the columns of W [d_out, n] and the
-    matching columns U[:, c] V[c, j] of the subcomponents (paper §3.1).
+    matching columns U[:, c] V[c, j] of the subcomponents (paper §3.1): the rank-one case of
+    `component_mmcs_ml2r`.
 
     Only `candidates` (bool [C], the non-negligible subcomponents) may be matched: a near-zero
     subcomponent can win the cosine by accident and would make ML2R meaningless.
     """
-    W, U, V = W.detach().float(), U.detach().float(), V.detach().float()
-    idx = torch.nonzero(candidates).flatten()
-    if idx.numel() == 0:
-        raise ValueError("no candidate subcomponents to match (all have negligible norm)")
-    U_c, V_c = U[:, idx], V[idx]  # [d_out, k], [k, n]
-    w_norm = W.norm(dim=0).clamp_min(1e-12)  # [n]
-    u_norm = U_c.norm(dim=0).clamp_min(1e-12)  # [k]
-    # cos(U_c V_cj, W_j) = sign(V_cj) · (U_c · W_j) / (‖U_c‖ ‖W_j‖)
-    cos = torch.sign(V_c) * (U_c.T @ W) / (u_norm[:, None] * w_norm[None, :])  # [k, n]
-    best = cos.argmax(dim=0)  # [n]
-    cols = torch.arange(W.shape[1])
-    best_cos = cos[best, cols]
-    ratio = u_norm[best] * V_c[best, cols].abs() / w_norm
-    return FeatureMatch(
-        mmcs=best_cos.mean().item(),
-        ml2r=ratio.mean().item(),
-        match=idx[best].tolist(),
-        cosine=best_cos.tolist(),
-        l2_ratio=ratio.tolist(),
-    )
+    return component_mmcs_ml2r(W, U.detach().T[:, :, None] * V.detach()[:, None, :], candidates)
 
 
 def component_mmcs_ml2r(W: Tensor, P: Tensor, candidates: Tensor) -> FeatureMatch:
@@ -98,23 +79,6 @@ def component_mmcs_ml2r(W: Tensor, P: Tensor, candidates: Tensor) -> FeatureMatc
     )
 
 
-def pieces(model: ComponentModel, module: str) -> Tensor:
-    """What a decomposition is measured by, [K, d_out, d_in]: its rank-one subcomponents
-    U_c V_cᵀ (SPD), or its parameter components P_c (APD)."""
-    comps = model.components(module)
-    if model.apd is not None:
-        return component_matrices(comps, model.apd_ranks[module]).detach()
-    U, V = subcomponents(model, module)
-    return U.T[:, :, None] * V[:, None, :]
-
-
-def piece_norms(model: ComponentModel, module: str) -> Tensor:
-    """‖piece‖_F [K]: of the subcomponents (SPD) or of the components (APD)."""
-    if model.apd is None:
-        return subcomponent_norms(*subcomponents(model, module))
-    return pieces(model, module).flatten(1).norm(dim=1)
-
-
 def report(
     model: ComponentModel, config: SPDConfig, ci_onehot: dict[str, Tensor] | None, fig_dir: Path
 ) -> dict[str, Any]:
@@ -124,11 +88,7 @@ def report(
         return {}
     W = model.target_weight(FEATURE_MODULE)
     live = non_negligible(piece_norms(model, FEATURE_MODULE), config.eval.norm_threshold)
-    if model.apd is None:
-        U, V = subcomponents(model, FEATURE_MODULE)
-        match = mmcs_ml2r(W, U, V, live)
-    else:
-        match = component_mmcs_ml2r(W, pieces(model, FEATURE_MODULE), live)
+    match = component_mmcs_ml2r(W, pieces(model, FEATURE_MODULE), live)
     if W.shape[0] == 2:
         n_show = min(int(live.sum()) + 1, 8)
         path = fig_dir / f"vectors_{FEATURE_MODULE}.png"
