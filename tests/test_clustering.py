@@ -11,13 +11,17 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 from typer.testing import CliRunner
 
 import spdkit
 from spdkit.analysis.mechanisms.clusters import ClusterParams, cluster, gather, read_clusters
 from spdkit.analysis.mechanisms.firings import Firings, gather_firings
 from spdkit.analysis.mechanisms.ground_truth import score, true_mechanisms
-from spdkit.analysis.mechanisms.merge import description_length, merge_costs, merge_greedy
+from spdkit.analysis.mechanisms.merge import description_length, merge_greedy
+from spdkit.analysis.mechanisms.merge_reference import merge_costs, merge_greedy_dense
 from spdkit.cli import app
 from spdkit.config import load_config, parse_config
 from spdkit.errors import RunDirError
@@ -99,7 +103,7 @@ def test_greedy_merge_recovers_planted_mechanisms_and_stops_at_a_local_minimum(s
     live = np.flatnonzero(g.sum(0) > 0)
     assert list(live) == list(range(len(truth) - 2))  # the two never-firing columns are dead
     f = firings_of(g).restricted(live)
-    merges = merge_greedy(f, f.pair_counts(), alpha=3.0)
+    merges = merge_greedy(f, alpha=3.0)
     labels = {f"m:{i}": str(truth[i]) for i in live}
     found = [[f.names[i] for i in grp] for grp in merges.groups]
     assert score(labels, found, len(sizes) + 1)["ari"] == 1.0
@@ -111,6 +115,74 @@ def test_greedy_merge_recovers_planted_mechanisms_and_stops_at_a_local_minimum(s
     assert merge_costs(torch.from_numpy(G.T @ G), r, 3.0).min() >= 0
 
 
+def assert_same_merges(f: Firings, alpha: float) -> None:
+    fast, dense = merge_greedy(f, alpha), merge_greedy_dense(f, alpha)
+    assert fast.groups == dense.groups  # same groups, members in the same merge order
+    assert fast.deltas == dense.deltas  # same merges in the same order, bit for bit
+    assert fast.fired == dense.fired
+    assert fast.cost_singletons == dense.cost_singletons and fast.cost_final == dense.cost_final
+
+
+@pytest.mark.parametrize("alpha", [0.5, 3.0, 30.0])
+@pytest.mark.parametrize(
+    "case", ["planted", "planted-many", "random", "ties", "tied-pairs", "undercut", "sparse"]
+)
+def test_scalable_merge_makes_the_reference_merges(case, alpha, monkeypatch):
+    """merge.py (certificates, floors, recounts in blocks) against the dense reference: the same
+    merges, ties included (duplicated columns tie exactly), with blocks and recount batches
+    small enough that every path of merge.py runs."""
+    import spdkit.analysis.mechanisms.merge as merge_module
+
+    monkeypatch.setattr(merge_module, "_ROW_BLOCK_ELEMENTS", 200)
+    monkeypatch.setattr(merge_module, "_RECOUNT_BATCH", 3)
+    rng = np.random.default_rng(7)
+    if case == "planted":
+        g, _ = planted(3000)
+    elif case == "planted-many":
+        g, _ = planted(3000, (1, 2, 3) * 8, seed=1)
+    elif case == "random":
+        g = rng.random((1500, 40)) < rng.uniform(0.01, 0.4, 40)
+    elif case == "ties":
+        base = rng.random((800, 10)) < 0.1
+        g = np.concatenate([base, base, base[:, :4]], 1)
+    elif case == "tied-pairs":  # three equal disjoint pairs: a new pair's line ties an older one
+        g = np.zeros((300, 6), dtype=bool)
+        for i in range(3):
+            g[100 * i : 100 * (i + 1), 2 * i : 2 * i + 2] = True
+    elif case == "undercut":  # 1 and 2 merge first; 0's line to the union undercuts its floor
+        g = np.zeros((220, 9), dtype=bool)
+        g[0:20, [0, 1]] = True  # U1
+        g[20:50, [0, 2]] = True  # U2: 0's best partner is 2 (b)
+        g[50:150, [1, 2]] = True  # W
+        for j in range(6):  # unrelated columns keep k, and so λ, up
+            g[150 + 10 * j : 155 + 10 * j, 3 + j] = True
+    else:
+        g = rng.random((400, 50)) < 0.01
+    f = firings_of(g).restricted(np.flatnonzero(g.sum(0) > 0))
+    assert_same_merges(f, alpha)
+
+
+@st.composite
+def records(draw) -> np.ndarray:
+    """Small firing matrices [samples, n] built from a few base columns, each column one base
+    OR'd with sparse extras: duplicated and nested columns make exact ties and merges whose new
+    lines undercut old ones, the cases the certificates and floors must get right."""
+    samples = draw(st.integers(4, 40))
+    bases = draw(arrays(np.bool_, st.tuples(st.just(samples), st.integers(1, 4))))
+    picks = draw(st.lists(st.integers(0, bases.shape[1] - 1), min_size=2, max_size=14))
+    extras = draw(arrays(np.bool_, (samples, len(picks)), elements=st.booleans()))
+    sparse = draw(arrays(np.bool_, (samples, len(picks)), elements=st.booleans()))
+    return bases[:, picks] | (extras & sparse & draw(st.booleans()))
+
+
+@settings(max_examples=300, deadline=None)
+@given(g=records(), alpha=st.sampled_from([0.25, 0.5, 1.0, 3.0, 10.0]))
+def test_scalable_merge_matches_the_reference_on_any_record(g, alpha):
+    live = np.flatnonzero(g.sum(0) > 0)
+    if len(live) >= 1:
+        assert_same_merges(firings_of(g).restricted(live), alpha)
+
+
 def test_alpha_trades_rank_against_co_firing():
     """Two always-together columns merge at any α; two independent ones merge only when a
     rank-one piece is cheap (α small), as the formula says."""
@@ -119,10 +191,10 @@ def test_alpha_trades_rank_against_co_firing():
     g = np.stack([on, on, rng.random(4000) < 0.1, rng.random(4000) < 0.1], 1)
     f = firings_of(g)
     for alpha in (0.5, 3.0, 30.0):
-        groups = merge_greedy(f, f.pair_counts(), alpha).groups
+        groups = merge_greedy(f, alpha).groups
         assert any({0, 1} <= set(group) for group in groups)
-    assert len(merge_greedy(f, f.pair_counts(), 3.0).groups) == 3
-    assert len(merge_greedy(f, f.pair_counts(), 0.5).groups) == 1
+    assert len(merge_greedy(f, 3.0).groups) == 3
+    assert len(merge_greedy(f, 0.5).groups) == 1
 
 
 def exact_tms_decomposition(n_hidden_layers: int = 0) -> spdkit.Decomposition:

@@ -35,6 +35,7 @@ from spdkit.store import atomic
 from spdkit.targets import eval_data_source
 
 METHOD = "mdl-greedy"
+PLOT_MAX_SUBCOMPONENTS = 2000  # clusters.png shows the first this many, in cluster order
 FILE = "clusters.json"
 
 
@@ -151,9 +152,8 @@ def cluster(
             f"{firings.n_samples} samples at τ = {params.threshold}: nothing to cluster"
         )
     live = firings.restricted(live_ids)
-    pairs = live.pair_counts()
     bar = progress_bar(max(1, len(live_ids) - 1), "merging", progress)
-    merges = merge_greedy(live, pairs, params.alpha, on_merge=lambda k: bar.update(1))
+    merges = merge_greedy(live, params.alpha, on_merge=lambda k: bar.update(1))
     bar.close()
     merged = time.perf_counter()
     groups = [
@@ -170,31 +170,43 @@ def cluster(
             "singletons": merges.cost_singletons,
             "clustered": merges.cost_final,
         },
-        "cost": _cost(firings, len(live_ids), gathered - started, merged - gathered),
+        "cost": _cost(firings, gathered - started, merged - gathered),
     }
     truth = true_mechanisms(decomp, live.names)
     if truth is not None:
         labels, expected = truth
         info["ground_truth"] = score(labels, [c.members for c in clusters], expected)
     if fig_dir is not None:
-        position = {name: i for i, name in enumerate(live.names)}
-        ordered = [n for c in clusters for n in c.members]
-        order = [position[n] for n in ordered]
-        sizes = [len(c.members) for c in clusters]
-        plots.plot_coactivation(pairs[order][:, order], sizes, ordered, fig_dir / "clusters.png")
+        plot_clusters(live, clusters, fig_dir / "clusters.png")
     return Clustering(params, clusters, dead, info)
 
 
-def _cost(firings: Firings, n_live: int, pass_s: float, merge_s: float) -> dict[str, Any]:
-    """What `spdkit cluster` held and took: the firing record, one [live, live] float64 count
-    matrix (the merge holds a few of that size: pair counts, its working copy, ΔL scores), the
-    process's peak resident memory."""
+def plot_clusters(live: Firings, clusters: list[Cluster], path: Path) -> None:
+    """The co-activation matrix ordered by cluster (largest first), of the first
+    PLOT_MAX_SUBCOMPONENTS subcomponents in that order: the figure and its [m, m] counts stay
+    readable and small however many are live."""
+    position = {name: i for i, name in enumerate(live.names)}
+    sizes, ordered = [], []
+    for c in clusters:
+        take = c.members[: PLOT_MAX_SUBCOMPONENTS - len(ordered)]
+        if not take:
+            break
+        sizes.append(len(take))
+        ordered += take
+    sub = live.restricted(np.array(sorted(position[n] for n in ordered)))
+    at = {name: i for i, name in enumerate(sub.names)}
+    order = [at[n] for n in ordered]
+    plots.plot_coactivation(sub.pair_counts()[order][:, order], sizes, ordered, path)
+
+
+def _cost(firings: Firings, pass_s: float, merge_s: float) -> dict[str, Any]:
+    """What `spdkit cluster` held and took: the firing record (the merge holds it and O(live)
+    more, `merge.py`), the process's peak resident memory, the seconds of each pass."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak_bytes = peak if sys.platform == "darwin" else peak * 1024
     return {
         "firings": int(len(firings.fired)),
         "record_bytes": firings.nbytes(),
-        "pair_count_bytes": 8 * n_live * n_live,
         "peak_rss_bytes": int(peak_bytes),
         "gather_seconds": round(pass_s, 3),
         "merge_seconds": round(merge_s, 3),

@@ -70,11 +70,16 @@ class Firings:
 
     def firing_ids(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(position in `samples`, subcomponent id) of every firing on those samples."""
+        pos, offsets = self.entries(samples)
+        return pos, self.fired[offsets]
+
+    def entries(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(position in `samples`, offset into `fired`) of every firing on those samples."""
         starts = self.sample_ptr[samples]
         lens = self.sample_ptr[samples + 1] - starts
         total = int(lens.sum())
         offsets = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(total)
-        return np.repeat(np.arange(len(samples)), lens), self.fired[offsets]
+        return np.repeat(np.arange(len(samples)), lens), offsets
 
     def pair_counts(self, chunk: int = 4096) -> Tensor:
         """s [n, n] float64: s_ij = Σ_t g_i(t) g_j(t), from the record `chunk` samples at a

@@ -7,20 +7,33 @@ r_i subcomponents, the cost in bits is
     L = Σ_i s_i (log2 k + α r_i)
 
 (log2 k bits to name a group, α per rank-one piece it brings; the one-off dictionary is
-ignored). A group's g is the OR of its members', so merging i and j into a group firing on
+ignored). A group's firing is the OR of its members', so merging i and j into a group firing on
 s_∪ = s_i + s_j − s_ij samples (s_ij: samples where both fire) changes the cost by
 
-    ΔL_ij = s_Σ log2(1 − 1/k) − s_ij log2(k − 1) + α (s_i r_j + s_j r_i − s_ij (r_i + r_j))
+    ΔL_ij = s_Σ log2(1 − 1/k) + A_ij − λ s_ij,   λ = log2(k − 1),
+    A_ij  = α (s_i r_j + s_j r_i − s_ij (r_i + r_j))
 
 (s_Σ = Σ_i s_i): every firing's name gets shorter, a joint firing is named once instead of
 twice, and whenever one fires without the other the other's pieces are paid for too. This is
 the VPD paper's ΔL with its merged count read as the OR count (as its code does), simplified.
 
-Merging starts from singletons and always takes the pair with the smallest ΔL. It stops when
-no merge shortens the description (min ΔL ≥ 0): the clustering is a local minimum of L, and the
-number of mechanisms is what the data asks for, not a user's choice. (VPD merges to one group
-and keeps the iteration where ΔL crosses 0, sampling pairs stochastically; greedy selection
-makes that the first such iteration and the result deterministic.)
+Merging starts from singletons and always takes the pair with the smallest ΔL (ties: the pair
+whose groups' lowest ids come first). It stops when no merge shortens the description
+(min ΔL ≥ 0): the clustering is a local minimum of L, and the number of mechanisms is what the
+data asks for, not a user's choice. (VPD merges to one group and keeps the iteration where ΔL
+crosses 0, sampling pairs stochastically; greedy selection makes that the first such
+iteration and the result deterministic.)
+
+How it scales. The first term of ΔL is the same for every pair, so the merge needs the pair
+with the smallest score A_ij − λ s_ij: a line in λ per pair, and λ falls as k does. Instead of
+k × k matrices (`merge_reference.py`, the specification this module is tested against), each
+group keeps only its best partner's line and a *certificate*: the λ down to which no other
+line of its row can undercut it (lines with a larger s_ij rise faster as λ falls and never
+do). A merge of a and b changes only lines that touch a or b, so after it the new group's row
+is counted once, every other row compares its best with its new line to a (O(k)), and only
+rows whose best was a or b, or whose certificate λ has been passed, are counted again. A
+row's counts s_i· come from the firing record restricted to the samples group i fires on
+(O(s_i × L0), L0 the firings per sample), so memory is the record plus O(k), never O(k²).
 """
 
 from __future__ import annotations
@@ -30,10 +43,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torch import Tensor
+import scipy.sparse
 
 from spdkit.analysis.mechanisms.firings import Firings
+
+_ROW_BLOCK_ELEMENTS = 1 << 22  # rows counted at once × k: bounds the [rows, k] working blocks
+_CERTIFICATE_SLACK = 1e-12  # relative float error allowed for when certificates are checked
+_RECOUNT_BATCH = 64  # rows without a certificate counted at once, lowest floors first
 
 
 @dataclass(frozen=True)
@@ -49,142 +65,278 @@ class Merges:
     deltas: list[float]
 
 
-def description_length(s: Tensor, r: Tensor, alpha: float) -> float:
+def description_length(s: np.ndarray, r: np.ndarray, alpha: float) -> float:
     """L = Σ_i s_i (log2 k + α r_i) over the k groups with firing counts s [k], ranks r [k]."""
-    k = s.numel()
+    s, r = np.asarray(s, dtype=np.float64), np.asarray(r, dtype=np.float64)
+    k = s.size
     return float((s * (math.log2(k) + alpha * r)).sum()) if k > 1 else float(alpha * (s * r).sum())
 
 
-def merge_costs(S: Tensor, r: Tensor, alpha: float) -> Tensor:
-    """ΔL [k, k] of merging each pair of the k groups (upper triangle; +inf elsewhere), from the
-    group co-activations S [k, k] (diagonal: s_i) and ranks r [k]."""
-    k = S.shape[0]
-    if k < 2:  # no pair to merge (and log2(k - 1) has no value)
-        return torch.full((k, k), math.inf, dtype=S.dtype)
-    delta = (
-        S.diagonal().sum() * math.log2(1 - 1 / k) - S * math.log2(k - 1) + rank_terms(S, r, alpha)
-    )
-    return delta.masked_fill(~torch.ones(k, k, dtype=torch.bool).triu(1), math.inf)
+def rank_terms(s_i, r_i, s_j, r_j, s_ij, alpha: float):
+    """A_ij = α (s_i r_j + s_j r_i − s_ij (r_i + r_j)): the part of ΔL that does not change with
+    k (arrays broadcast; the bracket is an exact integer in float64, so every caller gets the
+    same float)."""
+    return alpha * (s_i * r_j + s_j * r_i - s_ij * (r_i + r_j))
 
 
-def rank_terms(S: Tensor, r: Tensor, alpha: float) -> Tensor:
-    """α (s_i r_j + s_j r_i − s_ij (r_i + r_j)) [k, k] from the co-activations S [k, k]
-    (diagonal s_i) and ranks r [k]: the part of ΔL that does not change with k."""
-    s = S.diagonal()
-    return alpha * (
-        s[:, None] * r[None, :] + s[None, :] * r[:, None] - S * (r[:, None] + r[None, :])
-    )
+def pair_scores(A, s_ij, lam: float):
+    """A_ij − λ s_ij: what decides which pair merges (ΔL less the term shared by all pairs)."""
+    return A - lam * s_ij
+
+
+def shared_term(s_sum: float, k: int) -> float:
+    """s_Σ log2(1 − 1/k): the part of ΔL every pair has (each firing's name gets shorter)."""
+    return s_sum * math.log2(1 - 1 / k)
 
 
 @dataclass
 class _Groups:
-    """The merge's state, by slot: co-activations S [n, n] (diagonal s_i), ranks r [n], the
-    k-independent ΔL part A [n, n] (+inf on the diagonal and for empty slots), members, and
-    the rows each group fires on as bits (uint8 [n, rows / 8]: the OR of its members'), so a
-    merged group's co-activation with every group is one AND + popcount over n × rows bits.
-    Merging a < b keeps the union in slot a, empties b."""
+    """The groups, by slot (slot = the group's lowest subcomponent id): which group each
+    subcomponent is in (`label` [n]), firing counts s [n], ranks r [n], members, the sorted
+    samples each fires on, whether the slot holds a group, and the record's firings that still
+    count (`alive` [firings]): one per group and sample, so that counting a group's firings on
+    a sample needs no deduplication (a merge retires b's firings on the samples a fires on)."""
 
-    S: Tensor
-    r: Tensor
-    A: Tensor
+    label: np.ndarray
+    s: np.ndarray
+    r: np.ndarray
     members: list[list[int]]
-    bits: np.ndarray
-    active: Tensor  # bool [n]
+    samples: list[np.ndarray]
+    active: np.ndarray
+    alive: np.ndarray
+    entries_of: list[np.ndarray]  # per subcomponent: its offsets into the record, by sample
+    sample_of: np.ndarray  # per firing: its sample
 
     @classmethod
-    def singletons(cls, firings: Firings, pair_counts: Tensor, alpha: float) -> _Groups:
-        n = pair_counts.shape[0]
-        S = pair_counts.clone()
-        r = torch.ones(n, dtype=torch.float64)
-        A = rank_terms(S, r, alpha)
-        A.fill_diagonal_(math.inf)
-        members = [[i] for i in range(n)]
-        active = torch.ones(n, dtype=torch.bool)
-        return cls(S, r, A, members, firings.row_bits(), active)
-
-    def merge(self, a: int, b: int, alpha: float) -> None:
-        self.bits[a] |= self.bits[b]
-        self.bits[b] = 0
-        self.members[a] += self.members[b]
-        self.members[b] = []
-        self.active[b] = False
-        self.r[a] += self.r[b]
-        counts = np.bitwise_count(self.bits & self.bits[a]).sum(1, dtype=np.int64)
-        row = torch.from_numpy(counts).double()
-        for M in (self.S, self.A):
-            M[b, :] = 0
-            M[:, b] = 0
-        self.S[a, :] = row
-        self.S[:, a] = row
-        terms = _row_terms(row, self.S.diagonal(), self.r, a, alpha)
-        terms[~self.active] = math.inf
-        terms[a] = math.inf
-        self.A[a, :] = terms
-        self.A[:, a] = terms
-        self.A[b, :] = math.inf
-        self.A[:, b] = math.inf
-
-    def compacted(self) -> _Groups:
-        """The same groups in slots 0..k-1 (dropping the empty slots)."""
-        keep = self.active.nonzero().flatten()
-        idx = keep.tolist()
-        return _Groups(
-            self.S[keep][:, keep],
-            self.r[keep],
-            self.A[keep][:, keep],
-            [self.members[i] for i in idx],
-            self.bits[idx],
-            torch.ones(len(idx), dtype=torch.bool),
+    def singletons(cls, firings: Firings) -> _Groups:
+        n = len(firings.names)
+        sample_of = np.repeat(np.arange(firings.n_samples), np.diff(firings.sample_ptr))
+        order = np.argsort(firings.fired, kind="stable")  # by subcomponent, samples ascending
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(firings.fired, minlength=n))])
+        entries_of = [order[bounds[i] : bounds[i + 1]] for i in range(n)]
+        samples = [sample_of[e] for e in entries_of]
+        return cls(
+            label=np.arange(n),
+            s=np.diff(bounds).astype(np.float64),
+            r=np.ones(n),
+            members=[[i] for i in range(n)],
+            samples=samples,
+            active=np.ones(n, bool),
+            alive=np.ones(len(firings.fired), bool),
+            entries_of=entries_of,
+            sample_of=sample_of,
         )
 
+    def merge(self, a: int, b: int) -> None:
+        """Group b joins group a (a < b keeps the union in slot a)."""
+        both = np.intersect1d(self.samples[a], self.samples[b], assume_unique=True)
+        if len(both):
+            b_entries = np.concatenate([self.entries_of[m] for m in self.members[b]])
+            on_both = np.isin(self.sample_of[b_entries], both, assume_unique=False)
+            self.alive[b_entries[on_both]] = False
+        self.label[self.members[b]] = a
+        self.members[a] += self.members[b]
+        self.members[b] = []
+        self.samples[a] = np.union1d(self.samples[a], self.samples[b])
+        self.samples[b] = self.samples[b][:0]
+        self.s[a] = len(self.samples[a])
+        self.s[b] = 0.0
+        self.r[a] += self.r[b]
+        self.r[b] = 0.0
+        self.active[b] = False
 
-def _row_terms(row: Tensor, s: Tensor, r: Tensor, a: int, alpha: float) -> Tensor:
-    """rank_terms of the group in slot a against every slot (its co-activations `row` [n],
-    every group's s and r [n]): a merge's update costs O(n), not O(n²)."""
-    return alpha * (s[a] * r + s * r[a] - row * (r[a] + r))
+    def coactivations(self, firings: Firings, rows: np.ndarray) -> np.ndarray:
+        """s_i· [len(rows), n] float64: samples on which group `rows[t]` and each slot's group
+        both fire, from the record's live firings on the samples the row's group fires on."""
+        n = len(self.label)
+        lens = np.array([len(self.samples[i]) for i in rows], dtype=np.int64)
+        samples = np.concatenate([self.samples[i] for i in rows])
+        pos, offsets = firings.entries(samples)
+        keep = self.alive[offsets]
+        row = np.repeat(np.arange(len(rows)), lens)[pos[keep]]
+        flat = row * n + self.label[firings.fired[offsets[keep]]]
+        return np.bincount(flat, minlength=len(rows) * n).reshape(len(rows), n).astype(np.float64)
+
+
+@dataclass
+class _Bests:
+    """What is known about each row's best partner: its slot (−1: the line is gone), the
+    pair's A and s_ij, the certificate `until` (the partner stays the row's best, ties to the
+    lower slot, at every λ above it) and `floor`, a lower bound on the row's best score at every
+    λ from now on. Scores only rise as λ falls, so the best score when the row was last counted
+    stays a floor, lowered by each new line the row is offered; a row whose floor is above the
+    best certified score cannot hold the minimum and is not counted again. `counted_at`: the λ
+    of the row's last count (its best is exact at that λ even where the certificate is not
+    above it, as at a near-tie)."""
+
+    partner: np.ndarray
+    A: np.ndarray
+    S: np.ndarray
+    until: np.ndarray
+    floor: np.ndarray
+    counted_at: np.ndarray
+
+    @classmethod
+    def empty(cls, n: int) -> _Bests:
+        never = np.full(n, np.nan)
+        return cls(
+            np.full(n, -1), np.zeros(n), np.zeros(n), never, np.full(n, -np.inf), never.copy()
+        )
+
+    def certified(self, active: np.ndarray, lam: float) -> np.ndarray:
+        """Rows whose best is exact at λ: a line still there, certified or counted at λ."""
+        return active & (self.partner >= 0) & ((self.until < lam) | (self.counted_at == lam))
+
+    def scores(self, lam: float) -> np.ndarray:
+        return pair_scores(self.A, self.S, lam)
+
+
+def _certificates(
+    A_p: np.ndarray, S_p: np.ndarray, A: np.ndarray, S: np.ndarray, lam: float
+) -> np.ndarray:
+    """λ* at which a line (A, S) undercuts the best line (A_p, S_p) as λ falls,
+    λ* = (A − A_p) / (S − S_p), for lines rising slower (S < S_p; else −inf), raised by the
+    float error of comparing the two scores so that above it the float argmin is unchanged."""
+    gap = S_p - S
+    with np.errstate(divide="ignore", invalid="ignore"):
+        crossing = (A_p - A) / gap
+        slack = (np.abs(A) + np.abs(A_p) + abs(lam) * (S + S_p)) / gap
+        return np.where(gap > 0, crossing + _CERTIFICATE_SLACK * (1 + slack), -np.inf)
+
+
+def _count_rows(
+    groups: _Groups, bests: _Bests, firings: Firings, rows: np.ndarray, lam: float, alpha: float
+) -> None:
+    """Count `rows` exactly, in blocks bounded by _ROW_BLOCK_ELEMENTS."""
+    block = max(1, _ROW_BLOCK_ELEMENTS // max(len(groups.label), 1))
+    for start in range(0, len(rows), block):
+        part = rows[start : start + block]
+        _set_bests(groups, bests, part, groups.coactivations(firings, part), lam, alpha)
+
+
+def _count_all(groups: _Groups, bests: _Bests, firings: Firings, lam: float, alpha: float) -> None:
+    """The first count, of every row before any merge: blocks of one sparse product of the
+    record (samples × subcomponents) with itself, O(N × L0²) for N samples."""
+    n = len(groups.label)
+    ones = np.ones(len(firings.fired), dtype=np.float32)  # counts exact below 2^24
+    H = scipy.sparse.csr_matrix((ones, firings.fired, firings.sample_ptr), (firings.n_samples, n))
+    Ht = H.T.tocsr()
+    block = max(1, _ROW_BLOCK_ELEMENTS // max(n, 1))
+    for start in range(0, n, block):
+        part = np.arange(start, min(start + block, n))
+        S = (Ht[start : start + len(part)] @ H).toarray().astype(np.float64)
+        _set_bests(groups, bests, part, S, lam, alpha)
+
+
+def _set_bests(
+    groups: _Groups, bests: _Bests, rows: np.ndarray, S: np.ndarray, lam: float, alpha: float
+) -> None:
+    """From the rows' exact counts S [len(rows), n]: each row's best partner is the argmin of
+    A_ij − λ s_ij at this λ (lowest slot on ties), its certificate the highest λ at which
+    another of its lines undercuts it, its floor its best score now."""
+    s, r = groups.s, groups.r
+    idx = np.arange(len(rows))
+    A = rank_terms(s[rows, None], r[rows, None], s[None, :], r[None, :], S, alpha)
+    score = pair_scores(A, S, lam)
+    score[:, ~groups.active] = np.inf
+    score[idx, rows] = np.inf
+    p = score.argmin(1)
+    A_p, S_p = A[idx, p], S[idx, p]
+    crossing = _certificates(A_p[:, None], S_p[:, None], A, S, lam)
+    crossing[~np.isfinite(score)] = -np.inf
+    bests.partner[rows], bests.A[rows], bests.S[rows] = p, A_p, S_p
+    bests.until[rows] = crossing.max(1)
+    bests.floor[rows] = score[idx, p]
+    bests.counted_at[rows] = lam
+
+
+def _offer_new_group(
+    groups: _Groups, bests: _Bests, a: int, S_a: np.ndarray, lam: float, alpha: float
+) -> None:
+    """After a merge into slot a: every other row gets its new line to a. Where the row still
+    has its best line, the two are compared at this λ (a wins if lower, or equal and a is the
+    lower slot) and the certificate covers both (the crossing, if the loser rises slower);
+    every row's floor drops to the new line's score if that is lower."""
+    s, r = groups.s, groups.r
+    rows = np.flatnonzero(groups.active)
+    rows = rows[rows != a]
+    A_a = rank_terms(s[rows], r[rows], s[a], r[a], S_a[rows], alpha)
+    S_ra = S_a[rows]
+    sc_a = pair_scores(A_a, S_ra, lam)
+    bests.floor[rows] = np.minimum(bests.floor[rows], sc_a)
+    known = bests.partner[rows] >= 0
+    rows, A_a, S_ra, sc_a = rows[known], A_a[known], S_ra[known], sc_a[known]
+    A_p, S_p, p = bests.A[rows], bests.S[rows], bests.partner[rows]
+    sc_p = pair_scores(A_p, S_p, lam)
+    a_wins = (sc_a < sc_p) | ((sc_a == sc_p) & (a < p))
+    win_A, win_S = np.where(a_wins, A_a, A_p), np.where(a_wins, S_ra, S_p)
+    lose_A, lose_S = np.where(a_wins, A_p, A_a), np.where(a_wins, S_p, S_ra)
+    bests.partner[rows] = np.where(a_wins, a, p)
+    bests.A[rows], bests.S[rows] = win_A, win_S
+    bests.until[rows] = np.maximum(
+        bests.until[rows], _certificates(win_A, win_S, lose_A, lose_S, lam)
+    )
+
+
+def _best_pair(
+    groups: _Groups, bests: _Bests, firings: Firings, lam: float, alpha: float
+) -> tuple[int, float]:
+    """The row holding the smallest score at this λ (the lowest such row: its partner is the
+    lowest slot above it) and that score. Certified rows give their score at once; a row
+    without a certificate is counted only while its floor could still beat the best certified
+    score, lowest floors first."""
+    slots = np.arange(len(groups.label))
+    while True:
+        certified = bests.certified(groups.active, lam)
+        current = np.where(certified, bests.scores(lam), np.inf)
+        row = int(current.argmin())
+        best = float(current[row])
+        open_ = groups.active & ~certified
+        need = open_ & ((bests.floor < best) | ((bests.floor == best) & (slots < row)))
+        rows = np.flatnonzero(need)
+        if len(rows) == 0:
+            return row, best
+        rows = rows[np.argsort(bests.floor[rows], kind="stable")[:_RECOUNT_BATCH]]
+        _count_rows(groups, bests, firings, rows, lam, alpha)
 
 
 def merge_greedy(
-    firings: Firings,
-    pair_counts: Tensor,
-    alpha: float,
-    on_merge: Callable[[int], None] | None = None,
+    firings: Firings, alpha: float, on_merge: Callable[[int], None] | None = None
 ) -> Merges:
-    """Greedy MDL merging of the record's subcomponents (all live: s_i > 0), starting from
-    their pair counts [n, n] (`firings.pair_counts()`).
-
-    Since ΔL_ij = s_Σ log2(1 − 1/k) + (A_ij − log2(k − 1) s_ij) with A the rank terms, only
-    the bracket decides which pair; A and s change only in the merged group's row and column,
-    so an iteration is one pass over the k × k matrices (empty slots are dropped whenever
-    they are half of them). `on_merge(k)` is called after each merge (progress).
-    """
-    groups = _Groups.singletons(firings, pair_counts, alpha)
-    s0 = groups.S.diagonal()
-    cost0 = description_length(s0, groups.r, alpha)
-    s_sum = float(s0.sum())
-    k = len(groups.members)
+    """Greedy MDL merging of the record's subcomponents (all live: s_i > 0), exactly as
+    `merge_reference.merge_greedy_dense` merges them, in memory O(record + k).
+    `on_merge(k)` is called after each merge (progress)."""
+    groups = _Groups.singletons(firings)
+    n = len(groups.label)
+    cost0 = description_length(groups.s, groups.r, alpha)
+    s_sum = float(groups.s.sum())
+    bests = _Bests.empty(n)
+    if n > 1:
+        _count_all(groups, bests, firings, math.log2(n - 1), alpha)
     deltas: list[float] = []
-    score = torch.empty_like(groups.A)
+    k = n
     while k > 1:
-        torch.add(groups.A, groups.S, alpha=-math.log2(k - 1), out=score)
-        best = int(score.argmin())
-        n = score.shape[0]
-        a, b = sorted((best // n, best % n))
-        delta = s_sum * math.log2(1 - 1 / k) + float(score[a, b])
+        lam = math.log2(k - 1)
+        a, score = _best_pair(groups, bests, firings, lam, alpha)
+        delta = shared_term(s_sum, k) + score
         if delta >= 0:
             break
-        s_a, s_b = float(groups.S[a, a]), float(groups.S[b, b])
-        groups.merge(a, b, alpha)
-        s_sum += float(groups.S[a, a]) - s_a - s_b
+        b = int(bests.partner[a])
+        assert a < b, "the lowest row at the minimum has its partner above it"
+        s_a, s_b = groups.s[a], groups.s[b]
+        groups.merge(a, b)
+        s_sum += groups.s[a] - s_a - s_b
         k -= 1
         deltas.append(delta)
+        bests.partner[(bests.partner == a) | (bests.partner == b)] = -1
+        if k > 1:
+            lam_next = math.log2(k - 1)
+            S_a = groups.coactivations(firings, np.array([a]))
+            _set_bests(groups, bests, np.array([a]), S_a, lam_next, alpha)
+            _offer_new_group(groups, bests, a, S_a[0], lam_next, alpha)
         if on_merge is not None:
             on_merge(k)
-        if k < n // 2 and n > 64:
-            groups = groups.compacted()
-            score = torch.empty_like(groups.A)
-    live = groups.active.nonzero().flatten().tolist()
-    fired = [int(groups.S[i, i]) for i in live]
-    s = groups.S.diagonal()[live]
-    cost = description_length(s, groups.r[live], alpha)
+    live = np.flatnonzero(groups.active).tolist()
+    fired = [int(groups.s[i]) for i in live]
+    cost = description_length(groups.s[live], groups.r[live], alpha)
     return Merges([groups.members[i] for i in live], fired, cost0, cost, deltas)
