@@ -3,6 +3,8 @@ ablations (CI-gated and static edit) measure what subcomponents do."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -340,6 +342,11 @@ def test_harvest_keeps_bounded_statistics_that_match_a_direct_count(planted_run)
     pos = int(torch.where(fires[:, c], flat[:, c], -1.0).argmax())
     assert result.top.windows[c, 0, -1] == ids.flatten()[pos]  # the window ends at the firing
     assert result.top.windows.shape == (len(result.names), 3, 5)
+    # every subcomponent's kept CIs are its highest (rows skipped in a batch stay exact)
+    expected = torch.where(fires, flat, -1.0).T.topk(3, dim=1).values
+    kept = torch.where(result.top.key > -math.inf, result.top.ci, -1.0)
+    torch.testing.assert_close(kept, expected)
+    assert torch.equal(result.cofire, fires.T.long() @ fires.long())
     out = CliRunner().invoke(
         app, ["harvest", str(run), "--tokens", "600", "--top-k", "3", "--random-k", "2", "--quiet"]
     )
@@ -370,6 +377,17 @@ def test_harvest_keeps_bounded_statistics_that_match_a_direct_count(planted_run)
     from spdkit.analysis.harvest import read_harvest
 
     assert read_harvest(run)[row["name"]]["label"]["text"] == labels[0]["label"]
+
+
+@pytest.mark.parametrize("density", [0.01, 0.5])
+def test_cofiring_counts_are_exact_sparse_or_dense(density):
+    """add_cofiring's sparse path (few firings) and dense path (many) both add fᵀ f."""
+    from spdkit.analysis.harvest import add_cofiring
+
+    fires = torch.rand(300, 40, generator=torch.Generator().manual_seed(0)) < density
+    cofire = torch.ones(40, 40, dtype=torch.long)
+    add_cofiring(cofire, fires)
+    assert torch.equal(cofire, 1 + fires.T.long() @ fires.long())
 
 
 def test_harvested_contexts_carry_the_ci_of_every_token():

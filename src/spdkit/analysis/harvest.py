@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse
 import torch
 from torch import Tensor
 
@@ -91,19 +92,25 @@ class KeptContexts:
         k = self.key.shape[1]
         if k == 0:
             return
-        C, n = key.shape
-        top = key.topk(min(k, n), dim=1)  # the batch's best per subcomponent first: [C, k']
-        subs = torch.arange(C)[:, None].expand_as(top.indices)
-        cand_key = torch.cat([self.key, top.values], 1)
-        cand_ci = torch.cat([self.ci, ci.gather(1, top.indices)], 1)
-        cand_win = torch.cat([self.windows, windows[top.indices]], 1)
-        cand_ciw = torch.cat([self.ci_windows, ci_of(top.indices, subs)], 1)
+        # only rows where a new event could enter: the batch's best ≥ the row's k-th kept key
+        # (a row whose new keys are all below every kept one keeps its state exactly)
+        rows = (key.amax(1) >= self.key[:, -1]).nonzero().flatten()
+        if len(rows) == 0:
+            return
+        key, ci = key[rows], ci[rows]
+        n = key.shape[1]
+        top = key.topk(min(k, n), dim=1)  # the batch's best per subcomponent first: [R, k']
+        subs = rows[:, None].expand_as(top.indices)
+        cand_key = torch.cat([self.key[rows], top.values], 1)
+        cand_ci = torch.cat([self.ci[rows], ci.gather(1, top.indices)], 1)
+        cand_win = torch.cat([self.windows[rows], windows[top.indices]], 1)
+        cand_ciw = torch.cat([self.ci_windows[rows], ci_of(top.indices, subs)], 1)
         best = cand_key.topk(k, dim=1).indices
         per_token = best[..., None].expand(-1, -1, cand_win.shape[-1])
-        self.key = cand_key.gather(1, best)
-        self.ci = cand_ci.gather(1, best)
-        self.windows = cand_win.gather(1, per_token)
-        self.ci_windows = cand_ciw.gather(1, per_token)
+        self.key[rows] = cand_key.gather(1, best)
+        self.ci[rows] = cand_ci.gather(1, best)
+        self.windows[rows] = cand_win.gather(1, per_token)
+        self.ci_windows[rows] = cand_ciw.gather(1, per_token)
 
 
 class TokenCounts:
@@ -136,6 +143,24 @@ class TokenCounts:
         """(sub, token, count) of every pair seen."""
         self._reduce()
         return self.keys // self.vocab, self.keys % self.vocab, self.counts
+
+
+def add_cofiring(cofire: Tensor, fires: Tensor) -> None:
+    """cofire [C, C] += fᵀ f for the batch's firings f [n, C] (bool): a dense product when
+    firings are dense, else one sparse product over the firings (O(n × L0²), L0 the firings
+    per token, instead of O(n × C²)). Both are exact counts."""
+    n, C = fires.shape
+    pos, sub = fires.nonzero(as_tuple=True)
+    if len(pos) * 16 >= n * C:
+        f = fires.to(torch.float32)
+        cofire += (f.T @ f).round().long()
+        return
+    f = scipy.sparse.csr_matrix(
+        (np.ones(len(pos), np.int64), (pos.numpy(), sub.numpy())), shape=(n, C)
+    )
+    pairs = (f.T @ f).tocoo()
+    index = torch.from_numpy(pairs.row.astype(np.int64) * C + pairs.col)
+    cofire.view(-1).index_add_(0, index, torch.from_numpy(pairs.data.astype(np.int64)))
 
 
 def window_ci(ci_windows: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
@@ -217,8 +242,7 @@ def harvest(
         valid = next_ids[next_ids >= 0].numpy()
         next_totals += np.bincount(valid, minlength=vocab)
         if cofire is not None:
-            f = fires.to(torch.float32)
-            cofire += (f.T @ f).round().long()
+            add_cofiring(cofire, fires)
         seen += n
         bar.update(min(n, max(0, params.tokens - (seen - n))))
         if seen >= params.tokens:
