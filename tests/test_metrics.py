@@ -94,3 +94,18 @@ def test_lm_evaluation_in_chunks_equals_the_whole_batch():
                 kind,
                 key,
             )
+    # keeping every chunk's record for the ladder, or recomputing it per ascent step: the same
+    ev = EvalConfig(n_eval_samples=len(ids), pgd_steps=[2, 5], batch_size=3)
+    kept, recomputed = (
+        lm_mask_evaluation(model, ids, ev, torch.Generator().manual_seed(0), keep_records=keep)
+        for keep in (True, False)
+    )
+    assert kept == recomputed
+
+
+def test_pgd_records_are_kept_when_they_fit():
+    from spdkit.analysis.lm import keep_every_record
+
+    assert keep_every_record(10, 1, None)  # one chunk: its record serves the ladder anyway
+    assert not keep_every_record(10, 4, None)  # memory unknown: recompute
+    assert keep_every_record(10, 4, 80) and not keep_every_record(10, 4, 79)

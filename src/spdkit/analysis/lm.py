@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from spdkit.config import EvalConfig
+from spdkit.engine.memory import available_bytes, tensor_bytes
 from spdkit.method.adversary import Ascent, adversarial_masks, fresh_pgd_ladder
 from spdkit.method.losses import kl_divergence
 from spdkit.method.measures import chunks, weighted_sum
@@ -41,6 +42,18 @@ def mask_kinds(
     }
 
 
+RECORDS_SHARE = 0.5  # the kept records may take at most this share of the memory available
+
+
+def keep_every_record(one_chunk_bytes: int, n_chunks: int, available: int | None) -> bool:
+    """Whether the fresh-PGD ladder keeps every chunk's target record (its output and module
+    inputs) instead of recomputing the chunk's target forward at each ascent step: when all of
+    them fit in RECORDS_SHARE of the memory available (unknown: keep only one chunk's)."""
+    if n_chunks <= 1:
+        return True
+    return available is not None and n_chunks * one_chunk_bytes <= RECORDS_SHARE * available
+
+
 @torch.no_grad()
 def lm_mask_evaluation(
     model: ComponentModel,
@@ -48,6 +61,7 @@ def lm_mask_evaluation(
     ev: EvalConfig,
     generator: torch.Generator,
     progress: bool = False,
+    keep_records: bool | None = None,
 ) -> dict[str, dict[str, float]]:
     """CE and KL(target ‖ masked) of the masked model, every module masked, for masks = CI
     (g), stochastic (g + (1-g) r), all ones, rounded CI (1 where CI > τ, else 0: `rounded` at
@@ -59,7 +73,9 @@ def lm_mask_evaluation(
 
     `ev.batch_size` sequences at a time: each chunk's logits live only while it is scored,
     and the PGD ascent sums the chunks' source gradients (still one source vector for the
-    whole batch), so memory is that of one chunk."""
+    whole batch). Each ascent step needs every chunk's target record: all are kept when they
+    fit (`keep_every_record`, or `keep_records` when given), else each is recomputed per step
+    and memory is that of one chunk."""
     pieces = chunks(ids, ev.batch_size)
     n_pgd = max(ev.pgd_steps, default=0)
     bar = progress_bar(len(pieces) * (2 + n_pgd) if n_pgd else len(pieces), "eval", progress)
@@ -78,10 +94,13 @@ def lm_mask_evaluation(
             }
         return out
 
-    per_chunk, gs, kept = [], [], None
+    per_chunk, gs, kept = [], [], []
+    keep = keep_records
     for share, piece in pieces:
         record = model.record(piece)
-        kept = record if len(pieces) == 1 else None  # one chunk: its record serves the PGD
+        if keep is None:
+            keep = keep_every_record(tensor_bytes(record), len(pieces), available_bytes())
+        kept.append(record if keep and ev.pgd_steps else None)
         g, _ = model.importances(piece, record)
         gs.append(g)
         per_chunk.append((share, scores(piece, mask_kinds(g, ev, r), record)))
@@ -89,22 +108,25 @@ def lm_mask_evaluation(
         bar.update(1)
     if ev.pgd_steps:
 
-        def kl_at(piece: Tensor, g: dict[str, Tensor]):
+        def kl_at(piece: Tensor, g: dict[str, Tensor], record):  # noqa: ANN001
             def kl(sources: dict[str, Tensor]) -> Tensor:
-                record = kept or model.record(piece)  # else recomputed: none is kept
-                logits = model.masked_forward(piece, adversarial_masks(g, sources), record)
+                rec = record or model.record(piece)  # recomputed where not kept
+                logits = model.masked_forward(piece, adversarial_masks(g, sources), rec)
                 bar.update(1)
-                return kl_divergence(logits, record.output)
+                return kl_divergence(logits, rec.output)
 
             return kl
 
-        parts = [(share, kl_at(piece, g)) for (share, piece), g in zip(pieces, gs, strict=True)]
+        parts = [
+            (share, kl_at(piece, g, rec))
+            for (share, piece), g, rec in zip(pieces, gs, kept, strict=True)
+        ]
         shapes = {n: (v.shape[-1],) for n, v in gs[0].items()}
         ascent = Ascent(ev.pgd_optimizer, ev.pgd_adam_betas)
         ladder = fresh_pgd_ladder(parts, shapes, ev.pgd_steps, ev.pgd_step_size, generator, ascent)
         for i, ((_, piece), g) in enumerate(zip(pieces, gs, strict=True)):
             adv = {f"pgd_{n}": adversarial_masks(g, s) for n, s in ladder.items()}
-            extra = scores(piece, adv, kept)
+            extra = scores(piece, adv, kept[i])
             per_chunk[i][1].update({k: v for k, v in extra.items() if k != "target"})
             bar.update(1)
     bar.close()

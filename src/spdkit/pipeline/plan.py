@@ -23,14 +23,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from spdkit.analysis.evaluation import measure_batch
-from spdkit.analysis.lm import lm_mask_evaluation
+from spdkit.analysis.lm import keep_every_record, lm_mask_evaluation
 from spdkit.engine.malloc import release_free_memory
+from spdkit.engine.memory import available_bytes, reset_peak_rss, status_kib, tensor_bytes
 from spdkit.engine.random_stream import MaskStream
 from spdkit.method.objective import step_losses
 from spdkit.targets import reports_lm
@@ -42,37 +42,6 @@ PROBE_EVAL = 64  # the second evaluation probe's samples
 MEASURABLE = 16 * 2**20  # bytes two probes must differ by for a per-sample slope
 PROBE_SEED = 1_000_003  # the probes' own data and mask numbers
 GIB = 2**30
-
-
-def _status_kib(field: str) -> int | None:
-    """A field of /proc/self/status (VmRSS, VmHWM) in KiB; None where there is none."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Set the peak RSS (VmHWM) to the current RSS; False where the OS cannot (not Linux)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return _status_kib("VmHWM") is not None
-
-
-def available_bytes() -> int | None:
-    """MemAvailable of /proc/meminfo (what a new allocation can get without swapping)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 @dataclass(frozen=True)
@@ -91,6 +60,8 @@ class Plan:
     train_seconds: float | None = None  # per step, estimated (module docstring)
     eval_seconds: float | None = None  # per evaluation, estimated
     steps: int | None = None  # the run's training steps
+    eval_records_bytes: int | None = None  # the fresh-PGD ladder's target records, all chunks
+    eval_keeps_records: bool | None = None  # kept (else recomputed per ascent step); LM only
 
     @property
     def fits(self) -> bool | None:
@@ -141,7 +112,7 @@ def probe(
     seconds = time.perf_counter() - start
     for p in model.trainable_parameters():
         p.grad = None
-    peak = _status_kib("VmHWM") if measured else None
+    peak = status_kib("VmHWM") if measured else None
     rows = batch * positions_per_sample(cfg)
     # the fused CI kernel's work, invisible to the counter (as `step_flops` counts it)
     flops = float(counter.get_total_flops()) + fused_ci_flops(trainer, rows, not evaluation)
@@ -191,7 +162,7 @@ def make_plan(trainer: Trainer) -> Plan:
     tokens = positions_per_sample(cfg)
 
     release_free_memory()
-    rss = _status_kib("VmRSS")
+    rss = status_kib("VmRSS")
     base = rss * 1024 if rss is not None else None
     measured, train_flops, train_seconds = _affine_fit(trainer, B, PROBE_BATCH, evaluation=False)
     opt = 2 * _trainable_bytes(trainer)
@@ -209,6 +180,10 @@ def make_plan(trainer: Trainer) -> Plan:
     per_sample = None
     if peak is not None and base is not None:
         per_sample = max(0, int((measured - base) / B))
+    available = _share(available_bytes(), par.local_world)
+    records, keeps = _pgd_records(trainer, chunk, available)
+    if keeps and records is not None and eval_peak is not None:
+        eval_peak += records  # (the one chunk's record the probe held is a small overcount)
     return Plan(
         batch_size=B,
         tokens_per_sample=tokens,
@@ -220,11 +195,29 @@ def make_plan(trainer: Trainer) -> Plan:
         eval_peak_bytes=eval_peak,
         train_flops=train_flops,
         eval_flops=chunk_flops * eval_scale,
-        available=_share(available_bytes(), par.local_world),
+        available=available,
         train_seconds=train_seconds,
         eval_seconds=chunk_seconds * eval_scale,
         steps=cfg.training.steps,
+        eval_records_bytes=records,
+        eval_keeps_records=keeps,
     )
+
+
+def _pgd_records(
+    trainer: Trainer, chunk: int, available: int | None
+) -> tuple[int | None, bool | None]:
+    """The bytes of every evaluation chunk's target record (one sample's, measured, × the
+    evaluation's samples) and whether the fresh-PGD ladder will keep them
+    (`keep_every_record`, the rule the evaluation applies); (None, None) without a ladder."""
+    cfg = trainer.config
+    if not (reports_lm(cfg.target) and cfg.eval.pgd_steps):
+        return None, None
+    gen = torch.Generator(device=trainer.device).manual_seed(PROBE_SEED)
+    with torch.no_grad():
+        one = tensor_bytes(trainer.model.record(trainer.data.sample(1, gen)))
+    n = cfg.eval.n_eval_samples
+    return one * n, keep_every_record(one * chunk, math.ceil(n / chunk), available)
 
 
 def _share(available: int | None, processes: int) -> int | None:
@@ -279,6 +272,18 @@ def format_plan(plan: Plan) -> str:
         f"({_gib(plan.per_sample_bytes)} per sample; Adam {_gib(plan.optimizer_bytes)}; "
         f"persistent PGD {_gib(plan.persistent_bytes)})",
         f"  evaluation peak:              {_gib(plan.eval_peak_bytes)}",
+        *(
+            [
+                f"  fresh-PGD target records:     {_gib(plan.eval_records_bytes)}, "
+                + (
+                    "kept (each ascent step reuses them)"
+                    if plan.eval_keeps_records
+                    else "recomputed at each ascent step (more than half the memory available)"
+                )
+            ]
+            if plan.eval_records_bytes is not None
+            else []
+        ),
         f"  available now:                {_gib(plan.available)}",
         f"  compute: {_flops(plan.train_flops)} per step (matmuls), "
         f"{_flops(plan.eval_flops)} per evaluation",
