@@ -97,6 +97,7 @@ def main() -> None:
         model.target(warm)
         causal_importance(model, warm)
     harvest_module.harvest(model, iter([warm]), vocab, HarvestParams(tokens=1), progress=False)
+    attribution.dataset_attributions(model, iter([warm]), 1, attribution_params)  # imports too
     rows: dict[str, dict[str, float]] = {}
     for name, fn, n in [
         ("forward", forward, tokens),
