@@ -167,6 +167,10 @@ def _decompose_into(
         except CheckpointError as err:
             raise RunDirError(f"{ckpt}: {err}") from None
         log.info("resuming %s from step %d", run_dir, trainer.step)
+    log.info(
+        "planning: probing a training step and the evaluation at a few batch sizes "
+        "(memory and time; a minute or more on a large model)"
+    )
     plan = make_plan(trainer)
     check_fits(plan)  # a run that will not fit stops here, not at step 0 by the OOM killer
     if plan.peak_bytes is not None:
@@ -200,6 +204,7 @@ def _target_of(run_dir: Path, config: SPDConfig, device: str, progress: bool):  
         kind = target_kind(config.target)
         target, info = kind.train(config.target, config.seed, device, progress=progress)
         info["train_seconds"] = round(time.perf_counter() - t0, 2)
+        log.info("saving the target into %s", run_dir / "target.safetensors")
         runs.save_target(run_dir, target, config.target, info)
     return target
 
