@@ -50,6 +50,8 @@ from spdkit.analysis.mechanisms.firings import Firings
 _ROW_BLOCK_ELEMENTS = 1 << 22  # rows counted at once × k: bounds the [rows, k] working blocks
 _CERTIFICATE_SLACK = 1e-12  # relative float error allowed for when certificates are checked
 _RECOUNT_BATCH = 64  # rows without a certificate counted at once, lowest floors first
+_BITS_BUDGET = 1 << 30  # bytes the groups' row bits may take (else every count walks samples)
+_WORD_VS_FIRING = 0.15  # cost of one 64-row word AND + popcount, in firing-record entries
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,8 @@ class _Groups:
     alive: np.ndarray
     entries_of: list[np.ndarray]  # per subcomponent: its offsets into the record, by sample
     sample_of: np.ndarray  # per firing: its sample
+    bits: np.ndarray | None  # uint64 [n, ⌈samples / 64⌉]: the samples each group fires on
+    firings_per_sample: float
 
     @classmethod
     def singletons(cls, firings: Firings) -> _Groups:
@@ -115,6 +119,12 @@ class _Groups:
         bounds = np.concatenate([[0], np.cumsum(np.bincount(firings.fired, minlength=n))])
         entries_of = [order[bounds[i] : bounds[i + 1]] for i in range(n)]
         samples = [sample_of[e] for e in entries_of]
+        words = -(-firings.n_samples // 64)
+        bits = None
+        if n * words * 8 <= _BITS_BUDGET:
+            packed = np.zeros((n, words * 8), dtype=np.uint8)
+            packed[:, : -(-firings.n_samples // 8)] = firings.row_bits()
+            bits = packed.view(np.uint64)
         return cls(
             label=np.arange(n),
             s=np.diff(bounds).astype(np.float64),
@@ -125,6 +135,8 @@ class _Groups:
             alive=np.ones(len(firings.fired), bool),
             entries_of=entries_of,
             sample_of=sample_of,
+            bits=bits,
+            firings_per_sample=len(firings.fired) / max(1, firings.n_samples),
         )
 
     def merge(self, a: int, b: int) -> None:
@@ -134,6 +146,9 @@ class _Groups:
             b_entries = np.concatenate([self.entries_of[m] for m in self.members[b]])
             on_both = np.isin(self.sample_of[b_entries], both, assume_unique=False)
             self.alive[b_entries[on_both]] = False
+        if self.bits is not None:
+            self.bits[a] |= self.bits[b]
+            self.bits[b] = 0
         self.label[self.members[b]] = a
         self.members[a] += self.members[b]
         self.members[b] = []
@@ -147,7 +162,21 @@ class _Groups:
 
     def coactivations(self, firings: Firings, rows: np.ndarray) -> np.ndarray:
         """s_i· [len(rows), n] float64: samples on which group `rows[t]` and each slot's group
-        both fire, from the record's live firings on the samples the row's group fires on."""
+        both fire. Each row the cheaper way: from the record's live firings on the samples
+        its group fires on (O(s_i × L0)), or, for a group firing on many samples of a dense
+        record, one AND + popcount of its row bits with every group's (O(n × samples / 64))."""
+        out = np.empty((len(rows), len(self.label)))
+        by_bits = np.zeros(len(rows), dtype=bool)
+        if self.bits is not None:
+            words = self.bits.size
+            by_bits = self.s[rows] * self.firings_per_sample > _WORD_VS_FIRING * words
+        for t in np.flatnonzero(by_bits):
+            out[t] = np.bitwise_count(self.bits & self.bits[rows[t]]).sum(1, dtype=np.int64)
+        if (~by_bits).any():
+            out[~by_bits] = self._coactivations_from_samples(firings, rows[~by_bits])
+        return out
+
+    def _coactivations_from_samples(self, firings: Firings, rows: np.ndarray) -> np.ndarray:
         n = len(self.label)
         lens = np.array([len(self.samples[i]) for i in rows], dtype=np.int64)
         samples = np.concatenate([self.samples[i] for i in rows])
