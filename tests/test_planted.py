@@ -390,6 +390,52 @@ def test_cofiring_counts_are_exact_sparse_or_dense(density):
     assert torch.equal(cofire, 1 + fires.T.long() @ fires.long())
 
 
+def test_label_with_a_local_openai_compatible_server(planted_run):
+    """`spdkit label --endpoint`: over HTTP to a real local chat server (tests/chat_server.py,
+    a small local model that answers nonsense): labels from the endpoint, the token-statistics
+    label kept beside them, both scored by detection on held-out contexts (balanced accuracy
+    in [0, 1]), a 503 retried, answers journaled so a rerun sends nothing again; an endpoint
+    that is not there is a one-line error."""
+    import json
+
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from spdkit.analysis.chat import ChatEndpoint, EndpointError
+    from spdkit.cli import app
+    from tests.chat_server import serve_chat
+
+    run, _ = planted_run
+    runner = CliRunner()
+    if not (run / "harvest" / "subcomponents.parquet").is_file():
+        out = runner.invoke(app, ["harvest", str(run), "--tokens", "600", "--quiet"])
+        assert out.exit_code == 0, out.output
+    args = ["label", str(run), "--top", "3", "--detect", "3", "--quiet", "--model", "tiny-gpt2"]
+    with serve_chat(fail_first=1) as (url, log):
+        out = runner.invoke(app, [*args, "--endpoint", url])
+        assert out.exit_code == 0, out.output
+        sent = len(log)
+        assert log[0]["model"] == "tiny-gpt2" and log[0]["messages"][0]["role"] == "user"
+        rows = pq.read_table(run / "harvest" / "labels.parquet").to_pylist()
+        assert len(rows) == 3 and all(r["source"] == "tiny-gpt2" for r in rows)
+        assert all(r["statistics_label"] and r["label"] for r in rows)
+        scored = [r for r in rows if r["detection"] is not None]  # (one firing everywhere: not)
+        # the 503, then per name a label and, where both kinds of context exist, two tests
+        assert sent == 1 + len(rows) + 2 * len(scored)
+        assert scored and all(0 <= r["detection"] <= 1 for r in scored)
+        assert all(0 <= r["statistics_detection"] <= 1 for r in scored)
+        journal = (run / "harvest" / "label_requests.jsonl").read_text().splitlines()
+        assert [json.loads(x)["name"] for x in journal] == [r["name"] for r in rows]
+        out = runner.invoke(app, [*args, "--endpoint", url])  # resumed: nothing sent again
+        assert out.exit_code == 0 and len(log) == sent
+    with pytest.raises(EndpointError, match="no answer after 2 tries"):
+        ChatEndpoint(url, "tiny-gpt2", retries=1, backoff=0.01).complete("hi")
+    out = runner.invoke(app, ["label", str(run), "--top", "3", "--model", "m", "--endpoint",
+                              "http://127.0.0.1:9/v1", "--quiet"])  # fmt: skip
+    assert out.exit_code == 2
+    assert len(out.output.strip().splitlines()) == 1 and "127.0.0.1:9" in out.output
+
+
 def test_harvested_contexts_carry_the_ci_of_every_token():
     from spdkit.analysis import harvest
 

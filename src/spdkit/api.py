@@ -11,9 +11,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from spdkit.analysis import ablation, attribution
+from spdkit.analysis import ablation, attribution, labels
 from spdkit.analysis import harvest as harvest_module
 from spdkit.analysis.attribution import AttributionParams
+from spdkit.analysis.chat import ChatEndpoint
 from spdkit.analysis.evaluation import evaluate
 from spdkit.analysis.harvest import HarvestParams
 from spdkit.analysis.mechanisms.clusters import (
@@ -29,6 +30,7 @@ from spdkit.config import SPDConfig
 from spdkit.errors import ConfigError
 from spdkit.method.measures import causal_importance
 from spdkit.method.model import ComponentModel
+from spdkit.progress import progress_bar
 from spdkit.store import runs
 from spdkit.store.restore import restore
 from spdkit.targets import DataSource, eval_data_source, hf, reports_lm, target_kind
@@ -238,6 +240,52 @@ class Decomposition:
             clusters=self.saved_clusters(),
         )
         return harvest_module.write_harvest(result, where, params, self._decoder())
+
+    def label(
+        self,
+        top: int | None = None,
+        endpoint: ChatEndpoint | None = None,
+        detect: int = 10,
+        progress: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Label the run's harvest (`spdkit.analysis.labels`) into harvest/labels.parquet:
+        token-statistics labels; with `endpoint`, the model's labels and both labels'
+        detection scores on `detect` firing and `detect` non-firing held-out contexts each."""
+        if self.run_dir is None:
+            raise ValueError("this decomposition has no run directory to label")
+        if endpoint is None:
+            return labels.write_labels(self.run_dir, top)
+
+        def label_with(harvested, rows, journal):  # noqa: ANN001, ANN202
+            names = [r["name"] for r in rows]
+            contexts = self._held_out_contexts(names, detect) if detect else {}
+            bar = progress_bar(len(rows), "label", progress)
+            out = labels.endpoint_label_rows(
+                harvested, rows, endpoint.complete, endpoint.model, contexts, journal, bar.update
+            )
+            bar.close()
+            return out
+
+        return labels.write_labels(self.run_dir, top, label_with)
+
+    def _held_out_contexts(self, names: list[str], k: int) -> dict[str, list[tuple[str, bool]]]:
+        """Contexts for the detection test, from held-out batches drawn apart from the
+        harvest's (its own seed)."""
+        config = self.config
+        device = next(self.model.parameters()).device
+        gen = torch.Generator(device=device).manual_seed(config.seed + 8000)
+        source = eval_data_source(config, self.data)
+        size = config.eval.batch_size or 16
+
+        def batches() -> Iterator[Tensor]:
+            while True:
+                yield source.sample(size, gen)
+
+        decode = self._decoder() or (lambda ids: " ".join(map(str, ids)) + " ")
+        clusters = {f"cluster:{c.id}": c.members for c in self.saved_clusters()}
+        return labels.held_out_contexts(
+            self.model, batches(), names, clusters, decode, config.eval.ci_threshold, k
+        )
 
     def _vocab_size(self) -> int:
         """The target's token vocabulary (the embedding's rows)."""

@@ -396,7 +396,11 @@ def read_harvest(run_dir: Path) -> dict[str, dict[str, Any]] | None:
     for name, entry in out.items():
         entry["n_tokens"] = meta.get("n_tokens")
         if name in named:
-            entry["label"] = {"text": named[name]["label"], "source": named[name]["source"]}
+            row = named[name]
+            entry["label"] = {"text": row["label"], "source": row["source"]}
+            for key in ("statistics_label", "detection", "statistics_detection"):
+                if row.get(key) is not None:
+                    entry["label"][key] = row[key]
     return out
 
 

@@ -3,6 +3,7 @@ finished run."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -193,16 +194,52 @@ def harvest(
 def label(
     run_dir: Path = typer.Argument(..., help="a run with a harvest (`spdkit harvest`)"),
     top: int = typer.Option(None, min=1, help="label the N most-firing names only"),
+    endpoint: str = typer.Option(
+        None, help="an OpenAI-compatible API base URL (…/v1): label with its model too"
+    ),
+    model: str = typer.Option(None, help="the endpoint's model name"),
+    api_key_env: str = typer.Option(
+        "OPENAI_API_KEY", help="environment variable holding the endpoint's key (if any)"
+    ),
+    detect: int = typer.Option(
+        10, min=0, help="held-out firing / non-firing contexts each for the detection score"
+    ),
+    rate: float = typer.Option(
+        0.0, min=0, help="at most this many requests per second (0: no limit)"
+    ),
+    device: str = typer.Option("cpu", help="cpu or cuda (the detection contexts' CI)"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
 ) -> None:
     """A label in words for every harvested subcomponent and cluster, from its token
-    statistics (the input / next tokens with the best precision-recall F1), into
-    RUN_DIR/harvest/labels.parquet; the report and `spdkit serve` show it."""
+    statistics (the input / next tokens with the best precision-recall F1), and with
+    --endpoint/--model from a language model, each label scored by detection on held-out
+    contexts; into RUN_DIR/harvest/labels.parquet; the report and `spdkit serve` show it."""
+    from spdkit.analysis.chat import ChatEndpoint, EndpointError
     from spdkit.analysis.labels import write_labels
+    from spdkit.api import load
+    from spdkit.pipeline.run import resolve_device
 
+    if (endpoint is None) != (model is None):
+        _fail(ValueError("--endpoint and --model go together"))
     try:
-        rows = write_labels(run_dir, top)
-    except USER_ERRORS as err:
+        if endpoint is None:
+            rows = write_labels(run_dir, top)
+        else:
+            chat = ChatEndpoint(
+                endpoint, model, os.environ.get(api_key_env), min_interval=1 / rate if rate else 0
+            )
+            decomp = load(run_dir, resolve_device(device))
+            rows = decomp.label(top, chat, detect, progress=not quiet)
+    except (*USER_ERRORS, EndpointError) as err:
         _fail(err)
     for row in rows[:5]:
         typer.echo(f"{row['name']}: {row['label']}")
+    scored = [r for r in rows if r.get("detection") is not None]
+    if scored:
+        mean = sum(r["detection"] for r in scored) / len(scored)
+        base = sum(r["statistics_detection"] for r in scored) / len(scored)
+        typer.echo(
+            f"detection balanced accuracy (0.5 is chance) over {len(scored)}: {model}'s labels "
+            f"{mean:.3f}, token-statistics labels {base:.3f}"
+        )
     typer.echo(f"labelled {len(rows)}; wrote {run_dir / 'harvest' / 'labels.parquet'}")
