@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from spdkit.config import EvalConfig
-from spdkit.engine.memory import available_bytes, tensor_bytes
+from spdkit.engine.memory import available_bytes_on, tensor_bytes
 from spdkit.method.adversary import Ascent, adversarial_masks, fresh_pgd_ladder
 from spdkit.method.losses import kl_divergence
 from spdkit.method.measures import chunks, weighted_sum
@@ -99,7 +99,8 @@ def lm_mask_evaluation(
     for share, piece in pieces:
         record = model.record(piece)
         if keep is None:
-            keep = keep_every_record(tensor_bytes(record), len(pieces), available_bytes())
+            room = available_bytes_on(record.output.device)
+            keep = keep_every_record(tensor_bytes(record), len(pieces), room)
         kept.append(record if keep and ev.pgd_steps else None)
         g, _ = model.importances(piece, record)
         gs.append(g)

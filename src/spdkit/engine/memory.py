@@ -42,6 +42,14 @@ def available_bytes() -> int | None:
     return None
 
 
+def available_bytes_on(device: torch.device) -> int | None:
+    """Free memory where tensors on `device` live: the GPU's (cudaMemGetInfo) for CUDA, else
+    the host's MemAvailable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return available_bytes()
+
+
 def tensor_bytes(obj: Any) -> int:
     """Bytes of every tensor reachable in obj (tensors, mappings, sequences, dataclasses'
     fields), each storage counted once."""

@@ -30,7 +30,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from spdkit.analysis.evaluation import measure_batch
 from spdkit.analysis.lm import keep_every_record, lm_mask_evaluation
 from spdkit.engine.malloc import release_free_memory
-from spdkit.engine.memory import available_bytes, reset_peak_rss, status_kib, tensor_bytes
+from spdkit.engine.memory import (
+    available_bytes,
+    available_bytes_on,
+    reset_peak_rss,
+    status_kib,
+    tensor_bytes,
+)
 from spdkit.engine.random_stream import MaskStream
 from spdkit.method.objective import step_losses
 from spdkit.targets import reports_lm
@@ -181,7 +187,7 @@ def make_plan(trainer: Trainer) -> Plan:
     if peak is not None and base is not None:
         per_sample = max(0, int((measured - base) / B))
     available = _share(available_bytes(), par.local_world)
-    records, keeps = _pgd_records(trainer, chunk, available)
+    records, keeps = _pgd_records(trainer, chunk)
     if keeps and records is not None and eval_peak is not None:
         eval_peak += records  # (the one chunk's record the probe held is a small overcount)
     return Plan(
@@ -204,9 +210,7 @@ def make_plan(trainer: Trainer) -> Plan:
     )
 
 
-def _pgd_records(
-    trainer: Trainer, chunk: int, available: int | None
-) -> tuple[int | None, bool | None]:
+def _pgd_records(trainer: Trainer, chunk: int) -> tuple[int | None, bool | None]:
     """The bytes of every evaluation chunk's target record (one sample's, measured, × the
     evaluation's samples) and whether the fresh-PGD ladder will keep them
     (`keep_every_record`, the rule the evaluation applies); (None, None) without a ladder."""
@@ -217,7 +221,8 @@ def _pgd_records(
     with torch.no_grad():
         one = tensor_bytes(trainer.model.record(trainer.data.sample(1, gen)))
     n = cfg.eval.n_eval_samples
-    return one * n, keep_every_record(one * chunk, math.ceil(n / chunk), available)
+    room = available_bytes_on(torch.device(trainer.device))
+    return one * n, keep_every_record(one * chunk, math.ceil(n / chunk), room)
 
 
 def _share(available: int | None, processes: int) -> int | None:
