@@ -43,6 +43,32 @@ def test_the_leaf_pass_computes_the_masked_model():
         torch.testing.assert_close(logits, model.masked_forward(ids, g))
 
 
+def test_a_delta_component_is_a_constant_that_keeps_the_gradient_path():
+    """With Δ-components (hf_lm's default) the leaf pass still computes the masked model (Δ
+    unmasked) and its logits still reach the leaves: the edges are those of the same
+    components without Δ (exact components: Δ is zero; a constant of the graph in any case)."""
+    ids = _prompt()
+    params = attribution.AttributionParams(ci_threshold=0.0, per_target=1000, max_edges=10**6)
+    graphs = {}
+    model = _model()
+    for delta in (False, True):
+        model.delta = delta  # the same components and CI function, with and without Δ
+        g = attribution.ci_masks(model, ids)
+        with attribution.leaf_pass(model, g) as store:
+            logits = model.target(ids)
+        assert logits.requires_grad and all(leaf.leaf.requires_grad for leaf in store.values())
+        whole = {n: torch.ones(*v.shape[:-1], 1) for n, v in g.items()} if delta else None
+        with torch.no_grad():  # the Δ-components always in: constants of the graph
+            torch.testing.assert_close(logits, model.masked_forward(ids, g, delta=whole))
+        graphs[delta] = attribution.prompt_graph(model, ids, params)
+    plain = {(e["source"], e["target"]): e["value"] for e in graphs[False]["edges"]}
+    with_delta = {(e["source"], e["target"]): e["value"] for e in graphs[True]["edges"]}
+    assert plain
+    for one, other in ((plain, with_delta), (with_delta, plain)):  # (q, k at position 0: ~0)
+        for key, value in one.items():
+            assert other.get(key, 0.0) == pytest.approx(value, rel=1e-4, abs=1e-5)
+
+
 def test_edges_are_gradient_times_activation_one_hop_and_causal():
     model = _model()
     ids = _prompt()

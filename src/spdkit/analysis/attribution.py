@@ -101,10 +101,10 @@ def _leaf_forward(model: ComponentModel, name: str, mask: Tensor, store: dict) -
             store[name] = Leaves(value, leaf)
             out = components.outer(leaf)
             if model.delta:  # a Δᵀ from the detached input: a constant of the graph
-                with torch.no_grad():
-                    bias = components.bias if components.bias is not None else 0.0
+                with torch.no_grad():  # (a W^T + b) − (a (U V)^T + b): the bias once
                     y = original(a.detach(), *args[1:], **kwargs)
-                    out = out + (y - bias - components.outer(components.inner(a.detach())))
+                    delta = y - components.outer(components.inner(a.detach()))
+                out = out + delta  # outside no_grad: the leaf's gradient path stays
             return out
 
         return forward
