@@ -97,14 +97,13 @@ def main() -> None:
         model.target(warm)
         causal_importance(model, warm)
     harvest_module.harvest(model, iter([warm]), vocab, HarvestParams(tokens=1), progress=False)
-    attribution.dataset_attributions(model, iter([warm]), 1, attribution_params)  # imports too
+    if args.attribution_tokens:
+        attribution.dataset_attributions(model, iter([warm]), 1, attribution_params)  # imports
     rows: dict[str, dict[str, float]] = {}
-    for name, fn, n in [
-        ("forward", forward, tokens),
-        ("ci", ci, tokens),
-        ("harvest", harvest, tokens),
-        ("attributions", attributions, n_attr * warm.numel()),
-    ]:
+    passes = [("forward", forward, tokens), ("ci", ci, tokens), ("harvest", harvest, tokens)]
+    if args.attribution_tokens:  # 0: skip (one backward per live target subcomponent)
+        passes.append(("attributions", attributions, n_attr * warm.numel()))
+    for name, fn, n in passes:
         seconds = timed(fn, args.profile == name)
         rows[name] = {"tokens": n, "seconds": round(seconds, 3), "tokens_per_s": n / seconds}
     base = rows["forward"]["tokens_per_s"]
