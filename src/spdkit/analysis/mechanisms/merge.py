@@ -33,7 +33,9 @@ do). A merge of a and b changes only lines that touch a or b, so after it the ne
 is counted once, every other row compares its best with its new line to a (O(k)), and only
 rows whose best was a or b, or whose certificate λ has been passed, are counted again. A
 row's counts s_i· come from the firing record restricted to the samples group i fires on
-(O(s_i × L0), L0 the firings per sample), so memory is the record plus O(k), never O(k²).
+(O(s_i × L0), L0 the firings per sample), or, for a group firing on most samples of a dense
+record, from its row bits (O(k × samples / 64)); memory is the record, O(k) and the bits (kept
+only while they take at most _BITS_BUDGET), never O(k²).
 """
 
 from __future__ import annotations
@@ -333,7 +335,7 @@ def merge_greedy(
     firings: Firings, alpha: float, on_merge: Callable[[int], None] | None = None
 ) -> Merges:
     """Greedy MDL merging of the record's subcomponents (all live: s_i > 0), exactly as
-    `merge_reference.merge_greedy_dense` merges them, in memory O(record + k).
+    `merge_reference.merge_greedy_dense` merges them, in memory O(record + k) (+ row bits).
     `on_merge(k)` is called after each merge (progress)."""
     groups = _Groups.singletons(firings)
     n = len(groups.label)
