@@ -31,7 +31,9 @@ group keeps only its best partner's line and a *certificate*: the λ down to whi
 line of its row can undercut it (lines with a larger s_ij rise faster as λ falls and never
 do). A merge of a and b changes only lines that touch a or b, so after it the new group's row
 is counted once, every other row compares its best with its new line to a (O(k)), and only
-rows whose best was a or b, or whose certificate λ has been passed, are counted again. A
+rows whose best was a or b, or whose certificate λ has been passed, are counted again, and
+only while their *floor* (a lower bound on their best score: scores only rise as λ falls, and
+each new line lowers it) could beat the best certified score. A
 row's counts s_i· come from the firing record restricted to the samples group i fires on
 (O(s_i × L0), L0 the firings per sample), or, for a group firing on most samples of a dense
 record, from its row bits (O(k × samples / 64)); memory is the record, O(k) and the bits (kept
