@@ -382,7 +382,7 @@ def test_harvest_keeps_bounded_statistics_that_match_a_direct_count(planted_run)
 @pytest.mark.parametrize("density", [0.01, 0.5])
 def test_cofiring_counts_are_exact_sparse_or_dense(density):
     """add_cofiring's sparse path (few firings) and dense path (many) both add fᵀ f."""
-    from spdkit.analysis.harvest import add_cofiring
+    from spdkit.analysis.harvest_state import add_cofiring
 
     fires = torch.rand(300, 40, generator=torch.Generator().manual_seed(0)) < density
     cofire = torch.ones(40, 40, dtype=torch.long)

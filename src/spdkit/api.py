@@ -188,18 +188,9 @@ class Decomposition:
     ) -> dict[str, Any]:
         """Edges between subcomponents averaged over ≥ n_tokens held-out tokens, streamed in
         batches of `batch_size` sequences (default: eval.batch_size, else 16)."""
-        config = self.config
-        device = next(self.model.parameters()).device
-        gen = torch.Generator(device=device).manual_seed(config.seed + 6000 + seed)
-        source = eval_data_source(config, self.data)
-        size = batch_size or config.eval.batch_size or 16
-
-        def batches() -> Iterator[Tensor]:
-            while True:
-                yield source.sample(size, gen)
-
+        batches = self._held_out_batches(6000 + seed, batch_size)
         return attribution.dataset_attributions(
-            self.model, batches(), n_tokens, params or self._attribution_params(), progress
+            self.model, batches, n_tokens, params or self._attribution_params(), progress
         )
 
     def harvest(
@@ -220,19 +211,10 @@ class Decomposition:
             if self.run_dir is None:
                 raise ValueError("this decomposition has no run directory: pass harvest(out_dir=)")
             where = self.run_dir / harvest_module.HARVEST_DIR
-        device = next(self.model.parameters()).device
-        gen = torch.Generator(device=device).manual_seed(config.seed + 7000 + params.seed)
-        source = eval_data_source(config, self.data)
-        size = batch_size or config.eval.batch_size or 16
-
-        def batches() -> Iterator[Tensor]:
-            while True:
-                yield source.sample(size, gen)
-
         vocab = self._vocab_size()
         result = harvest_module.harvest(
             self.model,
-            batches(),
+            self._held_out_batches(7000 + params.seed, batch_size),
             vocab,
             params,
             chunk=config.eval.batch_size,
@@ -257,8 +239,14 @@ class Decomposition:
             return labels.write_labels(self.run_dir, top)
 
         def label_with(harvested, rows, journal):  # noqa: ANN001, ANN202
-            names = [r["name"] for r in rows]
-            contexts = self._held_out_contexts(names, detect) if detect else {}
+            contexts = {}
+            if detect:  # from held-out batches of their own seed, apart from the harvest's
+                decode = self._decoder() or (lambda ids: " ".join(map(str, ids)) + " ")
+                clusters = {f"cluster:{c.id}": c.members for c in self.saved_clusters()}
+                contexts = labels.held_out_contexts(
+                    self.model, self._held_out_batches(8000, None), [r["name"] for r in rows],
+                    clusters, decode, self.config.eval.ci_threshold, detect,
+                )  # fmt: skip
             bar = progress_bar(len(rows), "label", progress)
             out = labels.endpoint_label_rows(
                 harvested, rows, endpoint.complete, endpoint.model, contexts, journal, bar.update
@@ -268,24 +256,16 @@ class Decomposition:
 
         return labels.write_labels(self.run_dir, top, label_with)
 
-    def _held_out_contexts(self, names: list[str], k: int) -> dict[str, list[tuple[str, bool]]]:
-        """Contexts for the detection test, from held-out batches drawn apart from the
-        harvest's (its own seed)."""
+    def _held_out_batches(self, offset: int, batch_size: int | None) -> Iterator[Tensor]:
+        """Endless held-out batches of `batch_size` sequences (default eval.batch_size, else
+        16) from the generator seeded config.seed + offset (each analysis its own stream)."""
         config = self.config
         device = next(self.model.parameters()).device
-        gen = torch.Generator(device=device).manual_seed(config.seed + 8000)
+        gen = torch.Generator(device=device).manual_seed(config.seed + offset)
         source = eval_data_source(config, self.data)
-        size = config.eval.batch_size or 16
-
-        def batches() -> Iterator[Tensor]:
-            while True:
-                yield source.sample(size, gen)
-
-        decode = self._decoder() or (lambda ids: " ".join(map(str, ids)) + " ")
-        clusters = {f"cluster:{c.id}": c.members for c in self.saved_clusters()}
-        return labels.held_out_contexts(
-            self.model, batches(), names, clusters, decode, config.eval.ci_threshold, k
-        )
+        size = batch_size or config.eval.batch_size or 16
+        while True:
+            yield source.sample(size, gen)
 
     def _vocab_size(self) -> int:
         """The target's token vocabulary (the embedding's rows)."""
