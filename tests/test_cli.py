@@ -125,3 +125,35 @@ def test_modules_lists_the_targets_matrices_and_what_patterns_pick():
     assert "32 via blocks.0.attn.*" in attn  # a --pattern's rows are marked as it picks them
     result = runner.invoke(app, ["modules", "tms_5-2", "--pattern", "nothing*"])
     assert "pattern 'nothing*': matches no decomposable module" in result.output
+
+
+def test_the_printed_summary_reads_each_number_against_its_reference(capsys, tmp_path):
+    from spdkit.cli.training import _print_summary
+
+    module = {"C": 4, "n_non_negligible": 2, "n_alive": 3, "weight_error": 0.01}
+    summary = {
+        "final_losses": {"total": 0.1},
+        "output_losses": {"ci_masked": 0.2},
+        "mean_ci_l0": {"m": 1.5},
+        "modules": {"m": module},
+        "feature_match": {
+            "module": "m",
+            "mmcs": 0.96,
+            "ml2r": 0.9,
+            "paper": {"mmcs": 1.0, "ml2r": 0.993},
+            "ground_truth": False,
+            "non_negligible": {"m": 2},
+            "expected": {"m": 5},
+        },
+        "lm": {
+            "target": {"ce": 1.0},
+            "ci": {"ce": 1.5, "kl": 0.4, "ce_gap_recovered": 0.75},
+            "zero": {"ce": 3.0, "kl": 2.0, "ce_gap_recovered": 0.0},
+        },
+    }
+    _print_summary(summary, tmp_path)
+    out = capsys.readouterr().out
+    assert "(paper Table 1: 1.000, 0.993)" in out
+    assert "m 2/5; ground truth: no (MMCS ≥ 0.999" in out
+    assert "ci 1.5000 (KL 0.4000, gap recovered 75%)" in out and "1 = the target's CE" in out
+    assert "alive 3" in out and "alive: CI > τ" in out and "σ_H,upper" in out

@@ -352,7 +352,7 @@ def test_resid_mlp_labels_follow_one_hot_responses(monkeypatch):
 def test_cluster_command_writes_the_contract(tiny_run):
     result = runner.invoke(app, ["cluster", str(tiny_run), "--samples", "3000", "--quiet"])
     assert result.exit_code == 0, result.output
-    assert "ground truth: ARI" in result.output and "live subcomponents" in result.output
+    assert "ground truth: ARI" in result.output and "alive subcomponents" in result.output
     data = json.loads((tiny_run / "clusters.json").read_text())
     assert data["method"] == "mdl-greedy"
     assert data["params"]["samples"] == 3000 and data["params"]["alpha"] == ClusterParams().alpha

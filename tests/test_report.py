@@ -69,6 +69,8 @@ def test_report_writes_a_self_contained_page(tms_run):
         if not ref.startswith("data:"):
             assert (report / ref).exists(), ref  # every script, style, image, page next to it
     assert "clusters vs ground truth: ARI" in index and "linear1" in index
+    # every headline number with what to read it against
+    assert "paper Table 1: 1.000" in index and "1 = the true grouping, 0 = chance" in index
     pages = sorted((report / "sub").glob("*.html"))
     assert pages and all("page-data" in p.read_text() for p in pages)
     decomp = spdkit.load(tms_run)

@@ -75,8 +75,8 @@ def cluster(
         _fail(err)
     info = found.info
     typer.echo(
-        f"{len(found.clusters)} clusters of {info['n_live']} live subcomponents "
-        f"({len(found.dead)} dead) from {info['n_samples']} samples"
+        f"{len(found.clusters)} clusters of {info['n_live']} alive subcomponents "
+        f"(CI > τ on at least one of {info['n_samples']} samples; {len(found.dead)} never)"
     )
     for c in found.clusters[:40]:
         typer.echo(c.summary_line())
@@ -86,7 +86,7 @@ def cluster(
         gt = info["ground_truth"]
         typer.echo(
             f"ground truth: ARI {gt['ari']:.4f}, mechanisms found {gt['n_mechanisms_found']}"
-            f" (expected {gt['n_mechanisms_expected']})"
+            f" (expected {gt['n_mechanisms_expected']}); ARI 1 = the true grouping, 0 = chance"
         )
     cost = info["cost"]
     typer.echo(

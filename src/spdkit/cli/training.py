@@ -21,6 +21,15 @@ from spdkit.cli.common import (
 from spdkit.config import ConfigError, load_config
 
 
+def _yes_no(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+def _recovered(masked: dict[str, float]) -> str:
+    gap = masked.get("ce_gap_recovered")
+    return "" if gap is None else f", gap recovered {gap:.0%}"
+
+
 def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     """The headline numbers of a run, then where everything else is."""
     if not summary:  # a data-parallel rank other than 0, done: rank 0 evaluates and prints
@@ -47,7 +56,10 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
                 f"{n} {k}/{fm['expected'][n]}" for n, k in fm["non_negligible"].items()
             )
             counted = fm.get("counted", "subcomponents")
-            typer.echo(f"non-negligible {counted}: {live}; ground truth: {fm['ground_truth']}")
+            typer.echo(
+                f"non-negligible {counted} (found/expected): {live}; ground truth: "
+                f"{_yes_no(fm['ground_truth'])} (MMCS ≥ 0.999 and found = expected everywhere)"
+            )
     if "apd" in summary:
         a = summary["apd"]
         live = ", ".join(f"{n} {k}" for n, k in a["n_non_negligible"].items())
@@ -62,18 +74,26 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
         typer.echo(
             f"verdict: monosemantic features per W_in: {mono}; W_out dense {out['dense']} "
             f"(expected {out['expected_dense']}), dead {out['dead']}, other {out['other']}; "
-            f"ground truth: {v['ground_truth']}"
+            f"ground truth: {_yes_no(v['ground_truth'])}"
         )
-        typer.echo(f"neuron contributions: r {nc['pearson_r']:.4f}, slope {nc['slope']:.4f}")
+        typer.echo(
+            f"neuron contributions: r {nc['pearson_r']:.4f}, slope {nc['slope']:.4f} "
+            "(1 and 1: each feature's W_in subcomponent drives the neurons its feature does)"
+        )
     if "lm" in summary:
         lm = summary["lm"]
         typer.echo(
             f"next-token CE: target {lm['target']['ce']:.4f}; "
             + ", ".join(
-                f"{k} {lm[k]['ce']:.4f} (KL {lm[k]['kl']:.4f})"
+                f"{k} {lm[k]['ce']:.4f} (KL {lm[k]['kl']:.4f}{_recovered(lm[k])})"
                 for k in ("ci", "rounded", "stochastic", "ones", "zero")
                 if k in lm
             )
+        )
+        typer.echo(
+            "  (masks: ci = the CI g, rounded = g > τ, stochastic = g + (1 − g)·U(0,1), ones = "
+            "all on, zero = all off; gap recovered = (CE_zero − CE)/(CE_zero − CE_target), "
+            "1 = the target's CE)"
         )
         more = [k for k in lm if k.startswith(("rounded>", "pgd_"))]
         if more:
@@ -89,6 +109,17 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
             f"  {name:<20} C={m['C']:<4} non-negligible {m['n_non_negligible']:<4} "
             f"{extra}mean CI-L0 {l0:.3f}"
         )
+    alive = next((m for m in summary["modules"].values() if "n_alive" in m), None)
+    typer.echo(
+        "  (non-negligible: ‖U_c‖·‖V_c‖ ≥ eval.norm_threshold × the module's largest"
+        + (
+            "; alive: CI > τ (eval.ci_threshold) at least once in the last 10 % of training"
+            if alive
+            else ""
+        )
+        + "; CI-L0: how many have CI > τ per input. CI is σ_H,upper: 0-1, leaking 0.01 per "
+        "unit above 1, so values just over 1 are normal)"
+    )
     far = {
         n: m["weight_error"]
         for n, m in summary["modules"].items()

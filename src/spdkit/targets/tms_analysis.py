@@ -195,6 +195,9 @@ def _arrows(ax: Axes, cols: np.ndarray, lim: float, title: str) -> None:
     ax.set_title(title, fontsize=9)
 
 
+PANELS_PER_ROW = 6
+
+
 def plot_tms_vectors(W: Tensor, P: Tensor, path: Path | None, n_show: int) -> Figure:
     """Paper Figure 1 (top row): columns of W [2, n]; columns of the sum of the pieces
     P [K, 2, n] (rank-one subcomponents U_c V_cᵀ, or APD's components); then the `n_show`
@@ -205,9 +208,15 @@ def plot_tms_vectors(W: Tensor, P: Tensor, path: Path | None, n_show: int) -> Fi
     panels = [("target W", W.numpy()), ("sum of pieces", P.sum(0).numpy())]
     panels += [(f"piece {c} (‖·‖={norms[c]:.2f})", P[c].numpy()) for c in order]
     lim = 1.15 * max(float(np.abs(W.numpy()).max()), 1e-6)
-    fig, axes = new_figure(1, len(panels), figsize=(2.2 * len(panels), 2.5))
-    for ax, (title, cols) in zip(np.atleast_1d(axes), panels, strict=True):
+    # rows of at most PANELS_PER_ROW, so that the figure stays legible at a page's width
+    n_cols = min(len(panels), PANELS_PER_ROW)
+    n_rows = -(-len(panels) // n_cols)
+    fig, axes = new_figure(n_rows, n_cols, figsize=(2.2 * n_cols, 2.3 * n_rows + 0.3))
+    axes = np.atleast_1d(axes).reshape(-1)
+    for ax, (title, cols) in zip(axes, panels, strict=False):
         _arrows(ax, cols, lim, title)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
     fig.suptitle("Columns of W (one colour per input feature)", fontsize=10)
     return finish(fig, path)
 

@@ -15,6 +15,8 @@ from spdkit.analysis.report.content import HIST_BINS, TOP_ENTRIES, ReportContent
 from spdkit.progress import progress_bar
 from spdkit.store import atomic
 
+Verdict = tuple[str, Any, str]  # (label, value, what to read it against)
+
 SKIP = {  # long lists the summary holds for figures and scripts, not for reading
     "ci_one_hot",
     "top_contexts",
@@ -51,27 +53,81 @@ def environment() -> Environment:
     return env
 
 
-def verdicts(summary: dict[str, Any], clusters: dict[str, Any] | None) -> list[tuple[str, Any]]:
-    """The reproduction verdicts a run has, as (label, value) rows."""
-    out: list[tuple[str, Any]] = []
+def verdicts(summary: dict[str, Any], clusters: dict[str, Any] | None) -> list[Verdict]:
+    """The reproduction verdicts a run has, as (label, value, what to read it against) rows:
+    a number without its reference value says nothing to a reader."""
+    out: list[Verdict] = []
     match = summary.get("feature_match")
     if match:
-        out += [("TMS MMCS", match["mmcs"]), ("TMS ML2R", match["ml2r"])]
+        paper = match.get("paper") or {}
+        table = paper.get("table", "paper Table 1")
+        out += [
+            ("TMS MMCS", match["mmcs"], _paper(table, paper.get("mmcs"), "1 = every true column")),
+            ("TMS ML2R", match["ml2r"], _paper(table, paper.get("ml2r"), "1 = no shrinkage")),
+        ]
         if "ground_truth" in match:
-            out.append(("TMS ground truth", match["ground_truth"]))
+            found = ", ".join(
+                f"{n} {k}/{match['expected'][n]}" for n, k in match["non_negligible"].items()
+            )
+            out.append(
+                (
+                    "TMS ground truth",
+                    match["ground_truth"],
+                    f"MMCS ≥ 0.999 and one non-negligible piece per true term; found/expected: {found}",
+                )
+            )
     resid = summary.get("resid_mlp")
     if resid:
-        out.append(("resid_mlp ground truth", resid["verdict"]["ground_truth"]))
+        out.append(
+            (
+                "resid_mlp ground truth",
+                resid["verdict"]["ground_truth"],
+                "one monosemantic W_in subcomponent per feature, W_out as expected",
+            )
+        )
         nc = resid.get("neuron_contributions")
         if nc:
-            out.append(("neuron contributions r", nc["pearson_r"]))
+            out.append(
+                (
+                    "neuron contributions r",
+                    nc["pearson_r"],
+                    "1 = each feature's W_in subcomponent drives the neurons the target's "
+                    "feature does",
+                )
+            )
     for name, check in (summary.get("identity_check") or {}).items():
         out.append(
-            (f"identity {name}: one dense group of rank d", check["one_dense_group_of_rank_d"])
+            (
+                f"identity {name}: one dense group of rank d",
+                check["one_dense_group_of_rank_d"],
+                f"d = {check['d']}: {check['n_dense']} dense subcomponents",
+            )
+        )
+    lm = summary.get("lm")
+    if lm and "ci" in lm and "ce_gap_recovered" in lm["ci"]:
+        out.append(
+            (
+                "CE gap recovered with CI masks",
+                lm["ci"]["ce_gap_recovered"],
+                f"1 = the target's CE {lm['target']['ce']:.4g}, 0 = every subcomponent off "
+                f"({lm['zero']['ce']:.4g})",
+            )
         )
     if clusters and clusters.get("ground_truth"):
-        out.append(("clusters vs ground truth: ARI", clusters["ground_truth"]["ari"]))
+        gt = clusters["ground_truth"]
+        out.append(
+            (
+                "clusters vs ground truth: ARI",
+                gt["ari"],
+                f"1 = the true grouping, 0 = chance; {gt['n_mechanisms_found']} found, "
+                f"{gt['n_mechanisms_expected']} expected",
+            )
+        )
     return out
+
+
+def _paper(table: str, value: float | None, meaning: str) -> str:
+    return meaning if value is None else f"{table}: {value:.3f}; {meaning}"
 
 
 def static_file(name: str) -> bytes:

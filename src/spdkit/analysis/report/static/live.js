@@ -20,13 +20,12 @@ function drawCI(result) {
     const x = result.tokens ? result.tokens.map((tok, i) => i + ":" + tok) : t.ci.map((_, i) => String(i));
     const title = module + ": " + t.indices.length + " active";
     if (!t.indices.length) {
-      Plotly.newPlot(div, [], Object.assign({}, LAYOUT, { title: { text: title } }), { displaylogo: false });
+      newPlot(div, [], { title: { text: title } });
       continue;
     }
     const z = t.indices.map((_, j) => t.ci.map((row) => row[j]));
-    Plotly.newPlot(div, [{ z, x, y: t.indices.map((c) => "c" + c), type: "heatmap", zmin: 0, zmax: 1, colorscale: "Reds" }],
-      Object.assign({}, LAYOUT, { title: { text: title }, xaxis: { type: "category", title: { text: result.tokens ? "token" : "input" } } }),
-      { responsive: true, displaylogo: false });
+    newPlot(div, [{ z, x, y: t.indices.map((c) => "c" + c), type: "heatmap", zmin: 0, zmax: 1, colorscale: "Reds" }],
+      { title: { text: title }, xaxis: { type: "category", title: { text: result.tokens ? "token" : "input" } } });
   }
 }
 
@@ -50,8 +49,8 @@ function drawAblation(r) {
     const n = r.outputs.target.length;
     box.innerHTML = "<p>MSE to the target: all on " + r.mse.all_on.toExponential(3) + ", ablated <b id='mse-ablated'>" + r.mse.ablated.toExponential(3) + "</b></p><div id='plot-out' class='plot'></div>";
     const x = Array.from({ length: n }, (_, i) => String(i));
-    Plotly.newPlot("plot-out", ["target", "all_on", "ablated"].map((k) => ({ x, y: r.outputs[k], name: k, type: "bar" })),
-      Object.assign({}, LAYOUT, { title: { text: "output" }, xaxis: { type: "category", title: { text: "output index" } } }), { responsive: true, displaylogo: false });
+    newPlot("plot-out", ["target", "all_on", "ablated"].map((k) => ({ x, y: r.outputs[k], name: k, type: "bar" })),
+      { title: { text: "output" }, xaxis: { type: "category", title: { text: "output index" } } });
   }
 }
 
@@ -80,11 +79,11 @@ function drawGraph(g) {
   };
   const tokens = g.tokens || g.ids.map(String);
   const div = document.getElementById("graph-plot");
-  Plotly.newPlot(div, lines.concat([points]), Object.assign({}, LAYOUT, {
+  newPlot(div, lines.concat([points]), {
     title: { text: g.edges.length + " strongest edges" }, height: 120 + 40 * (modules.length + 1), margin: { l: 150, r: 20, t: 40, b: 60 },
     xaxis: { tickvals: tokens.map((_, i) => i), ticktext: tokens, title: { text: "position" } },
     yaxis: { tickvals: modules.map((_, i) => i).concat([modules.length]), ticktext: modules.concat(["logit"]) },
-  }), { responsive: true, displaylogo: false });
+  });
   div.on("plotly_click", (ev) => {
     const page = ev.points[0] && ev.points[0].customdata;
     if (page) window.location.href = "/" + page;

@@ -29,12 +29,20 @@ function setUpTables() {
   });
 }
 
-const LAYOUT = { margin: { l: 55, r: 15, t: 35, b: 45 }, font: { size: 11 } };
+// Titles sit at the top left and Plotly's mode bar runs down the right edge, so the bar
+// never covers a title.
+const LAYOUT = { margin: { l: 55, r: 40, t: 40, b: 45 }, font: { size: 11 }, modebar: { orientation: "v" } };
+
+function newPlot(el, traces, layout) {
+  const full = Object.assign({}, LAYOUT, layout);
+  if (full.title) full.title = Object.assign({ x: 0.01, xanchor: "left" }, full.title);
+  return Plotly.newPlot(el, traces, full, { responsive: true, displaylogo: false });
+}
 
 function plot(id, traces, layout) {
   const el = document.getElementById(id);
   if (!el || !window.Plotly) return;
-  Plotly.newPlot(el, traces, Object.assign({}, LAYOUT, layout), { responsive: true, displaylogo: false });
+  newPlot(el, traces, layout);
 }
 
 function curves(metrics, keys, title, logY) {
