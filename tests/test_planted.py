@@ -198,6 +198,49 @@ def test_a_planted_run_reports_each_task_under_every_mask_kind(planted_run):
     assert (run / "figures" / "planted_tasks.png").exists() and "lm" in summary
 
 
+def test_the_selective_set_keeps_other_groups_within_the_bound_and_is_measured_to_chance():
+    """Each group's selective set: every member had positive selective damage alone, the
+    set's damage to every other group stays ≤ max_selectivity, and its fractions are what
+    removing the union measures against min(everything ablated, chance)."""
+    model, groups = _model()
+    # one cluster per (module, quarter of its subcomponents): several candidates per group
+    clusters = [
+        Cluster(4 * i + q, [f"{n}:{c}" for c in range(6 * q, 6 * q + 6)], 0.5)
+        for i, n in enumerate(model.module_names)
+        for q in range(4)
+    ]
+    chance = {g: planted.chance_ce(SMALL, g) for g in groups}
+    score = ablation.mechanism_score(
+        model, groups, clusters, max_clusters=2, progress=False, chance=chance, max_selectivity=0.3
+    )
+    every = ablation.everything(model)
+    base, full = ablation.scored_ces(model, groups, [("gated", {}), ("gated", every)])
+    reference = {g: min(full[g], chance[g]) if chance[g] > base[g] else full[g] for g in groups}
+    by_id = {c.id: c for c in clusters}
+    singles = ablation.scored_ces(model, groups, [("gated", c.indices()) for c in clusters])
+    alone = {
+        c.id: {g: ablation.fraction(ce[g], base[g], reference[g]) for g in groups}
+        for c, ce in zip(clusters, singles, strict=True)
+    }
+    for task in groups:
+        sel = score[task]["selective"]
+        assert score[task]["chance_ce"] == chance[task]
+        assert len(sel["clusters"]) <= sel["n_candidates"]
+        if not sel["clusters"]:
+            continue
+        (ce,) = ablation.scored_ces(
+            model, groups, [("gated", ablation.union(by_id, sel["clusters"]))]
+        )
+        fractions = {g: ablation.fraction(ce[g], base[g], reference[g]) for g in groups}
+        assert sel["fraction"] == pytest.approx(fractions[task], rel=1e-5, abs=1e-7)
+        others = [fractions[g] for g in groups if g != task]
+        assert sel["selectivity"] == pytest.approx(max(others), rel=1e-5, abs=1e-7)
+        assert sel["selectivity"] <= 0.3
+        assert sel["found"] == (sel["fraction"] >= 0.8)
+        for k in sel["clusters"]:  # each member alone hurt its task more than any other
+            assert alone[k][task] > max(alone[k][g] for g in groups if g != task)
+
+
 def test_ablate_measures_items_and_scores_the_clusters(planted_run):
     import json
 

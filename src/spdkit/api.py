@@ -154,8 +154,11 @@ class Decomposition:
     ) -> dict[str, Any]:
         """Per position group, the fewest clusters (greedy) whose CI-gated ablation costs ≥
         `frac` of the everything-ablated CE increase, and their selectivity (the largest
-        increase they cause in another group, as a fraction of its own)."""
+        increase they cause in another group, as a fraction of its own); for a target whose
+        groups have a chance CE (planted_lm), also the selective set
+        (`ablation.selective_set`)."""
         groups = ablation.position_groups(self, n, seed)
+        chance_ce = target_kind(self.config.target).chance_ce if self.config.target else None
         return ablation.mechanism_score(
             self.model,
             groups,
@@ -164,6 +167,7 @@ class Decomposition:
             max_clusters,
             progress,
             chunk=self.config.eval.batch_size,
+            chance={g: chance_ce(self.config.target, g) for g in groups} if chance_ce else None,
         )
 
     def attribute(

@@ -82,6 +82,19 @@ def _print_score(table: dict, frac: float) -> None:
             f"subcomponents): {row['fraction']:.2f} of its damage, selectivity "
             f"{row['selectivity']:.3f}; static edit {row['static_fraction']:.2f}"
         )
+    selective = {g: row["selective"] for g, row in table.items() if "selective" in row}
+    if selective:
+        typer.echo(
+            "selective sets (each other group loses ≤ 10 %; fractions of the way to "
+            "min(everything ablated, chance)):"
+        )
+    for group, sel in selective.items():
+        verdict = "found" if sel["found"] else "NOT found"
+        typer.echo(
+            f"{group:<12} {verdict:<9} {len(sel['clusters'])} clusters "
+            f"({sel['n_subcomponents']} subcomponents, of {sel['n_candidates']} candidates): "
+            f"{sel['fraction']:.2f} of the way, selectivity {sel['selectivity']:.3f}"
+        )
 
 
 @app.command()

@@ -204,7 +204,10 @@ def _target_of(run_dir: Path, config: SPDConfig, device: str, progress: bool):  
         kind = target_kind(config.target)
         target, info = kind.train(config.target, config.seed, device, progress=progress)
         info["train_seconds"] = round(time.perf_counter() - t0, 2)
-        log.info("saving the target into %s", run_dir / "target.safetensors")
+        if runs.is_referenced(config.target):
+            log.info("hashing the model's weight files (target.json refers to them)")
+        else:
+            log.info("saving the target into %s", run_dir / "target.safetensors")
         runs.save_target(run_dir, target, config.target, info)
     return target
 

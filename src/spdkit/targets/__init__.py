@@ -82,6 +82,8 @@ class TargetKind:
     # LMs with planted mechanisms: (config, n, seed, device) -> {group: (ids [n, T], scored
     # [n, T] bool)}, the positions each mechanism decides (`spdkit ablate` scores per group)
     position_groups: Callable[..., dict[str, tuple[Tensor, Tensor]]] | None = None
+    # (config, group) -> the group's CE for a model that does not know its rule (chance)
+    chance_ce: Callable[[Any, str], float] | None = None
 
 
 TARGET_KINDS: dict[str, TargetKind] = {
@@ -152,6 +154,7 @@ TARGET_KINDS: dict[str, TargetKind] = {
         is_lm=lambda c: True,
         report=planted.report,
         position_groups=planted.eval_task_batches,
+        chance_ce=planted.chance_ce,
     ),
     "hf": TargetKind(
         build=hf.build_hf,
