@@ -114,3 +114,21 @@ def test_sequence_model_masks_and_ci_are_per_position():
     assert all(torch.isfinite(v) for v in terms.values())
     assert terms["faithfulness"] < 1e-10  # exact components
     assert model.components("embed").V.grad.shape == (6, 11)  # spd_losses ran the backward
+
+
+def test_target_projection_scales_each_term_by_its_overlap_with_w():
+    """init_from_target: unit u_c, v_c, and U_c V_cᵀ = ⟨u_c v_cᵀ, W⟩_F u_c v_cᵀ, checked
+    term by term against the Frobenius product written out."""
+    torch.manual_seed(0)
+    layer = nn.Linear(7, 5)
+    comps = make_components(layer, 6)
+    W = comps.target_weight(layer)
+    with torch.no_grad():
+        comps.init_from_target(W)
+    v = comps.V.detach()
+    assert torch.allclose(v.norm(dim=1), torch.ones(6))
+    for c in range(6):
+        u = comps.U[:, c].detach()
+        unit = u / u.norm()
+        overlap = (torch.outer(unit, v[c]) * W).sum()
+        assert torch.allclose(torch.outer(u, v[c]), overlap * torch.outer(unit, v[c]), atol=1e-6)

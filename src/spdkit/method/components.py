@@ -38,7 +38,9 @@ class Components(nn.Module):
         W = W.detach().to(self.U.dtype)
         self.U.copy_(torch.nn.functional.normalize(torch.randn_like(self.U), dim=0))
         self.V.copy_(torch.nn.functional.normalize(torch.randn_like(self.V), dim=1))
-        overlap = torch.einsum("oc,ci,oi->c", self.U, self.V, W)  # [C]
+        # ⟨u_c v_cᵀ, W⟩_F = Σ_i (Uᵀ W)[c, i] V[c, i]: one matmul, never the [d_out, C, d_in]
+        # product a three-operand einsum may build
+        overlap = ((self.U.T @ W) * self.V).sum(1)  # [C]
         self.U.mul_(overlap)
 
     def inner(self, x: Tensor) -> Tensor:
