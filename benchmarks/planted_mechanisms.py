@@ -6,6 +6,8 @@
 2. the mechanism score per task (`Decomposition.mechanism_score`: the fewest clusters whose
    CI-gated ablation costs ≥ 80 % of the task's everything-ablated CE increase, and the share
    they cost the other tasks), under both removals;
+   and, for planted_lm, the selective set per task (clusters that hurt the task more than any
+   other, kept while every other task loses ≤ 10 %, measured to min(everything, chance));
 3. for each task whose mechanism was found, `spdkit edit` of its clusters into a temporary
    folder, reloaded: each task's CE as a fraction of its everything-removed increase;
 4. a markdown table of it all (stdout, and FILE.md next to --out).
@@ -62,6 +64,26 @@ def main() -> None:
             f"{row['static_fraction']:.2f} | {edit_cell} | "
             f"{row['baseline_ce']:.4f} → {row['everything_ce']:.4f} |"
         )
+    selective = {t: r["selective"] for t, r in score.items() if "selective" in r}
+    if selective:
+        lines += [
+            "",
+            "Selective sets (every other task loses ≤ 10 %; fractions of the way from the "
+            "baseline to min(everything ablated, chance)):",
+            "",
+            "| task | found | clusters | subcomponents | own | selectivity | candidates "
+            "| CE baseline → reference (chance) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for task, sel in selective.items():
+            row = score[task]
+            reference = min(row["everything_ce"], row["chance_ce"])
+            lines.append(
+                f"| {task} | {'yes' if sel['found'] else 'no'} | {len(sel['clusters'])} | "
+                f"{sel['n_subcomponents']} | {sel['fraction']:.2f} | {sel['selectivity']:.3f} | "
+                f"{sel['n_candidates']} | {row['baseline_ce']:.4f} → {reference:.4f} "
+                f"({row['chance_ce']:.4f}) |"
+            )
     table = "\n".join(lines)
     print(table)
     if args.out:

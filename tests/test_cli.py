@@ -157,3 +157,9 @@ def test_the_printed_summary_reads_each_number_against_its_reference(capsys, tmp
     assert "m 2/5; ground truth: no (MMCS ≥ 0.999" in out
     assert "ci 1.5000 (KL 0.4000, gap recovered 75%)" in out and "1 = the target's CE" in out
     assert "alive 3" in out and "alive: CI > τ" in out and "σ_H,upper" in out
+    far = {**summary, "modules": {"m": {**module, "weight_error": 0.9}}}
+    _print_summary(far, tmp_path)
+    assert "set components.delta" in capsys.readouterr().out
+    _print_summary({**far, "delta": True}, tmp_path)
+    out = capsys.readouterr().out
+    assert "the Δ-component W − UV carries the rest" in out and "set components.delta" not in out

@@ -64,6 +64,8 @@ def evaluate(
         "mean_ci_l0": mean_l0(ci_data, ev.ci_threshold),
         "modules": {},
     }
+    if model.delta:  # Δ = W − U V is a component: the masked model at m = 1 (Δ on) is the target
+        summary["delta"] = True
     ci_onehot = None  # toy targets with input features: CI of each feature alone
     if hasattr(config.target, "n_features"):
         onehot = one_hot_inputs(config.target.n_features, ev.one_hot_value, device)

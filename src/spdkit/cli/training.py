@@ -127,11 +127,19 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     }
     if far:
         worst = max(far, key=far.get)
-        typer.echo(
-            f"warning: the components do not sum to W yet in {len(far)} module(s) "
-            f"(‖W − UV‖/‖W‖ {far[worst]:.2f} in {worst}): masks act on a model that is not the "
-            "target; train longer, or set components.delta"
-        )
+        where = f"in {len(far)} module(s) (‖W − UV‖/‖W‖ {far[worst]:.2f} in {worst})"
+        if summary.get("delta"):
+            typer.echo(
+                f"warning: the subcomponents do not sum to W yet {where}: the Δ-component "
+                "W − UV carries the rest, so the model is the target at m = 1 with Δ on, but "
+                "the masks the evaluation reports (ci, rounded, ones: Δ excluded, as VPD's) act "
+                "on a model that is not; train longer"
+            )
+        else:
+            typer.echo(
+                f"warning: the components do not sum to W yet {where}: masks act on a model "
+                "that is not the target; train longer, or set components.delta"
+            )
     for name, check in summary.get("identity_check", {}).items():
         typer.echo(
             f"identity {name}: d={check['d']}, {check['n_dense']} dense subcomponents, "

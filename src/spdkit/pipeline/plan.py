@@ -13,9 +13,9 @@ numbers, so the run is unchanged) at batch 1 and at a small batch b, each from t
 
 FLOPs are counted on the same probes (matmuls by torch's FlopCounterMode, plus the fused CI
 kernel's from its shapes, as `spdkit.training.profiling.step_flops` counts them), affine in B;
-the evaluation's on a batch-1 probe of the evaluation's own calls (`measure_batch`, and the LM
-report with a one-step attack; its module imports matplotlib, so that is resident in the
-base). Where the peak cannot be reset (not Linux), the plan says so and gives FLOPs only.
+the evaluation's on probes of the evaluation's own calls (`measure_batch`, and the LM report
+with a one-step attack; its module imports matplotlib, so that is resident in the base), with
+the attack's further steps priced by a two-step probe at one sample. Where the peak cannot be reset (not Linux), the plan says so and gives FLOPs only.
 """
 
 from __future__ import annotations
@@ -98,12 +98,12 @@ def _persistent_pgd_bytes(trainer: Trainer, batch: int, tokens: int) -> int:
 
 
 def probe(
-    trainer: Trainer, batch: int, evaluation: bool = False
+    trainer: Trainer, batch: int, evaluation: bool = False, attack_steps: int = 1
 ) -> tuple[int | None, float, float]:
     """(peak RSS in bytes, FLOPs, seconds) of one training step's losses and backward at `batch`, or
     with `evaluation` of the end-of-run evaluation's work on `batch` samples (the losses
-    without gradients, CI, output losses and, for token inputs, the LM report with a
-    one-step attack), leaving the trainer as it was."""
+    without gradients, CI, output losses and, for token inputs, the LM report with an
+    `attack_steps`-step attack), leaving the trainer as it was."""
     model, cfg = trainer.model, trainer.config
     gen = torch.Generator(device=trainer.device).manual_seed(PROBE_SEED)
     x = trainer.data.sample(batch, gen)
@@ -112,7 +112,7 @@ def probe(
     start = time.perf_counter()
     with FlopCounterMode(display=False) as counter:
         if evaluation:
-            _evaluation_work(trainer, x, gen)
+            _evaluation_work(trainer, x, gen, attack_steps)
         else:
             step_losses(model, x, cfg, MaskStream(PROBE_SEED), trainer.step, None)
     seconds = time.perf_counter() - start
@@ -125,13 +125,15 @@ def probe(
     return (peak * 1024 if peak is not None else None), flops, seconds
 
 
-def _evaluation_work(trainer: Trainer, x: torch.Tensor, gen: torch.Generator) -> None:
+def _evaluation_work(
+    trainer: Trainer, x: torch.Tensor, gen: torch.Generator, attack_steps: int = 1
+) -> None:
     """What the end-of-run evaluation computes, on x: the same calls (`measure_batch`, and
-    for language models the mask report with a one-step attack)."""
+    for language models the mask report with an `attack_steps`-step attack)."""
     model, cfg = trainer.model, trainer.config
     measure_batch(model, cfg, x, trainer.step)
     if reports_lm(cfg.target):
-        ev = cfg.eval.model_copy(update={"pgd_steps": [1], "batch_size": None})
+        ev = cfg.eval.model_copy(update={"pgd_steps": [attack_steps], "batch_size": None})
         lm_mask_evaluation(model, x, ev, gen)
 
 
@@ -178,7 +180,9 @@ def make_plan(trainer: Trainer) -> Plan:
     eval_measured, chunk_flops, chunk_seconds = _affine_fit(
         trainer, chunk, PROBE_EVAL, evaluation=True
     )
-    eval_scale = cfg.eval.n_eval_samples / chunk * _eval_passes(cfg)
+    n_chunks = cfg.eval.n_eval_samples / chunk
+    eval_flops = n_chunks * (chunk_flops + chunk * _attack_step_flops(trainer))
+    eval_seconds = eval_flops * chunk_seconds / chunk_flops if chunk_flops > 0 else chunk_seconds
     eval_peak = None
     if eval_measured is not None:
         held_ci = 4 * cfg.eval.n_eval_samples * tokens * _total_C(trainer)
@@ -200,10 +204,10 @@ def make_plan(trainer: Trainer) -> Plan:
         persistent_bytes=persistent,
         eval_peak_bytes=eval_peak,
         train_flops=train_flops,
-        eval_flops=chunk_flops * eval_scale,
+        eval_flops=eval_flops,
         available=available,
         train_seconds=train_seconds,
-        eval_seconds=chunk_seconds * eval_scale,
+        eval_seconds=eval_seconds,
         steps=cfg.training.steps,
         eval_records_bytes=records,
         eval_keeps_records=keeps,
@@ -229,12 +233,19 @@ def _share(available: int | None, processes: int) -> int | None:
     return available // processes if available is not None else None
 
 
-def _eval_passes(cfg) -> float:  # noqa: ANN001
-    """The LM report's forward passes per sample relative to one loss evaluation: ~10 mask
-    kinds and the PGD ladder (max steps forward + backward); 1 for other targets."""
-    if not cfg.eval.pgd_steps and getattr(cfg.target, "seq_len", None) is None:
-        return 1.0
-    return 1.0 + 10.0 / 3.0 + max(cfg.eval.pgd_steps, default=0)
+def _attack_step_flops(trainer: Trainer) -> float:
+    """FLOPs per sample of the fresh-PGD ladder beyond the probes' one-step attack: an ascent
+    step costs (FLOPs of a 2-step probe − a 1-step probe, at one sample); the ladder is one
+    trajectory of max(pgd_steps) steps read at each entry (one scoring pass per entry, counted
+    as a step: an upper estimate). 0 without a ladder."""
+    cfg = trainer.config
+    if not (reports_lm(cfg.target) and cfg.eval.pgd_steps):
+        return 0.0
+    _, one, _ = probe(trainer, 1, evaluation=True, attack_steps=1)
+    _, two, _ = probe(trainer, 1, evaluation=True, attack_steps=2)
+    per_step = max(0.0, two - one)
+    # less the one step and the one scoring pass the probes already ran
+    return per_step * (max(cfg.eval.pgd_steps) - 1 + len(cfg.eval.pgd_steps) - 1)
 
 
 def _gib(n: int | None) -> str:
