@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +34,7 @@ SUFFIX_FORMATS = {
     ".bin": "bin",
 }
 TOKEN_FORMATS = ("npy", "bin")
+log = logging.getLogger(__name__)
 TOKENIZE_BATCH = 256  # documents per tokenizer call
 
 
@@ -231,17 +233,29 @@ def tokenize_corpus(config: CorpusConfig, tokenizer: Any, tokenizer_dir: Path) -
         tmp = out.with_suffix(f".tmp{os.getpid()}")
         eos = [tokenizer.eos_token_id] if config.append_eos and tokenizer.eos_token_id else []
         n = 0
+        size = sum(p.stat().st_size for p in files if p.is_file())
+        log.info(
+            "tokenising %s (%d file(s), %.1f MB) once; cached in %s",
+            config.path,
+            len(files),
+            size / 1e6,
+            out.parent,
+        )
         with (
             tmp.open("wb") as f,
-            progress_bar(None, "tokenising", unit=" docs", leave=False) as bar,
+            # characters, not documents: a text file is one document, so a count of documents
+            # would sit at 0 until the end
+            progress_bar(None, "tokenising", unit=" chars", unit_scale=True, leave=False) as bar,
         ):
             for batch in _batched(documents(config, fmt, files), TOKENIZE_BATCH):
-                ids = tokenizer(batch, return_attention_mask=False)["input_ids"]
+                # verbose=False: a document longer than the model's context is expected here (the
+                # stream is cut into windows later), so transformers' warning about it is noise
+                ids = tokenizer(batch, return_attention_mask=False, verbose=False)["input_ids"]
                 for doc in ids:
                     arr = np.asarray(doc + eos, dtype=np.uint32)
                     f.write(arr.tobytes())
                     n += arr.size
-                bar.update(len(batch))
+                bar.update(sum(len(d) for d in batch))
         if n == 0:
             tmp.unlink()
             raise ValueError(f"target.data.path {config.path}: the corpus has no text")
