@@ -242,6 +242,31 @@ def test_served_search_finds_what_fires_and_pages_show_the_harvest(browser, serv
     assert errors == [], errors
 
 
+def test_static_report_search_answers_as_the_server_does(browser, lm_run):
+    """report/search.html searches the harvest in the browser, from disk: the same
+    subcomponents, counts and order as `spdkit serve`'s /api/search (live.search_harvest)."""
+    from spdkit.analysis.harvest import read_harvest
+
+    assert runner.invoke(app, ["report", str(lm_run), "--quiet"]).exit_code == 0
+    report = lm_run / "report"
+    index = (report / "index.html").read_text()
+    assert 'href="search.html"' in index
+    pages = {p.relative_to(report).as_posix() for p in (report / "sub").glob("*.html")}
+    for query in ("e", " t"):
+        expected = live.search_harvest(read_harvest(lm_run), query, pages)
+        page, errors = open_page(browser, (report / "search.html").as_uri())
+        page.fill("#query", query)
+        page.click("#run-search")
+        page.wait_for_selector("#search-count")
+        assert int(page.inner_text("#search-count").split()[0]) == expected["n_subcomponents"]
+        names = page.locator("#search-result tr td:first-child").all_inner_texts()
+        assert names == [r["name"] for r in expected["results"]]
+        assert errors == [], errors
+    page.locator("#search-result a").first.click()  # a relative link into the report
+    page.wait_for_selector("#harvest .harvest-top .context")
+    shot(page, "static_search_result_page.png")
+
+
 def test_report_and_serve_errors_are_one_line(tmp_path):
     for command in ("report", "serve"):
         result = runner.invoke(app, [command, str(tmp_path / "missing")])

@@ -69,6 +69,7 @@ class ReportContent:
     threshold: float
     is_lm: bool
     clusters: dict[str, Any] | None
+    harvested: dict[str, dict[str, Any]] = field(default_factory=dict)  # read_harvest's
 
 
 def vector_entries(v: Tensor) -> dict[str, list]:
@@ -151,6 +152,7 @@ def gather(decomp: Decomposed, run_dir: Path, n_rows: int | None = None) -> Repo
         threshold=threshold,
         is_lm=is_lm,
         clusters=clusters,
+        harvested=harvested,
     )
 
 

@@ -4,6 +4,7 @@ no server, nothing fetched from the network."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -212,6 +213,40 @@ def write_report(c: ReportContent, run_dir: Path, progress: bool = True) -> Path
         atomic.atomic_write_text(out / path, html)
         bar.update(1)
     bar.close()
+    if c.harvested:  # the dataset search, searched in the browser (no server needed)
+        atomic.atomic_write_bytes(out / "live.js", static_file("live.js"))
+        atomic.atomic_write_text(out / SEARCH_DATA, search_data_js(c.harvested, pages_of(c)))
+        atomic.atomic_write_text(out / "search.html", render_search(env, c, served=False))
     index = out / "index.html"
     atomic.atomic_write_text(index, render_index(env, c))
     return index
+
+
+SEARCH_DATA = "search_data.js"
+
+
+def pages_of(c: ReportContent) -> set[str]:
+    return {s.page for subs in c.modules.values() for s in subs}
+
+
+def search_data_js(harvested: dict[str, dict[str, Any]], pages: set[str]) -> str:
+    """The harvest's kept contexts as a script (`window.SPDKIT_HARVEST = {name: {density,
+    page, contexts}}`): a page opened from disk may load scripts but not fetch JSON, so this
+    is how the static report's search reads them. Contexts: tokens, CI per token, the firing
+    token's index, as `spdkit serve` searches them (`live.search_harvest`)."""
+    data = {}
+    for name, entry in harvested.items():
+        module, _, index = name.rpartition(":")
+        page = f"sub/{module}_{index}.html"
+        data[name] = {
+            "density": entry["density"],
+            "page": page if page in pages else None,
+            "contexts": entry["top"] + entry["random"],
+        }
+    return "window.SPDKIT_HARVEST = " + json.dumps(data, separators=(",", ":")) + ";\n"
+
+
+def render_search(env: Environment, c: ReportContent, served: bool) -> str:
+    data = {"page": "search", "harvested": len(c.harvested), "static": not served}
+    root = "/" if served else ""
+    return env.get_template("search.html").render(c=c, root=root, served=served, data=data)

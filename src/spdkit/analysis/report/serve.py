@@ -22,13 +22,13 @@ from flask import Flask, Response, abort, jsonify, request, send_from_directory
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from spdkit.analysis.decomposed import Decomposed
-from spdkit.analysis.harvest import read_harvest
 from spdkit.analysis.report import live
 from spdkit.analysis.report.content import ReportContent
 from spdkit.analysis.report.render import (
     environment,
     plotly_js,
     render_index,
+    render_search,
     render_subcomponents,
     static_file,
 )
@@ -143,12 +143,11 @@ def create_app(decomp: Decomposed, content: ReportContent, run_dir: Path) -> Fla
         except ValueError as err:
             return jsonify({"error": str(err)}), 400
 
-    harvested = read_harvest(run_dir) or {}
+    harvested = content.harvested
 
     @app.get("/search")
     def _search_page() -> str:
-        data = {"page": "search", "harvested": len(harvested)}
-        return env.get_template("search.html").render(c=content, root="/", served=True, data=data)
+        return render_search(env, content, served=True)
 
     @app.post("/api/search")
     def _search() -> Response:

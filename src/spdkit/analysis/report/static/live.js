@@ -96,9 +96,26 @@ function shade(ctx) {
     Math.max(0, Math.min(1, ctx.ci[i])).toFixed(3) + ")' title='CI " + ctx.ci[i] + "'>" + esc(tok) + "</span>").join("");
 }
 
+// The static report's search: live.search_harvest (what `spdkit serve` answers), over the
+// harvest the report wrote into search_data.js.
+function searchHarvest(harvested, query, limit) {
+  query = query.trim();
+  if (!query) throw new Error("type a string or token to search for");
+  const found = [];
+  for (const [name, entry] of Object.entries(harvested)) {
+    const hits = entry.contexts.filter((c) => c.tokens.join("").includes(query) || c.tokens.join(" ").includes(query));
+    if (!hits.length) continue;
+    const onIt = hits.filter((c) => c.tokens[c.at].trim() === query).length;
+    found.push({ name, page: entry.page, fires_on_query: onIt, n_contexts: hits.length, density: entry.density, contexts: hits.slice(0, 3) });
+  }
+  found.sort((a, b) => b.fires_on_query - a.fires_on_query || b.n_contexts - a.n_contexts || (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+  return { query, n_subcomponents: found.length, results: found.slice(0, limit) };
+}
+
 function drawSearch(r) {
   const box = document.getElementById("search-result");
-  const rows = r.results.map((s) => "<tr><td>" + (s.page ? "<a href='/" + s.page + "'>" + esc(s.name) + "</a>" : esc(s.name)) +
+  const root = window.SPDKIT_HARVEST ? "" : "/";  // a page from disk links relatively
+  const rows = r.results.map((s) => "<tr><td>" + (s.page ? "<a href='" + root + s.page + "'>" + esc(s.name) + "</a>" : esc(s.name)) +
     "</td><td>" + s.fires_on_query + "</td><td>" + s.n_contexts + "</td><td>" + s.density.toExponential(2) + "</td><td>" +
     s.contexts.map((c) => "<div class='context'>" + shade(c) + "</div>").join("") + "</td></tr>");
   box.innerHTML = "<p id='search-count'>" + r.n_subcomponents + " subcomponents with contexts containing <code>" + esc(r.query) + "</code></p>" +
@@ -111,7 +128,10 @@ window.setUpLive = function () {
     e.preventDefault();
     const err = document.getElementById("search-error");
     err.textContent = "";
-    try { drawSearch(await post("/api/search", { query: document.getElementById("query").value })); } catch (x) { err.textContent = x.message; }
+    const query = document.getElementById("query").value;
+    try {
+      drawSearch(window.SPDKIT_HARVEST ? searchHarvest(window.SPDKIT_HARVEST, query, 50) : await post("/api/search", { query }));
+    } catch (x) { err.textContent = x.message; }
   });
   const input = () => document.getElementById("input").value;
   const formIn = document.getElementById("form-input");
