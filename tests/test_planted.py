@@ -263,6 +263,8 @@ def test_ablate_measures_items_and_scores_the_clusters(planted_run):
     assert out.exit_code == 0, out.output
     score = json.loads((run / "mechanism_score.json").read_text())
     assert all(1 <= len(row["clusters"]) <= min(3, n_clusters) for row in score.values())
+    assert all("selective" in row and "chance_ce" in row for row in score.values())
+    assert "selective sets" in out.output
     assert (run / "figures" / "mechanism_score.png").exists()
     out = runner.invoke(app, ["ablate", str(run), "--subcomponents", "blocks.9.mlp.fc_in:1"])
     assert out.exit_code == 2 and "is not a subcomponent" in out.output
