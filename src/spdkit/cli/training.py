@@ -98,6 +98,7 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
         more = [k for k in lm if k.startswith(("rounded>", "pgd_"))]
         if more:
             typer.echo("  KL: " + ", ".join(f"{k} {lm[k]['kl']:.4f}" for k in more))
+    width = max((len(n) for n in summary["modules"]), default=0)
     for name, m in summary["modules"].items():
         l0 = summary["mean_ci_l0"].get(name, float("nan"))
         extra = ""
@@ -106,7 +107,7 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
         if "n_alive" in m:
             extra += f"alive {m['n_alive']:<4} "
         typer.echo(
-            f"  {name:<20} C={m['C']:<4} non-negligible {m['n_non_negligible']:<4} "
+            f"  {name:<{width}} C={m['C']:<4} non-negligible {m['n_non_negligible']:<4} "
             f"{extra}mean CI-L0 {l0:.3f}"
         )
     alive = next((m for m in summary["modules"].values() if "n_alive" in m), None)
