@@ -1,6 +1,7 @@
 """Does the attribution graph of a repeated prompt show the induction circuit?
 
-    python benchmarks/induction_circuit.py RUN_DIR [--prompts 8] [--out FILE.json]
+    python benchmarks/induction_circuit.py RUN_DIR [--prompts 8] [--nodes PATTERN ...]
+                                           [--out FILE.json]
 
 For an `induction` run (the prompt: random tokens, then the same tokens again) or a
 `planted_lm` run (its induction task), on the second half of each prompt (positions that
@@ -13,7 +14,9 @@ induction predicts):
 - into the predicted token's logit: the share from layer-1 output / value subcomponents.
 
 Edges are the one-hop graph of `spdkit.analysis.attribution` with every edge kept
-(`per_target` large), so the shares are of all the mass, not of the kept edges.
+(`per_target` large), so the shares are of all the mass, not of the kept edges. `--nodes
+'blocks.*.attn.*'` makes the MLPs transparent: edges between attention pieces (and into the
+logits) then run through the MLPs, as the induction circuit's do in a model with MLPs.
 """
 
 from __future__ import annotations
@@ -117,12 +120,16 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--nodes", nargs="*", default=[], help="node modules (fnmatch)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     decomp = spdkit.load(args.run_dir)
     ids, positions = repeated_prompts(decomp, args.prompts, args.seed)
     params = AttributionParams(
-        ci_threshold=decomp.config.eval.ci_threshold, per_target=10**6, max_edges=10**9
+        ci_threshold=decomp.config.eval.ci_threshold,
+        per_target=10**6,
+        max_edges=10**9,
+        nodes=tuple(args.nodes),
     )
     rows = [
         shares(prompt_graph(decomp.model, p[None], params), pos)
@@ -134,7 +141,13 @@ def main() -> None:
     mean["logit_share_by_module"] = {
         m: sum(r["logit_share_by_module"].get(m, 0.0) for r in rows) / len(rows) for m in modules
     }
-    result = {"run": str(args.run_dir), "prompts": args.prompts, "mean": mean, "per_prompt": rows}
+    result = {
+        "run": str(args.run_dir),
+        "prompts": args.prompts,
+        "nodes": args.nodes,
+        "mean": mean,
+        "per_prompt": rows,
+    }
     print(json.dumps(mean, indent=1))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")

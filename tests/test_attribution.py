@@ -105,6 +105,39 @@ def test_edges_are_gradient_times_activation_one_hop_and_causal():
     )
 
 
+def test_transparent_modules_pass_the_gradient_through_every_path():
+    """With only layer-0 value pieces as nodes, everything else runs (masked) but transparent:
+    an edge into a logit is the first-order effect of that node through every later module,
+    checked by a finite difference of its mask (float64); with every module named, the graph
+    is the default one."""
+    model = _model().double()
+    ids = _prompt()
+    wide = {"ci_threshold": 0.0, "per_target": 1000, "max_edges": 10**6}
+    default = attribution.prompt_graph(model, ids, attribution.AttributionParams(**wide))
+    named = attribution.prompt_graph(
+        model, ids, attribution.AttributionParams(**wide, nodes=(ALL,))
+    )
+    assert named["edges"] == default["edges"]
+    params = attribution.AttributionParams(**wide, nodes=("blocks.0.attn.v",))
+    graph = attribution.prompt_graph(model, ids, params)
+    assert {n["module"] for n in graph["nodes"]} == {"blocks.0.attn.v"}
+    into_logits = [e for e in graph["edges"] if e["target"].startswith("logit:")]
+    assert into_logits and len(into_logits) == len(graph["edges"])  # no other targets
+    g = attribution.ci_masks(model, ids)
+    eps = 1e-6
+    for edge in into_logits[:3]:
+        _, s, c = edge["source"].rsplit(":", 2)
+        _, t, k = edge["target"].split(":")
+        bumped = {n: v.clone() for n, v in g.items()}
+        bumped["blocks.0.attn.v"][0, int(s), int(c)] *= 1 + eps  # h̃ → (1 + ε) h̃
+        with torch.no_grad():
+            before = model.masked_forward(ids, g)[0, int(t), int(k)]
+            after = model.masked_forward(ids, bumped)[0, int(t), int(k)]
+        assert edge["value"] == pytest.approx(((after - before) / eps).item(), rel=1e-4, abs=1e-9)
+    with pytest.raises(ValueError, match="matches no decomposed module"):
+        attribution.prompt_graph(model, ids, attribution.AttributionParams(nodes=("nothing.*",)))
+
+
 def test_only_the_strongest_edges_are_kept_and_dead_nodes_take_no_part():
     model = _model()
     ids = _prompt()

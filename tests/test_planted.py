@@ -346,6 +346,14 @@ def test_attribute_writes_a_prompt_graph_and_dataset_edges(planted_run):
     assert out.exit_code == 2 and "unknown task token" in out.output
     out = runner.invoke(app, ["attribute", str(run)])
     assert out.exit_code == 2 and "--prompt" in out.output
+    args = ["attribute", str(run), "--tokens", "100", "--nodes", "blocks.*.attn.*", "--quiet"]
+    out = runner.invoke(app, args)
+    assert out.exit_code == 0, out.output
+    table = json.loads((run / "attributions" / "dataset.json").read_text())
+    assert table["params"]["nodes"] == ["blocks.*.attn.*"]
+    assert all(".attn." in e["source"] for e in table["edges"] + table["into_next_token_logit"])
+    out = runner.invoke(app, ["attribute", str(run), "--tokens", "10", "--nodes", "nope.*"])
+    assert out.exit_code == 2 and "matches no decomposed module" in out.output
 
 
 def test_the_vpd_config_decomposes_the_same_planted_target():

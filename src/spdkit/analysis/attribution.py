@@ -21,6 +21,13 @@ the softmax pattern (k) and the weighted sum (v); the gradient carries both and 
 split by hand. A module with a Δ-component adds a Δᵀ computed from its detached input: the
 part of W no subcomponent holds is a constant of the graph, not a path around it.
 
+**Node modules** (`nodes`, fnmatch patterns; default: every decomposed module). A decomposed
+module left out is *transparent*: it still runs masked by the CI, but its h̃ stays in the
+graph instead of becoming a leaf, so gradients run through it. An edge between node modules
+then sums every path through the transparent ones. Why: on a model whose last MLP sits
+between attention and the logits, a one-hop graph credits the logits to that MLP's pieces
+alone; with the MLPs transparent, the attention pieces' effect *through* them shows.
+
 Nodes are alive where g > `ci_threshold`; only alive nodes are sources or targets. Target
 nodes are processed `batch_nodes` at a time (one batched backward each) and only each
 target's `per_target` strongest incoming edges (by |e|) are kept, then the `max_edges`
@@ -38,6 +45,7 @@ logit of each position's actual next token.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -55,12 +63,15 @@ FORMAT = 1
 @dataclass(frozen=True)
 class AttributionParams:
     """ci_threshold: a node is alive where g > this; per_target: incoming edges kept per
-    target node; max_edges: edges kept in all; batch_nodes: target nodes per backward."""
+    target node; max_edges: edges kept in all; batch_nodes: target nodes per backward;
+    nodes: fnmatch patterns of the decomposed modules whose subcomponents are nodes (empty:
+    all; the others are transparent, module docstring)."""
 
     ci_threshold: float = 0.1
     per_target: int = 8
     max_edges: int = 1000
     batch_nodes: int = 64
+    nodes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         checks = {
@@ -85,7 +96,9 @@ class Leaves:
     leaf: Tensor  # [B, T, C], requires grad
 
 
-def _leaf_forward(model: ComponentModel, name: str, mask: Tensor, store: dict) -> ForwardFactory:
+def _leaf_forward(
+    model: ComponentModel, name: str, mask: Tensor, store: dict, is_node: bool = True
+) -> ForwardFactory:
     components = model.components(name)
 
     def factory(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -97,8 +110,11 @@ def _leaf_forward(model: ComponentModel, name: str, mask: Tensor, store: dict) -
                 )
             a = args[0] if args else next(iter(kwargs.values()))
             value = components.inner(a) * mask
-            leaf = value.detach().requires_grad_(True)
-            store[name] = Leaves(value, leaf)
+            if is_node:
+                leaf = value.detach().requires_grad_(True)
+                store[name] = Leaves(value, leaf)
+            else:  # transparent: the gradient runs through it
+                leaf = value
             out = components.outer(leaf)
             if model.delta:  # a Δᵀ from the detached input: a constant of the graph
                 with torch.no_grad():  # (a W^T + b) − (a (U V)^T + b): the bias once
@@ -112,12 +128,32 @@ def _leaf_forward(model: ComponentModel, name: str, mask: Tensor, store: dict) -
     return factory
 
 
+def node_modules(model: ComponentModel, patterns: tuple[str, ...] = ()) -> list[str]:
+    """The decomposed modules whose subcomponents are nodes: those `patterns` match (all
+    when empty); a pattern that matches none of them is an error naming them."""
+    if not patterns:
+        return list(model.module_names)
+    for p in patterns:
+        if not any(fnmatch.fnmatchcase(n, p) for n in model.module_names):
+            raise ValueError(
+                f"attribution nodes: {p!r} matches no decomposed module (they are: "
+                f"{', '.join(model.module_names)})"
+            )
+    return [n for n in model.module_names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
 @contextlib.contextmanager
-def leaf_pass(model: ComponentModel, masks: Mapping[str, Tensor]) -> Iterator[dict[str, Leaves]]:
-    """While open, a forward of `model.target` runs every decomposed module masked by `masks`
-    with its h̃ as a leaf (filled into the yielded dict, module → Leaves)."""
+def leaf_pass(
+    model: ComponentModel, masks: Mapping[str, Tensor], nodes: list[str] | None = None
+) -> Iterator[dict[str, Leaves]]:
+    """While open, a forward of `model.target` runs every decomposed module masked by `masks`,
+    with the h̃ of each of `nodes` (default: all) as a leaf (filled into the yielded dict,
+    module → Leaves) and the others transparent."""
     store: dict[str, Leaves] = {}
-    factories = {n: _leaf_forward(model, n, masks[n], store) for n in model.module_names}
+    chosen = set(model.module_names if nodes is None else nodes)
+    factories = {
+        n: _leaf_forward(model, n, masks[n], store, n in chosen) for n in model.module_names
+    }
     with forwards_replaced(model.target, factories), torch.enable_grad():
         yield store
 
@@ -160,7 +196,7 @@ def prompt_graph(
     if ids.dim() != 2 or ids.shape[0] != 1:
         raise ValueError(f"one prompt at a time: ids [1, T], got {list(ids.shape)}")
     g = ci_masks(model, ids)
-    with leaf_pass(model, g) as store:
+    with leaf_pass(model, g, node_modules(model, params.nodes)) as store:
         logits = model_output(model.target(ids), model.output_field)  # [1, T, vocab]
     names = [n for n in model.module_names if n in store]
     alive = {n: (g[n][0] > params.ci_threshold) for n in names}  # [T, C]
@@ -287,9 +323,10 @@ def dataset_attributions(
     to_logit: dict[str, Tensor] = {}
     seen = 0
     bar = progress_bar(n_tokens, "attribute (dataset)", progress)
+    nodes = node_modules(model, params.nodes)
     for ids in batches:
         g = ci_masks(model, ids)
-        with leaf_pass(model, g) as store:
+        with leaf_pass(model, g, nodes) as store:
             logits = model_output(model.target(ids), model.output_field)
         names = [n for n in model.module_names if n in store]
         sources = [store[n].leaf for n in names]

@@ -137,11 +137,17 @@ def attribute(
     per_target: int = typer.Option(8, min=1, help="incoming edges kept per target node"),
     max_edges: int = typer.Option(1000, min=1, help="edges kept in all (prompt graph)"),
     batch_nodes: int = typer.Option(64, min=1, help="target nodes per backward pass"),
+    nodes: list[str] = typer.Option(
+        [],
+        "--nodes",
+        help="only these modules' subcomponents are nodes (fnmatch; repeat); the other "
+        "decomposed modules are transparent: edges run through them",
+    ),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
-    """Attribution graphs: which subcomponents drive which (gradient × activation, one hop,
-    through the CI-masked model). --prompt: one prompt's graph, into
+    """Attribution graphs: which subcomponents drive which (gradient × activation, one hop
+    between node modules, through the CI-masked model). --prompt: one prompt's graph, into
     RUN_DIR/attributions/prompt_<hash>.json and .png; --tokens: over held-out data, into
     RUN_DIR/attributions/dataset.json."""
     import hashlib
@@ -162,6 +168,7 @@ def attribute(
             per_target,
             max_edges,
             batch_nodes,
+            tuple(nodes),
         )
         out_dir = run_dir / "attributions"
         if prompt is not None:
