@@ -18,7 +18,9 @@ loss their ablation alone adds to it, and added in that order until the ablated 
 ≥ `frac` (0.8) of what ablating everything decomposed costs (a greedy stand-in for the smallest
 such set); its **selectivity** is the largest loss increase it causes in another group, as a
 fraction of that group's own everything-ablated increase (0: touches no other group; 1: as
-bad for another group as removing the whole decomposition).
+bad for another group as removing the whole decomposition). Where the groups have a chance CE
+(`planted_lm`'s tasks), the **selective set** (`selective_set`) asks the converse: how far
+toward chance a group can be taken by clusters that leave every other group within 10 %.
 """
 
 from __future__ import annotations
