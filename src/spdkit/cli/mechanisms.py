@@ -76,11 +76,12 @@ def _print_ablation(result: dict) -> None:
 def _print_score(table: dict, frac: float) -> None:
     typer.echo(f"mechanism score (a set must cost ≥ {frac:.0%} of ablating everything):")
     for group, row in table.items():
-        verdict = "found" if row["found"] else "NOT found"
-        typer.echo(
-            f"{group:<12} {verdict:<9} clusters {row['clusters']} ({row['n_subcomponents']} "
-            f"subcomponents): {row['fraction']:.2f} of its damage, selectivity "
-            f"{row['selectivity']:.3f}; static edit {row['static_fraction']:.2f}"
+        _verdict_line(
+            group,
+            row["found"],
+            f"clusters {row['clusters']} ({row['n_subcomponents']} subcomponents): "
+            f"{row['fraction']:.2f} of its damage, selectivity {row['selectivity']:.3f}; "
+            f"static edit {row['static_fraction']:.2f}",
         )
     selective = {g: row["selective"] for g, row in table.items() if "selective" in row}
     if selective:
@@ -89,12 +90,17 @@ def _print_score(table: dict, frac: float) -> None:
             "min(everything ablated, chance)):"
         )
     for group, sel in selective.items():
-        verdict = "found" if sel["found"] else "NOT found"
-        typer.echo(
-            f"{group:<12} {verdict:<9} {len(sel['clusters'])} clusters "
-            f"({sel['n_subcomponents']} subcomponents, of {sel['n_candidates']} candidates): "
-            f"{sel['fraction']:.2f} of the way, selectivity {sel['selectivity']:.3f}"
+        _verdict_line(
+            group,
+            sel["found"],
+            f"{len(sel['clusters'])} clusters ({sel['n_subcomponents']} subcomponents, of "
+            f"{sel['n_candidates']} candidates): {sel['fraction']:.2f} of the way, "
+            f"selectivity {sel['selectivity']:.3f}",
         )
+
+
+def _verdict_line(group: str, found: bool, rest: str) -> None:
+    typer.echo(f"{group:<12} {'found' if found else 'NOT found':<9} {rest}")
 
 
 @app.command()
