@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import spdkit
-from spdkit.analysis import ablation
+from spdkit.analysis import ablation, mechanism_score
 
 
 def main() -> None:
@@ -67,7 +67,7 @@ def main() -> None:
             for k, d in damage.items()
             if d[task] > 0.0005 and d[task] > 2 * max(d[o] for o in others)
         ]
-        off = ablation.union(by_id, ids)
+        off = mechanism_score.union(by_id, ids)
         (ce,) = ablation.scored_ces(model, groups, [("gated", off)], chunk)
         selective[task] = {
             "clusters": ids,

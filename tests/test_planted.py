@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from spdkit.analysis import ablation
+from spdkit.analysis import ablation, mechanism_score
 from spdkit.analysis.mechanisms.clusters import Cluster
 from spdkit.config import PlantedLMTargetConfig, load_config
 from spdkit.method.model import ComponentModel
@@ -134,7 +134,7 @@ def test_mechanism_score_takes_clusters_by_damage_until_the_share_is_reached():
     clusters = [
         Cluster(i, [f"{n}:{c}" for c in range(24)], 0.5) for i, n in enumerate(model.module_names)
     ]
-    score = ablation.mechanism_score(
+    score = mechanism_score.mechanism_score(
         model, groups, clusters, frac=0.8, max_clusters=4, progress=False
     )
     every = ablation.everything(model)
@@ -147,7 +147,7 @@ def test_mechanism_score_takes_clusters_by_damage_until_the_share_is_reached():
         order = sorted(damage, key=lambda k: -damage[k])
         assert row["clusters"] == order[: len(row["clusters"])]
         (ce,) = ablation.scored_ces(
-            model, groups, [("gated", ablation.union(by_id, row["clusters"]))]
+            model, groups, [("gated", mechanism_score.union(by_id, row["clusters"]))]
         )
         fractions = {g: ablation.fraction(ce[g], base[g], full[g]) for g in groups}
         assert row["fraction"] == pytest.approx(fractions[task], rel=1e-5)
@@ -210,7 +210,7 @@ def test_the_selective_set_keeps_other_groups_within_the_bound_and_is_measured_t
         for q in range(4)
     ]
     chance = {g: planted.chance_ce(SMALL, g) for g in groups}
-    score = ablation.mechanism_score(
+    score = mechanism_score.mechanism_score(
         model, groups, clusters, max_clusters=2, progress=False, chance=chance, max_selectivity=0.3
     )
     every = ablation.everything(model)
@@ -229,7 +229,7 @@ def test_the_selective_set_keeps_other_groups_within_the_bound_and_is_measured_t
         if not sel["clusters"]:
             continue
         (ce,) = ablation.scored_ces(
-            model, groups, [("gated", ablation.union(by_id, sel["clusters"]))]
+            model, groups, [("gated", mechanism_score.union(by_id, sel["clusters"]))]
         )
         fractions = {g: ablation.fraction(ce[g], base[g], reference[g]) for g in groups}
         assert sel["fraction"] == pytest.approx(fractions[task], rel=1e-5, abs=1e-7)

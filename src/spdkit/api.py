@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from spdkit.analysis import ablation, attribution, labels
 from spdkit.analysis import harvest as harvest_module
+from spdkit.analysis import mechanism_score as scoring
 from spdkit.analysis.attribution import AttributionParams
 from spdkit.analysis.chat import ChatEndpoint
 from spdkit.analysis.evaluation import evaluate
@@ -152,14 +153,11 @@ class Decomposition:
         seed: int = 0,
         progress: bool = True,
     ) -> dict[str, Any]:
-        """Per position group, the fewest clusters (greedy) whose CI-gated ablation costs ≥
-        `frac` of the everything-ablated CE increase, and their selectivity (the largest
-        increase they cause in another group, as a fraction of its own); for a target whose
-        groups have a chance CE (planted_lm), also the selective set
-        (`ablation.selective_set`)."""
+        """Per position group, the fewest clusters carrying ≥ `frac` of its loss, their
+        selectivity, and the selective set where groups have a chance CE (mechanism_score)."""
         groups = ablation.position_groups(self, n, seed)
         chance_ce = target_kind(self.config.target).chance_ce if self.config.target else None
-        return ablation.mechanism_score(
+        return scoring.mechanism_score(
             self.model,
             groups,
             self.clusters(),

@@ -21,12 +21,10 @@ the softmax pattern (k) and the weighted sum (v); the gradient carries both and 
 split by hand. A module with a Δ-component adds a Δᵀ computed from its detached input: the
 part of W no subcomponent holds is a constant of the graph, not a path around it.
 
-**Node modules** (`nodes`, fnmatch patterns; default: every decomposed module). A decomposed
-module left out is *transparent*: it still runs masked by the CI, but its h̃ stays in the
-graph instead of becoming a leaf, so gradients run through it. An edge between node modules
-then sums every path through the transparent ones. Why: on a model whose last MLP sits
-between attention and the logits, a one-hop graph credits the logits to that MLP's pieces
-alone; with the MLPs transparent, the attention pieces' effect *through* them shows.
+**Node modules** (`nodes`, fnmatch patterns; default: all). A decomposed module left out is
+*transparent*: it runs masked by the CI but its h̃ stays in the graph, so an edge between node
+modules sums every path through it. Why: a one-hop graph credits the logits to the last MLP's
+pieces alone; with the MLPs transparent, the attention pieces' effect through them shows.
 
 Nodes are alive where g > `ci_threshold`; only alive nodes are sources or targets. Target
 nodes are processed `batch_nodes` at a time (one batched backward each) and only each
@@ -129,8 +127,7 @@ def _leaf_forward(
 
 
 def node_modules(model: ComponentModel, patterns: tuple[str, ...] = ()) -> list[str]:
-    """The decomposed modules whose subcomponents are nodes: those `patterns` match (all
-    when empty); a pattern that matches none of them is an error naming them."""
+    """The decomposed modules `patterns` match (all when empty); an unmatched one is an error."""
     if not patterns:
         return list(model.module_names)
     for p in patterns:

@@ -30,7 +30,7 @@ def ablate(
     RUN_DIR/ablation.json (and mechanism_score.json, figures/mechanism_score.png)."""
     import json
 
-    from spdkit.analysis.ablation import plot_mechanism_score
+    from spdkit.analysis.mechanism_score import plot_mechanism_score
     from spdkit.api import load
     from spdkit.pipeline.run import resolve_device
     from spdkit.store import atomic

@@ -1,0 +1,213 @@
+"""The mechanism score of a clustering: which clusters carry each position group's loss.
+
+Per group, clusters are ranked by the loss their CI-gated ablation alone adds to it
+(`spdkit.analysis.ablation`), and added in that order until the ablated set costs ≥ `frac`
+(0.8) of what ablating everything decomposed costs (a greedy stand-in for the smallest such
+set); its **selectivity** is the largest loss increase it causes in another group, as a
+fraction of that group's own everything-ablated increase (0: touches no other group; 1: as bad
+for another group as removing the whole decomposition). Where the groups have a chance CE
+(`planted_lm`'s tasks), the **selective set** (`selective_set`) asks the converse: how far
+toward chance a group can be taken by clusters that leave every other group within 10 %.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from spdkit.analysis.ablation import (
+    Groups,
+    Off,
+    Removal,
+    everything,
+    fraction,
+    scored_ces,
+)
+from spdkit.analysis.mechanisms.clusters import Cluster
+from spdkit.figures import finish, new_figure
+from spdkit.method.model import ComponentModel
+from spdkit.progress import progress_bar
+
+
+def mechanism_score(
+    model: ComponentModel,
+    groups: Groups,
+    clusters: Sequence[Cluster],
+    frac: float = 0.8,
+    max_clusters: int = 8,
+    progress: bool = True,
+    chunk: int | None = 64,
+    chance: Mapping[str, float] | None = None,
+    max_selectivity: float = 0.1,
+    max_selective: int = 32,
+) -> dict[str, Any]:
+    """Per group: the clusters (greedy by single-cluster damage) whose CI-gated ablation costs
+    ≥ `frac` of the everything-ablated increase, at most `max_clusters`; the fraction
+    reached, the selectivity (the largest other group's increase as a fraction of its own
+    everything-ablated increase), and the same set's fractions under the static edit.
+
+    With `chance` (a group's CE when its rule is unknown, e.g. planted_lm's tasks), also the
+    **selective set** (`selective_set`): fractions there are of the way to
+    reference = min(everything-ablated, chance) CE, since removing everything decomposed
+    overshoots chance by also breaking what every task shares; a mechanism removed alone should
+    take its task to chance, no further."""
+    every = everything(model)
+    base, full = scored_ces(model, groups, [("gated", {}), ("gated", every)], chunk)
+    n_chunks = sum(-(-len(ids) // (chunk or len(ids))) for ids, _ in groups.values())
+    n_sets = max_clusters + (max_selective if chance else 0)
+    bar = progress_bar(n_chunks * len(clusters) + len(groups) * n_sets, "ablate", progress)
+    removals: list[Removal] = [("gated", c.indices()) for c in clusters]
+    ces = scored_ces(model, groups, removals, chunk, tick=lambda: bar.update(1))
+    single = {
+        c.id: {n: ce[n] - base[n] for n in groups} for c, ce in zip(clusters, ces, strict=True)
+    }
+    by_id = {c.id: c for c in clusters}
+    s_base, s_full = scored_ces(model, groups, [("static", None), ("static", every)], chunk)
+    out: dict[str, Any] = {}
+    for group in groups:
+        order = sorted(single, key=lambda k: single[k][group], reverse=True)
+        chosen: list[int] = []
+        fractions: dict[str, float] = {}
+        for k in order[:max_clusters]:
+            chosen.append(k)
+            (ce,) = scored_ces(model, groups, [("gated", union(by_id, chosen))], chunk)
+            fractions = {n: fraction(ce[n], base[n], full[n]) for n in groups}
+            bar.update(1)
+            if fractions[group] >= frac:
+                break
+        off = union(by_id, chosen)
+        (s_ce,) = scored_ces(model, groups, [("static", off)], chunk)
+        static = {n: fraction(s_ce[n], s_base[n], s_full[n]) for n in groups}
+        others = [fractions[n] for n in groups if n != group]
+        out[group] = {
+            "clusters": chosen,
+            "n_subcomponents": sum(len(v) for v in off.values()),
+            "fraction": fractions[group],
+            "found": fractions[group] >= frac,
+            "selectivity": max(others) if others else 0.0,
+            "other_fractions": {n: fractions[n] for n in groups if n != group},
+            "static_fraction": static[group],
+            "static_other_fractions": {n: static[n] for n in groups if n != group},
+            "baseline_ce": base[group],
+            "everything_ce": full[group],
+        }
+    if chance:
+        # a group the model does better than chance on is lost at chance; one it does not
+        # (an untrained target) keeps the everything-ablated reference
+        reference = {n: min(full[n], chance[n]) if chance[n] > base[n] else full[n] for n in groups}
+
+        def to_reference(ce: Mapping[str, float]) -> dict[str, float]:
+            return {n: fraction(ce[n], base[n], reference[n]) for n in groups}
+
+        alone = {c.id: to_reference(ce) for c, ce in zip(clusters, ces, strict=True)}
+        for group in groups:
+            out[group]["chance_ce"] = chance[group]
+            out[group]["selective"] = selective_set(
+                model,
+                groups,
+                alone,
+                by_id,
+                group,
+                to_reference,
+                SelectiveParams(frac, max_selectivity, max_selective),
+                chunk,
+                tick=lambda: bar.update(1),
+            )
+    bar.close()
+    return out
+
+
+@dataclass(frozen=True)
+class SelectiveParams:
+    """frac: the share of the way to the reference a set must reach; max_selectivity: the
+    largest share any other group may lose; max_sets: most candidate sets measured."""
+
+    frac: float = 0.8
+    max_selectivity: float = 0.1
+    max_sets: int = 32
+
+
+def selective_set(
+    model: ComponentModel,
+    groups: Groups,
+    alone: Mapping[int, Mapping[str, float]],
+    by_id: Mapping[int, Cluster],
+    group: str,
+    fractions_of: Callable[[Mapping[str, float]], dict[str, float]],
+    params: SelectiveParams,
+    chunk: int | None,
+    tick: Callable[[], None] = lambda: None,
+) -> dict[str, Any]:
+    """The clusters that remove `group`'s mechanism and nothing else, greedily: candidates in
+    order of selective damage alone[k][group] − max_{other} alone[k][other] (each cluster's
+    own ablation, as a fraction of the reference), only those whose selective damage is
+    positive; a candidate stays in the set if the set's selectivity (the largest fraction any
+    other group loses) stays ≤ `max_selectivity`; stops at `frac` of the way to the reference.
+
+    Why: the plain score ranks clusters by damage alone and so starts from what every group
+    shares; this one asks how much of a group can be removed *selectively*, however many
+    clusters it takes (a memorised table's entries fire on disjoint inputs, so co-activation
+    keeps them in separate clusters)."""
+    others = [n for n in groups if n != group]
+
+    def selective(k: int) -> float:
+        return alone[k][group] - max((alone[k][n] for n in others), default=0.0)
+
+    candidates = sorted((k for k in alone if selective(k) > 0), key=selective, reverse=True)
+    chosen: list[int] = []
+    fractions = dict.fromkeys(groups, 0.0)
+    for k in candidates[: params.max_sets]:
+        (ce,) = scored_ces(model, groups, [("gated", union(by_id, [*chosen, k]))], chunk)
+        tick()
+        trial = fractions_of(ce)
+        if max((trial[n] for n in others), default=0.0) <= params.max_selectivity:
+            chosen, fractions = [*chosen, k], trial
+            if fractions[group] >= params.frac:
+                break
+    off = union(by_id, chosen)
+    selectivity = max((fractions[n] for n in others), default=0.0)
+    return {
+        "clusters": chosen,
+        "n_subcomponents": sum(len(v) for v in off.values()),
+        "fraction": fractions[group],
+        "selectivity": selectivity,
+        "found": fractions[group] >= params.frac and selectivity <= params.max_selectivity,
+        "n_candidates": len(candidates),
+        "other_fractions": {n: fractions[n] for n in others},
+    }
+
+
+def union(by_id: Mapping[int, Cluster], ids: Sequence[int]) -> Off:
+    """The members of the clusters `ids`, as one removal."""
+    off: Off = {}
+    for k in ids:
+        for module, indices in by_id[k].indices().items():
+            off.setdefault(module, []).extend(indices)
+    return off
+
+
+def plot_mechanism_score(score: dict[str, Any], path: Path | None) -> Figure:
+    """Rows: each group's chosen clusters; columns: the groups; cell: the fraction of that
+    group's everything-ablated CE increase the row's ablation causes. A planted mechanism
+    found selectively is a bright diagonal (≥ 0.8) on a dark field (≤ 0.1)."""
+    groups = list(score)
+    grid = [
+        [score[r]["fraction"] if c == r else score[r]["other_fractions"][c] for c in groups]
+        for r in groups
+    ]
+    fig, ax = new_figure(figsize=(1.2 + 1.1 * len(groups), 1.0 + 0.9 * len(groups)))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k")
+    ax.set_xticks(range(len(groups)), groups)
+    labels = [f"{r}: {len(score[r]['clusters'])} cl." for r in groups]
+    ax.set_yticks(range(len(groups)), labels)
+    ax.set_xlabel("CE increase in group (fraction of everything ablated)")
+    ax.set_title("mechanism score (CI-gated ablation)")
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    return finish(fig, path)
