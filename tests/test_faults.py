@@ -135,3 +135,20 @@ def test_run_files_are_readable_by_others_as_the_umask_allows(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_tensors_are_saved_without_copies_except_where_storage_is_shared(tmp_path):
+    """A checkpoint's tensors go to the file as they are (a copy of each made a save hold three
+    times the checkpoint); only a tensor sharing storage with one before it (a tied weight, a
+    view) is copied, since safetensors refuses shared storage. Both read back exactly."""
+    from spdkit.store.atomic import load_tensors, save_tensors, unshared_cpu
+
+    w = torch.randn(4, 3)
+    own = torch.randn(5)
+    tensors = {"w": w, "tied": w, "row": w[1], "own": own}
+    out = unshared_cpu(tensors)
+    assert out["w"].data_ptr() == w.data_ptr() and out["own"].data_ptr() == own.data_ptr()
+    assert out["tied"].data_ptr() != w.data_ptr() and out["row"].data_ptr() != w[1].data_ptr()
+    save_tensors(tmp_path / "t.safetensors", tensors)
+    back, _ = load_tensors(tmp_path / "t.safetensors")
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())

@@ -72,8 +72,23 @@ def atomic_write_text(path: Path, text: str) -> None:
 def save_tensors(
     path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None
 ) -> None:
-    cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    atomic_write_bytes(path, st_save(cpu, metadata=metadata))
+    atomic_write_bytes(path, st_save(unshared_cpu(tensors), metadata=metadata))
+
+
+def unshared_cpu(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The tensors on the CPU, contiguous, no two sharing storage (safetensors refuses shared
+    ones, e.g. tied weights): a tensor is copied only when it must be. Copying every tensor
+    made a checkpoint's save hold three times its size (the copies, then the file's bytes)."""
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for name, value in tensors.items():
+        v = value.detach().to("cpu").contiguous()
+        storage = v.untyped_storage().data_ptr()
+        if storage in seen:
+            v = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
+        out[name] = v
+    return out
 
 
 def load_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
