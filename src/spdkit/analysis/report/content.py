@@ -31,6 +31,12 @@ CONTEXT_WIDTH = 16  # tokens before the top position (and 4 after)
 N_CONTEXTS = 6
 
 
+def page_of(name: str) -> str:
+    """The report page of subcomponent "<module>:<index>": sub/<module>_<index>.html."""
+    module, _, index = name.rpartition(":")
+    return f"sub/{module}_{index}.html"
+
+
 @dataclass
 class Subcomponent:
     module: str
@@ -52,7 +58,7 @@ class Subcomponent:
 
     @property
     def page(self) -> str:
-        return f"sub/{self.module}_{self.index}.html"
+        return page_of(self.name)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from torch import Tensor
 from spdkit.analysis.attribution import AttributionParams, prompt_graph
 from spdkit.analysis.decomposed import Decomposed
 from spdkit.analysis.mechanisms.clusters import Cluster
+from spdkit.analysis.report.content import page_of
 from spdkit.method.measures import causal_importance
 from spdkit.targets import reports_lm, target_kind
 
@@ -179,7 +180,7 @@ def attribution_graph(decomp: Decomposed, ids: Tensor, threshold: float, pages: 
     decoder = target_kind(target).decoder if target is not None else None
     graph = prompt_graph(decomp.model, ids, params, decode=decoder(target) if decoder else None)
     for node in graph["nodes"]:
-        page = f"sub/{node['module']}_{node['index']}.html"
+        page = page_of(f"{node['module']}:{node['index']}")
         node["page"] = page if page in pages else None
     return graph
 
@@ -203,8 +204,7 @@ def search_harvest(
         if not hits:
             continue
         on_it = sum(ctx["tokens"][ctx["at"]].strip() == query for ctx in hits)
-        module, _, index = name.rpartition(":")
-        page = f"sub/{module}_{index}.html"
+        page = page_of(name)
         found.append(
             {
                 "name": name,

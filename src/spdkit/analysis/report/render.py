@@ -12,7 +12,7 @@ from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from spdkit.analysis.report.content import HIST_BINS, TOP_ENTRIES, ReportContent
+from spdkit.analysis.report.content import HIST_BINS, TOP_ENTRIES, ReportContent, page_of
 from spdkit.progress import progress_bar
 from spdkit.store import atomic
 
@@ -236,8 +236,7 @@ def search_data_js(harvested: dict[str, dict[str, Any]], pages: set[str]) -> str
     token's index, as `spdkit serve` searches them (`live.search_harvest`)."""
     data = {}
     for name, entry in harvested.items():
-        module, _, index = name.rpartition(":")
-        page = f"sub/{module}_{index}.html"
+        page = page_of(name)
         data[name] = {
             "density": entry["density"],
             "page": page if page in pages else None,
