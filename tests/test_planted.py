@@ -110,6 +110,39 @@ def test_measure_reports_both_removals_and_everything_ablated_is_fraction_one():
     assert all(none[t]["static"]["ablated"] == none[t]["static"]["baseline"] for t in SMALL.tasks)
 
 
+def test_the_rounded_gate_starts_every_removal_from_the_rounded_ci_masks():
+    """Gate('rounded', τ): baseline and ablations are the masked model with m = 1[g > τ]
+    (recomputed here from the model's own CI), not with m = g."""
+    model, groups = _model()
+    gate = ablation.Gate("rounded", 0.1)
+    off = {"blocks.0.attn.v": [0, 3], "blocks.1.mlp.fc_in": [1]}
+    base, ablated = ablation.scored_ces(model, groups, [("gated", {}), ("gated", off)], gate=gate)
+    plain = ablation.scored_ces(model, groups, [("gated", {})])[0]
+    for task, (ids, scored) in groups.items():
+        with torch.no_grad():
+            record = model.record(ids)
+            g, _ = model.importances(ids, record)
+            rounded = {n: (v > 0.1).float() for n, v in g.items()}
+            for want, masks in ((base, rounded), (ablated, ablation.gated_masks(rounded, off))):
+                ce = planted_ce(model(ids, masks), ids, scored)
+                assert want[task] == pytest.approx(ce, rel=1e-5)
+    assert base != plain  # the two gates are different baselines on this model
+    score = mechanism_score.mechanism_score(
+        model, groups, [Cluster(0, ["blocks.0.attn.v:0"], 0.1)], max_clusters=1,
+        progress=False, gate=gate,
+    )  # fmt: skip
+    assert all(row["gate"] == {"kind": "rounded", "threshold": 0.1} for row in score.values())
+    assert score["copy"]["baseline_ce"] == pytest.approx(base["copy"], rel=1e-6)
+
+
+def planted_ce(logits: torch.Tensor, ids: torch.Tensor, scored: torch.Tensor) -> float:
+    """Mean next-token CE over the scored positions."""
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none"
+    )
+    return ce[scored[:, 1:].flatten()].mean().item()
+
+
 def test_parse_items_names_clusters_and_subcomponents_and_refuses_others():
     sizes = {"blocks.0.attn.q": 4, "embed": 4}
     clusters = [Cluster(0, ["embed:1", "blocks.0.attn.q:3"], 0.1)]

@@ -132,18 +132,28 @@ class Decomposition:
         mechanism 3 (its members' rank-one weights removed)."""
         return mechanism_masks(self, self.clusters(), off, only)
 
-    def ablate(self, items: Sequence[str], n: int = 256, seed: int = 0) -> dict[str, Any]:
+    def ablate(
+        self, items: Sequence[str], n: int = 256, seed: int = 0, masks: str = "ci"
+    ) -> dict[str, Any]:
         """What removing `items` (`cluster:<id>` or `<module>:<index>`) costs, per position
         group (`planted_lm`: per task; other LMs: every position of n held-out sequences):
         next-token CE under the CI-gated ablation and the static weight edit, side by side
-        (`spdkit.analysis.ablation`)."""
+        (`spdkit.analysis.ablation`). `masks`: the CI-gated baseline, `ci` (m = g) or
+        `rounded` (m = 1[g > eval.ci_threshold])."""
         sizes = {m: self.model.components(m).C for m in self.module_names}
         clusters = self.saved_clusters()
         off = ablation.parse_items(items, clusters, sizes)
         groups = ablation.position_groups(self, n, seed)
-        chunk = self.config.eval.batch_size
-        measured = ablation.measure(self.model, groups, off, self._decoder(), chunk=chunk)
-        return {"off": off, "groups": measured}
+        chunk, gate = self.config.eval.batch_size, self._gate(masks)
+        measured = ablation.measure(
+            self.model, groups, off, self._decoder(), chunk=chunk, gate=gate
+        )
+        return {"off": off, "masks": gate.describe(), "groups": measured}
+
+    def _gate(self, masks: str) -> ablation.Gate:
+        if masks not in ("ci", "rounded"):
+            raise ValueError(f"masks={masks!r}: use 'ci' (m = g) or 'rounded' (m = 1[g > τ])")
+        return ablation.Gate(masks, self.config.eval.ci_threshold)  # type: ignore[arg-type]
 
     def mechanism_score(
         self,
@@ -152,9 +162,11 @@ class Decomposition:
         n: int = 256,
         seed: int = 0,
         progress: bool = True,
+        masks: str = "ci",
     ) -> dict[str, Any]:
         """Per position group, the fewest clusters carrying ≥ `frac` of its loss, their
-        selectivity, and the selective set where groups have a chance CE (mechanism_score)."""
+        selectivity, and the selective set where groups have a chance CE (mechanism_score);
+        `masks` as in `ablate`."""
         groups = ablation.position_groups(self, n, seed)
         chance_ce = target_kind(self.config.target).chance_ce if self.config.target else None
         return scoring.mechanism_score(
@@ -166,6 +178,7 @@ class Decomposition:
             progress,
             chunk=self.config.eval.batch_size,
             chance={g: chance_ce(self.config.target, g) for g in groups} if chance_ce else None,
+            gate=self._gate(masks),
         )
 
     def attribute(

@@ -4,7 +4,10 @@ Two ways to remove subcomponents c ∈ S, side by side (`spdkit ablate`):
 
 - **CI-gated** (the decomposition's own semantics): the masked model with masks m = g (the CI
   of this input) and m_c = 0 for c ∈ S. Its baseline is the masked model with m = g; ablating
-  everything decomposed is m = 0.
+  everything decomposed is m = 0. With `Gate("rounded", τ)` the masks start from 1[g > τ]
+  instead: every piece the CI calls needed counts whole (a piece with τ < g < 1 is half
+  removed already under m = g, so a decomposition whose CI sits between τ and 1 can lose a
+  task at its own baseline while its rounded masks keep it).
 - **static edit** (what a weight edit does): the target with W' = W − Σ_{c∈S} U[:, c] V[c, :]
   in every module S touches, for every input. Its baseline is the target itself; ablating
   everything decomposed leaves W − U V (the part of W no subcomponent holds).
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -90,9 +93,31 @@ def everything(model: ComponentModel) -> Off:
     return {n: list(range(model.components(n).C)) for n in model.module_names}
 
 
-def gated_masks(g: Mapping[str, Tensor], off: Off) -> dict[str, Tensor]:
-    """CI-gated ablation: m = g, with m_c = 0 for the removed c (every position)."""
-    masks = {n: v.clone() for n, v in g.items()}
+@dataclass(frozen=True)
+class Gate:
+    """The masks a CI-gated removal starts from: `ci`, m = g (the masked model the paper
+    trains), or `rounded`, m = 1[g > threshold] (the pieces the CI calls needed, whole)."""
+
+    kind: Literal["ci", "rounded"] = "ci"
+    threshold: float = 0.0
+
+    def masks(self, g: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The baseline masks of CI g (each [..., C])."""
+        if self.kind == "ci":
+            return dict(g)
+        return {n: (v > self.threshold).to(v.dtype) for n, v in g.items()}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "threshold": self.threshold if self.kind == "rounded" else None}
+
+
+CI_GATE = Gate()  # m = g: the masked model the decomposition was trained as
+
+
+def gated_masks(base: Mapping[str, Tensor], off: Off) -> dict[str, Tensor]:
+    """CI-gated ablation: the baseline masks (`Gate.masks`), with m_c = 0 for the removed c
+    (every position)."""
+    masks = {n: v.clone() for n, v in base.items()}
     for module, indices in off.items():
         masks[module][..., indices] = 0.0
     return masks
@@ -127,15 +152,17 @@ Removal = tuple[str, "Off | None"]  # ("gated" | "static", off); ("static", None
 @dataclass(frozen=True)
 class Chunk:
     """A piece of one position group with what every removal of it reuses: the target's
-    record of it and its CI masks g."""
+    record of it and its baseline masks (the gate's masks of its CI)."""
 
     ids: Tensor  # [b, T]
     scored: Tensor  # [b, T] bool
     record: Any
-    g: dict[str, Tensor]
+    base: dict[str, Tensor]  # module -> [b, T, C]
 
 
-def group_chunks(model: ComponentModel, ids: Tensor, scored: Tensor, size: int | None):  # noqa: ANN201
+def group_chunks(  # noqa: ANN201
+    model: ComponentModel, ids: Tensor, scored: Tensor, size: int | None, gate: Gate = CI_GATE
+):
     """The group's chunks of `size` sequences (None: all), one at a time (a record lives only
     while its chunk is measured: memory is that of one chunk, whatever n)."""
     size = size or ids.shape[0]
@@ -144,17 +171,17 @@ def group_chunks(model: ComponentModel, ids: Tensor, scored: Tensor, size: int |
         with torch.no_grad():
             record = model.record(piece)
             g, _ = model.importances(piece, record)
-        yield Chunk(piece, scored[start : start + size], record, g)
+        yield Chunk(piece, scored[start : start + size], record, gate.masks(g))
 
 
 @torch.no_grad()
 def token_ce(model: ComponentModel, chunk: Chunk, removal: Removal) -> Tensor:
     """Per-token CE [b, T − 1] of the chunk under one removal: `gated` is the masked model
-    with masks g minus `off`; `static` the target with `off` subtracted from its weights
+    with the chunk's baseline masks minus `off`; `static` the target with `off` subtracted from its weights
     (off None: the target itself)."""
     kind, off = removal
     if kind == "gated":
-        logits = model.masked_forward(chunk.ids, gated_masks(chunk.g, off or {}), chunk.record)
+        logits = model.masked_forward(chunk.ids, gated_masks(chunk.base, off or {}), chunk.record)
     elif off is None:
         logits = chunk.record.output
     else:
@@ -168,6 +195,7 @@ def scored_ces(
     removals: Sequence[Removal],
     chunk: int | None = 64,
     tick: Callable[[], object] = lambda: None,
+    gate: Gate = CI_GATE,
 ) -> list[dict[str, float]]:
     """Mean CE of each group's scored positions under each removal: one pass over the data,
     every removal measured on each chunk while its record is alive (only per-token CE is
@@ -176,7 +204,7 @@ def scored_ces(
     for name, (ids, scored) in groups.items():
         sums = [0.0] * len(removals)
         count = int(scored[:, 1:].sum())
-        for piece in group_chunks(model, ids, scored, chunk):
+        for piece in group_chunks(model, ids, scored, chunk, gate):
             mask = piece.scored[:, 1:]
             for i, removal in enumerate(removals):
                 sums[i] += token_ce(model, piece, removal)[mask].sum().item()
@@ -198,9 +226,10 @@ def measure(
     decode: Callable[[list[int]], str] | None = None,
     n_tokens: int = 10,
     chunk: int | None = 64,
+    gate: Gate = CI_GATE,
 ) -> dict[str, Any]:
     """Per group, CE of the scored positions for both kinds of removal: baseline, with `off`
-    removed, with everything decomposed removed, and `fraction`. With `decode`, the
+    removed, with everything decomposed removed, and `fraction` (CI-gated from `gate`'s masks). With `decode`, the
     `n_tokens` positions whose CE rises most under the CI-gated ablation, as text ending
     in [the predicted token]."""
     every = everything(model)
@@ -208,7 +237,7 @@ def measure(
         ("gated", {}), ("gated", off), ("gated", every),
         ("static", None), ("static", off), ("static", every),
     ]  # fmt: skip
-    ces = scored_ces(model, groups, removals, chunk)
+    ces = scored_ces(model, groups, removals, chunk, gate=gate)
     out: dict[str, Any] = {}
     for name in groups:
         row: dict[str, Any] = {}
@@ -220,7 +249,9 @@ def measure(
                 "fraction": fraction(a[name], b[name], f[name]),
             }
         if decode is not None:
-            row["most_moved"] = most_moved(model, groups[name], off, decode, n_tokens, chunk)
+            row["most_moved"] = most_moved(
+                model, groups[name], off, decode, n_tokens, chunk, gate=gate
+            )
         out[name] = row
     return out
 
@@ -233,11 +264,12 @@ def most_moved(
     n: int,
     chunk: int | None = 64,
     width: int = 12,
+    gate: Gate = CI_GATE,
 ) -> list[dict[str, Any]]:
     """The n scored positions whose CE rises most under the CI-gated ablation, as the
     context before the predicted token and the token in brackets."""
     found: list[tuple[float, list[int], int]] = []  # (rise, ids of the sequence, position)
-    for piece in group_chunks(model, *group, chunk):
+    for piece in group_chunks(model, *group, chunk, gate):
         rise = token_ce(model, piece, ("gated", off)) - token_ce(model, piece, ("gated", {}))
         rise = rise.masked_fill(~piece.scored[:, 1:], -torch.inf)
         k = min(n, int(piece.scored[:, 1:].sum()))

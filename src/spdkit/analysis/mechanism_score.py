@@ -20,6 +20,8 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from spdkit.analysis.ablation import (
+    CI_GATE,
+    Gate,
     Groups,
     Off,
     Removal,
@@ -44,6 +46,7 @@ def mechanism_score(
     chance: Mapping[str, float] | None = None,
     max_selectivity: float = 0.1,
     max_selective: int = 32,
+    gate: Gate = CI_GATE,
 ) -> dict[str, Any]:
     """Per group: the clusters (greedy by single-cluster damage) whose CI-gated ablation costs
     ≥ `frac` of the everything-ablated increase, at most `max_clusters`; the fraction
@@ -54,14 +57,17 @@ def mechanism_score(
     **selective set** (`selective_set`): fractions there are of the way to
     reference = min(everything-ablated, chance) CE, since removing everything decomposed
     overshoots chance by also breaking what every task shares; a mechanism removed alone should
-    take its task to chance, no further."""
+    take its task to chance, no further.
+
+    `gate`: the masks every CI-gated removal starts from (`ablation.Gate`: m = g, or the
+    rounded 1[g > τ]); recorded in each group's row as `gate`."""
     every = everything(model)
-    base, full = scored_ces(model, groups, [("gated", {}), ("gated", every)], chunk)
+    base, full = scored_ces(model, groups, [("gated", {}), ("gated", every)], chunk, gate=gate)
     n_chunks = sum(-(-len(ids) // (chunk or len(ids))) for ids, _ in groups.values())
     n_sets = max_clusters + (max_selective if chance else 0)
     bar = progress_bar(n_chunks * len(clusters) + len(groups) * n_sets, "ablate", progress)
     removals: list[Removal] = [("gated", c.indices()) for c in clusters]
-    ces = scored_ces(model, groups, removals, chunk, tick=lambda: bar.update(1))
+    ces = scored_ces(model, groups, removals, chunk, tick=lambda: bar.update(1), gate=gate)
     single = {
         c.id: {n: ce[n] - base[n] for n in groups} for c, ce in zip(clusters, ces, strict=True)
     }
@@ -74,7 +80,7 @@ def mechanism_score(
         fractions: dict[str, float] = {}
         for k in order[:max_clusters]:
             chosen.append(k)
-            (ce,) = scored_ces(model, groups, [("gated", union(by_id, chosen))], chunk)
+            (ce,) = scored_ces(model, groups, [("gated", union(by_id, chosen))], chunk, gate=gate)
             fractions = {n: fraction(ce[n], base[n], full[n]) for n in groups}
             bar.update(1)
             if fractions[group] >= frac:
@@ -94,6 +100,7 @@ def mechanism_score(
             "static_other_fractions": {n: static[n] for n in groups if n != group},
             "baseline_ce": base[group],
             "everything_ce": full[group],
+            "gate": gate.describe(),
         }
     if chance:
         # a group the model does better than chance on is lost at chance; one it does not
@@ -116,6 +123,7 @@ def mechanism_score(
                 SelectiveParams(frac, max_selectivity, max_selective),
                 chunk,
                 tick=lambda: bar.update(1),
+                gate=gate,
             )
     bar.close()
     return out
@@ -141,6 +149,7 @@ def selective_set(
     params: SelectiveParams,
     chunk: int | None,
     tick: Callable[[], None] = lambda: None,
+    gate: Gate = CI_GATE,
 ) -> dict[str, Any]:
     """The clusters that remove `group`'s mechanism and nothing else, greedily: candidates in
     order of selective damage alone[k][group] − max_{other} alone[k][other] (each cluster's
@@ -161,7 +170,8 @@ def selective_set(
     chosen: list[int] = []
     fractions = dict.fromkeys(groups, 0.0)
     for k in candidates[: params.max_sets]:
-        (ce,) = scored_ces(model, groups, [("gated", union(by_id, [*chosen, k]))], chunk)
+        off = union(by_id, [*chosen, k])
+        (ce,) = scored_ces(model, groups, [("gated", off)], chunk, gate=gate)
         tick()
         trial = fractions_of(ce)
         if max((trial[n] for n in others), default=0.0) <= params.max_selectivity:
@@ -208,6 +218,8 @@ def plot_mechanism_score(score: dict[str, Any], path: Path | None) -> Figure:
     labels = [f"{r}: {len(score[r]['clusters'])} cl." for r in groups]
     ax.set_yticks(range(len(groups)), labels)
     ax.set_xlabel("CE increase in group (fraction of everything ablated)")
-    ax.set_title("mechanism score (CI-gated ablation)")
+    gate = next(iter(score.values()), {}).get("gate") or {"kind": "ci"}
+    masks = "m = g" if gate["kind"] == "ci" else f"m = 1[g > {gate['threshold']:g}]"
+    ax.set_title(f"mechanism score (CI-gated ablation, {masks})")
     fig.colorbar(im, ax=ax, shrink=0.8)
     return finish(fig, path)

@@ -21,12 +21,16 @@ def ablate(
     n: int = typer.Option(256, min=1, help="held-out sequences (per task for planted_lm)"),
     frac: float = typer.Option(0.8, min=0, max=1, help="--score: damage share a set must reach"),
     max_clusters: int = typer.Option(8, min=1, help="--score: most clusters per set"),
+    masks: str = typer.Option(
+        "ci", help="CI-gated baseline: ci (m = g) or rounded (m = 1[g > eval.ci_threshold])"
+    ),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
     """What removing subcomponents costs: next-token CE per position group (planted_lm: per
     task) under the CI-gated ablation and the static weight edit, side by side; with
-    --score, the fewest clusters that carry each group and their selectivity. Writes
+    --score, the fewest clusters that carry each group and their selectivity (--masks
+    rounded: every removal starts from the rounded CI masks, not from m = g). Writes
     RUN_DIR/ablation.json (and mechanism_score.json, figures/mechanism_score.png)."""
     import json
 
@@ -42,11 +46,11 @@ def ablate(
             raise ValueError("name what to remove (--clusters, --subcomponents) or ask for --score")
         decomp = load(run_dir, resolve_device(device))
         if items:
-            result = decomp.ablate(items, n)
+            result = decomp.ablate(items, n, masks=masks)
             atomic.atomic_write_text(run_dir / "ablation.json", json.dumps(result, indent=1) + "\n")
             _print_ablation(result)
         if score:
-            table = decomp.mechanism_score(frac, max_clusters, n, progress=not quiet)
+            table = decomp.mechanism_score(frac, max_clusters, n, progress=not quiet, masks=masks)
             atomic.atomic_write_text(
                 run_dir / "mechanism_score.json", json.dumps(table, indent=1) + "\n"
             )
@@ -58,7 +62,10 @@ def ablate(
 
 def _print_ablation(result: dict) -> None:
     n_off = sum(len(v) for v in result["off"].values())
-    typer.echo(f"removed {n_off} subcomponents; CE of the scored positions (nats):")
+    typer.echo(
+        f"removed {n_off} subcomponents; CE of the scored positions (nats); CI-gated from "
+        f"{_masks(result['masks'])}:"
+    )
     typer.echo(
         f"{'group':<12} {'CI-gated: base → ablated (frac)':<36} static edit: target → edited (frac)"
     )
@@ -73,8 +80,16 @@ def _print_ablation(result: dict) -> None:
             typer.echo(f"  {group}: +{moved['ce_rise']:.3f}  {moved['context']}")
 
 
+def _masks(gate: dict) -> str:
+    return "m = g" if gate["kind"] == "ci" else f"m = 1[g > {gate['threshold']:g}]"
+
+
 def _print_score(table: dict, frac: float) -> None:
-    typer.echo(f"mechanism score (a set must cost ≥ {frac:.0%} of ablating everything):")
+    gate = next(iter(table.values()))["gate"]
+    typer.echo(
+        f"mechanism score (a set must cost ≥ {frac:.0%} of ablating everything; "
+        f"CI-gated from {_masks(gate)}):"
+    )
     for group, row in table.items():
         _verdict_line(
             group,
