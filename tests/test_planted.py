@@ -323,6 +323,13 @@ def test_edit_writes_a_target_that_reloads_and_decomposes_again(planted_run, tmp
     assert out.exit_code == 0, out.output
     result = json.loads((edited / "edit.json").read_text())
     assert all(row["reload_max_abs_diff"] < 1e-5 for row in result["groups"].values())
+    for task, row in result["groups"].items():  # of the way to min(everything, chance)
+        reference = min(row["everything"], row["chance_ce"])
+        if row["chance_ce"] <= row["target"]:
+            reference = row["everything"]
+        want = (row["edited"] - row["target"]) / (reference - row["target"])
+        assert row["fraction_to_reference"] == pytest.approx(want), task
+    assert "to chance" in out.output
     decomp = load(run)
     original, _ = runs.load_target(run, decomp.config.target)
     changed, _ = runs.load_target(edited, decomp.config.target)

@@ -219,6 +219,14 @@ def fraction(ablated: float, base: float, full: float) -> float:
     return (ablated - base) / (full - base) if full != base else float("nan")
 
 
+def reference_ce(base: float, full: float, chance: float) -> float:
+    """What removing one group's mechanism alone should cost: min(everything removed, chance).
+    Removing everything decomposed overshoots chance (it also breaks what every group shares),
+    while a model that has lost only this group's rule sits at chance. A group the model does
+    no better than chance on keeps the everything-removed reference."""
+    return min(full, chance) if chance > base else full
+
+
 def measure(
     model: ComponentModel,
     groups: Groups,

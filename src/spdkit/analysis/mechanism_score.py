@@ -27,6 +27,7 @@ from spdkit.analysis.ablation import (
     Removal,
     everything,
     fraction,
+    reference_ce,
     scored_ces,
 )
 from spdkit.analysis.mechanisms.clusters import Cluster
@@ -103,9 +104,7 @@ def mechanism_score(
             "gate": gate.describe(),
         }
     if chance:
-        # a group the model does better than chance on is lost at chance; one it does not
-        # (an untrained target) keeps the everything-ablated reference
-        reference = {n: min(full[n], chance[n]) if chance[n] > base[n] else full[n] for n in groups}
+        reference = {n: reference_ce(base[n], full[n], chance[n]) for n in groups}
 
         def to_reference(ce: Mapping[str, float]) -> dict[str, float]:
             return {n: fraction(ce[n], base[n], reference[n]) for n in groups}

@@ -141,11 +141,20 @@ def edit(
         _fail(err)
     n_off = sum(len(v) for v in result["off"].values())
     typer.echo(f"wrote {out} ({result['format']}): {n_off} subcomponents removed")
-    typer.echo(f"{'group':<12} {'target':>8} {'edited':>8} {'all removed':>12} {'fraction':>9}")
-    for group, row in result["groups"].items():
-        typer.echo(
+    rows = result["groups"]
+    chance = all("fraction_to_reference" in row for row in rows.values())
+    head = f"{'group':<12} {'target':>8} {'edited':>8} {'all removed':>12} {'fraction':>9}"
+    typer.echo(head + (f" {'to chance':>10}" if chance else ""))
+    for group, row in rows.items():
+        line = (
             f"{group:<12} {row['target']:>8.4f} {row['edited']:>8.4f} {row['everything']:>12.4f}"
             f" {row['fraction']:>9.2f}"
+        )
+        typer.echo(line + (f" {row['fraction_to_reference']:>10.2f}" if chance else ""))
+    if chance:
+        typer.echo(
+            "fraction: of the way to everything removed; to chance: of the way to "
+            "min(everything removed, chance CE)"
         )
 
 

@@ -8,7 +8,9 @@ edited model); a Hugging Face target as a `save_pretrained` folder (with the tok
 original directory has one) that plain `transformers` loads. `DIR/edit.json` records what was
 removed and the measured effect: per position group, the scored CE of the original target,
 of the edited one as reloaded from DIR, and of the target with every decomposed subcomponent
-removed, and the fraction (edited − target) / (everything − target).
+removed, and the fraction (edited − target) / (everything − target); for targets whose groups
+have a chance CE (`planted_lm`'s tasks) also the fraction of the way to min(everything,
+chance) (`ablation.reference_ce`: one task's rule removed should cost chance, no more).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from spdkit.analysis import ablation
 from spdkit.api import Decomposition
 from spdkit.method.forwards import model_output
 from spdkit.store import atomic, runs
-from spdkit.targets import hf
+from spdkit.targets import hf, target_kind
 from spdkit.targets.transformer import scored_token_ce
 
 log = logging.getLogger(__name__)
@@ -117,6 +119,8 @@ def measure_edit(
     in-memory one (the file round trip)."""
     model, chunk = decomp.model, decomp.config.eval.batch_size
     groups = ablation.position_groups(decomp, n)
+    target_config = decomp.config.target
+    chance_ce = target_kind(target_config).chance_ce if target_config else None
     every = ablation.everything(model)
     base, full = ablation.scored_ces(model, groups, [("static", None), ("static", every)], chunk)
     in_memory = ablation.edited_forward(model, off)
@@ -135,4 +139,9 @@ def measure_edit(
             "fraction": ablation.fraction(ce, base[group], full[group]),
             "reload_max_abs_diff": diff,
         }
+        if chance_ce is not None:
+            chance = chance_ce(target_config, group)
+            reference = ablation.reference_ce(base[group], full[group], chance)
+            out[group]["chance_ce"] = chance
+            out[group]["fraction_to_reference"] = ablation.fraction(ce, base[group], reference)
     return out
