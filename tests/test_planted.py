@@ -127,10 +127,9 @@ def test_the_rounded_gate_starts_every_removal_from_the_rounded_ci_masks():
                 ce = planted_ce(model(ids, masks), ids, scored)
                 assert want[task] == pytest.approx(ce, rel=1e-5)
     assert base != plain  # the two gates are different baselines on this model
-    score = mechanism_score.mechanism_score(
-        model, groups, [Cluster(0, ["blocks.0.attn.v:0"], 0.1)], max_clusters=1,
-        progress=False, gate=gate,
-    )  # fmt: skip
+    one = [Cluster(0, ["blocks.0.attn.v:0"], 0.1)]
+    params = mechanism_score.ScoreParams(max_clusters=1)
+    score = mechanism_score.mechanism_score(model, groups, one, params, gate=gate, progress=False)
     assert all(row["gate"] == {"kind": "rounded", "threshold": 0.1} for row in score.values())
     assert score["copy"]["baseline_ce"] == pytest.approx(base["copy"], rel=1e-6)
 
@@ -167,9 +166,8 @@ def test_mechanism_score_takes_clusters_by_damage_until_the_share_is_reached():
     clusters = [
         Cluster(i, [f"{n}:{c}" for c in range(24)], 0.5) for i, n in enumerate(model.module_names)
     ]
-    score = mechanism_score.mechanism_score(
-        model, groups, clusters, frac=0.8, max_clusters=4, progress=False
-    )
+    params = mechanism_score.ScoreParams(frac=0.8, max_clusters=4)
+    score = mechanism_score.mechanism_score(model, groups, clusters, params, progress=False)
     every = ablation.everything(model)
     base, full = ablation.scored_ces(model, groups, [("gated", {}), ("gated", every)])
     singles = ablation.scored_ces(model, groups, [("gated", c.indices()) for c in clusters])
@@ -243,8 +241,9 @@ def test_the_selective_set_keeps_other_groups_within_the_bound_and_is_measured_t
         for q in range(4)
     ]
     chance = {g: planted.chance_ce(SMALL, g) for g in groups}
+    params = mechanism_score.ScoreParams(max_clusters=2, max_selectivity=0.3)
     score = mechanism_score.mechanism_score(
-        model, groups, clusters, max_clusters=2, progress=False, chance=chance, max_selectivity=0.3
+        model, groups, clusters, params, chance=chance, progress=False
     )
     every = ablation.everything(model)
     base, full = ablation.scored_ces(model, groups, [("gated", {}), ("gated", every)])

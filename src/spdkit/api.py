@@ -173,12 +173,11 @@ class Decomposition:
             self.model,
             groups,
             self.clusters(),
-            frac,
-            max_clusters,
-            progress,
-            chunk=self.config.eval.batch_size,
+            scoring.ScoreParams(frac, max_clusters),
             chance={g: chance_ce(self.config.target, g) for g in groups} if chance_ce else None,
             gate=self._gate(masks),
+            chunk=self.config.eval.batch_size,
+            progress=progress,
         )
 
     def attribute(

@@ -36,21 +36,30 @@ from spdkit.method.model import ComponentModel
 from spdkit.progress import progress_bar
 
 
+@dataclass(frozen=True)
+class ScoreParams:
+    """frac: the share a set must reach; max_clusters: most clusters in the plain score's set;
+    max_selectivity: the largest share any other group may lose in a selective set;
+    max_selective: most candidate sets the selective set measures."""
+
+    frac: float = 0.8
+    max_clusters: int = 8
+    max_selectivity: float = 0.1
+    max_selective: int = 32
+
+
 def mechanism_score(
     model: ComponentModel,
     groups: Groups,
     clusters: Sequence[Cluster],
-    frac: float = 0.8,
-    max_clusters: int = 8,
-    progress: bool = True,
-    chunk: int | None = 64,
+    params: ScoreParams = ScoreParams(),
     chance: Mapping[str, float] | None = None,
-    max_selectivity: float = 0.1,
-    max_selective: int = 32,
     gate: Gate = CI_GATE,
+    chunk: int | None = 64,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Per group: the clusters (greedy by single-cluster damage) whose CI-gated ablation costs
-    ≥ `frac` of the everything-ablated increase, at most `max_clusters`; the fraction
+    ≥ `params.frac` of the everything-ablated increase, at most `params.max_clusters`; the fraction
     reached, the selectivity (the largest other group's increase as a fraction of its own
     everything-ablated increase), and the same set's fractions under the static edit.
 
@@ -65,7 +74,7 @@ def mechanism_score(
     every = everything(model)
     base, full = scored_ces(model, groups, [("gated", {}), ("gated", every)], chunk, gate=gate)
     n_chunks = sum(-(-len(ids) // (chunk or len(ids))) for ids, _ in groups.values())
-    n_sets = max_clusters + (max_selective if chance else 0)
+    n_sets = params.max_clusters + (params.max_selective if chance else 0)
     bar = progress_bar(n_chunks * len(clusters) + len(groups) * n_sets, "ablate", progress)
     removals: list[Removal] = [("gated", c.indices()) for c in clusters]
     ces = scored_ces(model, groups, removals, chunk, tick=lambda: bar.update(1), gate=gate)
@@ -79,12 +88,12 @@ def mechanism_score(
         order = sorted(single, key=lambda k: single[k][group], reverse=True)
         chosen: list[int] = []
         fractions: dict[str, float] = {}
-        for k in order[:max_clusters]:
+        for k in order[: params.max_clusters]:
             chosen.append(k)
             (ce,) = scored_ces(model, groups, [("gated", union(by_id, chosen))], chunk, gate=gate)
             fractions = {n: fraction(ce[n], base[n], full[n]) for n in groups}
             bar.update(1)
-            if fractions[group] >= frac:
+            if fractions[group] >= params.frac:
                 break
         off = union(by_id, chosen)
         (s_ce,) = scored_ces(model, groups, [("static", off)], chunk)
@@ -94,7 +103,7 @@ def mechanism_score(
             "clusters": chosen,
             "n_subcomponents": sum(len(v) for v in off.values()),
             "fraction": fractions[group],
-            "found": fractions[group] >= frac,
+            "found": fractions[group] >= params.frac,
             "selectivity": max(others) if others else 0.0,
             "other_fractions": {n: fractions[n] for n in groups if n != group},
             "static_fraction": static[group],
@@ -119,23 +128,13 @@ def mechanism_score(
                 by_id,
                 group,
                 to_reference,
-                SelectiveParams(frac, max_selectivity, max_selective),
+                params,
                 chunk,
                 tick=lambda: bar.update(1),
                 gate=gate,
             )
     bar.close()
     return out
-
-
-@dataclass(frozen=True)
-class SelectiveParams:
-    """frac: the share of the way to the reference a set must reach; max_selectivity: the
-    largest share any other group may lose; max_sets: most candidate sets measured."""
-
-    frac: float = 0.8
-    max_selectivity: float = 0.1
-    max_sets: int = 32
 
 
 def selective_set(
@@ -145,7 +144,7 @@ def selective_set(
     by_id: Mapping[int, Cluster],
     group: str,
     fractions_of: Callable[[Mapping[str, float]], dict[str, float]],
-    params: SelectiveParams,
+    params: ScoreParams,
     chunk: int | None,
     tick: Callable[[], None] = lambda: None,
     gate: Gate = CI_GATE,
@@ -168,7 +167,7 @@ def selective_set(
     candidates = sorted((k for k in alone if selective(k) > 0), key=selective, reverse=True)
     chosen: list[int] = []
     fractions = dict.fromkeys(groups, 0.0)
-    for k in candidates[: params.max_sets]:
+    for k in candidates[: params.max_selective]:
         off = union(by_id, [*chosen, k])
         (ce,) = scored_ces(model, groups, [("gated", off)], chunk, gate=gate)
         tick()
