@@ -177,8 +177,8 @@ def group_chunks(  # noqa: ANN201
 @torch.no_grad()
 def token_ce(model: ComponentModel, chunk: Chunk, removal: Removal) -> Tensor:
     """Per-token CE [b, T − 1] of the chunk under one removal: `gated` is the masked model
-    with the chunk's baseline masks minus `off`; `static` the target with `off` subtracted from its weights
-    (off None: the target itself)."""
+    with the chunk's baseline masks minus `off`; `static` the target with `off` subtracted
+    from its weights (off None: the target itself)."""
     kind, off = removal
     if kind == "gated":
         logits = model.masked_forward(chunk.ids, gated_masks(chunk.base, off or {}), chunk.record)
@@ -237,9 +237,9 @@ def measure(
     gate: Gate = CI_GATE,
 ) -> dict[str, Any]:
     """Per group, CE of the scored positions for both kinds of removal: baseline, with `off`
-    removed, with everything decomposed removed, and `fraction` (CI-gated from `gate`'s masks). With `decode`, the
-    `n_tokens` positions whose CE rises most under the CI-gated ablation, as text ending
-    in [the predicted token]."""
+    removed, with everything decomposed removed, and `fraction` (CI-gated: from `gate`'s
+    masks). With `decode`, the `n_tokens` positions whose CE rises most under the CI-gated
+    ablation, as text ending in [the predicted token]."""
     every = everything(model)
     removals: list[Removal] = [
         ("gated", {}), ("gated", off), ("gated", every),

@@ -59,8 +59,8 @@ def mechanism_score(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Per group: the clusters (greedy by single-cluster damage) whose CI-gated ablation costs
-    ≥ `params.frac` of the everything-ablated increase, at most `params.max_clusters`; the fraction
-    reached, the selectivity (the largest other group's increase as a fraction of its own
+    ≥ `params.frac` of the everything-ablated increase, at most `params.max_clusters`; the
+    fraction reached, the selectivity (the largest other group's increase as a fraction of its own
     everything-ablated increase), and the same set's fractions under the static edit.
 
     With `chance` (a group's CE when its rule is unknown, e.g. planted_lm's tasks), also the
