@@ -81,7 +81,9 @@ def score(model: ComponentModel, config: SPDConfig, out: Path) -> dict[str, Any]
         fm = summary["feature_match"]
         row.update(mmcs=fm["mmcs"], ml2r=fm["ml2r"], ground_truth=fm.get("ground_truth"))
     if "resid_mlp" in summary:
-        row["ground_truth"] = summary["resid_mlp"]["verdict"]["ground_truth"]
+        verdict = summary["resid_mlp"]["verdict"]
+        row["ground_truth"] = verdict["ground_truth"]
+        row["w_out"] = verdict["w_out"]  # dense / dead / other: how W_out's pieces fire
     return row
 
 
