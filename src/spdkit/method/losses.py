@@ -119,8 +119,10 @@ def frequency_minimality_loss(
 
     `reference_count` N: the count inside the log is taken at N positions, log2(1 + s·N/BT),
     so the penalty no longer grows with the batch (s is an absolute count: doubling B·T adds
-    one bit to every log). N = BT is the paper's; a small N makes the term nearly linear in s
-    (it then barely favours splitting a frequent subcomponent), a large one more superlinear.
+    one bit to every log). N = BT is the paper's. A small N makes the term small beside
+    importance minimality: with f = s/BT ≤ 1, N = 1 gives s·log2(1 + f) ≈ s·f / ln 2, so a
+    subcomponent firing everywhere pays about one extra unit per firing, not log2(1 + BT)
+    (≈ 11 at BT 2048); it then barely favours splitting a dense mechanism (docs/ground_truth.md).
     """
     total = None
     for phi in penalties:
