@@ -34,7 +34,7 @@ from spdkit.method.model import ComponentModel
 from spdkit.progress import progress_bar
 from spdkit.store import runs
 from spdkit.store.restore import restore
-from spdkit.targets import DataSource, eval_data_source, hf, reports_lm, target_kind
+from spdkit.targets import DataSource, eval_data_source, reports_lm, target_kind
 from spdkit.training.loop import build_trainer, train_in_run_dir
 
 log = logging.getLogger(__name__)
@@ -144,16 +144,12 @@ class Decomposition:
         clusters = self.saved_clusters()
         off = ablation.parse_items(items, clusters, sizes)
         groups = ablation.position_groups(self, n, seed)
-        chunk, gate = self.config.eval.batch_size, self._gate(masks)
+        chunk = self.config.eval.batch_size
+        gate = ablation.Gate.named(masks, self.config.eval.ci_threshold)
         measured = ablation.measure(
             self.model, groups, off, self._decoder(), chunk=chunk, gate=gate
         )
         return {"off": off, "masks": gate.describe(), "groups": measured}
-
-    def _gate(self, masks: str) -> ablation.Gate:
-        if masks not in ("ci", "rounded"):
-            raise ValueError(f"masks={masks!r}: use 'ci' (m = g) or 'rounded' (m = 1[g > τ])")
-        return ablation.Gate(masks, self.config.eval.ci_threshold)  # type: ignore[arg-type]
 
     def mechanism_score(
         self,
@@ -175,7 +171,7 @@ class Decomposition:
             self.clusters(),
             scoring.ScoreParams(frac, max_clusters),
             chance={g: chance_ce(self.config.target, g) for g in groups} if chance_ce else None,
-            gate=self._gate(masks),
+            gate=ablation.Gate.named(masks, self.config.eval.ci_threshold),
             chunk=self.config.eval.batch_size,
             progress=progress,
         )
@@ -390,23 +386,7 @@ def load(
     a fresh instance as `target` (its weights are replaced by the saved ones) and, for the
     analyses that draw inputs (`evaluate`, `cluster`), its `data`.
     """
-    run_dir = local_folder(run_dir)
+    run_dir = runs.local_folder(run_dir)
     model, config, _ = restore(run_dir, device, target)
     summary = runs.read_summary(run_dir)
     return Decomposition(model, config, run_dir, summary, data=data)
-
-
-def local_folder(path: str | Path) -> Path:
-    """A run directory or export folder: `path` itself, or for a Hub id `org/name[@rev]` its
-    snapshot in the local Hugging Face cache (`spdkit export` folders pushed to the Hub)."""
-    local = Path(path)
-    if local.exists() or "/" not in str(path) or str(path).startswith((".", "/", "~")):
-        return local
-    try:
-        return hf.model_dir(str(path))
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{path}: no such run directory, and {err}") from None
-    except ImportError:
-        raise FileNotFoundError(
-            f"{path}: no such run directory (a Hub id needs huggingface_hub: the [hf] extra)"
-        ) from None

@@ -101,6 +101,13 @@ class Gate:
     kind: Literal["ci", "rounded"] = "ci"
     threshold: float = 0.0
 
+    @staticmethod
+    def named(kind: str, threshold: float) -> Gate:
+        """`ci` or `rounded` (at `threshold`); ValueError naming the choices otherwise."""
+        if kind not in ("ci", "rounded"):
+            raise ValueError(f"masks={kind!r}: use 'ci' (m = g) or 'rounded' (m = 1[g > τ])")
+        return Gate(kind, threshold)  # type: ignore[arg-type]
+
     def masks(self, g: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The baseline masks of CI g (each [..., C])."""
         if self.kind == "ci":

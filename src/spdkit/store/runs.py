@@ -38,7 +38,7 @@ from spdkit.store.atomic import (  # re-exported: callers use runs.<name> for ru
     read_nonempty_text,
     save_tensors,
 )
-from spdkit.targets import target_kind
+from spdkit.targets import hf, target_kind
 
 log = logging.getLogger(__name__)
 
@@ -335,3 +335,19 @@ def copy_checkpoint_parameters(params: list[nn.Parameter], tensors: dict[str, Te
     with torch.no_grad():
         for i, p in enumerate(params):
             p.copy_(tensors[f"param.{i}"])
+
+
+def local_folder(path: str | Path) -> Path:
+    """A run directory or export folder: `path` itself, or for a Hub id `org/name[@rev]` its
+    snapshot in the local Hugging Face cache (`spdkit export` folders pushed to the Hub)."""
+    local = Path(path)
+    if local.exists() or "/" not in str(path) or str(path).startswith((".", "/", "~")):
+        return local
+    try:
+        return hf.model_dir(str(path))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{path}: no such run directory, and {err}") from None
+    except ImportError:
+        raise FileNotFoundError(
+            f"{path}: no such run directory (a Hub id needs huggingface_hub: the [hf] extra)"
+        ) from None
