@@ -121,6 +121,13 @@ class Gate:
 CI_GATE = Gate()  # m = g: the masked model the decomposition was trained as
 
 
+def gate_label(described: Mapping[str, Any]) -> str:
+    """A gate as recorded (`Gate.describe`, in ablation.json / mechanism_score.json), in words."""
+    if described["kind"] == "ci":
+        return "m = g"
+    return f"m = 1[g > {described['threshold']:g}]"
+
+
 def gated_masks(base: Mapping[str, Tensor], off: Off) -> dict[str, Tensor]:
     """CI-gated ablation: the baseline masks (`Gate.masks`), with m_c = 0 for the removed c
     (every position)."""

@@ -27,6 +27,7 @@ from spdkit.analysis.ablation import (
     Removal,
     everything,
     fraction,
+    gate_label,
     reference_ce,
     scored_ces,
 )
@@ -217,7 +218,6 @@ def plot_mechanism_score(score: dict[str, Any], path: Path | None) -> Figure:
     ax.set_yticks(range(len(groups)), labels)
     ax.set_xlabel("CE increase in group (fraction of everything ablated)")
     gate = next(iter(score.values()), {}).get("gate") or {"kind": "ci"}
-    masks = "m = g" if gate["kind"] == "ci" else f"m = 1[g > {gate['threshold']:g}]"
-    ax.set_title(f"mechanism score (CI-gated ablation, {masks})")
+    ax.set_title(f"mechanism score (CI-gated ablation, {gate_label(gate)})")
     fig.colorbar(im, ax=ax, shrink=0.8)
     return finish(fig, path)

@@ -61,10 +61,12 @@ def ablate(
 
 
 def _print_ablation(result: dict) -> None:
+    from spdkit.analysis.ablation import gate_label
+
     n_off = sum(len(v) for v in result["off"].values())
     typer.echo(
         f"removed {n_off} subcomponents; CE of the scored positions (nats); CI-gated from "
-        f"{_masks(result['masks'])}:"
+        f"{gate_label(result['masks'])}:"
     )
     typer.echo(
         f"{'group':<12} {'CI-gated: base → ablated (frac)':<36} static edit: target → edited (frac)"
@@ -80,15 +82,13 @@ def _print_ablation(result: dict) -> None:
             typer.echo(f"  {group}: +{moved['ce_rise']:.3f}  {moved['context']}")
 
 
-def _masks(gate: dict) -> str:
-    return "m = g" if gate["kind"] == "ci" else f"m = 1[g > {gate['threshold']:g}]"
-
-
 def _print_score(table: dict, frac: float) -> None:
+    from spdkit.analysis.ablation import gate_label
+
     gate = next(iter(table.values()))["gate"]
     typer.echo(
         f"mechanism score (a set must cost ≥ {frac:.0%} of ablating everything; "
-        f"CI-gated from {_masks(gate)}):"
+        f"CI-gated from {gate_label(gate)}):"
     )
     for group, row in table.items():
         _verdict_line(
