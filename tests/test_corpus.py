@@ -188,6 +188,7 @@ def test_cli_decomposes_a_saved_model_on_a_corpus(tmp_path, model, fmt, extra):
     args += ["--steps", "6", *[a for s in sets for a in ("--set", s)]]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
+    assert "tokenising" not in result.output  # --quiet reaches the corpus reader
     summary = json.loads((run_dir / "summary.json").read_text())
     assert ("lm" in summary) == (model != "bert")
     assert len(summary["modules"]) == 2 and any((run_dir / "figures").glob("*.png"))
@@ -251,3 +252,14 @@ def test_a_hub_dataset_id_reads_from_the_local_cache_offline(tmp_path, tokenizer
     assert 0 < test_split.size < from_hub.size
     with pytest.raises(FileNotFoundError, match="hf download someorg/other --repo-type dataset"):
         tokens_of("hf:someorg/other", tokenizer_dir)
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_the_tokenising_bar_shows_only_when_asked(tmp_path, tokenizer_dir, capfd, progress):
+    # `spdkit run --quiet` passes progress=False down to the corpus reader
+    from transformers import AutoTokenizer
+
+    path = write_corpus(tmp_path / "j", "jsonl")
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    corpus.corpus_tokens(CorpusConfig(path=str(path)), tokenizer_dir, VOCAB, lambda: tok, progress)
+    assert ("tokenising" in capfd.readouterr().err) == progress

@@ -77,7 +77,9 @@ def _compare_starts(
 ) -> dict[str, Any]:
     until = selection_step(config)
     gen = torch.Generator(device=device).manual_seed(config.seed + 3000)
-    x = eval_data_source(config).sample(config.eval.n_eval_samples, gen)
+    x = eval_data_source(config, data_source(config, progress)).sample(
+        config.eval.n_eval_samples, gen
+    )
     scores = []
     for i in range(config.training.candidates):
         where = run_dir / "candidates" / str(i)

@@ -159,7 +159,7 @@ def _decompose_into(
                 "training.candidates=1"
             )
         select_start(run_dir, target, config, device, progress)
-    trainer = build_trainer(target, data_source(config), config, device, parallel)
+    trainer = build_trainer(target, data_source(config, progress), config, device, parallel)
     if ckpt.exists():
         tensors, meta = runs.load_tensors(ckpt)
         try:

@@ -84,6 +84,9 @@ class TargetKind:
     position_groups: Callable[..., dict[str, tuple[Tensor, Tensor]]] | None = None
     # (config, group) -> the group's CE for a model that does not know its rule (chance)
     chance_ce: Callable[[Any, str], float] | None = None
+    # (config, progress) -> None: fill the data's disk caches (tokenise a corpus) before
+    # `data` is first called, with a bar when progress (a run's `--quiet` reaches it here)
+    prepare_data: Callable[[Any, bool], None] | None = None
 
 
 TARGET_KINDS: dict[str, TargetKind] = {
@@ -160,6 +163,7 @@ TARGET_KINDS: dict[str, TargetKind] = {
         build=hf.build_hf,
         train=hf.train_hf,
         data=hf.hf_data,
+        prepare_data=hf.prepare_hf_data,
         architecture=("hf_config",),
         decoder=hf.hf_decoder,
         encoder=hf.hf_encoder,
@@ -189,14 +193,18 @@ def reports_lm(config: TargetConfig | None) -> bool:
     return config is not None and target_kind(config).is_lm(config)
 
 
-def data_source(config: SPDConfig) -> DataSource:
-    """The data of the config's bundled target; a run of the user's own model keeps none."""
+def data_source(config: SPDConfig, progress: bool = False) -> DataSource:
+    """The data of the config's bundled target; a run of the user's own model keeps none.
+    `progress`: a bar while its caches are first filled (a corpus tokenised)."""
     if config.target is None:
         raise ConfigError(
             "this decomposition is of your own model, whose data spdkit does not keep: pass it "
             "(spdkit.load(run_dir, target=model, data=data); the CLI: --data-factory)"
         )
-    return target_kind(config.target).data(config.target)
+    kind = target_kind(config.target)
+    if kind.prepare_data is not None:
+        kind.prepare_data(config.target, progress)
+    return kind.data(config.target)
 
 
 def eval_data_source(config: SPDConfig, data: DataSource | None = None) -> DataSource:

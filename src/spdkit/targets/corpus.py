@@ -223,8 +223,11 @@ def cache_key(config: CorpusConfig, fmt: str, files: list[Path], tokenizer_dir: 
     return digest.hexdigest()[:16]
 
 
-def tokenize_corpus(config: CorpusConfig, tokenizer: Any, tokenizer_dir: Path) -> np.ndarray:
-    """The corpus's token stream (uint32, memmapped), tokenised on first use and cached."""
+def tokenize_corpus(
+    config: CorpusConfig, tokenizer: Any, tokenizer_dir: Path, progress: bool = False
+) -> np.ndarray:
+    """The corpus's token stream (uint32, memmapped), tokenised on first use and cached (a bar
+    while it tokenises when `progress`)."""
     fmt = corpus_format(config)
     files = corpus_files(config, fmt)
     out = cache_root() / f"{cache_key(config, fmt, files, tokenizer_dir)}.u32"
@@ -245,7 +248,9 @@ def tokenize_corpus(config: CorpusConfig, tokenizer: Any, tokenizer_dir: Path) -
             tmp.open("wb") as f,
             # characters, not documents: a text file is one document, so a count of documents
             # would sit at 0 until the end
-            progress_bar(None, "tokenising", unit=" chars", unit_scale=True, leave=False) as bar,
+            progress_bar(
+                None, "tokenising", progress, unit=" chars", unit_scale=True, leave=False
+            ) as bar,
         ):
             for batch in _batched(documents(config, fmt, files), TOKENIZE_BATCH):
                 # verbose=False: a document longer than the model's context is expected here (the
@@ -306,10 +311,15 @@ def check_vocab(tokens: np.ndarray, vocab_size: int, where: str) -> None:
 
 
 def corpus_tokens(
-    config: CorpusConfig, model_dir: Path, vocab_size: int, tokenizer: Callable[[], Any]
+    config: CorpusConfig,
+    model_dir: Path,
+    vocab_size: int,
+    tokenizer: Callable[[], Any],
+    progress: bool = False,
 ) -> np.ndarray:
     """The corpus as one 1-D token stream (memmapped), checked against the model's vocab.
-    `tokenizer()` gives the model's tokenizer (asked for only when there is text to tokenise)."""
+    `tokenizer()` gives the model's tokenizer (asked for only when there is text to tokenise);
+    `progress`: a bar while a text corpus is tokenised (its first use only)."""
     fmt = corpus_format(config)
     if fmt in TOKEN_FORMATS:
         tokens = token_file(config, fmt)
@@ -320,7 +330,7 @@ def corpus_tokens(
                 f"the tokenizer in {model_dir} has {len(tokenizer)} tokens, the model's "
                 f"vocab_size is {vocab_size}: they do not belong together"
             )
-        tokens = tokenize_corpus(config, tokenizer, model_dir)
+        tokens = tokenize_corpus(config, tokenizer, model_dir, progress)
     check_vocab(tokens, vocab_size, config.path)
     return tokens
 

@@ -16,6 +16,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -164,12 +165,26 @@ def hf_data(config: HFTargetConfig) -> RandomTokens | TokenWindows:
     if config.data == "random_tokens":
         return RandomTokens(vocab, config.seq_len)
     if isinstance(config.data, CorpusConfig):
-        tokens = corpus.corpus_tokens(
-            config.data, model_dir(config.path), vocab, lambda: tokenizer(config.path)
-        )
+        tokens = _corpus_tokens(config, config.data, vocab)
         train, held = corpus.split(tokens, config.data.heldout_frac, config.seq_len)
         return TokenWindows(train, config.seq_len, heldout=TokenWindows(held, config.seq_len))
     return TokenWindows(_pydoc_tokens(config.path), config.seq_len)
+
+
+def prepare_hf_data(config: HFTargetConfig, progress: bool) -> None:
+    """Tokenise the configured text corpus now (once: it is cached on disk), with a bar when
+    `progress`: a run asks for its data here, before `hf_data`, so that `--quiet` holds."""
+    if isinstance(config.data, CorpusConfig):
+        vocab = int((config.hf_config or read_hf_config(config.path))["vocab_size"])
+        _corpus_tokens(config, config.data, vocab, progress)
+
+
+def _corpus_tokens(
+    config: HFTargetConfig, data: CorpusConfig, vocab: int, progress: bool = False
+) -> np.ndarray:
+    return corpus.corpus_tokens(
+        data, model_dir(config.path), vocab, lambda: tokenizer(config.path), progress
+    )
 
 
 @cache
