@@ -591,3 +591,52 @@ def test_label_without_a_harvest_is_one_line(tmp_path):
 
     out = CliRunner().invoke(app, ["label", str(tmp_path)])
     assert out.exit_code == 2 and len(out.output.strip().splitlines()) == 1, out.output
+
+
+@pytest.mark.parametrize("repeat", ["random", "fixed"])
+def test_induction_keys_point_at_the_token_after_the_earlier_occurrence(repeat):
+    from spdkit.targets.planted_heads import induction_keys
+
+    config = SMALL.model_copy(update={"induction_repeat": repeat})
+    ids, scored = planted.PlantedTasks(config).task_batch("induction", 64, torch.Generator())
+    rows, s, keys = induction_keys(scored)
+    assert (keys >= 1).all() and (keys < s - 1).all()
+    assert torch.equal(ids[rows, keys], ids[rows, s])  # what the induction head copies
+    assert torch.equal(ids[rows, keys - 1], ids[rows, s - 1])  # what its key matches
+
+
+def test_head_knockout_and_attention_scores_on_a_model_with_known_attention():
+    from spdkit.targets.planted_heads import attention_scores, head_knockout, head_off
+
+    config = SMALL.model_copy(update={"n_layers": 2, "n_heads": 2})
+    torch.manual_seed(0)
+    model = planted.build_planted_lm(config).eval()
+    batches = planted.eval_task_batches(config, 16, seed=0)
+    ids = batches["copy"][0]
+    attn = model.blocks[1].attn
+    with torch.no_grad():
+        plain = model(ids)
+        with head_off(attn, 0), head_off(attn, 1):  # every head off = no attention output
+            both_off = model(ids)
+        w = attn.o.weight.clone()
+        attn.o.weight.zero_()
+        no_attn = model(ids)
+        attn.o.weight.copy_(w)
+    torch.testing.assert_close(both_off, no_attn)
+    assert not torch.allclose(plain, both_off)
+    table = head_knockout(model, batches)
+    assert set(table) == set(config.tasks) and set(table["copy"]) == {
+        "none",
+        "0.0",
+        "0.1",
+        "1.0",
+        "1.1",
+    }
+    # q = 0: uniform causal attention, so the query at t puts 1 / (t + 1) on every key
+    for block in model.blocks:
+        block.attn.q.weight.data.zero_()
+    scores = attention_scores(model, batches, config.copy_offset)
+    s = batches["copy"][1].nonzero(as_tuple=True)[1]
+    expected = (1.0 / s.float()).mean().item()  # query s − 1
+    assert all(abs(v - expected) < 1e-5 for v in scores["copy"].values())
+    assert set(scores) == {"previous_token", "induction", "copy"}

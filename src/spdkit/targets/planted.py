@@ -40,11 +40,11 @@ from torch import Tensor
 from spdkit.config import PlantedLMTargetConfig, SPDConfig
 from spdkit.figures import finish, new_figure
 from spdkit.method.model import ComponentModel
+from spdkit.targets.planted_heads import head_report, scored_ce
 from spdkit.targets.transformer import (
     Transformer,
     gpt_like,
     parse_token_ids,
-    scored_token_ce,
     train_next_token,
 )
 
@@ -138,12 +138,6 @@ class PlantedTasks:
         return ids
 
 
-def scored_ce(logits: Tensor, ids: Tensor, scored: Tensor) -> Tensor:
-    """Mean cross-entropy of the scored tokens: ids[b, t] (scored[b, t]) predicted from
-    logits[b, t − 1]."""
-    return scored_token_ce(logits, ids)[scored[:, 1:]].mean()
-
-
 def chance_ce(config: PlantedLMTargetConfig, task: str) -> float:
     """CE of a model that knows the task's token range but not its rule: ln p for `sum`
     (s < p), ln n_tokens for the others. The gap a task closes is chance − trained."""
@@ -230,11 +224,15 @@ def train_planted_lm(
     model = build_planted_lm(config).to(device)
     train_next_token(model, PlantedTasks(config), config, seed, device, progress)
     model = model.cpu().eval()
-    ces = task_ces(model, eval_task_batches(config, 512, seed + 1000))
+    batches = eval_task_batches(config, 512, seed + 1000)
+    ces = task_ces(model, batches)
     info = {
         "trained_seed": seed,
         "task_ce": {t: round(v, 5) for t, v in ces.items()},
         "task_ce_chance": {t: round(chance_ce(config, t), 5) for t in config.tasks},
+        # which heads each task uses in this trained model (planted_heads: the ground truth
+        # at head granularity; the expected mechanisms above are what training may find)
+        "heads": head_report(model, batches, config.copy_offset),
     }
     log.info("planted_lm target: scored CE per task %s", info["task_ce"])
     return model.requires_grad_(False), info
