@@ -3,14 +3,16 @@
     python benchmarks/induction_circuit.py RUN_DIR [--prompts 8] [--nodes PATTERN ...]
                                            [--out FILE.json]
 
-For an `induction` run (the prompt: random tokens, then the same tokens again) or a
-`planted_lm` run (its induction task), on the second half of each prompt (positions that
-induction predicts):
+For an `induction` run or a `planted_lm` run (its induction task), on each prompt's scored
+repeat: the query positions t (whose next token induction predicts) and the key positions
+j = t + 1 − m (the token after the earlier occurrence of ids[t], m the repeat's offset):
 
-- into layer-1 query / key nodes: the share of incoming edge mass (Σ|e|) from layer-0 output
-  (and value) subcomponents, and the rank of the first such edge;
-- into layer-0 output nodes at second-half positions: the share from layer-0 value nodes at
-  the previous position (the previous-token head's move);
+- into layer-1 query nodes at the queries and key nodes at the keys: the share of incoming
+  edge mass (Σ|e|) from layer-0 output / value subcomponents, and the median rank of the first
+  such edge; for the keys also the share from what the previous-token head wrote (layer-0 o
+  at j, layer-0 v at j − 1);
+- into layer-0 output nodes at the keys: the share from layer-0 value nodes at j − 1 (the
+  previous-token head's move);
 - into the predicted token's logit: the share from layer-1 output / value subcomponents.
 
 Edges are the one-hop graph of `spdkit.analysis.attribution` with every edge kept
@@ -31,25 +33,28 @@ import torch
 import spdkit
 from spdkit.analysis.attribution import AttributionParams, prompt_graph
 from spdkit.targets import planted
+from spdkit.targets.planted_heads import induction_keys
 from spdkit.targets.transformer import RepeatedTokens
 
 
 def repeated_prompts(
     decomp: spdkit.Decomposition, n: int, seed: int
-) -> tuple[torch.Tensor, list[set[int]]]:
-    """n prompts [n, T] and, per prompt, the positions whose next token induction predicts
-    (`planted_lm`: the task's scored tokens, one position earlier, whatever the repeat's
-    offset; `induction`: the second half)."""
+) -> tuple[torch.Tensor, list[set[int]], list[set[int]]]:
+    """n prompts [n, T] and, per prompt, the query positions (whose next token induction
+    predicts) and the key positions (the token after the earlier occurrence of each query's
+    token: where the induction head should look), from the task's scored tokens."""
     target = decomp.config.target
     gen = torch.Generator().manual_seed(seed)
     if target.kind == "planted_lm":
         ids, scored = planted.PlantedTasks(target).task_batch("induction", n, gen)
-        return ids, [{t - 1 for t in row.nonzero().flatten().tolist()} for row in scored]
-    if target.kind == "induction":
-        ids = RepeatedTokens(target.vocab_size, target.seq_len).sample(n, gen)
-        half = target.seq_len // 2
-        return ids, [set(range(half, target.seq_len)) for _ in range(n)]
-    raise SystemExit(f"{target.kind}: needs an induction or planted_lm run")
+    elif target.kind == "induction":
+        data = RepeatedTokens(target.vocab_size, target.seq_len, target.repeat)
+        ids, scored = data.scored_batch(n, gen)
+    else:
+        raise SystemExit(f"{target.kind}: needs an induction or planted_lm run")
+    rows, s, keys = induction_keys(scored)
+    queries = [set((s[rows == b] - 1).tolist()) for b in range(n)]
+    return ids, queries, [set(keys[rows == b].tolist()) for b in range(n)]
 
 
 def layer_of(node: str) -> tuple[int, str] | None:
@@ -61,19 +66,22 @@ def layer_of(node: str) -> tuple[int, str] | None:
     return None
 
 
-def shares(graph: dict, positions: set[int]) -> dict[str, Any]:
-    into_qk = {"total": 0.0, "from_l0_ov": 0.0}
-    into_o0 = {"total": 0.0, "from_v0_prev": 0.0}
+def shares(graph: dict, queries: set[int], keys: set[int]) -> dict[str, Any]:
+    """Shares of incoming edge mass (Σ|e|) for the nodes of the circuit: layer-1 q at the
+    query positions and layer-1 k at the key positions (from layer-0 o / v: K- and
+    Q-composition), layer-0 o at the key positions (from layer-0 v one position back: the
+    previous-token move), and the predicted logits (from layer-1 o / v: the copy)."""
+    mass = {k: 0.0 for k in ("q1", "q1_l0", "k1", "k1_l0", "k1_prev", "o0", "o0_prev")}
     into_logit = {"total": 0.0, "from_l1_ov": 0.0}
     logit_by_module: dict[str, float] = {}
-    ranks = []
+    ranks: dict[str, list[int | None]] = {"q": [], "k": []}
     by_target: dict[str, list[dict]] = {}
     for e in graph["edges"]:
         by_target.setdefault(e["target"], []).append(e)
     for target, edges in by_target.items():
         edges.sort(key=lambda e: -abs(e["value"]))
         if target.startswith("logit:"):
-            if int(target.split(":")[1]) not in positions:
+            if int(target.split(":")[1]) not in queries:
                 continue
             for e in edges:
                 into_logit["total"] += abs(e["value"])
@@ -84,30 +92,42 @@ def shares(graph: dict, positions: set[int]) -> dict[str, Any]:
                     into_logit["from_l1_ov"] += abs(e["value"])
             continue
         where, t = layer_of(target), int(target.rsplit(":", 2)[1])
-        if where is None or t not in positions:
+        if where is None:
             continue
-        if where[0] == 1 and where[1] in ("q", "k"):
-            hit = None
+        if where in ((1, "q"), (1, "k")) and t in (queries if where[1] == "q" else keys):
+            name, hit = f"{where[1]}1", None
             for rank, e in enumerate(edges):
-                into_qk["total"] += abs(e["value"])
-                src = layer_of(e["source"])
+                mass[name] += abs(e["value"])
+                src, s = layer_of(e["source"]), int(e["source"].rsplit(":", 2)[1])
                 if src and src[0] == 0 and src[1] in ("o", "v"):
-                    into_qk["from_l0_ov"] += abs(e["value"])
+                    mass[f"{name}_l0"] += abs(e["value"])
                     hit = rank if hit is None else hit
-            ranks.append(hit)
-        if where == (0, "o"):
+                if name == "k1" and (src, s) in (((0, "o"), t), ((0, "v"), t - 1)):
+                    mass["k1_prev"] += abs(e["value"])
+            ranks[where[1]].append(hit)
+        if where == (0, "o") and t in keys:
             for e in edges:
-                into_o0["total"] += abs(e["value"])
+                mass["o0"] += abs(e["value"])
                 s = int(e["source"].rsplit(":", 2)[1])
                 if layer_of(e["source"]) == (0, "v") and s == t - 1:
-                    into_o0["from_v0_prev"] += abs(e["value"])
-    found = [r for r in ranks if r is not None]
+                    mass["o0_prev"] += abs(e["value"])
+
+    def median(xs: list[int | None]) -> int | None:
+        found = sorted(x for x in xs if x is not None)
+        return found[len(found) // 2] if found else None
+
+    def share(part: str, whole: str) -> float:
+        return mass[part] / max(mass[whole], 1e-30)
+
     return {
-        "qk1_share_from_l0_ov": into_qk["from_l0_ov"] / max(into_qk["total"], 1e-30),
-        "qk1_first_l0_ov_rank_median": sorted(found)[len(found) // 2] if found else None,
-        "qk1_nodes": len(ranks),
-        "o0_share_from_v0_previous_position": into_o0["from_v0_prev"]
-        / max(into_o0["total"], 1e-30),
+        "q1_share_from_l0_ov": share("q1_l0", "q1"),
+        "k1_share_from_l0_ov": share("k1_l0", "k1"),
+        # layer-0 o at the key itself or layer-0 v one back: what the previous-token head wrote
+        "k1_share_from_l0_previous_token": share("k1_prev", "k1"),
+        "q1_first_l0_ov_rank_median": median(ranks["q"]),
+        "k1_first_l0_ov_rank_median": median(ranks["k"]),
+        "qk1_nodes": len(ranks["q"]) + len(ranks["k"]),
+        "o0_share_from_v0_previous_position": share("o0_prev", "o0"),
         "logit_share_from_l1_ov": into_logit["from_l1_ov"] / max(into_logit["total"], 1e-30),
         "logit_share_by_module": {
             k: v / max(into_logit["total"], 1e-30) for k, v in sorted(logit_by_module.items())
@@ -124,7 +144,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     decomp = spdkit.load(args.run_dir)
-    ids, positions = repeated_prompts(decomp, args.prompts, args.seed)
+    ids, queries, keys = repeated_prompts(decomp, args.prompts, args.seed)
     params = AttributionParams(
         ci_threshold=decomp.config.eval.ci_threshold,
         per_target=10**6,
@@ -132,11 +152,11 @@ def main() -> None:
         nodes=tuple(args.nodes),
     )
     rows = [
-        shares(prompt_graph(decomp.model, p[None], params), pos)
-        for p, pos in zip(ids, positions, strict=True)
+        shares(prompt_graph(decomp.model, p[None], params), q, k)
+        for p, q, k in zip(ids, queries, keys, strict=True)
     ]
-    keys = [k for k in rows[0] if isinstance(rows[0][k], float)]
-    mean: dict[str, Any] = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+    floats = [k for k in rows[0] if isinstance(rows[0][k], float)]
+    mean: dict[str, Any] = {k: sum(r[k] for r in rows) / len(rows) for k in floats}
     modules = sorted({m for r in rows for m in r["logit_share_by_module"]})
     mean["logit_share_by_module"] = {
         m: sum(r["logit_share_by_module"].get(m, 0.0) for r in rows) / len(rows) for m in modules

@@ -26,11 +26,26 @@ def test_transformer_is_causal_and_names_its_matrices():
 def test_repeated_tokens_and_char_corpus():
     seq = RepeatedTokens(vocab_size=50, seq_len=9).sample(4, torch.Generator().manual_seed(0))
     assert seq.shape == (4, 9) and torch.equal(seq[:, :4], seq[:, 4:8])
+    ids, scored = RepeatedTokens(50, 9).scored_batch(4, torch.Generator().manual_seed(0))
+    assert torch.equal(ids, seq) and scored[:, 5:8].all() and scored.sum() == 4 * 3
     corpus = CharCorpus(seq_len=16)
     batch = corpus.sample(5, torch.Generator().manual_seed(0))
     assert batch.shape == (5, 16) and batch.min() >= 0 and batch.max() < len(CharCorpus.VOCAB)
     text = "".join(CharCorpus.VOCAB[i] for i in batch[0].tolist())
     assert text.replace("\n", "").isprintable()
+
+
+def test_a_random_repeat_varies_its_offset_and_scores_only_what_induction_decides():
+    data = RepeatedTokens(vocab_size=50, seq_len=32, repeat="random")
+    ids, scored = data.scored_batch(64, torch.Generator().manual_seed(0))
+    offsets = set()
+    for b in range(64):
+        cols = scored[b].nonzero().flatten()
+        m = int(cols[0]) - 1  # the repeat starts at m; its 2nd token (m + 1) is the first scored
+        offsets.add(m)
+        assert 8 <= m <= 16 and int(cols[-1]) == 2 * m - 1 and len(cols) == m - 1
+        assert torch.equal(ids[b, m : 2 * m], ids[b, :m])
+    assert len(offsets) > 1  # no positional head solves it
 
 
 SMALL_INDUCTION = {

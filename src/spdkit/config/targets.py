@@ -70,8 +70,9 @@ class _TransformerTraining(StrictModel):
 
 
 class InductionTargetConfig(_TransformerTraining):
-    """Attention-only transformer trained on sequences whose second half repeats the first,
-    until it does induction (in-context loss on the repeat near 0)."""
+    """Attention-only transformer trained on sequences that repeat their first part (the second
+    half, or a random-length first occurrence: `repeat`), until it predicts the repeat
+    (in-context loss on it near 0)."""
 
     kind: Literal["induction"] = "induction"
     vocab_size: int = Field(default=128, ge=2, description="token vocabulary")
@@ -79,6 +80,12 @@ class InductionTargetConfig(_TransformerTraining):
     d_model: int = Field(default=32, ge=1, description="residual width")
     n_layers: int = Field(default=2, ge=1, description="attention layers")
     n_heads: int = Field(default=1, ge=1, description="heads per layer")
+    repeat: Literal["fixed", "random"] = Field(
+        default="fixed",
+        description="the repeat starts halfway (fixed: one layer-1 head attending half a "
+        "sequence back solves it by position, measured: docs/mechanisms_lm.md) or after a "
+        "random-length first occurrence (random: only induction solves it)",
+    )
 
     def describe(self) -> str:
         return f"induction {self.n_layers}L attn-only d{self.d_model} vocab {self.vocab_size}"

@@ -119,7 +119,7 @@ TARGET_KINDS: dict[str, TargetKind] = {
     "induction": TargetKind(
         build=transformer.build_induction,
         train=transformer.train_induction,
-        data=lambda c: transformer.RepeatedTokens(c.vocab_size, c.seq_len),
+        data=lambda c: transformer.RepeatedTokens(c.vocab_size, c.seq_len, c.repeat),
         architecture=("vocab_size", "seq_len", "d_model", "n_layers", "n_heads"),
         decoder=lambda c: lambda ids: " ".join(str(i) for i in ids),
         encoder=lambda c: lambda text: transformer.parse_token_ids(text, c.vocab_size),

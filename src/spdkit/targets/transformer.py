@@ -127,22 +127,39 @@ def scored_token_ce(logits: Tensor, ids: Tensor) -> Tensor:
 # --- induction ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RepeatedTokens:
-    """[batch, seq_len] sequences whose second half repeats the first: random tokens
-    t_0..t_{n-1}, then t_0..t_{n-1} again. Predicting the second half needs induction heads
-    (find the previous occurrence of the current token, copy what followed it)."""
+    """[batch, seq_len] sequences that repeat their first part. `fixed`: random tokens
+    t_0..t_{h-1} (h = seq_len // 2), then t_0..t_{h-1} again. `random`: a first occurrence of
+    random length m in [n/4, n/2] (n = seq_len), its repeat, then random tokens: only induction
+    (find the previous occurrence of the current token, copy what followed it) predicts the
+    repeat, where with `fixed` a head attending h − 1 back by position does too."""
 
     vocab_size: int
     seq_len: int
+    repeat: str = "fixed"
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Tensor:
-        half = self.seq_len // 2
+        return self.scored_batch(batch_size, generator)[0]
+
+    def scored_batch(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(ids [batch, seq_len], scored [batch, seq_len]): scored[b, t] says that ids[b, t]
+        is determined by induction from position t − 1 (the repeat from its 2nd token)."""
+        n, dev = self.seq_len, generator.device
+        i = torch.arange(n, device=dev)[None, :]
+        if self.repeat == "random":
+            m = torch.randint(n // 4, n // 2 + 1, (batch_size, 1), generator=generator, device=dev)
+            ids = torch.randint(
+                0, self.vocab_size, (batch_size, n), generator=generator, device=dev
+            )
+            ids = ids.gather(1, torch.where((i >= m) & (i < 2 * m), i - m, i).expand_as(ids))
+            return ids, (i > m) & (i < 2 * m)
+        half = n // 2
         first = torch.randint(
-            0, self.vocab_size, (batch_size, half), generator=generator, device=generator.device
+            0, self.vocab_size, (batch_size, half), generator=generator, device=dev
         )
         seq = torch.cat([first, first], dim=1)
-        if self.seq_len % 2:
+        if n % 2:
             seq = torch.cat([seq, first[:, :1]], dim=1)
-        return seq
+        return seq, ((i > half) & (i < 2 * half)).expand(batch_size, n)
 
 
 def build_induction(config: InductionTargetConfig) -> Transformer:
@@ -155,13 +172,15 @@ def induction_losses(model: nn.Module, data: RepeatedTokens, seed: int) -> dict[
     """Cross-entropy on the first occurrence (unpredictable: ln vocab) and on the second (in
     context: near 0 once the model does induction)."""
     gen = torch.Generator().manual_seed(seed + 1000)
-    ids = data.sample(512, gen)
+    ids, scored = data.scored_batch(512, gen)
     half = data.seq_len // 2
     with torch.no_grad():
         logits = model(ids)
     return {
         "ce_first_half": next_token_loss(logits[:, :half], ids[:, :half]).item(),
         "ce_second_half": next_token_loss(logits, ids, start=half).item(),
+        # the positions induction decides (the repeat from its 2nd token), either layout
+        "ce_repeat": scored_token_ce(logits, ids)[scored[:, 1:]].mean().item(),
         "ce_uniform": math.log(data.vocab_size),
     }
 
@@ -172,7 +191,7 @@ def train_induction(
     """AdamW on next-token prediction over repeated random sequences (loss on every position)."""
     torch.manual_seed(seed)
     model = build_induction(config).to(device)
-    data = RepeatedTokens(config.vocab_size, config.seq_len)
+    data = RepeatedTokens(config.vocab_size, config.seq_len, config.repeat)
     train_next_token(model, data, config, seed, device, progress)
     info = {"trained_seed": seed, **induction_losses(model.cpu(), data, seed)}
     log.info("induction target: %s", info)
