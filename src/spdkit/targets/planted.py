@@ -22,6 +22,11 @@ kept for runs made before the option) the repeat always starts halfway, so a pos
 attending half a sequence back solves `induction` too: the bundled config uses `random`. `sum`'s gather shares its kind (attend one
 back) with induction's previous-token head; whether the model reuses one head for both is a
 fact about the trained model that the ablation table shows.
+
+The table says what each task is *expected* to need; `target.json`'s `info.heads`
+(`planted_heads.py`) measures what the trained model uses: per task, the CE with each head
+knocked out and each head's attention on the expected key. Measured (docs/mechanisms_lm.md):
+`copy` gets its positional head; `induction` is solved without an induction head.
 """
 
 from __future__ import annotations
