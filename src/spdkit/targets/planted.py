@@ -47,6 +47,7 @@ from spdkit.figures import finish, new_figure
 from spdkit.method.model import ComponentModel
 from spdkit.targets.planted_heads import head_report, scored_ce
 from spdkit.targets.transformer import (
+    RepeatedTokens,
     Transformer,
     gpt_like,
     parse_token_ids,
@@ -92,13 +93,8 @@ class PlantedTasks:
         pos = torch.arange(1, c.seq_len, device=dev)  # ids position of each content token
         if task == "induction" and c.induction_repeat == "random":
             # first occurrence of random length m in [n/4, n/2], its repeat, random filler
-            m = torch.randint(n // 4, n // 2 + 1, (batch_size, 1), generator=generator, device=dev)
-            content = rand(c.n_tokens, (batch_size, n))
-            i = torch.arange(n, device=dev)[None, :]
-            in_repeat = (i >= m) & (i < 2 * m)
-            source = torch.where(in_repeat, i - m, i)
-            content = content.gather(1, source)
-            scored_rows = (i >= m + 1) & (i < 2 * m)  # content index; the repeat from its 2nd
+            repeated = RepeatedTokens(c.n_tokens, n, "random")
+            content, scored_rows = repeated.scored_batch(batch_size, generator)
             start = torch.full((batch_size, 1), self.task_token(task), device=dev)
             ids = torch.cat([start, content], dim=1)
             no_first = torch.zeros(batch_size, 1, dtype=torch.bool, device=dev)
