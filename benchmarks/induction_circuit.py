@@ -12,7 +12,9 @@ j = t + 1 − m (the token after the earlier occurrence of ids[t], m the repeat'
   such edge; for the keys also the share from what the previous-token head wrote (layer-0 o
   at j, layer-0 v at j − 1);
 - into layer-0 output nodes at the keys: the share from layer-0 value nodes at j − 1 (the
-  previous-token head's move);
+  previous-token head's move), and the fraction of those nodes whose strongest incoming edge
+  is one of them (in an attention-only model the q / k shares are 1 by construction: layer-0
+  o at the same position is the only decomposed writer upstream of layer 1);
 - into the predicted token's logit: the share from layer-1 output / value subcomponents.
 
 Edges are the one-hop graph of `spdkit.analysis.attribution` with every edge kept
@@ -75,6 +77,7 @@ def shares(graph: dict, queries: set[int], keys: set[int]) -> dict[str, Any]:
     into_logit = {"total": 0.0, "from_l1_ov": 0.0}
     logit_by_module: dict[str, float] = {}
     ranks: dict[str, list[int | None]] = {"q": [], "k": []}
+    o0_top: list[bool] = []  # per layer-0 o node at a key: is its strongest source v0 at j − 1?
     by_target: dict[str, list[dict]] = {}
     for e in graph["edges"]:
         by_target.setdefault(e["target"], []).append(e)
@@ -106,6 +109,8 @@ def shares(graph: dict, queries: set[int], keys: set[int]) -> dict[str, Any]:
                     mass["k1_prev"] += abs(e["value"])
             ranks[where[1]].append(hit)
         if where == (0, "o") and t in keys:
+            top = edges[0]["source"]  # edges are sorted by |e|, largest first
+            o0_top.append(layer_of(top) == (0, "v") and int(top.rsplit(":", 2)[1]) == t - 1)
             for e in edges:
                 mass["o0"] += abs(e["value"])
                 s = int(e["source"].rsplit(":", 2)[1])
@@ -128,6 +133,7 @@ def shares(graph: dict, queries: set[int], keys: set[int]) -> dict[str, Any]:
         "k1_first_l0_ov_rank_median": median(ranks["k"]),
         "qk1_nodes": len(ranks["q"]) + len(ranks["k"]),
         "o0_share_from_v0_previous_position": share("o0_prev", "o0"),
+        "o0_nodes_led_by_v0_previous_position": sum(o0_top) / max(len(o0_top), 1),
         "logit_share_from_l1_ov": into_logit["from_l1_ov"] / max(into_logit["total"], 1e-30),
         "logit_share_by_module": {
             k: v / max(into_logit["total"], 1e-30) for k, v in sorted(logit_by_module.items())
