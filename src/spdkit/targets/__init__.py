@@ -84,8 +84,8 @@ class TargetKind:
     position_groups: Callable[..., dict[str, tuple[Tensor, Tensor]]] | None = None
     # (config, group) -> the group's CE for a model that does not know its rule (chance)
     chance_ce: Callable[[Any, str], float] | None = None
-    # (config, progress) -> None: fill the data's disk caches (tokenise a corpus) before
-    # `data` is first called, with a bar when progress (a run's `--quiet` reaches it here)
+    # (config, progress) -> None: fill the data's disk caches (tokenise a corpus) with a bar,
+    # before `data` is first called; called only when a run shows progress (so `--quiet` holds)
     prepare_data: Callable[[Any, bool], None] | None = None
 
 
@@ -202,7 +202,7 @@ def data_source(config: SPDConfig, progress: bool = False) -> DataSource:
             "(spdkit.load(run_dir, target=model, data=data); the CLI: --data-factory)"
         )
     kind = target_kind(config.target)
-    if kind.prepare_data is not None:
+    if progress and kind.prepare_data is not None:  # else `data` fills the caches silently
         kind.prepare_data(config.target, progress)
     return kind.data(config.target)
 
