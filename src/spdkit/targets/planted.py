@@ -26,7 +26,8 @@ fact about the trained model that the ablation table shows.
 The table says what each task is *expected* to need; `target.json`'s `info.heads`
 (`planted_heads.py`) measures what the trained model uses: per task, the CE with each head
 knocked out and each head's attention on the expected key. Measured (docs/mechanisms_lm.md):
-`copy` gets its positional head; `induction` is solved without an induction head.
+with 48 tokens and 33 positions `induction` was solved without an induction head; with the
+bundled 64 tokens and 65 positions the model has a previous-token head and induction heads.
 """
 
 from __future__ import annotations
