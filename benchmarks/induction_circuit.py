@@ -14,7 +14,10 @@ j = t + 1 − m (the token after the earlier occurrence of ids[t], m the repeat'
 - into layer-0 output nodes at the keys: the share from layer-0 value nodes at j − 1 (the
   previous-token head's move), and the fraction of those nodes whose strongest incoming edge
   is one of them (in an attention-only model the q / k shares are 1 by construction: layer-0
-  o at the same position is the only decomposed writer upstream of layer 1);
+  o at the same position is the only decomposed writer upstream of layer 1); with several
+  layer-0 heads, the same share with each o node weighted by how much of its piece reads
+  the previous-token head (‖V_c‖² on its input dimensions; the head `target.json`
+  `info.heads` names), and per run the largest such weight (`o0_largest_head_alignment`);
 - into the predicted token's logit: the share from layer-1 output / value subcomponents.
 
 Edges are the one-hop graph of `spdkit.analysis.attribution` with every edge kept
@@ -59,6 +62,24 @@ def repeated_prompts(
     return ids, queries, [set(keys[rows == b].tolist()) for b in range(n)]
 
 
+def head_alignment(decomp: spdkit.Decomposition) -> dict[int, float]:
+    """Per layer-0 output piece c: the share of ‖V_c‖² on the previous-token head's input
+    dimensions (o reads the heads' outputs side by side, head h at [h·d_head, (h + 1)·d_head)).
+    With several heads in layer 0, only the pieces that read that head are where the
+    previous-token move should show; the head is the one `target.json` `info.heads` scores
+    highest on the previous token (a one-head model: head 0)."""
+    target = decomp.config.target
+    n_heads = getattr(target, "n_heads", 1)
+    head = 0
+    info = json.loads((decomp.run_dir / "target.json").read_text()).get("info", {})
+    scores = info.get("heads", {}).get("attention", {}).get("previous_token", {})
+    if scores:
+        head = int(max(scores, key=scores.get).split(".")[1])
+    _, V = decomp.subcomponents("blocks.0.attn.o")  # [C, d_model]
+    per_head = V.pow(2).view(V.shape[0], n_heads, -1).sum(-1)  # [C, H]
+    return dict(enumerate((per_head[:, head] / per_head.sum(-1).clamp_min(1e-30)).tolist()))
+
+
 def layer_of(node: str) -> tuple[int, str] | None:
     """(layer, projection) of a 'blocks.<l>.attn.<p>:<t>:<c>' node; None for other modules."""
     module = node.rsplit(":", 2)[0]
@@ -68,12 +89,19 @@ def layer_of(node: str) -> tuple[int, str] | None:
     return None
 
 
-def shares(graph: dict, queries: set[int], keys: set[int]) -> dict[str, Any]:
+def shares(
+    graph: dict, queries: set[int], keys: set[int], o0_alignment: dict[int, float]
+) -> dict[str, Any]:
     """Shares of incoming edge mass (Σ|e|) for the nodes of the circuit: layer-1 q at the
     query positions and layer-1 k at the key positions (from layer-0 o / v: K- and
     Q-composition), layer-0 o at the key positions (from layer-0 v one position back: the
-    previous-token move), and the predicted logits (from layer-1 o / v: the copy)."""
-    mass = {k: 0.0 for k in ("q1", "q1_l0", "k1", "k1_l0", "k1_prev", "o0", "o0_prev")}
+    previous-token move; over all such nodes, and with each node's edges weighted by the
+    share of its piece that reads the previous-token head, `o0_alignment`), and the predicted
+    logits (from layer-1 o / v: the copy)."""
+    mass = {
+        k: 0.0
+        for k in ("q1", "q1_l0", "k1", "k1_l0", "k1_prev", "o0", "o0_prev", "o0h", "o0h_prev")
+    }
     into_logit = {"total": 0.0, "from_l1_ov": 0.0}
     logit_by_module: dict[str, float] = {}
     ranks: dict[str, list[int | None]] = {"q": [], "k": []}
@@ -110,12 +138,17 @@ def shares(graph: dict, queries: set[int], keys: set[int]) -> dict[str, Any]:
             ranks[where[1]].append(hit)
         if where == (0, "o") and t in keys:
             top = edges[0]["source"]  # edges are sorted by |e|, largest first
-            o0_top.append(layer_of(top) == (0, "v") and int(top.rsplit(":", 2)[1]) == t - 1)
+            led = layer_of(top) == (0, "v") and int(top.rsplit(":", 2)[1]) == t - 1
+            o0_top.append(led)
+            weight = o0_alignment.get(int(target.rsplit(":", 1)[1]), 0.0)
             for e in edges:
-                mass["o0"] += abs(e["value"])
                 s = int(e["source"].rsplit(":", 2)[1])
-                if layer_of(e["source"]) == (0, "v") and s == t - 1:
+                prev = layer_of(e["source"]) == (0, "v") and s == t - 1
+                mass["o0"] += abs(e["value"])
+                mass["o0h"] += weight * abs(e["value"])
+                if prev:
                     mass["o0_prev"] += abs(e["value"])
+                    mass["o0h_prev"] += weight * abs(e["value"])
 
     def median(xs: list[int | None]) -> int | None:
         found = sorted(x for x in xs if x is not None)
@@ -134,6 +167,8 @@ def shares(graph: dict, queries: set[int], keys: set[int]) -> dict[str, Any]:
         "qk1_nodes": len(ranks["q"]) + len(ranks["k"]),
         "o0_share_from_v0_previous_position": share("o0_prev", "o0"),
         "o0_nodes_led_by_v0_previous_position": sum(o0_top) / max(len(o0_top), 1),
+        "o0_head_weighted_share_from_v0_previous_position": share("o0h_prev", "o0h"),
+        "o0_nodes": len(o0_top),
         "logit_share_from_l1_ov": into_logit["from_l1_ov"] / max(into_logit["total"], 1e-30),
         "logit_share_by_module": {
             k: v / max(into_logit["total"], 1e-30) for k, v in sorted(logit_by_module.items())
@@ -157,16 +192,20 @@ def main() -> None:
         max_edges=10**9,
         nodes=tuple(args.nodes),
     )
+    alignment = head_alignment(decomp)
     rows = [
-        shares(prompt_graph(decomp.model, p[None], params), q, k)
+        shares(prompt_graph(decomp.model, p[None], params), q, k, alignment)
         for p, q, k in zip(ids, queries, keys, strict=True)
     ]
-    floats = [k for k in rows[0] if isinstance(rows[0][k], float)]
+    floats = [
+        k for k in rows[0] if all(isinstance(r[k], (int, float)) for r in rows)
+    ]  # numbers on every prompt (a median rank is None where no edge qualifies)
     mean: dict[str, Any] = {k: sum(r[k] for r in rows) / len(rows) for k in floats}
     modules = sorted({m for r in rows for m in r["logit_share_by_module"]})
     mean["logit_share_by_module"] = {
         m: sum(r["logit_share_by_module"].get(m, 0.0) for r in rows) / len(rows) for m in modules
     }
+    mean["o0_largest_head_alignment"] = max(alignment.values())
     result = {
         "run": str(args.run_dir),
         "prompts": args.prompts,
