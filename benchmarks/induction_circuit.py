@@ -18,6 +18,7 @@ j = t + 1 − m (the token after the earlier occurrence of ids[t], m the repeat'
   layer-0 heads, the same share with each o node weighted by how much of its piece reads
   the previous-token head (‖V_c‖² on its input dimensions; the head `target.json`
   `info.heads` names), and per run the largest such weight (`o0_largest_head_alignment`);
+  the reference is `o0_share_if_uniform`, the share if each key read every earlier v evenly;
 - into the predicted token's logit: the share from layer-1 output / value subcomponents.
 
 Edges are the one-hop graph of `spdkit.analysis.attribution` with every edge kept
@@ -206,6 +207,10 @@ def main() -> None:
         m: sum(r["logit_share_by_module"].get(m, 0.0) for r in rows) / len(rows) for m in modules
     }
     mean["o0_largest_head_alignment"] = max(alignment.values())
+    # what the previous-token share would be if a key j read layer-0 v evenly over 0..j
+    mean["o0_share_if_uniform"] = sum(1 / (j + 1) for ks in keys for j in ks) / sum(
+        len(ks) for ks in keys
+    )
     result = {
         "run": str(args.run_dir),
         "prompts": args.prompts,
