@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from spdkit.config.base import StrictModel
 
@@ -18,6 +18,26 @@ class ModuleSpec(StrictModel):
         description="fnmatch pattern over the target's module names, e.g. 'layers.*.mlp_in'",
     )
     C: int = Field(ge=1, description="number of rank-one subcomponents per matched module (C)")
+    blocks: int = Field(
+        default=1,
+        ge=1,
+        description="split each matched matrix into this many equal blocks along `block_axis`, "
+        "each with C / blocks subcomponents that never leave it (attention heads: q, k, v "
+        "along 'out', o along 'in'; docs/mechanisms_lm.md)",
+    )
+    block_axis: Literal["out", "in"] = Field(
+        default="out",
+        description="'out': blocks of rows of W [d_out, d_in] (U is block-structured); "
+        "'in': blocks of columns (V is)",
+    )
+
+    @model_validator(mode="after")
+    def _blocks_divide_C(self) -> ModuleSpec:
+        if self.C % self.blocks:
+            raise ValueError(
+                f"blocks: {self.blocks} does not divide C {self.C} (each block gets C / blocks)"
+            )
+        return self
 
 
 class IdentitySpec(StrictModel):

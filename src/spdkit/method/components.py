@@ -11,6 +11,7 @@ Hugging Face's GPT-2 `Conv1D` are here. `weight()` and `target_weight()` are alw
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,15 +30,58 @@ class Components(nn.Module):
         self.U = nn.Parameter(torch.randn(d_out, C) / math.sqrt(C))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
+    def restrict_to_blocks(self, n: int, axis: Literal["out", "in"]) -> None:
+        """Split W [d_out, d_in] into n equal blocks of rows (axis "out") or of columns ("in"):
+        subcomponent c belongs to block b = c // (C / n), and U[:, c] (rows) or V[c, :]
+        (columns) is zero outside block b, now and after every update.
+
+        Why: a rank-one piece of an attention matrix may otherwise mix the heads (q, k, v
+        along their rows, o along its columns), so no set of pieces is one head; with a
+        block per head each piece lives in one head and removing a head's pieces removes
+        that head only. The zeros are kept by masking the parameter's gradient (a tensor
+        hook), so AdamW's moments, weight decay and the update are all zero there: the
+        same as decomposing each block as a module of its own, with one U, V per matrix."""
+        size = self.d_out if axis == "out" else self.d_in
+        if n == 1:
+            return
+        if size % n or self.C % n:
+            raise ValueError(
+                f"cannot split {size} {'rows' if axis == 'out' else 'columns'} and C {self.C} "
+                f"into {n} equal blocks"
+            )
+        # block_of_row[i] == block_of_piece[c]: [size, C]
+        same = (torch.arange(size) // (size // n))[:, None] == (
+            torch.arange(self.C) // (self.C // n)
+        )[None, :]
+        param, support = (self.U, same) if axis == "out" else (self.V, same.T)
+        self.register_buffer("block_support", support.to(param.dtype), persistent=False)
+        self.block_axis = axis
+        with torch.no_grad():
+            param.mul_(self.block_support)
+        param.register_hook(self._mask_block_gradient)
+
+    def _mask_block_gradient(self, grad: Tensor) -> Tensor:
+        return grad * self.block_support
+
+    def _blocked(self, param: Tensor, which: str) -> Tensor:
+        """`param` with the block structure applied, if `which` ("U" / "V") is the blocked one."""
+        support = getattr(self, "block_support", None)
+        if support is None or which != ("U" if self.block_axis == "out" else "V"):
+            return param
+        return param * support
+
     @torch.no_grad()
     def init_from_target(self, W: Tensor) -> None:
         """Random unit directions u_c, v_c, each rank-one term scaled by its overlap with W:
         U_c V_cᵀ = ⟨u_c v_cᵀ, W⟩_F u_c v_cᵀ. The sum starts as a noisy multiple of W instead of
         an unrelated matrix of W's size; in short TMS runs this avoided the local minimum where
-        one subcomponent serves two features through opposite signs of V (README)."""
+        one subcomponent serves two features through opposite signs of V (README). With
+        blocks (`restrict_to_blocks`), each direction is drawn within its piece's block."""
         W = W.detach().to(self.U.dtype)
-        self.U.copy_(torch.nn.functional.normalize(torch.randn_like(self.U), dim=0))
-        self.V.copy_(torch.nn.functional.normalize(torch.randn_like(self.V), dim=1))
+        U = self._blocked(torch.randn_like(self.U), "U")
+        V = self._blocked(torch.randn_like(self.V), "V")
+        self.U.copy_(torch.nn.functional.normalize(U, dim=0))
+        self.V.copy_(torch.nn.functional.normalize(V, dim=1))
         # ⟨u_c v_cᵀ, W⟩_F = Σ_i (Uᵀ W)[c, i] V[c, i]: one matmul, never the [d_out, C, d_in]
         # product a three-operand einsum may build
         overlap = ((self.U.T @ W) * self.V).sum(1)  # [C]

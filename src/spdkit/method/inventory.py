@@ -119,8 +119,8 @@ def decomposable_listing(model: nn.Module, shown: int = 12) -> str:
     return f"(decomposable modules: {head}{tail})"
 
 
-def match_modules(model: nn.Module, specs: list[ModuleSpec]) -> dict[str, int]:
-    """Module name → C for every decomposable module matched by a pattern.
+def match_modules(model: nn.Module, specs: list[ModuleSpec]) -> dict[str, ModuleSpec]:
+    """Module name → the spec (C, blocks) for every decomposable module matched by a pattern.
 
     Matched modules without weights of their own (activations, dropout, containers) are skipped,
     so `*.mlp.*` means "the MLP's matrices"; so are modules whose weights are all elementwise
@@ -131,7 +131,7 @@ def match_modules(model: nn.Module, specs: list[ModuleSpec]) -> dict[str, int]:
     """
     listing = decomposable_listing(model)
     modules = dict(model.named_modules())
-    matched: dict[str, int] = {}
+    matched: dict[str, ModuleSpec] = {}
     for spec in specs:
         names = [n for n in modules if n and fnmatch.fnmatchcase(n, spec.pattern)]
         if not names:
@@ -163,5 +163,5 @@ def match_modules(model: nn.Module, specs: list[ModuleSpec]) -> dict[str, int]:
         for name in chosen:
             if name in matched:
                 raise ValueError(f"module {name!r} is matched by more than one pattern")
-            matched[name] = spec.C
+            matched[name] = spec
     return matched

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
@@ -118,8 +118,8 @@ class ComponentModel(nn.Module):
         self._component_init = component_init
         # a property of the target: can its module calls be replayed (`spdkit.engine.record`)?
         self.shortcuts = Shortcuts(replay_prefix=prefix_replay)
-        for name, C in matched.items():
-            self._decompose(name, C)
+        for name, spec in matched.items():
+            self._decompose(name, spec.C, spec.blocks, spec.block_axis)
         self.identity_modules: dict[str, int] = {}  # inserted identity name -> d
         for site, (d, C) in identity_sites.items():
             name = insert_identity(target, site, d)
@@ -147,14 +147,23 @@ class ComponentModel(nn.Module):
             apd=config.apd,
         )
 
-    def _decompose(self, name: str, C: int) -> None:
-        """Give target module `name` C subcomponents."""
+    def _decompose(
+        self, name: str, C: int, blocks: int = 1, block_axis: Literal["out", "in"] = "out"
+    ) -> None:
+        """Give target module `name` C subcomponents, in `blocks` blocks along `block_axis`
+        (`Components.restrict_to_blocks`)."""
         original = self.target.get_submodule(name)
         if self.apd is not None:  # C components of rank r: C·r rank-one subcomponents
+            if blocks > 1:
+                raise ValueError(f"module {name!r}: blocks are not supported with objective apd")
             rank = self.apd.rank or full_rank(make_components(original, 1))
             self.apd_ranks[name] = rank
             C = C * rank
         components = make_components(original, C)
+        try:
+            components.restrict_to_blocks(blocks, block_axis)
+        except ValueError as e:
+            raise ValueError(f"module {name!r}: {e}") from None
         if self._component_init == "target_projection":
             components.init_from_target(components.target_weight(original))
         self.module_names.append(name)
