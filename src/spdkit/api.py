@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from spdkit.analysis import ablation, attribution, labels
+from spdkit.analysis import ablation, attribution, labels, specific
 from spdkit.analysis import harvest as harvest_module
 from spdkit.analysis import mechanism_score as scoring
 from spdkit.analysis.attribution import AttributionParams
@@ -142,7 +143,7 @@ class Decomposition:
         `rounded` (m = 1[g > eval.ci_threshold])."""
         sizes = {m: self.model.components(m).C for m in self.module_names}
         clusters = self.saved_clusters()
-        off = ablation.parse_items(items, clusters, sizes)
+        off = ablation.parse_items(items, clusters, sizes, self.saved_specific())
         groups = ablation.position_groups(self, n, seed)
         chunk = self.config.eval.batch_size
         gate = ablation.Gate.named(masks, self.config.eval.ci_threshold)
@@ -172,6 +173,34 @@ class Decomposition:
             scoring.ScoreParams(frac, max_clusters),
             chance={g: chance_ce(self.config.target, g) for g in groups} if chance_ce else None,
             gate=ablation.Gate.named(masks, self.config.eval.ci_threshold),
+            chunk=self.config.eval.batch_size,
+            progress=progress,
+        )
+
+    def specific_sets(
+        self,
+        n: int = 256,
+        seed: int = 0,
+        params: specific.SpecificParams | None = None,
+        progress: bool = True,
+    ) -> dict[str, Any]:
+        """Per position group (planted_lm: per task), the pieces that fire mostly on it,
+        chosen on n sequences per group (draw `seed`) and measured on a fresh n (draw
+        seed + 1) under the static edit and the CI-gated ablation (`analysis/specific.py`)."""
+        chance_ce = target_kind(self.config.target).chance_ce if self.config.target else None
+        select = ablation.position_groups(self, n, seed)
+        if chance_ce is None or len(select) < 2:
+            raise ValueError(
+                "specific sets need position groups with a chance CE (planted_lm's tasks); "
+                f"this run has {', '.join(select)}"
+            )
+        return specific.specific_sets(
+            self.model,
+            select,
+            ablation.position_groups(self, n, seed + 1),
+            {g: chance_ce(self.config.target, g) for g in select},
+            self.config.eval.ci_threshold,
+            params or specific.SpecificParams(),
             chunk=self.config.eval.batch_size,
             progress=progress,
         )
@@ -312,6 +341,13 @@ class Decomposition:
         if self.run_dir is None or not (self.run_dir / "clusters.json").exists():
             return []
         return self.clusters()
+
+    def saved_specific(self) -> dict[str, list[str]] | None:
+        """{group: items} of RUN_DIR/specific.json (`spdkit ablate --specific`), or None."""
+        if self.run_dir is None or not (self.run_dir / "specific.json").exists():
+            return None
+        path = self.run_dir / "specific.json"
+        return {g: row["items"] for g, row in json.loads(path.read_text())["groups"].items()}
 
     def subcomponents(self, module: str) -> tuple[Tensor, Tensor]:
         """(U [d_out, C], V [C, d_in]) of one decomposed module."""

@@ -61,14 +61,28 @@ def position_groups(decomp: Decomposed, n: int, seed: int = 0) -> Groups:
     return {"all": (ids, scored)}
 
 
-def parse_items(items: Sequence[str], clusters: Sequence[Cluster], sizes: Mapping[str, int]) -> Off:
-    """`cluster:<id>` (its members, from clusters.json) or `<module>:<index>` to {module:
-    indices}; ValueError naming the first item that is not one."""
+def parse_items(
+    items: Sequence[str],
+    clusters: Sequence[Cluster],
+    sizes: Mapping[str, int],
+    specific: Mapping[str, Sequence[str]] | None = None,
+) -> Off:
+    """`cluster:<id>` (its members, from clusters.json), `specific:<group>` (the group's
+    specific set, from specific.json: `analysis/specific.py`) or `<module>:<index>` to
+    {module: indices}; ValueError naming the first item that is not one."""
     by_id = {c.id: c for c in clusters}
     off: Off = {}
     for item in items:
         head, _, tail = item.rpartition(":")
-        if head == "cluster":
+        if head == "specific":
+            if specific is None:
+                raise ValueError(
+                    f"{item}: this run has no specific.json (run `spdkit ablate RUN --specific`)"
+                )
+            if tail not in specific:
+                raise ValueError(f"{item}: no such group (groups: {', '.join(specific)})")
+            members = list(specific[tail])
+        elif head == "cluster":
             if not clusters:
                 raise ValueError(f"{item}: this run has no clusters.json (run `spdkit cluster`)")
             if not tail.isdigit() or int(tail) not in by_id:
@@ -81,7 +95,7 @@ def parse_items(items: Sequence[str], clusters: Sequence[Cluster], sizes: Mappin
             if module not in sizes or not index.isdigit() or int(index) >= sizes[module]:
                 raise ValueError(
                     f"{item!r} is not a subcomponent: write <module>:<index> (modules: "
-                    f"{', '.join(sizes)}) or cluster:<id>"
+                    f"{', '.join(sizes)}), cluster:<id> or specific:<group>"
                 )
             if int(index) not in off.setdefault(module, []):
                 off[module].append(int(index))

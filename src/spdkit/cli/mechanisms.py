@@ -24,14 +24,19 @@ def ablate(
     masks: str = typer.Option(
         "ci", help="CI-gated baseline: ci (m = g) or rounded (m = 1[g > eval.ci_threshold])"
     ),
+    specific: bool = typer.Option(
+        False, "--specific", help="per group, the pieces that fire mostly on it, removed"
+    ),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
     """What removing subcomponents costs: next-token CE per position group (planted_lm: per
     task) under the CI-gated ablation and the static weight edit, side by side; with
     --score, the fewest clusters that carry each group and their selectivity (--masks
-    rounded: every removal starts from the rounded CI masks, not from m = g). Writes
-    RUN_DIR/ablation.json (and mechanism_score.json, figures/mechanism_score.png)."""
+    rounded: every removal starts from the rounded CI masks, not from m = g); with
+    --specific, each group's specific set (the pieces firing mostly on it; `spdkit edit
+    --off specific:<group>` removes it). Writes RUN_DIR/ablation.json (and
+    mechanism_score.json, specific.json, figures/mechanism_score.png, specific_sets.png)."""
     import json
 
     from spdkit.analysis.mechanism_score import plot_mechanism_score
@@ -42,8 +47,10 @@ def ablate(
     items = [f"cluster:{c.strip()}" for c in clusters.split(",") if c.strip()]
     items += [s.strip() for s in subcomponents.split(",") if s.strip()]
     try:
-        if not items and not score:
-            raise ValueError("name what to remove (--clusters, --subcomponents) or ask for --score")
+        if not items and not score and not specific:
+            raise ValueError(
+                "name what to remove (--clusters, --subcomponents) or ask for --score / --specific"
+            )
         decomp = load(run_dir, resolve_device(device))
         if items:
             result = decomp.ablate(items, n, masks=masks)
@@ -56,6 +63,13 @@ def ablate(
             )
             plot_mechanism_score(table, run_dir / "figures" / "mechanism_score.png")
             _print_score(table, frac)
+        if specific:
+            from spdkit.analysis.specific import plot_specific_sets
+
+            sets = decomp.specific_sets(n, progress=not quiet)
+            atomic.atomic_write_text(run_dir / "specific.json", json.dumps(sets, indent=1) + "\n")
+            plot_specific_sets(sets, run_dir / "figures" / "specific_sets.png")
+            _print_specific(sets)
     except USER_ERRORS as err:
         _fail(err)
 
@@ -114,6 +128,22 @@ def _print_score(table: dict, frac: float) -> None:
         )
 
 
+def _print_specific(sets: dict) -> None:
+    typer.echo(
+        "specific sets (pieces firing mostly on the group; fractions of the way to "
+        "min(everything removed, chance), on fresh sequences):"
+    )
+    for group, row in sets["groups"].items():
+        st, ga = row["static"], row["gated"]
+        _verdict_line(
+            group,
+            row["found"],
+            f"θ {row['theta']}, {row['n_subcomponents']} subcomponents: static edit "
+            f"{st['fraction']:.2f}, selectivity {st['selectivity']:.3f}; CI-gated "
+            f"{ga['fraction']:.2f}, selectivity {ga['selectivity']:.3f}",
+        )
+
+
 def _verdict_line(group: str, found: bool, rest: str) -> None:
     typer.echo(f"{group:<12} {'found' if found else 'NOT found':<9} {rest}")
 
@@ -122,7 +152,9 @@ def _verdict_line(group: str, found: bool, rest: str) -> None:
 def edit(
     run_dir: Path = typer.Argument(..., help="a finished run directory"),
     off: list[str] = typer.Option(
-        ..., "--off", help="what to remove: cluster:<id> or <module>:<index>; repeat the option"
+        ...,
+        "--off",
+        help="what to remove: cluster:<id>, specific:<group> or <module>:<index>; repeat it",
     ),
     out: Path = typer.Option(..., help="a new folder for the edited target"),
     n: int = typer.Option(256, min=1, help="held-out sequences the effect is measured on"),

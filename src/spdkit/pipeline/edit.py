@@ -44,9 +44,11 @@ def edit_target(
     reload it from there and measure it; returns (and writes) edit.json's content."""
     config = decomp.config
     sizes = {m: decomp.model.components(m).C for m in decomp.module_names}
-    off = ablation.parse_items(items, decomp.saved_clusters(), sizes)
+    off = ablation.parse_items(items, decomp.saved_clusters(), sizes, decomp.saved_specific())
     if not off:
-        raise ValueError("name what to remove: --off cluster:<id> or --off <module>:<index>")
+        raise ValueError(
+            "name what to remove: --off cluster:<id>, specific:<group> or <module>:<index>"
+        )
     inserted = [m for m in off if m in decomp.model.identity_modules]
     if inserted:
         raise ValueError(
