@@ -640,3 +640,52 @@ def test_head_knockout_and_attention_scores_on_a_model_with_known_attention():
     expected = (1.0 / s.float()).mean().item()  # query s − 1
     assert all(abs(v - expected) < 1e-5 for v in scores["copy"].values())
     assert set(scores) == {"previous_token", "induction", "copy"}
+
+
+def test_specific_sets_are_measured_on_a_fresh_draw_and_edit_removes_them(planted_run, tmp_path):
+    """`ablate --specific` writes specific.json: each group's items, chosen on draw 0, with the
+    static edit's and CI-gated ablation's CE on draw 1 as a direct measurement gives them; the
+    verdict follows its rule; `edit --off specific:<group>` removes exactly those items."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from spdkit import load
+    from spdkit.analysis.specific import SpecificParams
+    from spdkit.cli import app
+
+    run, _ = planted_run
+    runner = CliRunner()
+    out = runner.invoke(app, ["ablate", str(run), "--specific", "--n", "8", "--quiet"])
+    assert out.exit_code == 0, out.output
+    assert "specific sets" in out.output and (run / "figures" / "specific_sets.png").exists()
+    sets = json.loads((run / "specific.json").read_text())
+    decomp = load(run)
+    fresh = ablation.position_groups(decomp, 8, 1)
+    sizes = {m: decomp.model.components(m).C for m in decomp.module_names}
+    for group, row in sets["groups"].items():
+        assert len(row["items"]) == row["n_subcomponents"] == len(set(row["items"]))
+        off = ablation.parse_items(row["items"], [], sizes)
+        for kind in ("static", "gated"):
+            (ce,) = ablation.scored_ces(decomp.model, fresh, [(kind, off)], 64)
+            for g in fresh:
+                assert row[kind]["ce"][g] == pytest.approx(ce[g], rel=1e-5), (group, kind, g)
+        static = row["static"]
+        want = static["fraction"] >= 0.8 and static["selectivity"] <= 0.1 and bool(off)
+        assert row["found"] == want
+        assert static["selectivity"] == pytest.approx(max(static["other_fractions"].values()))
+    # a 20-step run's CI fires on every task alike: θ 0 takes every alive piece, so that the
+    # edit below has a set to remove
+    sets = decomp.specific_sets(8, params=SpecificParams(thetas=(0.0,)), progress=False)
+    (run / "specific.json").write_text(json.dumps(sets))
+    group = next(g for g, row in sets["groups"].items() if row["items"])
+    edited = tmp_path / "edited"
+    args = ["edit", str(run), "--off", f"specific:{group}", "--out", str(edited), "--n", "4"]
+    out = runner.invoke(app, args)
+    assert out.exit_code == 0, out.output
+    result = json.loads((edited / "edit.json").read_text())
+    assert result["off"] == ablation.parse_items(sets["groups"][group]["items"], [], sizes)
+    with pytest.raises(ValueError, match="no such group"):
+        ablation.parse_items(["specific:nope"], [], sizes, decomp.saved_specific())
+    with pytest.raises(ValueError, match="no specific.json"):
+        ablation.parse_items(["specific:sum"], [], sizes, None)

@@ -268,6 +268,7 @@ def plot_specific_sets(result: Mapping[str, Any], path: Path | None) -> Figure:
     fig, axes = new_figure(
         1, 2, figsize=(2.4 + 2.2 * len(groups), 1.2 + 0.9 * len(groups)), squeeze=False
     )
+    fig.subplots_adjust(wspace=0.08)
     for ax, kind in zip(axes[0], ("static", "gated"), strict=True):
         grid = [
             [
@@ -281,15 +282,13 @@ def plot_specific_sets(result: Mapping[str, Any], path: Path | None) -> Figure:
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k")
+                text = f"{0.0 if abs(v) < 0.005 else v:.2f}"
+                ax.text(j, i, text, ha="center", va="center", color="w" if v < 0.6 else "k")
         ax.set_xticks(range(len(groups)), groups)
-        labels = [
-            f"{r}: {result['groups'][r]['n_subcomponents']} (θ {result['groups'][r]['theta']})"
-            for r in groups
-        ]
-        ax.set_yticks(range(len(groups)), labels)
-        ax.set_xlabel("CE rise in group (fraction of the way to the reference)")
+        labels = [f"{r}: {result['groups'][r]['n_subcomponents']} pieces" for r in groups]
+        ax.set_yticks(range(len(groups)), labels if kind == "static" else [])
         ax.set_title("static edit" if kind == "static" else "CI-gated ablation (m = g)")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    fig.supxlabel("CE rise in each group: fraction of the way to min(everything removed, chance)")
     fig.suptitle("specific sets: the pieces that fire mostly on one group, removed")
     return finish(fig, path)

@@ -1,0 +1,56 @@
+"""Specific sets (`spdkit.analysis.specific`): firing rates per group counted by hand, the
+specificity ranking, and the choice of θ. The end-to-end check on a planted run (CLI,
+specific.json, `edit --off specific:<group>`) is in test_planted.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spdkit.analysis import specific
+
+
+class OneHotCI:
+    """A stand-in model whose CI of piece c at a position is 1 where the token there is c (C 4,
+    one module "m"): firing rates are then token frequencies, countable by hand."""
+
+    def record(self, ids):
+        return None
+
+    def importances(self, ids, record):
+        g = torch.nn.functional.one_hot(ids, 4).float()  # [b, T, 4]
+        return {"m": g}, {"m": g}
+
+
+def test_firing_rates_count_every_position_after_the_first_in_chunks():
+    # position 0 (the task token) is never counted; group a: tokens 1 1 2 | 1 3 3
+    a = torch.tensor([[0, 1, 1, 2], [0, 1, 3, 3]])
+    b = torch.tensor([[0, 2, 2, 2], [0, 2, 2, 3]])
+    groups = {"a": (a, torch.ones_like(a, dtype=torch.bool)), "b": (b, torch.ones_like(b).bool())}
+    rates = specific.firing_rates(OneHotCI(), groups, threshold=0.5, chunk=1)
+    torch.testing.assert_close(rates["a"]["m"], torch.tensor([0, 3, 1, 2]) / 6)
+    torch.testing.assert_close(rates["b"]["m"], torch.tensor([0, 0, 5, 1]) / 6)
+    share = specific.specificity(rates)
+    torch.testing.assert_close(share["a"]["m"], torch.tensor([0.0, 1.0, 1 / 6, 2 / 3]))
+    # piece 0 never fires: dead, never ranked; the rest most specific first
+    ranked = specific.ranked_pieces(rates, "a", min_rate=0.01)
+    assert [(m, i) for _, m, i in ranked] == [("m", 1), ("m", 3), ("m", 2)]
+    assert specific.as_off(ranked[:2]) == {"m": [1, 3]}
+
+
+def test_the_chosen_theta_reaches_furthest_within_the_selectivity_bound():
+    sweep = [
+        {"theta": 0.99, "fraction": 0.2, "selectivity": 0.0},
+        {"theta": 0.9, "fraction": 0.7, "selectivity": 0.05},
+        {"theta": 0.8, "fraction": 0.95, "selectivity": 0.3},
+    ]
+    assert specific.choose_theta(sweep, 0.1) == 1
+    # nothing within the bound: the least unselective
+    assert specific.choose_theta(sweep, 0.01) == 0
+    assert specific.choose_theta([{**e, "selectivity": 0.5} for e in sweep], 0.1) == 0
+
+
+def test_one_group_is_refused_in_one_line():
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="only one .*all.*planted_lm"):
+        specific.specific_sets(OneHotCI(), {"all": (ids, ids.bool())}, {}, {}, 0.5)
