@@ -192,14 +192,17 @@ def specific_sets(
             f"({', '.join(select)}); planted_lm has one per task"
         )
     rates = firing_rates(model, select, threshold, chunk)
-    bar = progress_bar(len(select) * (len(params.thetas) + 2) + 2, "specific sets", progress)
-    group = ""  # the group `measured` scores, set by the loop below
+    # an upper bound: the one-at-a-time trials stop early once a group reaches `frac`
+    steps = len(select) * (len(params.thetas) + params.max_trials + 2) + 2
+    bar = progress_bar(steps, "specific sets", progress)
     s_base, s_ref = _references(model, select, chance, chunk)["static"]
     bar.update(1)
     refs = _references(model, report, chance, chunk)
     bar.update(1)
 
-    def measured(off: Off) -> dict[str, Any]:
+    def measured(off: Off, group: str) -> dict[str, float]:
+        """The static edit of `off` on the selection draw: `group`'s fraction, selectivity."""
+        bar.update(1)
         if not off:
             return {"fraction": 0.0, "selectivity": 0.0}
         (ce,) = scored_ces(model, select, [("static", off)], chunk)
@@ -212,19 +215,17 @@ def specific_sets(
         sweep = []
         for theta in params.thetas:
             within = [p for p in ranked if p[0] >= theta]
-            sweep.append(
-                {"theta": theta, "n_subcomponents": len(within)} | measured(as_off(within))
-            )
-            bar.update(1)
+            scored = measured(as_off(within), group)
+            sweep.append({"theta": theta, "n_subcomponents": len(within)} | scored)
         chosen = sweep[choose_theta(sweep, params.max_selectivity)]
         pieces = [p for p in ranked if p[0] >= chosen["theta"]]
-        current = chosen
+        current = {"fraction": chosen["fraction"], "selectivity": chosen["selectivity"]}
         below = [p for p in ranked if params.thetas[-1] <= p[0] < chosen["theta"]]
         trials = 0
         for piece in below[: params.max_trials]:
             if current["fraction"] >= params.frac:
                 break
-            trial = measured(as_off([*pieces, piece]))
+            trial = measured(as_off([*pieces, piece]), group)
             trials += 1
             if (
                 trial["fraction"] > current["fraction"]
