@@ -47,6 +47,25 @@ def test_init_draws_unit_directions_within_the_block():
         assert torch.allclose((term * W).sum(), term.norm() ** 2, rtol=1e-5)
 
 
+@pytest.mark.parametrize("axis", ["out", "in"])
+def test_the_gradient_outside_the_block_is_zero_after_a_dtype_move(axis):
+    """`.to(dtype)` (as `.to(device)`) keeps the Parameter object, its hook and the support
+    buffer (converted with it): the blocked factor's gradient is zero outside its blocks."""
+    torch.manual_seed(0)
+    comps = LinearComponents(8, 8, 4, None)
+    comps.restrict_to_blocks(2, axis)
+    comps.init_from_target(torch.randn(8, 8))
+    comps.to(torch.float64)
+    assert comps.block_support.dtype == torch.float64
+    comps(
+        torch.randn(5, 8, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    ).sum().backward()
+    blocked = comps.U if axis == "out" else comps.V
+    outside = blocked.grad * (1 - comps.block_support)
+    assert bool((outside == 0).all()) and blocked.grad.abs().sum() > 0
+    assert torch.allclose(comps.V.norm(dim=1), torch.ones(4, dtype=torch.float64))
+
+
 def _planted_per_head(steps: int) -> dict:
     cfg = load_config("planted_lm").model_dump(mode="json")
     cfg["target"].update(n_tokens=16, seq_len=17, d_model=16, d_mlp=32, train_steps=1)

@@ -54,3 +54,27 @@ def test_one_group_is_refused_in_one_line():
     ids = torch.zeros(2, 3, dtype=torch.long)
     with pytest.raises(ValueError, match="only one .*all.*planted_lm"):
         specific.specific_sets(OneHotCI(), {"all": (ids, ids.bool())}, {}, {}, 0.5)
+
+
+def test_grow_keeps_a_piece_only_if_it_helps_within_the_bound_and_stops_at_frac():
+    """Pieces 'a'..'e' with known effects: b raises the other group past the bound, c adds
+    nothing, d helps, e would help but the set already reached frac after d."""
+    effect = {"a": (0.3, 0.0), "b": (0.3, 0.5), "c": (0.0, 0.0), "d": (0.6, 0.05), "e": (0.1, 0.0)}
+
+    def measure(pieces):
+        names = [m for _, m, _ in pieces]
+        return {
+            "fraction": sum(effect[n][0] for n in names),
+            "selectivity": sum(effect[n][1] for n in names),
+        }
+
+    start = [(0.9, "a", 0)]
+    below = [(0.8, n, 0) for n in "bcde"]
+    params = specific.SpecificParams(frac=0.8, max_selectivity=0.1)
+    chosen, score, trials = specific.grow(start, below, measure(start), measure, params)
+    assert [m for _, m, _ in chosen] == ["a", "d"]
+    assert score == {"fraction": pytest.approx(0.9), "selectivity": pytest.approx(0.05)}
+    assert trials == 3  # b, c, d tried; e never: frac was reached
+    few = specific.SpecificParams(frac=0.8, max_selectivity=0.1, max_trials=2)
+    chosen, _, trials = specific.grow(start, below, measure(start), measure, few)
+    assert [m for _, m, _ in chosen] == ["a"] and trials == 2

@@ -347,7 +347,11 @@ class Decomposition:
         if self.run_dir is None or not (self.run_dir / "specific.json").exists():
             return None
         path = self.run_dir / "specific.json"
-        return {g: row["items"] for g, row in json.loads(path.read_text())["groups"].items()}
+        try:
+            groups = json.loads(path.read_text())["groups"]
+            return {g: list(row["items"]) for g, row in groups.items()}
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not a specific.json of `spdkit ablate`: {e!r}") from None
 
     def subcomponents(self, module: str) -> tuple[Tensor, Tensor]:
         """(U [d_out, C], V [C, d_in]) of one decomposed module."""

@@ -15,6 +15,9 @@ towards chance while every other group H loses at most `max_selectivity` of its 
 
     fraction_H(S) = (CE_H(W') − CE_H(W)) / (ref_H − CE_H(W)),  ref_H = min(CE_H(W − U V), chance_H)
 
+(ref_H = CE_H(W − U V) where the model is no better than chance on H; under the CI-gated
+ablation the same with the masked model: baseline m = g, everything removed m = 0.)
+
 If that set stops short of `frac`, the pieces below θ (down to the sweep's last θ) are tried
 one at a time, most specific first, at most `max_trials`: a piece stays if it raises G's
 fraction and keeps every other group within `max_selectivity`, until G reaches `frac` (a
@@ -22,7 +25,9 @@ previous-token head serves two tasks: its pieces fall between the thresholds, th
 pieces of the task below them). Everything is chosen on one draw of sequences (the one the
 rates come from); the chosen set, the specific set, is then measured on a fresh draw, under
 the static edit and the CI-gated ablation (m = g, the set's masks 0) side by side; "found":
-static fraction ≥ `frac` and static selectivity ≤ `max_selectivity`.
+static fraction ≥ `frac` and static selectivity ≤ `max_selectivity` ("selectivity" is, as
+in `mechanism_score`, the largest share another group loses: lower is more selective).
+Inserted identity matrices (`insert_identity`) are left out: they are not the target's weights.
 
 Why, next to the co-activation clusters (`mechanism_score`): clusters group pieces that fire
 together anywhere, so a task's own pieces end up merged with the pieces every task shares
@@ -33,7 +38,7 @@ contrast between groups says which pieces belong to one of them, with no cluster
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +61,7 @@ from spdkit.method.model import ComponentModel
 from spdkit.progress import progress_bar
 
 THETAS = (0.99, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
+Piece = tuple[float, str, int]  # (specificity to the group, module, index)
 
 
 @dataclass(frozen=True)
@@ -105,7 +111,7 @@ def specificity(rates: Mapping[str, Mapping[str, Tensor]]) -> dict[str, dict[str
 
 def ranked_pieces(
     rates: Mapping[str, Mapping[str, Tensor]], group: str, min_rate: float
-) -> list[tuple[float, str, int]]:
+) -> list[Piece]:
     """(s_G(c), module, index) of every alive piece, most specific to `group` first."""
     share = specificity(rates)[group]
     out = []
@@ -115,7 +121,7 @@ def ranked_pieces(
     return sorted(out, key=lambda p: (-p[0], p[1], p[2]))
 
 
-def as_off(pieces: Sequence[tuple[float, str, int]]) -> Off:
+def as_off(pieces: Sequence[Piece]) -> Off:
     off: Off = {}
     for _, module, index in pieces:
         off.setdefault(module, []).append(index)
@@ -133,18 +139,16 @@ def _references(
     groups: Groups,
     chance: Mapping[str, float],
     chunk: int | None,
+    kinds: Sequence[str] = ("static", "gated"),
 ) -> dict[str, tuple[dict[str, float], dict[str, float]]]:
     """Per removal kind ("static", "gated"): (baseline CE, reference CE) per group."""
     every = everything(model)
-    removals: list[Removal] = [
-        ("static", None),
-        ("static", every),
-        ("gated", {}),
-        ("gated", every),
-    ]
-    s_base, s_full, g_base, g_full = scored_ces(model, groups, removals, chunk)
+    nothing = {"static": None, "gated": {}}
+    removals: list[Removal] = [r for k in kinds for r in ((k, nothing[k]), (k, every))]
+    ces = scored_ces(model, groups, removals, chunk)
     out = {}
-    for kind, base, full in (("static", s_base, s_full), ("gated", g_base, g_full)):
+    for i, kind in enumerate(kinds):
+        base, full = ces[2 * i], ces[2 * i + 1]
         out[kind] = (base, {g: reference_ce(base[g], full[g], chance[g]) for g in groups})
     return out
 
@@ -163,6 +167,31 @@ def _row(
         "baseline_ce": dict(base),
         "reference_ce": dict(ref),
     }
+
+
+def grow(
+    pieces: Sequence[Piece],
+    below: Sequence[Piece],
+    start: Mapping[str, float],
+    measure: Callable[[Sequence[Piece]], Mapping[str, float]],
+    params: SpecificParams,
+) -> tuple[list[Piece], dict[str, float], int]:
+    """The set `pieces` (scored `start`: its fraction and selectivity) grown one piece of
+    `below` at a time, in order, at most `params.max_trials` tried: a piece stays if the
+    grown set's fraction rises and its selectivity stays ≤ `params.max_selectivity`; stops
+    once the fraction reaches `params.frac`. Returns the set, its score, the pieces tried."""
+    chosen, current, trials = list(pieces), dict(start), 0
+    for piece in below[: params.max_trials]:
+        if current["fraction"] >= params.frac:
+            break
+        trial = measure([*chosen, piece])
+        trials += 1
+        if (
+            trial["fraction"] > current["fraction"]
+            and trial["selectivity"] <= params.max_selectivity
+        ):
+            chosen, current = [*chosen, piece], dict(trial)
+    return chosen, current, trials
 
 
 def choose_theta(sweep: Sequence[Mapping[str, Any]], max_selectivity: float) -> int:
@@ -192,20 +221,23 @@ def specific_sets(
             f"({', '.join(select)}); planted_lm has one per task"
         )
     rates = firing_rates(model, select, threshold, chunk)
+    for group_rates in rates.values():  # not the target's weights: never in a set
+        for name in model.identity_modules:
+            group_rates.pop(name, None)
     # an upper bound: the one-at-a-time trials stop early once a group reaches `frac`
     steps = len(select) * (len(params.thetas) + params.max_trials + 2) + 2
     bar = progress_bar(steps, "specific sets", progress)
-    s_base, s_ref = _references(model, select, chance, chunk)["static"]
+    s_base, s_ref = _references(model, select, chance, chunk, ("static",))["static"]
     bar.update(1)
     refs = _references(model, report, chance, chunk)
     bar.update(1)
 
-    def measured(off: Off, group: str) -> dict[str, float]:
-        """The static edit of `off` on the selection draw: `group`'s fraction, selectivity."""
+    def on_selection(pieces: Sequence[Piece], group: str) -> dict[str, float]:
+        """The static edit of `pieces` on the selection draw: `group`'s fraction, selectivity."""
         bar.update(1)
-        if not off:
+        if not pieces:
             return {"fraction": 0.0, "selectivity": 0.0}
-        (ce,) = scored_ces(model, select, [("static", off)], chunk)
+        (ce,) = scored_ces(model, select, [("static", as_off(pieces))], chunk)
         row = _row(group, ce, s_base, s_ref)
         return {"fraction": row["fraction"], "selectivity": row["selectivity"]}
 
@@ -215,23 +247,16 @@ def specific_sets(
         sweep = []
         for theta in params.thetas:
             within = [p for p in ranked if p[0] >= theta]
-            scored = measured(as_off(within), group)
+            scored = on_selection(within, group)
             sweep.append({"theta": theta, "n_subcomponents": len(within)} | scored)
         chosen = sweep[choose_theta(sweep, params.max_selectivity)]
-        pieces = [p for p in ranked if p[0] >= chosen["theta"]]
-        current = {"fraction": chosen["fraction"], "selectivity": chosen["selectivity"]}
-        below = [p for p in ranked if params.thetas[-1] <= p[0] < chosen["theta"]]
-        trials = 0
-        for piece in below[: params.max_trials]:
-            if current["fraction"] >= params.frac:
-                break
-            trial = measured(as_off([*pieces, piece]), group)
-            trials += 1
-            if (
-                trial["fraction"] > current["fraction"]
-                and trial["selectivity"] <= params.max_selectivity
-            ):
-                pieces, current = [*pieces, piece], trial
+        pieces, current, trials = grow(
+            [p for p in ranked if p[0] >= chosen["theta"]],
+            [p for p in ranked if params.thetas[-1] <= p[0] < chosen["theta"]],
+            {"fraction": chosen["fraction"], "selectivity": chosen["selectivity"]},
+            lambda trial, group=group: on_selection(trial, group),
+            params,
+        )
         off = as_off(pieces)
         rows = {}
         for kind in ("static", "gated"):

@@ -158,6 +158,9 @@ def edit(
     ),
     out: Path = typer.Option(..., help="a new folder for the edited target"),
     n: int = typer.Option(256, min=1, help="held-out sequences the effect is measured on"),
+    seed: int = typer.Option(
+        0, min=0, help="which draw of held-out sequences (specific sets: 1, not the chosen-on 0)"
+    ),
     device: str = typer.Option("cpu", help="cpu or cuda"),
 ) -> None:
     """The target with those subcomponents subtracted from its weights, written in its own
@@ -168,7 +171,7 @@ def edit(
     from spdkit.pipeline.run import resolve_device
 
     try:
-        result = edit_target(load(run_dir, resolve_device(device)), off, out, n)
+        result = edit_target(load(run_dir, resolve_device(device)), off, out, n, seed)
     except USER_ERRORS as err:
         _fail(err)
     n_off = sum(len(v) for v in result["off"].values())

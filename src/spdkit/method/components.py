@@ -39,8 +39,10 @@ class Components(nn.Module):
         along their rows, o along its columns), so no set of pieces is one head; with a
         block per head each piece lives in one head and removing a head's pieces removes
         that head only. The zeros are kept by masking the parameter's gradient (a tensor
-        hook), so AdamW's moments, weight decay and the update are all zero there: the
-        same as decomposing each block as a module of its own, with one U, V per matrix."""
+        hook), so AdamW's moments and update stay zero there (and decay keeps a zero at zero):
+        the same as decomposing each block as a module of its own, with one U, V per matrix.
+        `.to(device / dtype)` keeps the hook; a deepcopy, or torch's swap-on-conversion
+        mode, does not: build the model from its config instead (as runs and resumes do)."""
         size = self.d_out if axis == "out" else self.d_in
         if n == 1:
             return

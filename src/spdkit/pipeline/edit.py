@@ -38,10 +38,13 @@ EDIT_FILE = "edit.json"
 
 
 def edit_target(
-    decomp: Decomposition, items: Sequence[str], out: Path, n: int = 256
+    decomp: Decomposition, items: Sequence[str], out: Path, n: int = 256, seed: int = 0
 ) -> dict[str, Any]:
-    """Write the target with `items` (`cluster:<id>`, `<module>:<index>`) removed into `out`,
-    reload it from there and measure it; returns (and writes) edit.json's content."""
+    """Write the target with `items` (`cluster:<id>`, `specific:<group>`, `<module>:<index>`)
+    removed into `out`, reload it from there and measure it on n held-out sequences (per
+    group) of draw `seed`; returns (and writes) edit.json's content. Specific sets were
+    chosen on draw 0 (`analysis/specific.py`): seed 1 measures them on sequences they were
+    not chosen on."""
     config = decomp.config
     sizes = {m: decomp.model.components(m).C for m in decomp.module_names}
     off = ablation.parse_items(items, decomp.saved_clusters(), sizes, decomp.saved_specific())
@@ -75,7 +78,8 @@ def edit_target(
         "removed": list(items),
         "off": off,
         "format": "save_pretrained" if is_hf else "target.safetensors",
-        "groups": measure_edit(decomp, reloaded, off, n),
+        "seed": seed,
+        "groups": measure_edit(decomp, reloaded, off, n, seed),
     }
     atomic.atomic_write_text(out / EDIT_FILE, json.dumps(result, indent=1) + "\n")
     return result
@@ -114,13 +118,13 @@ def reload(decomp: Decomposition, out: Path, is_hf: bool) -> nn.Module:
 
 @torch.no_grad()
 def measure_edit(
-    decomp: Decomposition, edited: nn.Module, off: ablation.Off, n: int
+    decomp: Decomposition, edited: nn.Module, off: ablation.Off, n: int, seed: int = 0
 ) -> dict[str, dict[str, float]]:
     """Per position group: scored CE of the target, the reloaded edit, everything removed;
     the fraction, and the largest |logit| difference between the reloaded edit and the
     in-memory one (the file round trip)."""
     model, chunk = decomp.model, decomp.config.eval.batch_size
-    groups = ablation.position_groups(decomp, n)
+    groups = ablation.position_groups(decomp, n, seed)
     target_config = decomp.config.target
     chance_ce = target_kind(target_config).chance_ce if target_config else None
     every = ablation.everything(model)
