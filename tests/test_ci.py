@@ -223,3 +223,33 @@ def test_a_run_directory_written_before_ci_fn_existed_loads_and_resumes(tmp_path
     )
     summary = resume_run(run, progress=False)
     assert runs.read_metrics(run)[-1]["step"] == 25 and "final_losses" in summary
+
+
+def test_one_position_attention_is_v_exactly_as_sdpa_computes_it():
+    """The global transformer's one-position case (TMS, residual MLPs) skips SDPA: softmax over
+    one key is 1, so the block must give SDPA's output and gradients."""
+    from spdkit.method.ci.global_transformer import Block, rms, rope
+
+    torch.manual_seed(0)
+    block = Block(d_model=8, n_heads=2, d_ff=16)
+    z = torch.randn(32, 1, 8, requires_grad=True)
+
+    def with_sdpa(z):
+        B, T, D = z.shape
+        q, k, v = block.qkv(rms(z)).view(B, T, 3, 2, D // 2).permute(2, 0, 3, 1, 4)
+        att = F.scaled_dot_product_attention(rope(q), rope(k), v)
+        z = z + block.out(att.transpose(1, 2).reshape(B, T, D))
+        return z + block.ff_out(F.gelu(block.ff_in(rms(z))))
+
+    grads = []
+    for fn in (lambda z: block(z, causal=False), with_sdpa):
+        block.zero_grad()
+        z.grad = None
+        out = fn(z)
+        (out * torch.linspace(-1, 1, 8)).sum().backward()
+        grads.append((out.detach(), z.grad.clone(), block.qkv.weight.grad.clone()))
+    (fast, dz_fast, dw_fast), (ref, dz_ref, dw_ref) = grads
+    torch.testing.assert_close(fast, ref)
+    torch.testing.assert_close(dz_fast, dz_ref)
+    torch.testing.assert_close(dw_fast, dw_ref)
+    assert bool((dw_fast[:16] == 0).all())  # q and k: no gradient through one key
