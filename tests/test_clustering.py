@@ -437,3 +437,16 @@ def test_switching_a_mechanism_off_removes_exactly_its_feature():
             assert out[f, f] == 0 and full[f, f] > 0  # feature f alone: its output is gone
             only = decomp.model(x, mechanism_masks(decomp, clusters, only=[f]))
             assert torch.isclose(only[f, f], full[f, f], atol=1e-6)  # its output needs only it
+
+
+def test_a_sequence_fires_a_piece_if_any_of_its_positions_does():
+    """`unit: sequence` clusters over sequences: CI [B, T, C] → max over T; toy CI has no
+    positions and is refused in one line; the unit is checked by name."""
+    from spdkit.analysis.mechanisms.firings import per_sequence_ci
+
+    ci = {"m": torch.tensor([[[0.0, 0.2], [0.9, 0.0]], [[0.05, 0.0], [0.0, 0.3]]])}
+    torch.testing.assert_close(per_sequence_ci(ci)["m"], torch.tensor([[0.9, 0.2], [0.05, 0.3]]))
+    with pytest.raises(ValueError, match="no positions"):
+        per_sequence_ci({"m": torch.zeros(4, 2)})
+    with pytest.raises(ValueError, match="unit = token: must be position or sequence"):
+        ClusterParams(unit="token")  # type: ignore[arg-type]

@@ -158,19 +158,23 @@ def test_parse_items_names_clusters_and_subcomponents_and_refuses_others():
         ablation.parse_items(["cluster:0"], [], sizes)
 
 
-def test_mechanism_score_takes_clusters_by_damage_until_the_share_is_reached():
-    """The score's set is the clusters in order of their single-ablation damage to the group,
+@pytest.mark.parametrize("removal", ["gated", "static"])
+def test_mechanism_score_takes_clusters_by_damage_until_the_share_is_reached(removal):
+    """The score's set is the clusters in order of their single-removal damage to the group,
     cut where the union reaches the share; its fraction and selectivity are what removing
-    that union measures (recomputed here independently)."""
+    that union measures (recomputed here independently), CI-gated or from the weights."""
     model, groups = _model()
     clusters = [
         Cluster(i, [f"{n}:{c}" for c in range(24)], 0.5) for i, n in enumerate(model.module_names)
     ]
     params = mechanism_score.ScoreParams(frac=0.8, max_clusters=4)
-    score = mechanism_score.mechanism_score(model, groups, clusters, params, progress=False)
+    score = mechanism_score.mechanism_score(
+        model, groups, clusters, params, progress=False, removal=removal
+    )
     every = ablation.everything(model)
-    base, full = ablation.scored_ces(model, groups, [("gated", {}), ("gated", every)])
-    singles = ablation.scored_ces(model, groups, [("gated", c.indices()) for c in clusters])
+    nothing = {} if removal == "gated" else None
+    base, full = ablation.scored_ces(model, groups, [(removal, nothing), (removal, every)])
+    singles = ablation.scored_ces(model, groups, [(removal, c.indices()) for c in clusters])
     by_id = {c.id: c for c in clusters}
     for task in SMALL.tasks:
         row = score[task]
@@ -178,10 +182,11 @@ def test_mechanism_score_takes_clusters_by_damage_until_the_share_is_reached():
         order = sorted(damage, key=lambda k: -damage[k])
         assert row["clusters"] == order[: len(row["clusters"])]
         (ce,) = ablation.scored_ces(
-            model, groups, [("gated", mechanism_score.union(by_id, row["clusters"]))]
+            model, groups, [(removal, mechanism_score.union(by_id, row["clusters"]))]
         )
         fractions = {g: ablation.fraction(ce[g], base[g], full[g]) for g in groups}
         assert row["fraction"] == pytest.approx(fractions[task], rel=1e-5)
+        assert row["removal"] == removal
         assert row["found"] == (row["fraction"] >= 0.8)
         if not row["found"]:
             assert len(row["clusters"]) == 4  # it stopped at the cap, short of the share
@@ -298,6 +303,32 @@ def test_ablate_measures_items_and_scores_the_clusters(planted_run):
     assert all("selective" in row and "chance_ce" in row for row in score.values())
     assert "selective sets" in out.output
     assert (run / "figures" / "mechanism_score.png").exists()
+
+
+def test_sequence_clusters_scored_by_static_removal(planted_run, tmp_path):
+    """`cluster --unit sequence` records its unit; `ablate --score --removal static` scores
+    those clusters as weight edits and says so (in a copy: the fixture's clusters stay)."""
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from spdkit.cli import app
+
+    run = tmp_path / "run"
+    shutil.copytree(planted_run[0], run)
+    runner = CliRunner()
+    out = runner.invoke(app, ["cluster", str(run), "--unit", "sequence", "--samples", "16"])
+    assert out.exit_code == 0, out.output
+    assert json.loads((run / "clusters.json").read_text())["params"]["unit"] == "sequence"
+    args = ["ablate", str(run), "--score", "--removal", "static", "--n", "8", "--quiet"]
+    out = runner.invoke(app, [*args, "--max-clusters", "2"])
+    assert out.exit_code == 0, out.output
+    assert "removed from the weights" in out.output
+    score = json.loads((run / "mechanism_score.json").read_text())
+    assert all(row["removal"] == "static" for row in score.values())
+    out = runner.invoke(app, ["ablate", str(run), "--score", "--removal", "both", "--quiet"])
+    assert out.exit_code == 2 and "'gated' or 'static'" in out.output
     out = runner.invoke(app, ["ablate", str(run), "--subcomponents", "blocks.9.mlp.fc_in:1"])
     assert out.exit_code == 2 and "is not a subcomponent" in out.output
     out = runner.invoke(app, ["ablate", str(run)])

@@ -160,10 +160,14 @@ class Decomposition:
         seed: int = 0,
         progress: bool = True,
         masks: str = "ci",
+        removal: str = "gated",
     ) -> dict[str, Any]:
         """Per position group, the fewest clusters carrying ≥ `frac` of its loss, their
         selectivity, and the selective set where groups have a chance CE (mechanism_score);
-        `masks` as in `ablate`."""
+        `masks` as in `ablate`; `removal` "gated" (CI-gated ablation) or "static" (the
+        weight edit)."""
+        if removal not in ("gated", "static"):
+            raise ValueError(f"removal={removal!r}: use 'gated' or 'static'")
         groups = ablation.position_groups(self, n, seed)
         chance_ce = target_kind(self.config.target).chance_ce if self.config.target else None
         return scoring.mechanism_score(
@@ -175,6 +179,7 @@ class Decomposition:
             gate=ablation.Gate.named(masks, self.config.eval.ci_threshold),
             chunk=self.config.eval.batch_size,
             progress=progress,
+            removal=removal,  # type: ignore[arg-type]
         )
 
     def specific_sets(

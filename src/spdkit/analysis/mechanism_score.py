@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from matplotlib.figure import Figure
 
@@ -58,6 +58,7 @@ def mechanism_score(
     gate: Gate = CI_GATE,
     chunk: int | None = 64,
     progress: bool = True,
+    removal: Literal["gated", "static"] = "gated",
 ) -> dict[str, Any]:
     """Per group: the clusters (greedy by single-cluster damage) whose CI-gated ablation costs
     ≥ `params.frac` of the everything-ablated increase, at most `params.max_clusters`; the
@@ -71,13 +72,16 @@ def mechanism_score(
     take its task to chance, no further.
 
     `gate`: the masks every CI-gated removal starts from (`ablation.Gate`: m = g, or the
-    rounded 1[g > τ]); recorded in each group's row as `gate`."""
+    rounded 1[g > τ]); recorded in each group's row as `gate`. `removal` "static": every set is
+    removed from the weights instead (W − Σ U_c V_cᵀ; baseline the target, everything removed
+    W − U V), what `spdkit edit` writes; recorded as `removal`."""
     every = everything(model)
-    base, full = scored_ces(model, groups, [("gated", {}), ("gated", every)], chunk, gate=gate)
+    nothing: Off | None = {} if removal == "gated" else None
+    base, full = scored_ces(model, groups, [(removal, nothing), (removal, every)], chunk, gate=gate)
     n_chunks = sum(-(-len(ids) // (chunk or len(ids))) for ids, _ in groups.values())
     n_sets = params.max_clusters + (params.max_selective if chance else 0)
     bar = progress_bar(n_chunks * len(clusters) + len(groups) * n_sets, "ablate", progress)
-    removals: list[Removal] = [("gated", c.indices()) for c in clusters]
+    removals: list[Removal] = [(removal, c.indices()) for c in clusters]
     ces = scored_ces(model, groups, removals, chunk, tick=lambda: bar.update(1), gate=gate)
     single = {
         c.id: {n: ce[n] - base[n] for n in groups} for c, ce in zip(clusters, ces, strict=True)
@@ -91,7 +95,7 @@ def mechanism_score(
         fractions: dict[str, float] = {}
         for k in order[: params.max_clusters]:
             chosen.append(k)
-            (ce,) = scored_ces(model, groups, [("gated", union(by_id, chosen))], chunk, gate=gate)
+            (ce,) = scored_ces(model, groups, [(removal, union(by_id, chosen))], chunk, gate=gate)
             fractions = {n: fraction(ce[n], base[n], full[n]) for n in groups}
             bar.update(1)
             if fractions[group] >= params.frac:
@@ -112,6 +116,7 @@ def mechanism_score(
             "baseline_ce": base[group],
             "everything_ce": full[group],
             "gate": gate.describe(),
+            "removal": removal,
         }
     if chance:
         reference = {n: reference_ce(base[n], full[n], chance[n]) for n in groups}
@@ -133,6 +138,7 @@ def mechanism_score(
                 chunk,
                 tick=lambda: bar.update(1),
                 gate=gate,
+                removal=removal,
             )
     bar.close()
     return out
@@ -149,6 +155,7 @@ def selective_set(
     chunk: int | None,
     tick: Callable[[], None] = lambda: None,
     gate: Gate = CI_GATE,
+    removal: Literal["gated", "static"] = "gated",
 ) -> dict[str, Any]:
     """The clusters that remove `group`'s mechanism and nothing else, greedily: candidates in
     order of selective damage alone[k][group] − max_{other} alone[k][other] (each cluster's
@@ -170,7 +177,7 @@ def selective_set(
     fractions = dict.fromkeys(groups, 0.0)
     for k in candidates[: params.max_selective]:
         off = union(by_id, [*chosen, k])
-        (ce,) = scored_ces(model, groups, [("gated", off)], chunk, gate=gate)
+        (ce,) = scored_ces(model, groups, [(removal, off)], chunk, gate=gate)
         tick()
         trial = fractions_of(ce)
         if max((trial[n] for n in others), default=0.0) <= params.max_selectivity:
@@ -218,6 +225,10 @@ def plot_mechanism_score(score: dict[str, Any], path: Path | None) -> Figure:
     ax.set_yticks(range(len(groups)), labels)
     ax.set_xlabel("CE increase in group (fraction of everything ablated)")
     gate = next(iter(score.values()), {}).get("gate") or {"kind": "ci"}
-    ax.set_title(f"mechanism score (CI-gated ablation, {gate_label(gate)})")
+    first = next(iter(score.values()), {})
+    if first.get("removal") == "static":
+        ax.set_title("mechanism score (static edit: W − Σ U_c V_c)")
+    else:
+        ax.set_title(f"mechanism score (CI-gated ablation, {gate_label(gate)})")
     fig.colorbar(im, ax=ax, shrink=0.8)
     return finish(fig, path)

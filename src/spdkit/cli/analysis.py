@@ -49,6 +49,9 @@ def cluster(
     alpha: float = typer.Option(2.0, min=0, help="bits per rank-one piece of a firing group"),
     min_count: int = typer.Option(1, min=1, help="fewer firings than this: dead"),
     seed: int = typer.Option(0, min=0, help="seed of the data drawn"),
+    unit: str = typer.Option(
+        "position", help="LMs: a sample is a token position or a whole sequence (any position)"
+    ),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     checkpoint: bool = typer.Option(
         False, "--checkpoint", help="an unfinished run at its last checkpoint (into partial/)"
@@ -63,7 +66,7 @@ def cluster(
     from spdkit.pipeline.run import PARTIAL_DIR, load_checkpoint, resolve_device
 
     try:
-        params = ClusterParams(samples, threshold, alpha, min_count, seed)
+        params = ClusterParams(samples, threshold, alpha, min_count, seed, unit)  # type: ignore[arg-type]
         if checkpoint:
             decomp, step = load_checkpoint(run_dir, device)
             out_dir = run_dir / PARTIAL_DIR / f"step_{step}"

@@ -24,6 +24,9 @@ def ablate(
     masks: str = typer.Option(
         "ci", help="CI-gated baseline: ci (m = g) or rounded (m = 1[g > eval.ci_threshold])"
     ),
+    removal: str = typer.Option(
+        "gated", help="--score: remove clusters CI-gated (gated) or from the weights (static)"
+    ),
     specific: bool = typer.Option(
         False, "--specific", help="per group, the pieces that fire mostly on it, removed"
     ),
@@ -57,7 +60,9 @@ def ablate(
             atomic.atomic_write_text(run_dir / "ablation.json", json.dumps(result, indent=1) + "\n")
             _print_ablation(result)
         if score:
-            table = decomp.mechanism_score(frac, max_clusters, n, progress=not quiet, masks=masks)
+            table = decomp.mechanism_score(
+                frac, max_clusters, n, progress=not quiet, masks=masks, removal=removal
+            )
             atomic.atomic_write_text(
                 run_dir / "mechanism_score.json", json.dumps(table, indent=1) + "\n"
             )
@@ -99,11 +104,13 @@ def _print_ablation(result: dict) -> None:
 def _print_score(table: dict, frac: float) -> None:
     from spdkit.analysis.ablation import gate_label
 
-    gate = next(iter(table.values()))["gate"]
-    typer.echo(
-        f"mechanism score (a set must cost ≥ {frac:.0%} of ablating everything; "
-        f"CI-gated from {gate_label(gate)}):"
+    first = next(iter(table.values()))
+    how = (
+        "removed from the weights"
+        if first.get("removal") == "static"
+        else f"CI-gated from {gate_label(first['gate'])}"
     )
+    typer.echo(f"mechanism score (a set must cost ≥ {frac:.0%} of ablating everything; {how}):")
     for group, row in table.items():
         _verdict_line(
             group,

@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -43,13 +43,17 @@ FILE = "clusters.json"
 class ClusterParams:
     """samples: CI rows to gather (toy inputs, LM token positions); threshold: τ of g = 1[CI > τ];
     alpha: bits per rank-one piece of a firing group (higher: fewer, tighter merges); min_count:
-    a subcomponent firing on fewer samples is dead; seed: of the data drawn."""
+    a subcomponent firing on fewer samples is dead; seed: of the data drawn; unit (LMs): a
+    sample is a token `position`, or a `sequence` (a piece fires on a sequence if it fires at
+    any of its positions: pieces that serve one kind of sequence, e.g. one planted task,
+    co-fire across it even where they work at different positions)."""
 
     samples: int = 20000
     threshold: float = 0.1
     alpha: float = 2.0
     min_count: int = 1
     seed: int = 0
+    unit: Literal["position", "sequence"] = "position"
 
     def __post_init__(self) -> None:
         checks = {
@@ -57,6 +61,7 @@ class ClusterParams:
             "threshold": (0 <= self.threshold < 1, "in [0, 1): CI above 1 is only the leak"),
             "alpha": (self.alpha >= 0, "≥ 0"),
             "min_count": (self.min_count >= 1, "≥ 1"),
+            "unit": (self.unit in ("position", "sequence"), "position or sequence"),
         }
         for name, (ok, allowed) in checks.items():
             if not ok:
@@ -129,6 +134,7 @@ def gather(decomp: Decomposed, params: ClusterParams, progress: bool = True) -> 
         config.eval.batch_size or config.eval.n_eval_samples,
         gen,
         progress,
+        per_sequence=params.unit == "sequence",
     )
 
 

@@ -109,9 +109,11 @@ def gather_firings(
     batch_rows: int,
     generator: torch.Generator,
     progress: bool = True,
+    per_sequence: bool = False,
 ) -> Firings:
     """Stream batches of at most `batch_rows` data rows until `n_samples` samples (CI rows) are
     seen; keep only which subcomponents fired (CI > `threshold`, σ_H,upper) on each.
+    `per_sequence`: a sample is a sequence, max_t CI_t over its positions (LM inputs only).
 
     Memory: the CI of one batch (what the CI functions produce anyway) and the firing ids; each
     module is thresholded on its own, so no [rows, total C] block is built, and the last batch
@@ -125,6 +127,8 @@ def gather_firings(
     while seen < n_samples:
         rows = min(batch_rows, -(-(n_samples - seen) // samples_per_row))
         ci = causal_importance(model, data.sample(rows, generator))
+        if per_sequence:
+            ci = per_sequence_ci(ci)
         per_sample, fired = _batch_firings(ci, model.module_names, offsets, threshold)
         samples_per_row = max(1, len(per_sample) // rows)
         per_sample = per_sample[: n_samples - seen]
@@ -135,6 +139,17 @@ def gather_firings(
     bar.close()
     ptr = np.concatenate([[0], np.cumsum(np.concatenate(ptr_parts))]).astype(np.int64)
     return Firings(names, ptr, np.concatenate(fired_parts))
+
+
+def per_sequence_ci(ci: dict[str, Tensor]) -> dict[str, Tensor]:
+    """CI [B, T, C] → [B, C]: each piece's largest CI over a sequence's positions."""
+    first = next(iter(ci.values()))
+    if first.dim() != 3:
+        raise ValueError(
+            f"unit sequence: this target's CI has shape {list(first.shape)}, no positions "
+            "(use unit position)"
+        )
+    return {m: v.amax(dim=1) for m, v in ci.items()}
 
 
 def _batch_firings(
