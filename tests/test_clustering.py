@@ -440,13 +440,25 @@ def test_switching_a_mechanism_off_removes_exactly_its_feature():
 
 
 def test_a_sequence_fires_a_piece_if_any_of_its_positions_does():
-    """`unit: sequence` clusters over sequences: CI [B, T, C] → max over T; toy CI has no
-    positions and is refused in one line; the unit is checked by name."""
+    """`unit: sequence` clusters over sequences: a piece fires on one if it fires on at least
+    `sequence_rate` of its positions (any, at 0); toy CI has no positions and is refused in one
+    line; the unit is checked by name."""
     from spdkit.analysis.mechanisms.firings import per_sequence_ci
 
-    ci = {"m": torch.tensor([[[0.0, 0.2], [0.9, 0.0]], [[0.05, 0.0], [0.0, 0.3]]])}
-    torch.testing.assert_close(per_sequence_ci(ci)["m"], torch.tensor([[0.9, 0.2], [0.05, 0.3]]))
+    # two sequences of four positions, two pieces; τ 0.1
+    ci = {
+        "m": torch.tensor(
+            [
+                [[0.0, 0.2], [0.9, 0.0], [0.5, 0.0], [0.0, 0.0]],  # piece 0 at 2 positions, 1 at 1
+                [[0.05, 0.0], [0.0, 0.3], [0.0, 0.3], [0.0, 0.3]],  # piece 1 at 3
+            ]
+        )
+    }
+    anywhere = per_sequence_ci(ci, 0.1)["m"]
+    torch.testing.assert_close(anywhere, torch.tensor([[1.0, 1.0], [0.0, 1.0]]))
+    half = per_sequence_ci(ci, 0.1, min_rate=0.5)["m"]  # at least 2 of 4 positions
+    torch.testing.assert_close(half, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     with pytest.raises(ValueError, match="no positions"):
-        per_sequence_ci({"m": torch.zeros(4, 2)})
+        per_sequence_ci({"m": torch.zeros(4, 2)}, 0.1)
     with pytest.raises(ValueError, match="unit = token: must be position or sequence"):
         ClusterParams(unit="token")  # type: ignore[arg-type]

@@ -50,7 +50,10 @@ def cluster(
     min_count: int = typer.Option(1, min=1, help="fewer firings than this: dead"),
     seed: int = typer.Option(0, min=0, help="seed of the data drawn"),
     unit: str = typer.Option(
-        "position", help="LMs: a sample is a token position or a whole sequence (any position)"
+        "position", help="LMs: a sample is a token position or a whole sequence"
+    ),
+    sequence_rate: float = typer.Option(
+        0.0, min=0, max=1, help="unit sequence: fires on it if on ≥ this share of positions"
     ),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     checkpoint: bool = typer.Option(
@@ -66,7 +69,15 @@ def cluster(
     from spdkit.pipeline.run import PARTIAL_DIR, load_checkpoint, resolve_device
 
     try:
-        params = ClusterParams(samples, threshold, alpha, min_count, seed, unit)  # type: ignore[arg-type]
+        params = ClusterParams(
+            samples,
+            threshold,
+            alpha,
+            min_count,
+            seed,
+            unit,
+            sequence_rate,  # type: ignore[arg-type]
+        )
         if checkpoint:
             decomp, step = load_checkpoint(run_dir, device)
             out_dir = run_dir / PARTIAL_DIR / f"step_{step}"

@@ -44,9 +44,10 @@ class ClusterParams:
     """samples: CI rows to gather (toy inputs, LM token positions); threshold: τ of g = 1[CI > τ];
     alpha: bits per rank-one piece of a firing group (higher: fewer, tighter merges); min_count:
     a subcomponent firing on fewer samples is dead; seed: of the data drawn; unit (LMs): a
-    sample is a token `position`, or a `sequence` (a piece fires on a sequence if it fires at
-    any of its positions: pieces that serve one kind of sequence, e.g. one planted task,
-    co-fire across it even where they work at different positions)."""
+    sample is a token `position`, or a `sequence` (a piece fires on a sequence if it fires on
+    at least `sequence_rate` of its positions, anywhere at 0: pieces that serve one kind of
+    sequence, e.g. one planted task, co-fire across it even where they work at different
+    positions, and a rate keeps a piece that fires once in other sequences out of theirs)."""
 
     samples: int = 20000
     threshold: float = 0.1
@@ -54,6 +55,7 @@ class ClusterParams:
     min_count: int = 1
     seed: int = 0
     unit: Literal["position", "sequence"] = "position"
+    sequence_rate: float = 0.0
 
     def __post_init__(self) -> None:
         checks = {
@@ -62,6 +64,7 @@ class ClusterParams:
             "alpha": (self.alpha >= 0, "≥ 0"),
             "min_count": (self.min_count >= 1, "≥ 1"),
             "unit": (self.unit in ("position", "sequence"), "position or sequence"),
+            "sequence_rate": (0 <= self.sequence_rate <= 1, "in [0, 1]"),
         }
         for name, (ok, allowed) in checks.items():
             if not ok:
@@ -135,6 +138,7 @@ def gather(decomp: Decomposed, params: ClusterParams, progress: bool = True) -> 
         gen,
         progress,
         per_sequence=params.unit == "sequence",
+        sequence_rate=params.sequence_rate,
     )
 
 

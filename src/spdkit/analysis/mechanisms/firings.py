@@ -12,6 +12,7 @@ are computed from it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,10 +111,12 @@ def gather_firings(
     generator: torch.Generator,
     progress: bool = True,
     per_sequence: bool = False,
+    sequence_rate: float = 0.0,
 ) -> Firings:
     """Stream batches of at most `batch_rows` data rows until `n_samples` samples (CI rows) are
     seen; keep only which subcomponents fired (CI > `threshold`, σ_H,upper) on each.
-    `per_sequence`: a sample is a sequence, max_t CI_t over its positions (LM inputs only).
+    `per_sequence`: a sample is a sequence, on which a piece fires if its CI exceeds the
+    threshold on at least `sequence_rate` of its positions (anywhere, at 0; LM inputs only).
 
     Memory: the CI of one batch (what the CI functions produce anyway) and the firing ids; each
     module is thresholded on its own, so no [rows, total C] block is built, and the last batch
@@ -128,7 +131,7 @@ def gather_firings(
         rows = min(batch_rows, -(-(n_samples - seen) // samples_per_row))
         ci = causal_importance(model, data.sample(rows, generator))
         if per_sequence:
-            ci = per_sequence_ci(ci)
+            ci = per_sequence_ci(ci, threshold, sequence_rate)
         per_sample, fired = _batch_firings(ci, model.module_names, offsets, threshold)
         samples_per_row = max(1, len(per_sample) // rows)
         per_sample = per_sample[: n_samples - seen]
@@ -141,15 +144,20 @@ def gather_firings(
     return Firings(names, ptr, np.concatenate(fired_parts))
 
 
-def per_sequence_ci(ci: dict[str, Tensor]) -> dict[str, Tensor]:
-    """CI [B, T, C] → [B, C]: each piece's largest CI over a sequence's positions."""
+def per_sequence_ci(
+    ci: dict[str, Tensor], threshold: float, min_rate: float = 0.0
+) -> dict[str, Tensor]:
+    """CI [B, T, C] → firing [B, C] (1.0 or 0.0): a piece fires on a sequence if its CI exceeds
+    `threshold` on at least `min_rate` of the sequence's positions (and on one at least: 0
+    means anywhere in it)."""
     first = next(iter(ci.values()))
     if first.dim() != 3:
         raise ValueError(
             f"unit sequence: this target's CI has shape {list(first.shape)}, no positions "
             "(use unit position)"
         )
-    return {m: v.amax(dim=1) for m, v in ci.items()}
+    need = max(1, math.ceil(min_rate * first.shape[1]))
+    return {m: ((v > threshold).sum(dim=1) >= need).to(v.dtype) for m, v in ci.items()}
 
 
 def _batch_firings(
