@@ -208,27 +208,40 @@ def union(by_id: Mapping[int, Cluster], ids: Sequence[int]) -> Off:
 
 def plot_mechanism_score(score: dict[str, Any], path: Path | None) -> Figure:
     """Rows: each group's chosen clusters; columns: the groups; cell: the fraction of that
-    group's everything-ablated CE increase the row's ablation causes. A planted mechanism
-    found selectively is a bright diagonal (≥ 0.8) on a dark field (≤ 0.1)."""
+    group's everything-ablated CE increase the row's removal causes. With selective sets (groups
+    with a chance CE) a second panel shows them, as fractions of the way to min(everything
+    removed, chance). A planted mechanism found selectively is a bright diagonal (≥ 0.8) on a
+    dark field (≤ 0.1)."""
     groups = list(score)
-    grid = [
-        [score[r]["fraction"] if c == r else score[r]["other_fractions"][c] for c in groups]
-        for r in groups
-    ]
-    fig, ax = new_figure(figsize=(1.2 + 1.1 * len(groups), 1.0 + 0.9 * len(groups)))
-    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
-    for i, row in enumerate(grid):
-        for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k")
-    ax.set_xticks(range(len(groups)), groups)
-    labels = [f"{r}: {len(score[r]['clusters'])} cl." for r in groups]
-    ax.set_yticks(range(len(groups)), labels)
-    ax.set_xlabel("CE increase in group (fraction of everything ablated)")
-    gate = next(iter(score.values()), {}).get("gate") or {"kind": "ci"}
     first = next(iter(score.values()), {})
+    panels = [("plain", {g: score[g] for g in groups})]
+    if all("selective" in score[g] for g in groups):
+        panels.append(("selective", {g: score[g]["selective"] for g in groups}))
+    fig, axes = new_figure(
+        1,
+        len(panels),
+        figsize=(1.2 + 1.3 * len(groups) * len(panels), 1.2 + 0.9 * len(groups)),
+        squeeze=False,
+    )
+    fig.subplots_adjust(wspace=0.55)
+    for ax, (kind, rows) in zip(axes[0], panels, strict=True):
+        grid = [
+            [rows[r]["fraction"] if c == r else rows[r]["other_fractions"][c] for c in groups]
+            for r in groups
+        ]
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                text = f"{0.0 if abs(v) < 0.005 else v:.2f}"
+                ax.text(j, i, text, ha="center", va="center", color="w" if v < 0.6 else "k")
+        ax.set_xticks(range(len(groups)), groups)
+        ax.set_yticks(range(len(groups)), [f"{r}: {len(rows[r]['clusters'])} cl." for r in groups])
+        ax.set_title("fewest clusters to 80 %" if kind == "plain" else "selective sets (to chance)")
     if first.get("removal") == "static":
-        ax.set_title("mechanism score (static edit: W − Σ U_c V_c)")
+        how = "static edit: W − Σ U_c V_c"
     else:
-        ax.set_title(f"mechanism score (CI-gated ablation, {gate_label(gate)})")
-    fig.colorbar(im, ax=ax, shrink=0.8)
+        how = f"CI-gated ablation, {gate_label(first.get('gate') or {'kind': 'ci'})}"
+    fig.suptitle(f"mechanism score ({how})")
+    fig.supxlabel("CE increase in each group (fraction of its reference)")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
     return finish(fig, path)
