@@ -32,6 +32,7 @@ from spdkit.analysis.ablation import (
     scored_ces,
 )
 from spdkit.analysis.mechanisms.clusters import Cluster
+from spdkit.analysis.plots import removal_heatmap
 from spdkit.figures import finish, new_figure
 from spdkit.method.model import ComponentModel
 from spdkit.progress import progress_bar
@@ -225,17 +226,8 @@ def plot_mechanism_score(score: dict[str, Any], path: Path | None) -> Figure:
     )
     fig.subplots_adjust(wspace=0.55)
     for ax, (kind, rows) in zip(axes[0], panels, strict=True):
-        grid = [
-            [rows[r]["fraction"] if c == r else rows[r]["other_fractions"][c] for c in groups]
-            for r in groups
-        ]
-        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
-        for i, row in enumerate(grid):
-            for j, v in enumerate(row):
-                text = f"{0.0 if abs(v) < 0.005 else v:.2f}"
-                ax.text(j, i, text, ha="center", va="center", color="w" if v < 0.6 else "k")
-        ax.set_xticks(range(len(groups)), groups)
-        ax.set_yticks(range(len(groups)), [f"{r}: {len(rows[r]['clusters'])} cl." for r in groups])
+        labels = [f"{r}: {len(rows[r]['clusters'])} cl." for r in groups]
+        im = removal_heatmap(ax, rows, groups, labels)
         ax.set_title("fewest clusters to 80 %" if kind == "plain" else "selective sets (to chance)")
     if first.get("removal") == "static":
         how = "static edit: W − Σ U_c V_c"

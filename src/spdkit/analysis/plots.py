@@ -279,3 +279,25 @@ def plot_prompt_graph(graph: dict[str, Any], path: Path | None, n_edges: int = 6
     ax.set_xticks(range(T), tokens, fontsize=6, rotation=90)
     ax.set_title(f"attribution graph: {len(edges)} strongest edges")
     return finish(fig, path)
+
+
+def removal_heatmap(
+    ax: Any, rows: dict[str, dict[str, Any]], groups: Sequence[str], labels: Sequence[str]
+) -> Any:
+    """One panel of a removal table: row r is the set removed for group r, column c a group,
+    the cell the share of c's way to its reference that removing r's set costs
+    (rows[r]["fraction"] on the diagonal, rows[r]["other_fractions"][c] off it). A mechanism
+    removed selectively is a bright diagonal (≥ 0.8) on a dark field (≤ 0.1). Returns the
+    image, for a colour bar."""
+    grid = [
+        [rows[r]["fraction"] if c == r else rows[r]["other_fractions"][c] for c in groups]
+        for r in groups
+    ]
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            text = f"{0.0 if abs(v) < 0.005 else v:.2f}"
+            ax.text(j, i, text, ha="center", va="center", color="w" if v < 0.6 else "k")
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_yticks(range(len(groups)), labels)
+    return im

@@ -56,6 +56,7 @@ from spdkit.analysis.ablation import (
     reference_ce,
     scored_ces,
 )
+from spdkit.analysis.plots import removal_heatmap
 from spdkit.figures import finish, new_figure
 from spdkit.method.model import ComponentModel
 from spdkit.progress import progress_bar
@@ -296,23 +297,9 @@ def plot_specific_sets(result: Mapping[str, Any], path: Path | None) -> Figure:
     )
     fig.subplots_adjust(wspace=0.08)
     for ax, kind in zip(axes[0], ("static", "gated"), strict=True):
-        grid = [
-            [
-                result["groups"][r][kind]["fraction"]
-                if c == r
-                else result["groups"][r][kind]["other_fractions"][c]
-                for c in groups
-            ]
-            for r in groups
-        ]
-        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
-        for i, row in enumerate(grid):
-            for j, v in enumerate(row):
-                text = f"{0.0 if abs(v) < 0.005 else v:.2f}"
-                ax.text(j, i, text, ha="center", va="center", color="w" if v < 0.6 else "k")
-        ax.set_xticks(range(len(groups)), groups)
         labels = [f"{r}: {result['groups'][r]['n_subcomponents']} pieces" for r in groups]
-        ax.set_yticks(range(len(groups)), labels if kind == "static" else [])
+        rows = {r: result["groups"][r][kind] for r in groups}
+        im = removal_heatmap(ax, rows, groups, labels if kind == "static" else [])
         ax.set_title("static edit" if kind == "static" else "CI-gated ablation (m = g)")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
     fig.supxlabel("CE rise in each group: fraction of the way to min(everything removed, chance)")
