@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -349,14 +348,7 @@ class Decomposition:
 
     def saved_specific(self) -> dict[str, list[str]] | None:
         """{group: items} of RUN_DIR/specific.json (`spdkit ablate --specific`), or None."""
-        if self.run_dir is None or not (self.run_dir / "specific.json").exists():
-            return None
-        path = self.run_dir / "specific.json"
-        try:
-            groups = json.loads(path.read_text())["groups"]
-            return {g: list(row["items"]) for g, row in groups.items()}
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} is not a specific.json of `spdkit ablate`: {e!r}") from None
+        return specific.read_items(self.run_dir) if self.run_dir is not None else None
 
     def subcomponents(self, module: str) -> tuple[Tensor, Tensor]:
         """(U [d_out, C], V [C, d_in]) of one decomposed module."""

@@ -38,6 +38,7 @@ contrast between groups says which pieces belong to one of them, with no cluster
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -285,6 +286,22 @@ def specific_sets(
 
 def _size(off: Off) -> int:
     return sum(len(v) for v in off.values())
+
+
+SPECIFIC_FILE = "specific.json"
+
+
+def read_items(run_dir: Path) -> dict[str, list[str]] | None:
+    """{group: items} of RUN_DIR/specific.json, or None where there is none; a file that is
+    not one is a ValueError naming it."""
+    path = run_dir / SPECIFIC_FILE
+    if not path.exists():
+        return None
+    try:
+        groups = json.loads(path.read_text())["groups"]
+        return {g: list(row["items"]) for g, row in groups.items()}
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a specific.json of `spdkit ablate`: {e!r}") from None
 
 
 def plot_specific_sets(result: Mapping[str, Any], path: Path | None) -> Figure:
