@@ -11,9 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from spdkit.analysis import ablation, attribution, labels, specific
+from spdkit.analysis import attribution, labels
 from spdkit.analysis import harvest as harvest_module
-from spdkit.analysis import mechanism_score as scoring
 from spdkit.analysis.attribution import AttributionParams
 from spdkit.analysis.chat import ChatEndpoint
 from spdkit.analysis.evaluation import evaluate
@@ -27,6 +26,7 @@ from spdkit.analysis.mechanisms.clusters import (
     read_clusters,
     write_clusters,
 )
+from spdkit.analysis.removals import RemovalMethods
 from spdkit.config import SPDConfig
 from spdkit.errors import ConfigError
 from spdkit.method.measures import causal_importance
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Decomposition:
+class Decomposition(RemovalMethods):
     """A trained decomposition: the component model, its config, and where it is stored."""
 
     model: ComponentModel
@@ -131,83 +131,6 @@ class Decomposition:
         them on: `decomp.model(x, decomp.mechanism_masks(off=[3]))` runs the model without
         mechanism 3 (its members' rank-one weights removed)."""
         return mechanism_masks(self, self.clusters(), off, only)
-
-    def ablate(
-        self, items: Sequence[str], n: int = 256, seed: int = 0, masks: str = "ci"
-    ) -> dict[str, Any]:
-        """What removing `items` (`cluster:<id>` or `<module>:<index>`) costs, per position
-        group (`planted_lm`: per task; other LMs: every position of n held-out sequences):
-        next-token CE under the CI-gated ablation and the static weight edit, side by side
-        (`spdkit.analysis.ablation`). `masks`: the CI-gated baseline, `ci` (m = g) or
-        `rounded` (m = 1[g > eval.ci_threshold])."""
-        sizes = {m: self.model.components(m).C for m in self.module_names}
-        clusters = self.saved_clusters()
-        off = ablation.parse_items(items, clusters, sizes, self.saved_specific())
-        groups = ablation.position_groups(self, n, seed)
-        chunk = self.config.eval.batch_size
-        gate = ablation.Gate.named(masks, self.config.eval.ci_threshold)
-        measured = ablation.measure(
-            self.model, groups, off, self._decoder(), chunk=chunk, gate=gate
-        )
-        return {"off": off, "masks": gate.describe(), "groups": measured}
-
-    def mechanism_score(
-        self,
-        frac: float = 0.8,
-        max_clusters: int = 8,
-        n: int = 256,
-        seed: int = 0,
-        progress: bool = True,
-        masks: str = "ci",
-        removal: str = "gated",
-    ) -> dict[str, Any]:
-        """Per position group, the fewest clusters carrying ≥ `frac` of its loss, their
-        selectivity, and the selective set where groups have a chance CE (mechanism_score);
-        `masks` as in `ablate`; `removal` "gated" (CI-gated ablation) or "static" (the
-        weight edit)."""
-        if removal not in ("gated", "static"):
-            raise ValueError(f"removal={removal!r}: use 'gated' or 'static'")
-        groups = ablation.position_groups(self, n, seed)
-        chance_ce = target_kind(self.config.target).chance_ce if self.config.target else None
-        return scoring.mechanism_score(
-            self.model,
-            groups,
-            self.clusters(),
-            scoring.ScoreParams(frac, max_clusters),
-            chance={g: chance_ce(self.config.target, g) for g in groups} if chance_ce else None,
-            gate=ablation.Gate.named(masks, self.config.eval.ci_threshold),
-            chunk=self.config.eval.batch_size,
-            progress=progress,
-            removal=removal,  # type: ignore[arg-type]
-        )
-
-    def specific_sets(
-        self,
-        n: int = 256,
-        seed: int = 0,
-        params: specific.SpecificParams | None = None,
-        progress: bool = True,
-    ) -> dict[str, Any]:
-        """Per position group (planted_lm: per task), the pieces that fire mostly on it,
-        chosen on n sequences per group (draw `seed`) and measured on a fresh n (draw
-        seed + 1) under the static edit and the CI-gated ablation (`analysis/specific.py`)."""
-        chance_ce = target_kind(self.config.target).chance_ce if self.config.target else None
-        select = ablation.position_groups(self, n, seed)
-        if chance_ce is None or len(select) < 2:
-            raise ValueError(
-                "specific sets need position groups with a chance CE (planted_lm's tasks); "
-                f"this run has {', '.join(select)}"
-            )
-        return specific.specific_sets(
-            self.model,
-            select,
-            ablation.position_groups(self, n, seed + 1),
-            {g: chance_ce(self.config.target, g) for g in select},
-            self.config.eval.ci_threshold,
-            params or specific.SpecificParams(),
-            chunk=self.config.eval.batch_size,
-            progress=progress,
-        )
 
     def attribute(
         self, prompt: str | Tensor, params: AttributionParams | None = None, progress: bool = False
@@ -345,10 +268,6 @@ class Decomposition:
         if self.run_dir is None or not (self.run_dir / "clusters.json").exists():
             return []
         return self.clusters()
-
-    def saved_specific(self) -> dict[str, list[str]] | None:
-        """{group: items} of RUN_DIR/specific.json (`spdkit ablate --specific`), or None."""
-        return specific.read_items(self.run_dir) if self.run_dir is not None else None
 
     def subcomponents(self, module: str) -> tuple[Tensor, Tensor]:
         """(U [d_out, C], V [C, d_in]) of one decomposed module."""
