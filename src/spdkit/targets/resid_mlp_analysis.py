@@ -16,7 +16,13 @@ from torch import Tensor
 
 from spdkit.config import SPDConfig
 from spdkit.figures import finish, new_figure
-from spdkit.method.measures import causal_importance, one_hot_inputs, subcomponents
+from spdkit.method.measures import (
+    causal_importance,
+    non_negligible,
+    one_hot_inputs,
+    piece_norms,
+    subcomponents,
+)
 from spdkit.method.model import ComponentModel
 
 
@@ -58,6 +64,10 @@ class ResidVerdictRules:
     of the features form the dense rank-d_mlp mechanism; their number must equal the target's
     neurons in all layers ± `dense_tolerance`.
     Everything else is dead: CI < `off` on every feature.
+    A subcomponent with negligible weight (‖U_c‖·‖V_c‖ below `eval.norm_threshold` of its
+    module's largest, the TMS verdict's line) counts as dead whatever its CI: masking it changes
+    nothing, so the CI of such a spare piece (which VPD's p = 2 importance leaves just above
+    `off` on a feature or two) says nothing about a mechanism. Since 2026-12-07.
     """
 
     on: float = 0.5
@@ -72,12 +82,19 @@ def resid_mlp_verdict(
     ci_out: dict[str, Tensor],
     n_neurons: int,
     rules: ResidVerdictRules = ResidVerdictRules(),  # noqa: B008 (frozen dataclass)
+    live: dict[str, Tensor] | None = None,
 ) -> dict:
-    """Counts behind the verdict, from CI on one-hot inputs ([n_features, C] per module)."""
+    """Counts behind the verdict, from CI on one-hot inputs ([n_features, C] per module);
+    `live` ([C] bool per module, non-negligible weight) reads a negligible piece's CI as 0."""
+
+    def read(name: str, ci: Tensor) -> Tensor:
+        ci = ci.detach().float().cpu()
+        return ci if live is None else ci * live[name].cpu()[None, :]
+
     layers_in = {}
     all_mono = True
     for name, ci in ci_in.items():
-        ci = ci.detach().float().cpu()
+        ci = read(name, ci)
         on = ci > rules.on  # [n_features, C]
         per_feature = on.sum(dim=1)  # [n_features]
         owner = ci.argmax(dim=1)  # [n_features]
@@ -98,8 +115,8 @@ def resid_mlp_verdict(
         }
         all_mono &= sum(mono) == ci.shape[0] and other == 0
     n_dense = n_dead_out = n_other_out = 0
-    for ci in ci_out.values():
-        ci = ci.detach().float().cpu()
+    for name, ci in ci_out.items():
+        ci = read(name, ci)
         frac = (ci > rules.dense_ci).float().mean(dim=0)  # [C]
         dense = frac >= rules.dense_fraction
         dead = ci.max(dim=0).values < rules.off
@@ -133,6 +150,10 @@ def report(
         {n: ci_onehot[n] for n in names_in},
         {n: ci_onehot[n] for n in names_out},
         n_neurons=target_cfg.n_layers * target_cfg.d_mlp,
+        live={
+            n: non_negligible(piece_norms(model, n), config.eval.norm_threshold)
+            for n in names_in + names_out
+        },
     )
     out: dict[str, Any] = {"resid_mlp": {"verdict": verdict}}
     layers = [n.removesuffix(".mlp_in") for n in names_in if f"{n[:-7]}.mlp_out" in names_out]
