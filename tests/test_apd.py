@@ -203,6 +203,23 @@ def test_apd_run_end_to_end(tmp_path) -> None:
     assert g["linear1"].sum().item() == pytest.approx(2 * int(0.5 * 16))
 
 
+def test_resid_report_of_an_apd_model_reads_one_flag_per_component(tmp_path) -> None:
+    """The residual-MLP verdict counts negligible pieces as dead: for APD a component's
+    norm flag covers its r CI columns (an untrained model: any weights do)."""
+    from spdkit.method.measures import causal_importance, live_columns, one_hot_inputs
+    from spdkit.targets.resid_mlp_analysis import report
+
+    config = parse_config(resid_apd_dict())
+    target = target_kind(config.target).build(config.target)
+    model = ComponentModel.from_config(target, config)
+    name = model.module_names[0]
+    with torch.no_grad():
+        ci = causal_importance(model, one_hot_inputs(config.target.n_features, 0.75))
+    assert live_columns(model, name, 0.1).shape == (ci[name].shape[1],)
+    out = report(model, config, ci, tmp_path)
+    assert out["resid_mlp"]["verdict"]["rules"]["negligible_weight_is_dead"]
+
+
 def test_tms_feature_owners_of_an_apd_run_are_its_components() -> None:
     """Every rank-one piece of an APD component gets the component's feature (its matrix P_c),
     so a clustering of an APD run is scored against the toy ground truth like SPD's."""

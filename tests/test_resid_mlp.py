@@ -147,25 +147,24 @@ def test_verdict_accepts_the_ground_truth_and_counts_what_breaks_it():
     assert not v["ground_truth"] and v["w_out"]["dense"] == 0 and v["w_out"]["other"] == 10
 
 
-def test_verdict_reads_a_negligible_pieces_ci_as_zero():
-    """A spare W_out piece with CI just above `off` on two features breaks the verdict while its
-    weight counts; once its weight is marked negligible it is dead, and the truth stands."""
+def test_verdict_counts_a_negligible_spare_piece_as_dead():
+    """A spare piece with CI just above `off` on two features breaks the verdict while its
+    weight counts; once its weight is marked negligible it is dead, and the truth stands.
+    Monosemantic and dense pieces are read from the CI alone, whatever their weight."""
     ci_in, ci_out = _perfect_ci()
     ci_out[3:5, 9] = 0.15
-    assert not resid_mlp_verdict({"l0.in": ci_in}, {"l0.out": ci_out}, n_neurons=5)["ground_truth"]
+    ci_in[6:8, 12] = 0.2
+    v = resid_mlp_verdict({"l0.in": ci_in}, {"l0.out": ci_out}, n_neurons=5)
+    assert not v["ground_truth"]
+    assert v["w_out"]["other"] == 1 and v["w_in"]["l0.in"]["subcomponents_other"] == 1
     live = {"l0.in": torch.ones(16, dtype=torch.bool), "l0.out": torch.ones(16, dtype=torch.bool)}
-    live["l0.out"][9] = False
+    live["l0.out"][9] = live["l0.in"][12] = False
+    live["l0.out"][2] = live["l0.in"][4] = False  # a dense piece and a feature's owner: small
     v = resid_mlp_verdict({"l0.in": ci_in}, {"l0.out": ci_out}, n_neurons=5, live=live)
-    assert v["ground_truth"] and v["w_out"] == {
-        "dense": 5,
-        "expected_dense": 5,
-        "dead": 11,
-        "other": 0,
-    }
-    # a negligible W_in piece that owned a feature leaves that feature without one
-    live["l0.in"][4] = False
-    v = resid_mlp_verdict({"l0.in": ci_in}, {"l0.out": ci_out}, n_neurons=5, live=live)
-    assert not v["ground_truth"] and v["w_in"]["l0.in"]["features_with_none"] == 1
+    assert v["ground_truth"] and v["rules"]["negligible_weight_is_dead"]
+    assert v["w_out"] == {"dense": 5, "expected_dense": 5, "dead": 11, "other": 0}
+    assert v["w_in"]["l0.in"]["subcomponents_dead"] == 6
+    assert v["w_in"]["l0.in"]["features_monosemantic"] == 10
 
 
 def test_short_resid_run_writes_the_analysis(tmp_path):

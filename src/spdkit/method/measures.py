@@ -78,3 +78,11 @@ def piece_norms(model: ComponentModel, module: str) -> Tensor:
     if model.apd is None:
         return subcomponent_norms(*subcomponents(model, module))
     return pieces(model, module).flatten(1).norm(dim=1)
+
+
+def live_columns(model: ComponentModel, module: str, rel_threshold: float) -> Tensor:
+    """bool [C·r]: per column of the module's CI (one per rank-one subcomponent), whether its
+    piece is non-negligible; an APD component's flag is repeated over its r columns, as its
+    mask is (`apd.repeat_per_rank`)."""
+    live = non_negligible(piece_norms(model, module), rel_threshold)
+    return live if model.apd is None else live.repeat_interleave(model.apd_ranks[module])

@@ -18,9 +18,8 @@ from spdkit.config import SPDConfig
 from spdkit.figures import finish, new_figure
 from spdkit.method.measures import (
     causal_importance,
-    non_negligible,
+    live_columns,
     one_hot_inputs,
-    piece_norms,
     subcomponents,
 )
 from spdkit.method.model import ComponentModel
@@ -65,9 +64,11 @@ class ResidVerdictRules:
     neurons in all layers ± `dense_tolerance`.
     Everything else is dead: CI < `off` on every feature.
     A subcomponent with negligible weight (‖U_c‖·‖V_c‖ below `eval.norm_threshold` of its
-    module's largest, the TMS verdict's line) counts as dead whatever its CI: masking it changes
-    nothing, so the CI of such a spare piece (which VPD's p = 2 importance leaves just above
-    `off` on a feature or two) says nothing about a mechanism. Since 2026-12-07.
+    module's largest, the TMS verdict's line) that is neither monosemantic nor dense counts as
+    dead whatever its CI: masking it changes nothing, so the CI of such a spare piece (which
+    VPD's p = 2 importance leaves just above `off` on a feature or two) says nothing about a
+    mechanism. Monosemantic and dense are read from the CI alone (a dense W_out basis may have
+    small pieces). Since 2026-12-07.
     """
 
     on: float = 0.5
@@ -84,17 +85,17 @@ def resid_mlp_verdict(
     rules: ResidVerdictRules = ResidVerdictRules(),  # noqa: B008 (frozen dataclass)
     live: dict[str, Tensor] | None = None,
 ) -> dict:
-    """Counts behind the verdict, from CI on one-hot inputs ([n_features, C] per module);
-    `live` ([C] bool per module, non-negligible weight) reads a negligible piece's CI as 0."""
+    """Counts behind the verdict, from CI on one-hot inputs ([n_features, C] per module).
+    `live` ([C] bool per module: non-negligible weight) only moves pieces that are neither
+    monosemantic nor dense into `dead`; those two are read from the CI as it is."""
 
-    def read(name: str, ci: Tensor) -> Tensor:
-        ci = ci.detach().float().cpu()
-        return ci if live is None else ci * live[name].cpu()[None, :]
+    def spare(name: str, C: int) -> Tensor:  # [C] bool: negligible weight
+        return torch.zeros(C, dtype=torch.bool) if live is None else ~live[name].cpu()
 
     layers_in = {}
     all_mono = True
     for name, ci in ci_in.items():
-        ci = read(name, ci)
+        ci = ci.detach().float().cpu()
         on = ci > rules.on  # [n_features, C]
         per_feature = on.sum(dim=1)  # [n_features]
         owner = ci.argmax(dim=1)  # [n_features]
@@ -102,8 +103,11 @@ def resid_mlp_verdict(
         for i in range(ci.shape[0]):
             others = torch.cat([ci[:i, owner[i]], ci[i + 1 :, owner[i]]])
             mono.append(bool(per_feature[i] == 1 and (others < rules.off).all()))
-        dead = int((ci.max(dim=0).values < rules.off).sum())
         mono_owners = {int(owner[i]) for i in range(ci.shape[0]) if mono[i]}
+        is_owner = torch.zeros(ci.shape[1], dtype=torch.bool)
+        is_owner[list(mono_owners)] = True
+        quiet = ci.max(dim=0).values < rules.off
+        dead = int(((quiet | spare(name, ci.shape[1])) & ~is_owner).sum())
         other = ci.shape[1] - dead - len(mono_owners)
         layers_in[name] = {
             "features_with_exactly_one": int((per_feature == 1).sum()),
@@ -116,16 +120,16 @@ def resid_mlp_verdict(
         all_mono &= sum(mono) == ci.shape[0] and other == 0
     n_dense = n_dead_out = n_other_out = 0
     for name, ci in ci_out.items():
-        ci = read(name, ci)
+        ci = ci.detach().float().cpu()
         frac = (ci > rules.dense_ci).float().mean(dim=0)  # [C]
         dense = frac >= rules.dense_fraction
-        dead = ci.max(dim=0).values < rules.off
+        dead = (ci.max(dim=0).values < rules.off) | (spare(name, ci.shape[1]) & ~dense)
         n_dense += int(dense.sum())
         n_dead_out += int(dead.sum())
         n_other_out += int((~dense & ~dead).sum())
     dense_ok = abs(n_dense - n_neurons) <= rules.dense_tolerance
     return {
-        "rules": rules.__dict__,
+        "rules": {**rules.__dict__, "negligible_weight_is_dead": live is not None},
         "w_in": layers_in,
         "w_out": {
             "dense": n_dense,
@@ -150,10 +154,7 @@ def report(
         {n: ci_onehot[n] for n in names_in},
         {n: ci_onehot[n] for n in names_out},
         n_neurons=target_cfg.n_layers * target_cfg.d_mlp,
-        live={
-            n: non_negligible(piece_norms(model, n), config.eval.norm_threshold)
-            for n in names_in + names_out
-        },
+        live={n: live_columns(model, n, config.eval.norm_threshold) for n in names_in + names_out},
     )
     out: dict[str, Any] = {"resid_mlp": {"verdict": verdict}}
     layers = [n.removesuffix(".mlp_in") for n in names_in if f"{n[:-7]}.mlp_out" in names_out]
