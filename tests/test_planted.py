@@ -690,10 +690,16 @@ def test_specific_sets_are_measured_on_a_fresh_draw_and_edit_removes_them(plante
     out = runner.invoke(app, ["ablate", str(run), "--specific", "--n", "8", "--quiet"])
     assert out.exit_code == 0, out.output
     assert "specific sets" in out.output and (run / "figures" / "specific_sets.png").exists()
-    sets = json.loads((run / "specific.json").read_text())
+    assert json.loads((run / "specific.json").read_text())["params"]["report_seed"] == 1
     decomp = load(run)
+    # a 20-step run's CI fires on every task alike: θ 0 takes every alive piece, so that the
+    # sets checked and edited below are not empty
+    params = SpecificParams(thetas=(0.0,))
+    sets = decomp.specific_sets(8, params=params, progress=False)
+    assert sets["params"] | {"n": 8, "select_seed": 0, "report_seed": 1} == sets["params"]
     fresh = ablation.position_groups(decomp, 8, 1)
     sizes = {m: decomp.model.components(m).C for m in decomp.module_names}
+    assert any(row["items"] for row in sets["groups"].values())
     for group, row in sets["groups"].items():
         assert len(row["items"]) == row["n_subcomponents"] == len(set(row["items"]))
         off = ablation.parse_items(row["items"], [], sizes)
@@ -708,21 +714,26 @@ def test_specific_sets_are_measured_on_a_fresh_draw_and_edit_removes_them(plante
             )
             got = static["fraction"] if g == group else static["other_fractions"][g]
             assert got == pytest.approx(want), (group, g)
-    # a 20-step run's CI fires on every task alike: θ 0 takes every alive piece, so that the
-    # edit below has a set to remove
-    sets = decomp.specific_sets(8, params=SpecificParams(thetas=(0.0,)), progress=False)
+        assert row["found"] == (
+            bool(row["items"])
+            and static["fraction"] >= params.frac
+            and static["selectivity"] <= params.max_selectivity
+        )
     (run / "specific.json").write_text(json.dumps(sets))
     group = next(g for g, row in sets["groups"].items() if row["items"])
     edited = tmp_path / "edited"
     args = ["edit", str(run), "--off", f"specific:{group}", "--out", str(edited), "--n", "8"]
-    out = runner.invoke(app, [*args, "--seed", "1"])
+    out = runner.invoke(app, args)
     assert out.exit_code == 0, out.output
     result = json.loads((edited / "edit.json").read_text())
     assert result["off"] == ablation.parse_items(sets["groups"][group]["items"], [], sizes)
-    # measured on draw 1, as specific.json's static CE of the same set
+    # measured on draw 1 by default, as specific.json's static CE of the same set
     assert result["seed"] == 1
     for g, row in result["groups"].items():
         assert row["edited"] == pytest.approx(sets["groups"][group]["static"]["ce"][g], rel=1e-4)
+    empty = {group: []}
+    with pytest.raises(ValueError, match="specific set is empty"):
+        ablation.parse_items([f"specific:{group}"], [], sizes, empty)
     with pytest.raises(ValueError, match="no such group"):
         ablation.parse_items(["specific:nope"], [], sizes, decomp.saved_specific())
     with pytest.raises(ValueError, match="no specific.json"):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spdkit.analysis import specific
+from spdkit.analysis import ablation, specific
 
 
 class OneHotCI:
@@ -78,3 +78,15 @@ def test_grow_keeps_a_piece_only_if_it_helps_within_the_bound_and_stops_at_frac(
     few = specific.SpecificParams(frac=0.8, max_selectivity=0.1, max_trials=2)
     chosen, _, trials = specific.grow(start, below, measure(start), measure, few)
     assert [m for _, m, _ in chosen] == ["a"] and trials == 2
+
+
+def test_params_refuse_thetas_out_of_order_or_empty():
+    for bad in ((), (0.5, 0.9), (1.5,)):
+        with pytest.raises(ValueError, match="thetas"):
+            specific.SpecificParams(thetas=bad)
+
+
+def test_a_specific_set_is_measured_on_the_draw_it_was_not_chosen_on():
+    assert ablation.measured_draw(["specific:sum"], None) == 1
+    assert ablation.measured_draw(["cluster:0", "mlp:3"], None) == 0
+    assert ablation.measured_draw(["specific:sum"], 0) == 0  # asked for: in-sample

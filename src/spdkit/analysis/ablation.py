@@ -61,6 +61,15 @@ def position_groups(decomp: Decomposed, n: int, seed: int = 0) -> Groups:
     return {"all": (ids, scored)}
 
 
+def measured_draw(items: Sequence[str], seed: int | None) -> int:
+    """The draw of held-out sequences a removal is measured on: `seed` if given, else 1 where
+    an item is a specific set (chosen on draw 0 by `spdkit ablate --specific`: draw 1 is the
+    fresh one), else 0."""
+    if seed is not None:
+        return seed
+    return 1 if any(item.startswith("specific:") for item in items) else 0
+
+
 def parse_items(
     items: Sequence[str],
     clusters: Sequence[Cluster],
@@ -82,6 +91,8 @@ def parse_items(
             if tail not in specific:
                 raise ValueError(f"{item}: no such group (groups: {', '.join(specific)})")
             members = list(specific[tail])
+            if not members:
+                raise ValueError(f"{item}: {tail}'s specific set is empty (specific.json)")
         elif head == "cluster":
             if not clusters:
                 raise ValueError(f"{item}: this run has no clusters.json (run `spdkit cluster`)")

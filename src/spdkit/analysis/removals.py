@@ -24,13 +24,15 @@ class RemovalMethods:
     run_dir: Path | None
 
     def ablate(
-        self, items: Sequence[str], n: int = 256, seed: int = 0, masks: str = "ci"
+        self, items: Sequence[str], n: int = 256, seed: int | None = None, masks: str = "ci"
     ) -> dict[str, Any]:
-        """What removing `items` (`cluster:<id>` or `<module>:<index>`) costs, per position
-        group (`planted_lm`: per task; other LMs: every position of n held-out sequences):
-        next-token CE under the CI-gated ablation and the static weight edit, side by side
-        (`spdkit.analysis.ablation`). `masks`: the CI-gated baseline, `ci` (m = g) or
-        `rounded` (m = 1[g > eval.ci_threshold])."""
+        """What removing `items` (`cluster:<id>`, `specific:<group>` or `<module>:<index>`)
+        costs, per position group (`planted_lm`: per task; other LMs: every position of n
+        held-out sequences of draw `seed`; None: `ablation.measured_draw`, the fresh draw 1 for
+        specific sets): next-token CE under the CI-gated ablation and the static weight edit,
+        side by side (`spdkit.analysis.ablation`). `masks`: the CI-gated baseline, `ci`
+        (m = g) or `rounded` (m = 1[g > eval.ci_threshold])."""
+        seed = ablation.measured_draw(items, seed)
         sizes = {m: self.model.components(m).C for m in self.module_names}
         clusters = self.saved_clusters()
         off = ablation.parse_items(items, clusters, sizes, self.saved_specific())
@@ -40,7 +42,7 @@ class RemovalMethods:
         measured = ablation.measure(
             self.model, groups, off, self._decoder(), chunk=chunk, gate=gate
         )
-        return {"off": off, "masks": gate.describe(), "groups": measured}
+        return {"off": off, "masks": gate.describe(), "seed": seed, "groups": measured}
 
     def mechanism_score(
         self,
@@ -89,7 +91,7 @@ class RemovalMethods:
                 "specific sets need position groups with a chance CE (planted_lm's tasks); "
                 f"this run has {', '.join(select)}"
             )
-        return specific.specific_sets(
+        result = specific.specific_sets(
             self.model,
             select,
             ablation.position_groups(self, n, seed + 1),
@@ -99,6 +101,8 @@ class RemovalMethods:
             chunk=self.config.eval.batch_size,
             progress=progress,
         )
+        result["params"] |= {"n": n, "select_seed": seed, "report_seed": seed + 1}
+        return result
 
     def saved_specific(self) -> dict[str, list[str]] | None:
         """{group: items} of RUN_DIR/specific.json (`spdkit ablate --specific`), or None."""

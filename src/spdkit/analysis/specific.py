@@ -79,6 +79,11 @@ class SpecificParams:
     max_selectivity: float = 0.1
     max_trials: int = 64
 
+    def __post_init__(self) -> None:
+        t = self.thetas
+        if not t or any(not 0 <= x <= 1 for x in t) or list(t) != sorted(t, reverse=True):
+            raise ValueError(f"thetas must be in [0, 1], most specific first; got {t}")
+
 
 def firing_rates(
     model: ComponentModel, groups: Groups, threshold: float, chunk: int | None = 64
@@ -144,7 +149,7 @@ def _references(
     kinds: Sequence[str] = ("static", "gated"),
 ) -> dict[str, tuple[dict[str, float], dict[str, float]]]:
     """Per removal kind ("static", "gated"): (baseline CE, reference CE) per group."""
-    every = everything(model)
+    every = {m: v for m, v in everything(model).items() if m not in model.identity_modules}
     nothing = {"static": None, "gated": {}}
     removals: list[Removal] = [r for k in kinds for r in ((k, nothing[k]), (k, every))]
     ces = scored_ces(model, groups, removals, chunk)

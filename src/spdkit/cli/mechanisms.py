@@ -165,8 +165,11 @@ def edit(
     ),
     out: Path = typer.Option(..., help="a new folder for the edited target"),
     n: int = typer.Option(256, min=1, help="held-out sequences the effect is measured on"),
-    seed: int = typer.Option(
-        0, min=0, help="which draw of held-out sequences (specific sets: 1, not the chosen-on 0)"
+    seed: int | None = typer.Option(
+        None,
+        min=0,
+        help="which draw of held-out sequences (default: 1 where a specific set is removed, "
+        "the draw it was not chosen on; else 0)",
     ),
     device: str = typer.Option("cpu", help="cpu or cuda"),
 ) -> None:

@@ -38,13 +38,18 @@ EDIT_FILE = "edit.json"
 
 
 def edit_target(
-    decomp: Decomposition, items: Sequence[str], out: Path, n: int = 256, seed: int = 0
+    decomp: Decomposition,
+    items: Sequence[str],
+    out: Path,
+    n: int = 256,
+    seed: int | None = None,
 ) -> dict[str, Any]:
     """Write the target with `items` (`cluster:<id>`, `specific:<group>`, `<module>:<index>`)
     removed into `out`, reload it from there and measure it on n held-out sequences (per
     group) of draw `seed`; returns (and writes) edit.json's content. Specific sets were
-    chosen on draw 0 (`analysis/specific.py`): seed 1 measures them on sequences they were
-    not chosen on."""
+    chosen on draw 0 (`analysis/specific.py`), so seed None measures them on draw 1, sequences
+    they were not chosen on (`ablation.measured_draw`)."""
+    seed = ablation.measured_draw(items, seed)
     config = decomp.config
     sizes = {m: decomp.model.components(m).C for m in decomp.module_names}
     off = ablation.parse_items(items, decomp.saved_clusters(), sizes, decomp.saved_specific())
