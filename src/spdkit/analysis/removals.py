@@ -89,7 +89,7 @@ class RemovalMethods:
         if chance_ce is None or len(select) < 2:
             raise ValueError(
                 "specific sets need position groups with a chance CE (planted_lm's tasks); "
-                f"this run has {', '.join(select)}"
+                f"this run's groups: {', '.join(select)}"
             )
         result = specific.specific_sets(
             self.model,
