@@ -15,26 +15,24 @@ import argparse
 import json
 from pathlib import Path
 
-import yaml
+from spdkit.config import load_config
 
 MASKS = ("ci", "stochastic", "rounded")
 
 
 def read_run(run_dir: Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config = load_config(run_dir / "config.yaml")  # any layout a run directory was written in
     if "lm" not in summary:
         raise SystemExit(f"{run_dir}: not a language-model run (no `lm` in summary.json)")
-    kind = (config.get("ci_fn") or {}).get("kind", "mlp")
     modules = summary["modules"]
-    vpd = (config.get("adversarial_recon_coeff") or 0) > 0
     return {
         "run": run_dir.name,
-        "target": config["target"]["kind"],
-        "objective": "VPD" if vpd else "SPD",
-        "beta3": config["importance_minimality_coeff"],
-        "ci_fn": kind,
-        "steps": config["steps"],
+        "target": config.target.kind,
+        "objective": "VPD" if config.loss.adversarial_recon_coeff > 0 else "SPD",
+        "beta3": config.loss.importance_minimality_coeff,
+        "ci_fn": config.ci_fn.kind,
+        "steps": config.training.steps,
         "lm": summary["lm"],
         "l0": summary["mean_ci_l0"],
         "alive": {n: (m.get("n_alive"), m["C"]) for n, m in modules.items()},
