@@ -1,6 +1,6 @@
 """Compare finished language-model runs (induction, tiny_lm, hf): one table, one figure.
 
-    python benchmarks/compare_lm_runs.py RUN_DIR [RUN_DIR ...] [--png FIG] [--md TABLE]
+    python benchmarks/compare_lm_runs.py RUN_DIR [RUN_DIR ...] [--png FIG] > TABLE.md
 
 Reads each run's summary.json and config.yaml. Prints a markdown table (CE and KL to the
 target under CI, stochastic and rounded-CI masks; KL under the fresh-PGD ladder; CI-L0 per
