@@ -736,5 +736,11 @@ def test_specific_sets_are_measured_on_a_fresh_draw_and_edit_removes_them(plante
         ablation.parse_items([f"specific:{group}"], [], sizes, empty)
     with pytest.raises(ValueError, match="no such group"):
         ablation.parse_items(["specific:nope"], [], sizes, decomp.saved_specific())
+    # a broken specific.json stands in the way of specific sets only
+    (run / "specific.json").write_text('{"groups": ["not", "a", "mapping"]}')
+    assert decomp.saved_specific(["cluster:0", f"{decomp.module_names[0]}:1"]) is None
+    with pytest.raises(ValueError, match="is not a specific.json"):
+        decomp.saved_specific([f"specific:{group}"])
+    (run / "specific.json").unlink()  # the run is shared with other tests
     with pytest.raises(ValueError, match="no specific.json"):
         ablation.parse_items(["specific:sum"], [], sizes, None)

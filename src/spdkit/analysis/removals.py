@@ -35,7 +35,7 @@ class RemovalMethods:
         seed = ablation.measured_draw(items, seed)
         sizes = {m: self.model.components(m).C for m in self.module_names}
         clusters = self.saved_clusters()
-        off = ablation.parse_items(items, clusters, sizes, self.saved_specific())
+        off = ablation.parse_items(items, clusters, sizes, self.saved_specific(items))
         groups = ablation.position_groups(self, n, seed)
         chunk = self.config.eval.batch_size
         gate = ablation.Gate.named(masks, self.config.eval.ci_threshold)
@@ -104,6 +104,9 @@ class RemovalMethods:
         result["params"] |= {"n": n, "select_seed": seed, "report_seed": seed + 1}
         return result
 
-    def saved_specific(self) -> dict[str, list[str]] | None:
-        """{group: items} of RUN_DIR/specific.json (`spdkit ablate --specific`), or None."""
-        return specific.read_items(self.run_dir) if self.run_dir is not None else None
+    def saved_specific(self, items: Sequence[str] | None = None) -> dict[str, list[str]] | None:
+        """{group: items} of RUN_DIR/specific.json (`spdkit ablate --specific`), or None; given
+        `items`, read only where one of them is `specific:<group>`, so a removal of clusters
+        or pieces does not depend on that file."""
+        wanted = items is None or any(i.startswith("specific:") for i in items)
+        return specific.read_items(self.run_dir) if wanted and self.run_dir is not None else None

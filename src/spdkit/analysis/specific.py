@@ -305,7 +305,7 @@ def read_items(run_dir: Path) -> dict[str, list[str]] | None:
     try:
         groups = json.loads(path.read_text())["groups"]
         return {g: list(row["items"]) for g, row in groups.items()}
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not a specific.json of `spdkit ablate`: {e!r}") from None
 
 

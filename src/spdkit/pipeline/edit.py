@@ -52,7 +52,7 @@ def edit_target(
     seed = ablation.measured_draw(items, seed)
     config = decomp.config
     sizes = {m: decomp.model.components(m).C for m in decomp.module_names}
-    off = ablation.parse_items(items, decomp.saved_clusters(), sizes, decomp.saved_specific())
+    off = ablation.parse_items(items, decomp.saved_clusters(), sizes, decomp.saved_specific(items))
     if not off:
         raise ValueError(
             "name what to remove: --off cluster:<id>, specific:<group> or <module>:<index>"
