@@ -90,3 +90,10 @@ def test_a_specific_set_is_measured_on_the_draw_it_was_not_chosen_on():
     assert ablation.measured_draw(["specific:sum"], None) == 1
     assert ablation.measured_draw(["cluster:0", "mlp:3"], None) == 0
     assert ablation.measured_draw(["specific:sum"], 0) == 0  # asked for: in-sample
+
+
+def test_a_group_with_nothing_to_lose_does_not_decide_selectivity():
+    nan = float("nan")
+    assert ablation.worst_other([nan, 0.05, 0.02]) == 0.05
+    assert ablation.worst_other([0.02, nan]) == 0.02  # the same, whatever the order
+    assert ablation.worst_other([]) == 0.0

@@ -21,7 +21,8 @@ What a clustering's sets of clusters cost, scored per group: `spdkit.analysis.me
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -256,6 +257,13 @@ def scored_ces(
 def fraction(ablated: float, base: float, full: float) -> float:
     """(ablated − base) / (full − base): the share of everything-removed damage."""
     return (ablated - base) / (full - base) if full != base else float("nan")
+
+
+def worst_other(others: Iterable[float]) -> float:
+    """Selectivity: the largest fraction another group loses (0 with none). A group whose reference equals
+    its baseline has nothing to lose (its fraction is NaN): it is left out, so one such group
+    cannot decide a comparison by where it falls in the order."""
+    return max((f for f in others if not math.isnan(f)), default=0.0)
 
 
 def reference_ce(base: float, full: float, chance: float) -> float:

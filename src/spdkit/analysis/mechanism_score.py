@@ -30,6 +30,7 @@ from spdkit.analysis.ablation import (
     gate_label,
     reference_ce,
     scored_ces,
+    worst_other,
 )
 from spdkit.analysis.mechanisms.clusters import Cluster
 from spdkit.analysis.plots import removal_heatmap
@@ -110,7 +111,7 @@ def mechanism_score(
             "n_subcomponents": sum(len(v) for v in off.values()),
             "fraction": fractions[group],
             "found": fractions[group] >= params.frac,
-            "selectivity": max(others) if others else 0.0,
+            "selectivity": worst_other(others),
             "other_fractions": {n: fractions[n] for n in groups if n != group},
             "static_fraction": static[group],
             "static_other_fractions": {n: static[n] for n in groups if n != group},
@@ -171,7 +172,7 @@ def selective_set(
     others = [n for n in groups if n != group]
 
     def selective(k: int) -> float:
-        return alone[k][group] - max((alone[k][n] for n in others), default=0.0)
+        return alone[k][group] - worst_other(alone[k][n] for n in others)
 
     candidates = sorted((k for k in alone if selective(k) > 0), key=selective, reverse=True)
     chosen: list[int] = []
@@ -181,12 +182,12 @@ def selective_set(
         (ce,) = scored_ces(model, groups, [(removal, off)], chunk, gate=gate)
         tick()
         trial = fractions_of(ce)
-        if max((trial[n] for n in others), default=0.0) <= params.max_selectivity:
+        if worst_other(trial[n] for n in others) <= params.max_selectivity:
             chosen, fractions = [*chosen, k], trial
             if fractions[group] >= params.frac:
                 break
     off = union(by_id, chosen)
-    selectivity = max((fractions[n] for n in others), default=0.0)
+    selectivity = worst_other(fractions[n] for n in others)
     return {
         "clusters": chosen,
         "n_subcomponents": sum(len(v) for v in off.values()),

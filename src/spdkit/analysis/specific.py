@@ -56,6 +56,7 @@ from spdkit.analysis.ablation import (
     fraction,
     reference_ce,
     scored_ces,
+    worst_other,
 )
 from spdkit.analysis.plots import removal_heatmap
 from spdkit.figures import finish, new_figure
@@ -169,7 +170,7 @@ def _row(
     return {
         "fraction": fr[group],
         "other_fractions": others,
-        "selectivity": max(others.values(), default=0.0),
+        "selectivity": worst_other(others.values()),
         "ce": dict(ce),
         "baseline_ce": dict(base),
         "reference_ce": dict(ref),
