@@ -62,13 +62,18 @@ def position_groups(decomp: Decomposed, n: int, seed: int = 0) -> Groups:
     return {"all": (ids, scored)}
 
 
+def names_specific(items: Sequence[str]) -> bool:
+    """Whether any item is a specific set (`specific:<group>`)."""
+    return any(item.startswith("specific:") for item in items)
+
+
 def measured_draw(items: Sequence[str], seed: int | None) -> int:
     """The draw of held-out sequences a removal is measured on: `seed` if given, else 1 where
     an item is a specific set (chosen on draw 0 by `spdkit ablate --specific`: draw 1 is the
     fresh one), else 0."""
     if seed is not None:
         return seed
-    return 1 if any(item.startswith("specific:") for item in items) else 0
+    return 1 if names_specific(items) else 0
 
 
 def parse_items(

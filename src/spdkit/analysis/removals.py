@@ -108,5 +108,5 @@ class RemovalMethods:
         """{group: items} of RUN_DIR/specific.json (`spdkit ablate --specific`), or None; given
         `items`, read only where one of them is `specific:<group>`, so a removal of clusters
         or pieces does not depend on that file."""
-        wanted = items is None or any(i.startswith("specific:") for i in items)
+        wanted = items is None or ablation.names_specific(items)
         return specific.read_items(self.run_dir) if wanted and self.run_dir is not None else None
