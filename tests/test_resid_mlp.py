@@ -147,6 +147,24 @@ def test_verdict_accepts_the_ground_truth_and_counts_what_breaks_it():
     assert not v["ground_truth"] and v["w_out"]["dense"] == 0 and v["w_out"]["other"] == 10
 
 
+def test_verdict_tells_a_faint_leak_from_a_shared_owner():
+    """Feature 0's piece with CI 0.2 on feature 5 is a faint leak; with CI 0.8 there it is a
+    shared owner (and feature 5 then has two pieces on)."""
+    ci_in, ci_out = _perfect_ci()
+    v = resid_mlp_verdict({"l0.in": ci_in}, {"l0.out": ci_out}, n_neurons=5)["w_in"]["l0.in"]
+    assert v["features_faint_leak"] == v["features_shared_owner"] == 0
+    ci_in[5, 0] = 0.2
+    v = resid_mlp_verdict({"l0.in": ci_in}, {"l0.out": ci_out}, n_neurons=5)
+    w_in = v["w_in"]["l0.in"]
+    assert not v["ground_truth"]
+    assert (w_in["features_monosemantic"], w_in["features_faint_leak"]) == (9, 1)
+    assert w_in["features_shared_owner"] == 0
+    ci_in[5, 0] = 0.8
+    w_in = resid_mlp_verdict({"l0.in": ci_in}, {"l0.out": ci_out}, n_neurons=5)["w_in"]["l0.in"]
+    assert (w_in["features_shared_owner"], w_in["features_faint_leak"]) == (1, 0)
+    assert w_in["features_with_several"] == 1
+
+
 def test_verdict_counts_a_negligible_spare_piece_as_dead():
     """A spare piece with CI just above `off` on two features breaks the verdict while its
     weight counts; once its weight is marked negligible it is dead, and the truth stands.

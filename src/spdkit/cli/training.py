@@ -21,6 +21,20 @@ from spdkit.cli.common import (
 from spdkit.config import ConfigError, load_config
 
 
+def _w_in_line(m: dict) -> str:
+    """'73 (faint leak 20, shared owner 7)': monosemantic features and why the rest fail
+    (summaries written before 2026-12-07 have only the first count)."""
+    why = [
+        f"{label} {m[key]}"
+        for key, label in (
+            ("features_faint_leak", "faint leak"),
+            ("features_shared_owner", "shared owner"),
+        )
+        if m.get(key)
+    ]
+    return f"{m['features_monosemantic']}" + (f" ({', '.join(why)})" if why else "")
+
+
 def _yes_no(value: bool) -> str:
     return "yes" if value else "no"
 
@@ -69,7 +83,7 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
         )
     if "resid_mlp" in summary:
         v, nc = summary["resid_mlp"]["verdict"], summary["resid_mlp"]["neuron_contributions"]
-        mono = ", ".join(f"{name} {m['features_monosemantic']}" for name, m in v["w_in"].items())
+        mono = ", ".join(f"{name} {_w_in_line(m)}" for name, m in v["w_in"].items())
         out = v["w_out"]
         typer.echo(
             f"verdict: monosemantic features per W_in: {mono}; W_out dense {out['dense']} "

@@ -179,6 +179,7 @@ def sweep_row(point: GridPoint, summary: dict[str, Any], run_dir: Path) -> dict[
     if "resid_mlp" in summary:
         v = summary["resid_mlp"]["verdict"]
         row["w_in_monosemantic"] = sum(m["features_monosemantic"] for m in v["w_in"].values())
+        row["w_in_faint_leak"] = sum(m.get("features_faint_leak", 0) for m in v["w_in"].values())
         row["w_in_other"] = sum(m["subcomponents_other"] for m in v["w_in"].values())
         row["w_out_dense"] = v["w_out"]["dense"]
         row["w_out_other"] = v["w_out"]["other"]
@@ -197,6 +198,7 @@ MEASURES = (  # the columns of a sweep row that are results, not settings
     "mmcs",
     "ml2r",
     "w_in_monosemantic",
+    "w_in_faint_leak",
     "w_in_other",
     "w_out_dense",
     "w_out_other",

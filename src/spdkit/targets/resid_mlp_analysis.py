@@ -63,6 +63,11 @@ class ResidVerdictRules:
     of the features form the dense rank-d_mlp mechanism; their number must equal the target's
     neurons in all layers ± `dense_tolerance`.
     Everything else is dead: CI < `off` on every feature.
+    A feature with one piece that is not monosemantic fails in one of two ways, counted apart
+    because they call for different knobs: a faint leak (the piece's CI on some other feature
+    lies between `off` and `on`: a global CI function's shared hidden layer, which a sharper
+    penalty near 0 removes) or a shared owner (CI above `on` on another feature too: two
+    features in one piece, the minimum a larger β3 or another start escapes).
     A subcomponent with negligible weight (‖U_c‖·‖V_c‖ below `eval.norm_threshold` of its
     module's largest, the TMS verdict's line) that is neither monosemantic nor dense counts as
     dead whatever its CI: masking it changes nothing, so the CI of such a spare piece (which
@@ -99,10 +104,14 @@ def resid_mlp_verdict(
         on = ci > rules.on  # [n_features, C]
         per_feature = on.sum(dim=1)  # [n_features]
         owner = ci.argmax(dim=1)  # [n_features]
-        mono = []
+        mono, leak, shared = [], [], []
         for i in range(ci.shape[0]):
             others = torch.cat([ci[:i, owner[i]], ci[i + 1 :, owner[i]]])
-            mono.append(bool(per_feature[i] == 1 and (others < rules.off).all()))
+            top_other = float(others.max()) if len(others) else 0.0
+            alone = bool(per_feature[i] == 1)
+            mono.append(alone and top_other < rules.off)
+            leak.append(alone and rules.off <= top_other <= rules.on)
+            shared.append(alone and top_other > rules.on)
         mono_owners = {int(owner[i]) for i in range(ci.shape[0]) if mono[i]}
         is_owner = torch.zeros(ci.shape[1], dtype=torch.bool)
         is_owner[list(mono_owners)] = True
@@ -114,6 +123,8 @@ def resid_mlp_verdict(
             "features_with_none": int((per_feature == 0).sum()),
             "features_with_several": int((per_feature > 1).sum()),
             "features_monosemantic": sum(mono),
+            "features_faint_leak": sum(leak),
+            "features_shared_owner": sum(shared),
             "subcomponents_dead": dead,
             "subcomponents_other": other,
         }
