@@ -64,10 +64,10 @@ class ResidVerdictRules:
     neurons in all layers ± `dense_tolerance`.
     Everything else is dead: CI < `off` on every feature.
     A feature with one piece that is not monosemantic fails in one of two ways, counted apart
-    because they call for different knobs: a faint leak (the piece's CI on some other feature
-    lies between `off` and `on`: a global CI function's shared hidden layer, which a sharper
-    penalty near 0 removes) or a shared owner (CI above `on` on another feature too: two
-    features in one piece, the minimum a larger β3 or another start escapes).
+    because they have different causes: a faint leak (the piece's CI on some other feature lies
+    between `off` and `on`, what a global CI function's shared hidden layer leaves; a lower p
+    late in training reduces it, docs/ground_truth.md) or a shared owner (CI above `on` on
+    another feature too: two features in one piece).
     A subcomponent with negligible weight (‖U_c‖·‖V_c‖ below `eval.norm_threshold` of its
     module's largest, the TMS verdict's line) that is neither monosemantic nor dense counts as
     dead whatever its CI: masking it changes nothing, so the CI of such a spare piece (which
