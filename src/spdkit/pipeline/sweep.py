@@ -179,7 +179,8 @@ def sweep_row(point: GridPoint, summary: dict[str, Any], run_dir: Path) -> dict[
     if "resid_mlp" in summary:
         v = summary["resid_mlp"]["verdict"]
         row["w_in_monosemantic"] = sum(m["features_monosemantic"] for m in v["w_in"].values())
-        row["w_in_faint_leak"] = sum(m.get("features_faint_leak", 0) for m in v["w_in"].values())
+        if all("features_faint_leak" in m for m in v["w_in"].values()):  # since 2026-12-07
+            row["w_in_faint_leak"] = sum(m["features_faint_leak"] for m in v["w_in"].values())
         row["w_in_other"] = sum(m["subcomponents_other"] for m in v["w_in"].values())
         row["w_out_dense"] = v["w_out"]["dense"]
         row["w_out_other"] = v["w_out"]["other"]
