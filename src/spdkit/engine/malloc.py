@@ -3,9 +3,8 @@
 An SPD step allocates and frees the same large tensors (activations of several passes) every
 step. With glibc's defaults a freed block at the top of the heap is trimmed back to the OS and
 a large one lives in its own mmap, so the next step faults every page in again and the kernel
-zeroes it. Measured here (1 thread, per step): resid_mlp1 5,524 page faults and 11 ms of
-system time; tms_40-10 3,008 and 7.2 ms. With `keep_freed_memory()`: 70 and 0.35 ms; 144 and
-0.56 ms. The freed memory stays with the process for reuse.
+zeroes it, several milliseconds of system time per step on the toy models (figures in
+docs/benchmarks.md). The freed memory stays with the process for reuse.
 """
 
 from __future__ import annotations

@@ -37,8 +37,8 @@ def nonfinite_problem(terms: dict[str, Tensor], params: list[torch.nn.Parameter]
     """None if every loss term and gradient is finite, else which ones are not."""
     grads = [p.grad for p in params if p.grad is not None]
     # small gradients are checked in one concatenated tensor: a per-tensor check is ~5 small
-    # ops each (tms_5-2: 12 tensors, 0.09 ms of a 5 ms step; concatenated: 0.025 ms); large
-    # ones alone, so a big model does not copy its gradients every step
+    # ops each, which shows in a toy model's short step (docs/benchmarks.md); large ones
+    # alone, so a big model does not copy its gradients every step
     small = [g.reshape(-1) for g in grads if g.numel() <= 1 << 16]
     large = [g for g in grads if g.numel() > 1 << 16]
     if (
@@ -93,7 +93,7 @@ class Trainer:
             lr=config.training.optimizer.lr,
             weight_decay=config.training.optimizer.weight_decay,
             # one kernel per parameter instead of ~10 elementwise ops each: the same update
-            # (tests/test_train.py); tms_5-2: 0.55 -> 0.21 ms per step in the optimiser
+            # (tests/test_train.py), a visible share of a toy step (docs/benchmarks.md)
             fused=torch.device(device).type in ("cpu", "cuda"),
         )
         self.data_generator = torch.Generator(device=device).manual_seed(config.seed + 1000)
