@@ -218,6 +218,19 @@ def test_switching_the_ci_kind_by_set_drops_the_old_kinds_fields(tmp_path):
         load_config("tms_5-2", {"ci_fn.kind": "global_mlp", "ci_fn.hidden_dim": 8})
 
 
+def test_a_misspelt_ci_field_in_a_file_is_an_error_not_dropped(tmp_path):
+    """Dropping another kind's fields applies only when `--set` switches the kind: a typo
+    under `ci_fn` in a file must not load silently with the default."""
+    data = yaml.safe_load(load_config("tms_5-2").model_dump_json())
+    data["ci_fn"]["hiden_dim"] = 8
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"^ci_fn.hiden_dim: unknown field"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"^ci_fn.hiden_dim: unknown field"):
+        load_config("tms_5-2", {"ci_fn.hiden_dim": 8})
+
+
 def test_errors_in_an_old_flat_file_name_the_key_as_written(tmp_path):
     path = tmp_path / "old.yaml"
     path.write_text(yaml.safe_dump(tiny_tms_dict(steps=0)))

@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from spdkit.config.ci import CI_BY_KIND, CI_CONFIGS
-from spdkit.config.legacy import FLAT_KEYS, group_flat_keys, grouped_key
+from spdkit.config.legacy import FLAT_KEYS, MLP_ONLY, group_flat_keys, grouped_key
 from spdkit.config.schema import SPDConfig
 from spdkit.config.targets import TARGET_BY_KIND, TARGET_CONFIGS
 from spdkit.errors import ConfigError
@@ -161,22 +161,27 @@ def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
         raise ConfigError(f"{name_or_path}: {err}") from None
     for key, value in overrides.items():
         _set_dotted(data, grouped_key(key), value, written=key)
-    _drop_other_kinds_fields(data, [grouped_key(k) for k in overrides if k.startswith("ci_fn")])
+    _drop_other_kinds_fields(data, list(overrides))
     return parse_config(data, written_as)
 
 
-def _drop_other_kinds_fields(data: dict[str, Any], set_by_user: list[str]) -> None:
+def _drop_other_kinds_fields(data: dict[str, Any], overrides: list[str]) -> None:
     """`--set ci_fn.kind=global_mlp` on a config written for the `mlp` kind: the fields only
     the old kind has (`hidden_dim`, `backend`) go with it, as an old flat `ci_hidden_dim` did;
     a field the user sets in the same call stays, and is an error if the new kind lacks it.
-    Also old flat `ci_hidden_dim` / `ci_backend` overrides (`MLP_ONLY`) with another kind."""
+    Also old flat `ci_hidden_dim` / `ci_backend` overrides (`MLP_ONLY`) with another kind.
+    Nothing is dropped when the kind was not switched: a misspelt field in a file is an error."""
     ci_fn = data.get("ci_fn")
     if not isinstance(ci_fn, dict) or ci_fn.get("kind") not in CI_BY_KIND:
         return
+    set_by_user = [grouped_key(k) for k in overrides if k.startswith("ci_fn")]
+    kind_switched = "ci_fn" in set_by_user or "ci_fn.kind" in set_by_user
+    flat_mlp_only = {FLAT_KEYS[k][-1] for k in overrides if k in MLP_ONLY}
     fields = CI_BY_KIND[ci_fn["kind"]].model_fields
     explicit = {k.split(".")[1] for k in set_by_user if k.count(".") >= 1}
     for name in [n for n in ci_fn if n not in fields and n not in explicit]:
-        del ci_fn[name]
+        if kind_switched or name in flat_mlp_only:
+            del ci_fn[name]
 
 
 def parse_override_value(text: str) -> Any:
