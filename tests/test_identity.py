@@ -35,6 +35,10 @@ def test_inserted_identity_is_decomposed_and_changes_nothing_when_exact():
     # the identity's recorded input is the residual stream entering layer 1
     inputs = model.record(x).inputs
     torch.testing.assert_close(inputs["layers.1.mlp_in_identity"], inputs["layers.1.mlp_in"])
+    # the identity went into the component model's copy: the caller's model has no new
+    # module and no hook
+    assert not hasattr(net.layers[1], "mlp_in_identity")
+    assert not net.layers[1].mlp_in._forward_pre_hooks
 
 
 def test_identity_before_an_undecomposed_module_and_a_given_C():

@@ -6,10 +6,12 @@ import math
 import pytest
 import torch
 
-from spdkit.config import OptimizerConfig
+from spdkit.config import OptimizerConfig, parse_config
 from spdkit.method.losses import faithfulness_loss
+from spdkit.targets import data_source, target_kind
+from spdkit.training.loop import build_trainer
 from spdkit.training.trainer import NonFiniteError, lr_at, nonfinite_problem, spd_losses
-from tests.helpers import tiny_trainer
+from tests.helpers import tiny_tms_dict, tiny_trainer
 
 
 def test_lr_schedules():
@@ -164,3 +166,21 @@ def test_an_ignored_sigint_stays_ignored_during_training():
             assert stop.is_set()
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_building_a_trainer_leaves_the_callers_random_state_alone():
+    """The component init is seeded by config.seed inside a fork of torch's generator: the
+    same init every time, and the caller's stream goes on as if nothing had been drawn."""
+    config = parse_config(tiny_tms_dict(steps=10))
+    target = target_kind(config.target).build(config.target)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = build_trainer(target, data_source(config), config, "cpu")
+    torch.testing.assert_close(torch.rand(3), expected)
+    second = build_trainer(target, data_source(config), config, "cpu")
+    pairs = zip(
+        first.model.trainable_parameters(), second.model.trainable_parameters(), strict=True
+    )
+    for a, b in pairs:
+        torch.testing.assert_close(a, b)

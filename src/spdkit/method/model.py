@@ -15,6 +15,7 @@ nothing that describes a pass stays on a module. Its exact shortcuts are named i
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -110,6 +111,8 @@ class ComponentModel(nn.Module):
         matched = match_modules(target, specs)
         # matched against the target's own modules, before anything is inserted
         identity_sites = match_identity_sites(target, identity_specs or [])
+        if identity_sites:  # inserting adds modules and hooks: to a copy, not the caller's model
+            target = copy.deepcopy(target)
         target.requires_grad_(False)
         target.eval()
         self.target = target

@@ -25,9 +25,11 @@ def build_trainer(
     parallel: Parallel = SINGLE,
 ) -> Trainer:
     """Wrap the target and set up training; the component init is fixed by config.seed (the
-    same on every data-parallel rank)."""
-    torch.manual_seed(config.seed)
-    model = ComponentModel.from_config(target.to(device), config).to(device)
+    same on every data-parallel rank). The init draws from torch's CPU generator, seeded in a
+    fork so that the caller's random state is the same after the call as before."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(config.seed)
+        model = ComponentModel.from_config(target.to(device), config).to(device)
     return Trainer(model, data, config, device, parallel)
 
 
