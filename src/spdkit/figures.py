@@ -4,10 +4,13 @@ nothing behind in the process."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+
+from spdkit.files import atomic_write_bytes
 
 
 def new_figure(*grid: int, figsize: tuple[float, float], **kwargs) -> tuple[Figure, Any]:
@@ -19,8 +22,11 @@ def new_figure(*grid: int, figsize: tuple[float, float], **kwargs) -> tuple[Figu
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    """The PNG drawn in memory, then written atomically: a run killed while saving leaves the
+    old figure or the new one, never a truncated file."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 

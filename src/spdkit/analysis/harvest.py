@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from spdkit import files
 from spdkit.analysis.harvest_state import KeptContexts, TokenCounts, add_cofiring, window_ci
 from spdkit.analysis.mechanisms.clusters import Cluster
 from spdkit.method.measures import causal_importance
@@ -267,7 +268,7 @@ def write_harvest(
         "params": asdict(params),
         "cofiring": result.cofire is not None,
     }
-    atomic.atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=1) + "\n")
+    files.atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=1) + "\n")
     return meta
 
 

@@ -35,10 +35,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from spdkit import files
 from spdkit.analysis.harvest import HARVEST_DIR, read_harvest
 from spdkit.method.measures import causal_importance
 from spdkit.method.model import ComponentModel
-from spdkit.store import atomic
 
 LABELS_FILE = "labels.parquet"
 REQUESTS_FILE = "label_requests.jsonl"
@@ -277,7 +277,7 @@ def write_labels(
         rows = label_with(harvested, rows, Path(run_dir) / HARVEST_DIR / REQUESTS_FILE)
     buffer = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(rows), buffer)
-    atomic.atomic_write_bytes(
+    files.atomic_write_bytes(
         Path(run_dir) / HARVEST_DIR / LABELS_FILE, buffer.getvalue().to_pybytes()
     )
     return rows

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from spdkit import files
 from spdkit.cli.common import USER_ERRORS, _fail, app
 
 
@@ -45,7 +46,6 @@ def ablate(
     from spdkit.analysis.mechanism_score import plot_mechanism_score
     from spdkit.api import load
     from spdkit.pipeline.run import resolve_device
-    from spdkit.store import atomic
 
     items = [f"cluster:{c.strip()}" for c in clusters.split(",") if c.strip()]
     items += [s.strip() for s in subcomponents.split(",") if s.strip()]
@@ -57,13 +57,13 @@ def ablate(
         decomp = load(run_dir, resolve_device(device))
         if items:
             result = decomp.ablate(items, n, masks=masks)
-            atomic.atomic_write_text(run_dir / "ablation.json", json.dumps(result, indent=1) + "\n")
+            files.atomic_write_text(run_dir / "ablation.json", json.dumps(result, indent=1) + "\n")
             _print_ablation(result)
         if score:
             table = decomp.mechanism_score(
                 frac, max_clusters, n, progress=not quiet, masks=masks, removal=removal
             )
-            atomic.atomic_write_text(
+            files.atomic_write_text(
                 run_dir / "mechanism_score.json", json.dumps(table, indent=1) + "\n"
             )
             plot_mechanism_score(table, run_dir / "figures" / "mechanism_score.png")
@@ -72,7 +72,7 @@ def ablate(
             from spdkit.analysis.specific import plot_specific_sets
 
             sets = decomp.specific_sets(n, progress=not quiet)
-            atomic.atomic_write_text(run_dir / "specific.json", json.dumps(sets, indent=1) + "\n")
+            files.atomic_write_text(run_dir / "specific.json", json.dumps(sets, indent=1) + "\n")
             plot_specific_sets(sets, run_dir / "figures" / "specific_sets.png")
             _print_specific(sets)
     except USER_ERRORS as err:
@@ -232,7 +232,6 @@ def attribute(
     from spdkit.analysis.plots import plot_prompt_graph
     from spdkit.api import load
     from spdkit.pipeline.run import resolve_device
-    from spdkit.store import atomic
 
     try:
         if prompt is None and tokens is None:
@@ -251,14 +250,14 @@ def attribute(
             digest = hashlib.sha1(json.dumps(graph["ids"]).encode()).hexdigest()[:10]
             path = out_dir / f"prompt_{digest}.json"
             out_dir.mkdir(parents=True, exist_ok=True)
-            atomic.atomic_write_text(path, json.dumps(graph) + "\n")
+            files.atomic_write_text(path, json.dumps(graph) + "\n")
             plot_prompt_graph(graph, path.with_suffix(".png"))
             _print_edges(graph, path)
         if tokens is not None:
             table = decomp.dataset_attributions(tokens, params, progress=not quiet)
             path = out_dir / "dataset.json"
             out_dir.mkdir(parents=True, exist_ok=True)
-            atomic.atomic_write_text(path, json.dumps(table) + "\n")
+            files.atomic_write_text(path, json.dumps(table) + "\n")
             _print_edges(table, path)
     except USER_ERRORS as err:
         _fail(err)

@@ -29,8 +29,8 @@ from torch import nn
 
 from spdkit.analysis.evaluation import evaluation_losses
 from spdkit.config import SPDConfig
+from spdkit.files import atomic_write_text
 from spdkit.store import runs
-from spdkit.store.atomic import atomic_write_text
 from spdkit.targets import data_source, eval_data_source
 from spdkit.training.loop import build_trainer, train_in_run_dir
 

@@ -25,10 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from spdkit import files
 from spdkit.analysis import ablation
 from spdkit.api import Decomposition
 from spdkit.method.forwards import model_output
-from spdkit.store import atomic, runs
+from spdkit.store import runs
 from spdkit.targets import hf, target_kind
 from spdkit.targets.transformer import scored_token_ce
 
@@ -86,7 +87,7 @@ def edit_target(
         "seed": seed,
         "groups": measure_edit(decomp, reloaded, off, n, seed),
     }
-    atomic.atomic_write_text(out / EDIT_FILE, json.dumps(result, indent=1) + "\n")
+    files.atomic_write_text(out / EDIT_FILE, json.dumps(result, indent=1) + "\n")
     return result
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from spdkit import files
 from spdkit.config import SPDConfig
 from spdkit.errors import RunDirError
 from spdkit.store import atomic, runs
@@ -56,7 +57,7 @@ def export_run(run_dir: Path, out: Path, with_target: bool = False) -> Path:
     if referenced:
         if meta.get("weights") != "referenced":  # a run that copied them: refer instead
             meta.update(weights="referenced", content_hash=hf.weights_hash(config.target.path))
-        atomic.atomic_write_text(out / "target.json", json.dumps(meta, indent=2))
+        files.atomic_write_text(out / "target.json", json.dumps(meta, indent=2))
     elif (run_dir / "target.safetensors").is_file():
         shutil.copy2(run_dir / "target.json", out / "target.json")
         shutil.copy2(run_dir / "target.safetensors", out / "target.safetensors")
@@ -69,7 +70,7 @@ def export_run(run_dir: Path, out: Path, with_target: bool = False) -> Path:
             (out / "figures").mkdir(exist_ok=True)
             shutil.copy2(run_dir / "figures" / name, out / "figures" / name)
     summary = runs.read_summary(run_dir)
-    atomic.atomic_write_text(out / "README.md", model_card(config, summary, meta, referenced))
+    files.atomic_write_text(out / "README.md", model_card(config, summary, meta, referenced))
     return out
 
 

@@ -28,11 +28,10 @@ import yaml
 from torch import Tensor, nn
 
 from spdkit.config import ConfigError, SPDConfig, TargetConfig, dump_config, parse_config
+from spdkit.errors import RunDirError, RunWriteError  # re-exported as runs.<name>
+from spdkit.files import atomic_write_text
 from spdkit.method.model import ComponentModel
 from spdkit.store.atomic import (  # re-exported: callers use runs.<name> for run-directory files
-    RunDirError,
-    RunWriteError,
-    atomic_write_text,
     load_tensors,
     read_json_object,
     read_nonempty_text,

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from spdkit import files
 from spdkit.config import SPDConfig, dump_config
 from spdkit.errors import ConfigError
 from spdkit.store import atomic
@@ -136,7 +137,7 @@ def tracked_id(run_dir: Path, kind: str) -> str:
         if data.get("kind") == kind and isinstance(data.get("id"), str):
             return data["id"]
     run_id = uuid.uuid4().hex[:12]
-    atomic.atomic_write_text(path, json.dumps({"kind": kind, "id": run_id}) + "\n")
+    files.atomic_write_text(path, json.dumps({"kind": kind, "id": run_id}) + "\n")
     return run_id
 
 

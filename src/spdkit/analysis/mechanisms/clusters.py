@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from spdkit import files
 from spdkit.analysis import plots
 from spdkit.analysis.decomposed import Decomposed
 from spdkit.analysis.mechanisms.firings import Firings, gather_firings
@@ -225,7 +226,7 @@ def _cost(firings: Firings, pass_s: float, merge_s: float) -> dict[str, Any]:
 
 def write_clusters(run_dir: Path, clustering: Clustering) -> Path:
     path = run_dir / FILE
-    atomic.atomic_write_text(path, json.dumps(clustering.to_json(), indent=1) + "\n")
+    files.atomic_write_text(path, json.dumps(clustering.to_json(), indent=1) + "\n")
     return path
 
 

@@ -12,9 +12,9 @@ from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from spdkit import files
 from spdkit.analysis.report.content import HIST_BINS, TOP_ENTRIES, ReportContent, page_of
 from spdkit.progress import progress_bar
-from spdkit.store import atomic
 
 Verdict = tuple[str, Any, str]  # (label, value, what to read it against)
 
@@ -202,23 +202,23 @@ def write_report(c: ReportContent, run_dir: Path, progress: bool = True) -> Path
     (out / "sub").mkdir(parents=True, exist_ok=True)
     (out / "figures").mkdir(exist_ok=True)
     env = environment()
-    atomic.atomic_write_bytes(out / "plotly.min.js", plotly_js())
+    files.atomic_write_bytes(out / "plotly.min.js", plotly_js())
     for name in ("report.css", "report.js"):
-        atomic.atomic_write_bytes(out / name, static_file(name))
+        files.atomic_write_bytes(out / name, static_file(name))
     for fig in c.figures:
         shutil.copyfile(fig, out / "figures" / fig.name)
     n_pages = sum(len(s) for s in c.modules.values())
     bar = progress_bar(n_pages, "report pages", progress)
     for path, html in render_subcomponents(env, c):
-        atomic.atomic_write_text(out / path, html)
+        files.atomic_write_text(out / path, html)
         bar.update(1)
     bar.close()
     if c.harvested:  # the dataset search, searched in the browser (no server needed)
-        atomic.atomic_write_bytes(out / "live.js", static_file("live.js"))
-        atomic.atomic_write_text(out / SEARCH_DATA, search_data_js(c.harvested, pages_of(c)))
-        atomic.atomic_write_text(out / "search.html", render_search(env, c, served=False))
+        files.atomic_write_bytes(out / "live.js", static_file("live.js"))
+        files.atomic_write_text(out / SEARCH_DATA, search_data_js(c.harvested, pages_of(c)))
+        files.atomic_write_text(out / "search.html", render_search(env, c, served=False))
     index = out / "index.html"
-    atomic.atomic_write_text(index, render_index(env, c))
+    files.atomic_write_text(index, render_index(env, c))
     return index
 
 
