@@ -152,3 +152,26 @@ def test_tensors_are_saved_without_copies_except_where_storage_is_shared(tmp_pat
     save_tensors(tmp_path / "t.safetensors", tensors)
     back, _ = load_tensors(tmp_path / "t.safetensors")
     assert all(torch.equal(back[k], v) for k, v in tensors.items())
+
+
+def test_an_atomic_copy_that_fails_midway_leaves_the_old_file(tmp_path, monkeypatch):
+    """A copy is streamed into a temp file beside the destination and renamed over it: a
+    failure mid-copy leaves the old destination whole and no temp file."""
+    from spdkit import files
+
+    src, dst = tmp_path / "src.bin", tmp_path / "dst.bin"
+    src.write_bytes(bytes(range(256)) * 64)
+    dst.write_bytes(b"old")
+    files.atomic_copy(src, dst)
+    assert dst.read_bytes() == src.read_bytes()
+    dst.write_bytes(b"old")
+
+    def fail_after_first_block(source, fd, chunk=1 << 22):
+        files._write_all(fd, source.read(100))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files, "_copy_into", fail_after_first_block)
+    with pytest.raises(OSError, match="no space left on device"):
+        files.atomic_copy(src, dst)
+    assert dst.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst.bin", "src.bin"]

@@ -10,6 +10,7 @@ from spdkit.analysis.labels import (
     detection,
     parse_detection,
     parse_label,
+    read_journal,
 )
 
 
@@ -37,3 +38,13 @@ def test_detection_scores_the_answer_against_the_shuffled_contexts():
 
     assert detection(oracle, "even texts", contexts) == 1.0
     assert detection(lambda prompt: "0", "nothing", contexts) == 0.5
+
+
+def test_a_journal_line_cut_off_by_a_kill_is_dropped_and_cut_from_the_file(tmp_path):
+    """The labelling journal is appended line by line; a kill mid-line must not make the
+    resume fail on that line, and the next append must start on a line of its own."""
+    journal = tmp_path / "requests.jsonl"
+    journal.write_text('{"name": "a", "source": "m"}\n{"name": "b", "sou')
+    assert read_journal(journal) == [{"name": "a", "source": "m"}]
+    assert journal.read_text() == '{"name": "a", "source": "m"}\n'
+    assert read_journal(tmp_path / "none.jsonl") == []

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from spdkit.errors import RunWriteError
 
-__all__ = ["atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_copy", "atomic_write_bytes", "atomic_write_text"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -18,18 +20,34 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     (or a resume after a crash) sees the old file or the new one, never a mix. If any step
     fails (disk full, no permission) the temp file is removed and the old file is untouched."""
     try:
-        _replace_with(path, data)
+        _replace_with(path, lambda fd: _write_all(fd, data))
     except OSError as err:
         raise RunWriteError.of(path, err) from err
 
 
-def _replace_with(path: Path, data: bytes) -> None:
+def atomic_copy(src: Path, dst: Path) -> None:
+    """`src` copied to `dst` as `atomic_write_bytes` writes: a kill mid-copy leaves the old
+    `dst` (or none), never a truncated one. Streamed, so a large safetensors file is not held
+    in memory whole."""
+    try:
+        with open(src, "rb") as source:
+            _replace_with(dst, lambda fd: _copy_into(source, fd))
+    except OSError as err:
+        raise RunWriteError.of(dst, err) from err
+
+
+def _copy_into(source: BinaryIO, fd: int, chunk: int = 1 << 22) -> None:
+    while block := source.read(chunk):
+        _write_all(fd, block)
+
+
+def _replace_with(path: Path, write: Callable[[int], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         try:
             os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run dir is for sharing
-            _write_all(fd, data)
+            write(fd)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -53,7 +71,7 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     """Unbuffered, so a failed write (ENOSPC) raises here and not later in a close()."""
     view = memoryview(data)
     while view:

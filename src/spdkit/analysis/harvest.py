@@ -255,11 +255,10 @@ def write_harvest(
                         "text": text(ids[:-1]) + " [" + text(ids[-1:]) + "]",
                     }
                 )
-    out_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in (("subcomponents", sub_rows), ("contexts", ctx_rows)):
-        tmp = out_dir / f".{name}.parquet.tmp"
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
-        tmp.replace(out_dir / f"{name}.parquet")
+        buffer = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(rows), buffer)
+        files.atomic_write_bytes(out_dir / f"{name}.parquet", buffer.getvalue().to_pybytes())
     meta = {
         "format": 1,
         "n_tokens": n,

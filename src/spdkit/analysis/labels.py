@@ -208,6 +208,20 @@ def held_out_contexts(
     return {n: [(t, f) for f in (True, False) for t in found[n][f]] for n in names}
 
 
+def read_journal(journal: Path) -> list[dict[str, Any]]:
+    """The answers a labelling run has appended so far. A run killed mid-append leaves its
+    last line cut off: that line is dropped (its label is asked again) and cut from the file,
+    so the next append starts on a line of its own."""
+    if not journal.is_file():
+        return []
+    text = journal.read_text()
+    lines = text.splitlines()
+    if text and not text.endswith("\n"):
+        lines.pop()
+        files.atomic_write_text(journal, "".join(line + "\n" for line in lines))
+    return [json.loads(line) for line in lines if line]
+
+
 def endpoint_label_rows(
     harvested: Mapping[str, Mapping[str, Any]],
     rows: list[dict[str, Any]],
@@ -220,12 +234,7 @@ def endpoint_label_rows(
     """The model's label for each of `rows` (token-statistics rows) and both labels' detection
     scores where `contexts` has the name's held-out contexts; answers already in `journal`
     (JSON lines) are reused, new ones appended as they come."""
-    done: dict[str, dict[str, Any]] = {}
-    if journal.is_file():
-        for line in journal.read_text().splitlines():
-            entry = json.loads(line)
-            if entry.get("source") == source:
-                done[entry["name"]] = entry
+    done = {e["name"]: e for e in read_journal(journal) if e.get("source") == source}
     out = []
     with journal.open("a") as log:
         for row in rows:

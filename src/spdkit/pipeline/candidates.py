@@ -19,14 +19,13 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from spdkit import files
 from spdkit.analysis.evaluation import evaluation_losses
 from spdkit.config import SPDConfig
 from spdkit.files import atomic_write_text
@@ -63,12 +62,9 @@ def select_start(
         result = _compare_starts(run_dir, target, config, device, progress)
         atomic_write_text(record, json.dumps(result, indent=1))
     source = run_dir / "candidates" / str(result["chosen"])
-    shutil.copyfile(source / "metrics.jsonl", run_dir / "metrics.jsonl")
-    ckpt = run_dir / runs.CHECKPOINT  # last, whole or not at all: the run continues from it
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    partial = ckpt.with_suffix(".copying")
-    shutil.copyfile(source / runs.CHECKPOINT, partial)
-    os.replace(partial, ckpt)
+    files.atomic_copy(source / "metrics.jsonl", run_dir / "metrics.jsonl")
+    # last, whole or not at all: the run continues from it
+    files.atomic_copy(source / runs.CHECKPOINT, run_dir / runs.CHECKPOINT)
     return result
 
 

@@ -20,7 +20,6 @@ Nothing is uploaded; the card says how (the Hub's own client).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,7 @@ def export_run(run_dir: Path, out: Path, with_target: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for name in ("config.yaml", "components.safetensors", "summary.json", "clusters.json"):
         if (run_dir / name).is_file():
-            shutil.copy2(run_dir / name, out / name)
+            files.atomic_copy(run_dir / name, out / name)
     referenced = config.target.kind == "hf" and not with_target
     meta = atomic.read_json_object(run_dir / "target.json")
     if referenced:
@@ -59,16 +58,15 @@ def export_run(run_dir: Path, out: Path, with_target: bool = False) -> Path:
             meta.update(weights="referenced", content_hash=hf.weights_hash(config.target.path))
         files.atomic_write_text(out / "target.json", json.dumps(meta, indent=2))
     elif (run_dir / "target.safetensors").is_file():
-        shutil.copy2(run_dir / "target.json", out / "target.json")
-        shutil.copy2(run_dir / "target.safetensors", out / "target.safetensors")
+        files.atomic_copy(run_dir / "target.json", out / "target.json")
+        files.atomic_copy(run_dir / "target.safetensors", out / "target.safetensors")
     else:  # a referenced Hugging Face target, copied on request
         target, info = runs.load_target(run_dir, config.target)
         copied = config.target.model_copy(update={"copy_weights": True})
         runs.save_target(out, target, copied, info)
     for name in FIGURES:
         if (run_dir / "figures" / name).is_file():
-            (out / "figures").mkdir(exist_ok=True)
-            shutil.copy2(run_dir / "figures" / name, out / "figures" / name)
+            files.atomic_copy(run_dir / "figures" / name, out / "figures" / name)
     summary = runs.read_summary(run_dir)
     files.atomic_write_text(out / "README.md", model_card(config, summary, meta, referenced))
     return out

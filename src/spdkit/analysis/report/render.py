@@ -5,7 +5,6 @@ no server, nothing fetched from the network."""
 from __future__ import annotations
 
 import json
-import shutil
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -206,7 +205,7 @@ def write_report(c: ReportContent, run_dir: Path, progress: bool = True) -> Path
     for name in ("report.css", "report.js"):
         files.atomic_write_bytes(out / name, static_file(name))
     for fig in c.figures:
-        shutil.copyfile(fig, out / "figures" / fig.name)
+        files.atomic_copy(fig, out / "figures" / fig.name)
     n_pages = sum(len(s) for s in c.modules.values())
     bar = progress_bar(n_pages, "report pages", progress)
     for path, html in render_subcomponents(env, c):
