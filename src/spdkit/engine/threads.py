@@ -3,18 +3,17 @@
 torch's CPU kernels run on OpenMP threads that spin-wait at every barrier before they sleep
 (libgomp: 300 000 spins by default). When more threads want the cores than there are cores, a
 spinning thread holds the core its descheduled peer needs, and every barrier waits for the
-scheduler: on a 2-core machine (tms_5-2, docs/distributed.md) two runs with 2 threads each
-took 16× longer per step than one alone, one run next to a busy core 4× longer.
+scheduler: on a 2-core machine two runs with 2 threads each, or one run next to a busy core,
+took many times longer per step than one alone (figures in docs/distributed.md, "Cores").
 
 Two remedies, neither of which changes a result:
 * processes that spdkit starts together split the cores (`threads_per_process`): torchrun
   ranks (`--nproc`) and `spdkit sweep --jobs`;
 * a short spin (`SPIN_COUNT`, set as GOMP_SPINCOUNT before torch is first imported, unless the
   environment sets it; the command line does it on import, a library user may call
-  `set_short_spin()` first): a waiting thread soon yields its core. OMP_WAIT_POLICY=PASSIVE (no
-  spin) made a lone tms_5-2 run 2.3× slower; 1000 spins cost it about a quarter and nothing
-  measurable on resid_mlp1, while a run next to a busy core and two runs side by side regain
-  most of their speed (docs/distributed.md).
+  `set_short_spin()` first): a waiting thread soon yields its core. No spin at all
+  (OMP_WAIT_POLICY=PASSIVE) slows a lone toy run most; a short spin costs it less, and a run
+  next to a busy core and two runs side by side regain most of their speed (docs/distributed.md).
 
 The thread count is not chosen from the machine's current load: a different thread count can
 change float summation order, and a run resumed on a busier machine must still continue
