@@ -49,6 +49,11 @@ def format_validation_error(
             got = e.get("input", {}).get("kind") if isinstance(e.get("input"), dict) else None
             what = "missing" if got is None else f"unknown ({got!r})"
             lines.append(f"{where}.kind: {what} (allowed: {kinds})")
+        elif e["type"] == "value_error" and isinstance(e.get("input"), dict):
+            # a validator across fields: its message names them; the section is not repeated
+            message = str(e["ctx"]["error"]) if "error" in e.get("ctx", {}) else e["msg"]
+            named = where == "<root>" or message.startswith((f"{where}.", f"{where}:"))
+            lines.append(message if named else f"{where}: {message}")
         else:
             lines.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
