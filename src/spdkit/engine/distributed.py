@@ -141,6 +141,8 @@ SINGLE = Parallel()
 
 
 def shard_size(batch: int, world: int) -> int:
+    """Each rank's share of the global batch. Equal shards only: the all-reduced mean of the
+    ranks' mean losses is then the single-process mean over the whole batch."""
     if batch % world:
         raise ValueError(
             f"batch_size {batch} does not split into {world} equal shards: use a multiple of {world}"

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str) -> str:
+    """`device` checked before anything is built: cpu, cuda or cuda:N, and CUDA present."""
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ValueError(f"--device must be cpu or cuda[:N], got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -45,6 +46,9 @@ BEFORE_FIRST_STEP = ("config.yaml", "target.json", "target.safetensors")
 
 
 def prepare_run_dir(out: Path) -> Path:
+    """`out`, created and checked writable. A run directory that already trained is refused
+    (resume it instead); one that stopped before its first step (only `BEFORE_FIRST_STEP`
+    files) is replaced, so the corrected command can simply be rerun."""
     if (out / "config.yaml").exists():
         trained = (runs.CHECKPOINT, Path("components.safetensors"), Path("candidates"))
         started = any((out / name).exists() for name in trained)

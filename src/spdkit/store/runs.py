@@ -228,6 +228,8 @@ def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
+    """Drop the metric rows after `last_step` (the checkpoint a resume continues from), and a
+    torn last line: the resumed run logs those steps again, so each step appears once."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return

@@ -82,6 +82,8 @@ def build_resid_mlp(config: ResidMLPTargetConfig) -> ResidMLP:
 
 
 def cosine_lr(step: int, steps: int, max_lr: float) -> float:
+    """lr(t) = max_lr · (1 + cos(π t / T)) / 2: the paper's target schedule, max_lr at t = 0
+    and 0 at t = T."""
     return 0.5 * max_lr * (1 + math.cos(math.pi * step / steps))
 
 

@@ -27,6 +27,8 @@ from spdkit.method.ci.base import CIFunction, ModuleSlot
 
 
 def rms(x: Tensor) -> Tensor:
+    """x / sqrt(mean(x², last axis) + ε) with no learnt gain (torch's default ε): the blocks'
+    pre-norm."""
     return F.rms_norm(x, (x.shape[-1],))
 
 
