@@ -351,6 +351,8 @@ def test_edit_writes_a_target_that_reloads_and_decomposes_again(planted_run, tmp
     args = ["edit", str(run), "--off", "blocks.1.mlp.fc_out:2", "--off", "cluster:0"]
     out = CliRunner().invoke(app, [*args, "--out", str(edited), "--n", "8"])
     assert out.exit_code == 0, out.output
+    # written beside and renamed when complete: no partial folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edited"]
     result = json.loads((edited / "edit.json").read_text())
     assert all(row["reload_max_abs_diff"] < 1e-5 for row in result["groups"].values())
     for task, row in result["groups"].items():  # of the way to min(everything, chance)

@@ -12,7 +12,7 @@ from typing import BinaryIO
 
 from spdkit.errors import RunWriteError
 
-__all__ = ["atomic_copy", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["UMASK", "atomic_copy", "atomic_write_bytes", "atomic_write_text"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -46,7 +46,7 @@ def _replace_with(path: Path, write: Callable[[int], None]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         try:
-            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run dir is for sharing
+            os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes 0600; a run dir is for sharing
             write(fd)
             os.fsync(fd)
         finally:
@@ -68,7 +68,7 @@ def _current_umask() -> int:
     return mask
 
 
-_UMASK = _current_umask()
+UMASK = _current_umask()
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:

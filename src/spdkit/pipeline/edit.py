@@ -18,6 +18,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -72,14 +74,17 @@ def edit_target(
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty: choose a new --out")
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # written beside `out` and renamed to it when complete: a killed edit leaves no half
+    # folder at `out` (only a hidden `.<name>.partial-*` beside it), so the command reruns
+    partial = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     is_hf = config.target is not None and config.target.kind == "hf"
     if is_hf:
-        write_hf(target, config.target.path, out)
+        write_hf(target, config.target.path, partial)
     else:
         info = {"edited_from": str(decomp.run_dir), "removed": list(items)}
-        runs.save_target(out, target, config.target, info)
-    reloaded = reload(decomp, out, is_hf)
+        runs.save_target(partial, target, config.target, info)
+    reloaded = reload(decomp, partial, is_hf)
     result = {
         "removed": list(items),
         "off": off,
@@ -87,7 +92,9 @@ def edit_target(
         "seed": seed,
         "groups": measure_edit(decomp, reloaded, off, n, seed),
     }
-    files.atomic_write_text(out / EDIT_FILE, json.dumps(result, indent=1) + "\n")
+    files.atomic_write_text(partial / EDIT_FILE, json.dumps(result, indent=1) + "\n")
+    partial.chmod(0o777 & ~files.UMASK)  # mkdtemp makes 0700; an edit is for sharing
+    os.replace(partial, out)  # onto a missing or empty folder
     return result
 
 
