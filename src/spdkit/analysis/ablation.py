@@ -22,7 +22,7 @@ What a clustering's sets of clusters cost, scored per group: `spdkit.analysis.me
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -205,9 +205,9 @@ class Chunk:
     base: dict[str, Tensor]  # module -> [b, T, C]
 
 
-def group_chunks(  # noqa: ANN201
+def group_chunks(
     model: ComponentModel, ids: Tensor, scored: Tensor, size: int | None, gate: Gate = CI_GATE
-):
+) -> Iterator[Chunk]:
     """The group's chunks of `size` sequences (None: all), one at a time (a record lives only
     while its chunk is measured: memory is that of one chunk, whatever n)."""
     size = size or ids.shape[0]

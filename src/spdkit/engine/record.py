@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,7 +166,9 @@ class _Recorder:
 
 
 @torch.no_grad()
-def record_forward(target: nn.Module, x: Tensor, decomposed: list[str], output_of) -> Record:
+def record_forward(
+    target: nn.Module, x: Tensor, decomposed: list[str], output_of: Callable[[Any], Tensor]
+) -> Record:
     """One no-grad target forward on x with every module call timed (see module docstring).
 
     `output_of` turns the target's return value into the compared tensor. Errors name a

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -101,7 +101,7 @@ def format_rows(rows: list[ModuleRow], patterns: list[tuple[str, int | None]]) -
     return "\n".join(lines)
 
 
-def on_meta_device(build) -> nn.Module:  # noqa: ANN001
+def on_meta_device(build: Callable[[], nn.Module]) -> nn.Module:
     """`build()` with every tensor on the meta device: shapes only, nothing allocated."""
     with torch.device("meta"):
         return build()

@@ -16,7 +16,7 @@ stream, so routing is a pure function of the seed and the step, on any device.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from torch import Tensor
 
@@ -39,7 +39,11 @@ def bernoulli_subsets(u: Tensor, p: float) -> Tensor:
 
 
 def draw_routes(
-    kind: str, p: float, positions: tuple[int, ...], n_modules: int, uniforms
+    kind: str,
+    p: float,
+    positions: tuple[int, ...],
+    n_modules: int,
+    uniforms: Callable[[int], Tensor],
 ) -> Tensor:
     """Routes [*positions, L] (bool) for one pass; `uniforms(n)` returns n fresh uniforms
     [n] from the step's stream (uniform_k takes P first, then P·L)."""

@@ -78,14 +78,21 @@ def description_length(s: np.ndarray, r: np.ndarray, alpha: float) -> float:
     return float((s * (math.log2(k) + alpha * r)).sum()) if k > 1 else float(alpha * (s * r).sum())
 
 
-def rank_terms(s_i, r_i, s_j, r_j, s_ij, alpha: float):
+def rank_terms(
+    s_i: np.ndarray,
+    r_i: np.ndarray,
+    s_j: np.ndarray,
+    r_j: np.ndarray,
+    s_ij: np.ndarray,
+    alpha: float,
+) -> np.ndarray:
     """A_ij = α (s_i r_j + s_j r_i − s_ij (r_i + r_j)): the part of ΔL that does not change with
     k (arrays broadcast; the bracket is an exact integer in float64, so every caller gets the
     same float)."""
     return alpha * (s_i * r_j + s_j * r_i - s_ij * (r_i + r_j))
 
 
-def pair_scores(A, s_ij, lam: float):
+def pair_scores(A: np.ndarray, s_ij: np.ndarray, lam: float) -> np.ndarray:
     """A_ij − λ s_ij: what decides which pair merges (ΔL less the term shared by all pairs)."""
     return A - lam * s_ij
 

@@ -10,6 +10,7 @@ token of the context, and what `spdkit harvest` kept of it when the run has a ha
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,7 +163,9 @@ def gather(decomp: Decomposed, run_dir: Path, n_rows: int | None = None) -> Repo
     )
 
 
-def highest_ci_contexts(ci: Tensor, ids: Tensor, decode) -> list[dict[str, Any]]:  # noqa: ANN001
+def highest_ci_contexts(
+    ci: Tensor, ids: Tensor, decode: Callable[[list[int]], str]
+) -> list[dict[str, Any]]:
     """The N_CONTEXTS positions where this subcomponent's CI [B, T] is highest: the tokens
     around each (CONTEXT_WIDTH before, 4 after) with its CI on every one of them."""
     B, T = ci.shape

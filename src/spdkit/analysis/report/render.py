@@ -5,6 +5,7 @@ no server, nothing fetched from the network."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -162,7 +163,9 @@ def render_index(env: Environment, c: ReportContent, served: bool = False) -> st
     )
 
 
-def render_subcomponents(env: Environment, c: ReportContent, served: bool = False):  # noqa: ANN201
+def render_subcomponents(
+    env: Environment, c: ReportContent, served: bool = False
+) -> Iterator[tuple[str, str]]:
     """(relative path, html) of every subcomponent page."""
     template = env.get_template("subcomponent.html")
     pages = {s.name: s.page for subs in c.modules.values() for s in subs}
