@@ -16,8 +16,9 @@
 // Layout of the work: threads split the rows (batch x positions) into contiguous chunks, never
 // the C columns: a row of h is C floats, so splitting columns made threads write into the same
 // cache lines (false sharing: docs/benchmarks.md). Inside a chunk, each subcomponent walks its
-// packed nonzero entries in blocks of kLanes, vectorised over them, looping over d_gate inside. The backward's parameter gradients are summed per lane, then per
-// chunk, then over chunks in a fixed order: the result does not depend on the number of threads.
+// packed nonzero entries in blocks of kLanes, vectorised over them, looping over d_gate inside.
+// The backward's parameter gradients are summed per lane, then per chunk, then over chunks in a
+// fixed order: the result does not depend on the number of threads.
 #include <torch/extension.h>
 #include <omp.h>
 
