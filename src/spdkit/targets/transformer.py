@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -238,16 +239,14 @@ class CharCorpus:
         return ids[:cut] if self.split == "train" else ids[cut:]
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Tensor:
-        return TokenWindows(_cached_tokens(self), self.seq_len).sample(batch_size, generator)
+        return TokenWindows(_split_tokens(self.split), self.seq_len).sample(batch_size, generator)
 
 
-_TOKEN_CACHE: dict[CharCorpus, Tensor] = {}
-
-
-def _cached_tokens(corpus: CharCorpus) -> Tensor:
-    if corpus not in _TOKEN_CACHE:
-        _TOKEN_CACHE[corpus] = corpus.tokens()
-    return _TOKEN_CACHE[corpus]
+@cache
+def _split_tokens(split: str) -> Tensor:
+    """One split's token stream, encoded once per process: it does not depend on seq_len, so
+    every window length shares it (at most two tensors: train and validation)."""
+    return CharCorpus(seq_len=1, split=split).tokens()
 
 
 def gpt_like(vocab_size: int, config: TinyLMTargetConfig | PlantedLMTargetConfig) -> Transformer:
