@@ -240,3 +240,12 @@ def test_errors_in_an_old_flat_file_name_the_key_as_written(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match=r"^pnorm: Input should be greater"):
         load_config("tms_5-2", {"pnorm": -1})
+
+
+def test_a_ci_section_without_a_kind_is_the_default_kind():
+    """The APD twins leave `ci_fn` out; `--set ci_fn.hidden_dim=8` on one tunes the default
+    `mlp` kind (as an absent section is) rather than failing on `ci_fn.kind: missing`."""
+    cfg = load_config("tms_5-2-apd", {"ci_fn.hidden_dim": 8})
+    assert cfg.ci_fn.kind == "mlp" and cfg.ci_fn.hidden_dim == 8
+    with pytest.raises(ConfigError, match=r"^ci_fn.hiden_dim: unknown field"):
+        load_config("tms_5-2-apd", {"ci_fn.hiden_dim": 8})

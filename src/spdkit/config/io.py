@@ -166,8 +166,18 @@ def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
         raise ConfigError(f"{name_or_path}: {err}") from None
     for key, value in overrides.items():
         _set_dotted(data, grouped_key(key), value, written=key)
+    _default_ci_kind(data)
     _drop_other_kinds_fields(data, list(overrides))
     return parse_config(data, written_as)
+
+
+def _default_ci_kind(data: dict[str, Any]) -> None:
+    """A `ci_fn` section without a `kind` is the default kind's (`mlp`), as an absent section
+    is: `--set ci_fn.hidden_dim=8` on a config that leaves `ci_fn` out (the APD twins) tunes the
+    default rather than failing on a kind the user never wrote."""
+    ci_fn = data.get("ci_fn")
+    if isinstance(ci_fn, dict) and "kind" not in ci_fn:
+        ci_fn["kind"] = "mlp"
 
 
 def _drop_other_kinds_fields(data: dict[str, Any], overrides: list[str]) -> None:
