@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from spdkit.config import TMSTargetConfig
-from spdkit.targets.tms import TMSModel, check_features, sample_sparse_features, train_tms
+from spdkit.targets.tms import (
+    TMSModel,
+    check_features,
+    sample_sparse_features,
+    train_tms,
+    train_tms_once,
+)
 
 
 def test_forward_is_relu_of_wt_w_x_plus_b():
@@ -85,3 +91,16 @@ def test_no_seed_works_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(tms, "train_tms_once", dead)
     with pytest.raises(RuntimeError, match="no seed in 0..1"):
         tms.train_tms(TMSTargetConfig(n_features=5, n_hidden=2, max_train_attempts=2), seed=0)
+
+
+def test_training_a_target_leaves_the_callers_rng_alone():
+    """The target's initial weights are drawn from a seeded fork of torch's generator: the same
+    weights whatever the caller's random state, and the caller's stream goes on unchanged."""
+    config = TMSTargetConfig(n_features=5, n_hidden=2, train_steps=3)
+    torch.manual_seed(1)
+    expected = torch.rand(4)
+    torch.manual_seed(1)
+    first = train_tms_once(config, seed=0).linear1.weight
+    assert torch.equal(torch.rand(4), expected)
+    torch.manual_seed(99)
+    assert torch.equal(train_tms_once(config, seed=0).linear1.weight, first)

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
+
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+def seeded_build(build: Callable[[], M], seed: int) -> M:
+    """`build()` (a target's initial weights, drawn on the CPU) with torch's CPU generator
+    seeded to `seed` inside a fork: the weights are those of `torch.manual_seed(seed);
+    build()`, and the caller's random state is the same after the call as before (training a
+    bundled target inside someone's script must not reseed their RNG)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        return build()
 
 
 def training_steps(n: int, progress: bool, what: str) -> Iterable[int]:

@@ -46,6 +46,7 @@ from torch import Tensor
 from spdkit.config import PlantedLMTargetConfig, SPDConfig
 from spdkit.figures import finish, new_figure
 from spdkit.method.model import ComponentModel
+from spdkit.targets.data import seeded_build
 from spdkit.targets.planted_heads import head_report, scored_ce
 from spdkit.targets.transformer import (
     RepeatedTokens,
@@ -222,8 +223,7 @@ def train_planted_lm(
 ) -> tuple[Transformer, dict]:
     """AdamW on next-token CE over the task mixture (every position: the random ones teach
     the model that they are random), then each task's scored CE on held-out sequences."""
-    torch.manual_seed(seed)
-    model = build_planted_lm(config).to(device)
+    model = seeded_build(lambda: build_planted_lm(config), seed).to(device)
     train_next_token(model, PlantedTasks(config), config, seed, device, progress)
     model = model.cpu().eval()
     batches = eval_task_batches(config, 512, seed + 1000)

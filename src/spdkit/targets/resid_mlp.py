@@ -19,7 +19,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spdkit.config import ResidMLPTargetConfig
-from spdkit.targets.data import SparseFeatureData, sample_sparse_features, training_steps
+from spdkit.targets.data import (
+    SparseFeatureData,
+    sample_sparse_features,
+    seeded_build,
+    training_steps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +113,7 @@ def train_resid_mlp(
     config: ResidMLPTargetConfig, seed: int, device: str = "cpu", progress: bool = False
 ) -> tuple[ResidMLP, dict]:
     """Paper appendix: AdamW (wd 0.01), lr 3e-3 with cosine decay, batch 2048, MSE on y."""
-    torch.manual_seed(seed)
-    model = build_resid_mlp(config).to(device)
+    model = seeded_build(lambda: build_resid_mlp(config), seed).to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.train_lr, weight_decay=config.train_weight_decay)

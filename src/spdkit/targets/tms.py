@@ -16,7 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spdkit.config import TMSTargetConfig
-from spdkit.targets.data import SparseFeatureData, sample_sparse_features, training_steps
+from spdkit.targets.data import (
+    SparseFeatureData,
+    sample_sparse_features,
+    seeded_build,
+    training_steps,
+)
 
 __all__ = ["SparseFeatureData", "TMSModel", "sample_sparse_features", "train_tms"]
 
@@ -90,8 +95,7 @@ def train_tms_once(
     config: TMSTargetConfig, seed: int, device: str = "cpu", progress: bool = False
 ) -> TMSModel:
     """Paper appendix: AdamW (wd 0.01), constant lr 5e-3, 10k steps, MSE on the input."""
-    torch.manual_seed(seed)
-    model = build_tms(config).to(device)
+    model = seeded_build(lambda: build_tms(config), seed).to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     opt = torch.optim.AdamW(
         [model.linear1.weight, model.linear2.bias],

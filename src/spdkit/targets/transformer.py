@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spdkit.config import InductionTargetConfig, PlantedLMTargetConfig, TinyLMTargetConfig
-from spdkit.targets.data import training_steps
+from spdkit.targets.data import seeded_build, training_steps
 from spdkit.targets.text import TokenWindows, corpus_text
 
 log = logging.getLogger(__name__)
@@ -190,8 +190,7 @@ def train_induction(
     config: InductionTargetConfig, seed: int, device: str = "cpu", progress: bool = False
 ) -> tuple[Transformer, dict]:
     """AdamW on next-token prediction over repeated random sequences (loss on every position)."""
-    torch.manual_seed(seed)
-    model = build_induction(config).to(device)
+    model = seeded_build(lambda: build_induction(config), seed).to(device)
     data = RepeatedTokens(config.vocab_size, config.seq_len, config.repeat)
     train_next_token(model, data, config, seed, device, progress)
     info = {"trained_seed": seed, **induction_losses(model.cpu(), data, seed)}
@@ -269,8 +268,7 @@ def build_tiny_lm(config: TinyLMTargetConfig) -> Transformer:
 def train_tiny_lm(
     config: TinyLMTargetConfig, seed: int, device: str = "cpu", progress: bool = False
 ) -> tuple[Transformer, dict]:
-    torch.manual_seed(seed)
-    model = build_tiny_lm(config).to(device)
+    model = seeded_build(lambda: build_tiny_lm(config), seed).to(device)
     train_next_token(model, CharCorpus(config.seq_len), config, seed, device, progress)
     model = model.cpu().eval()
     gen = torch.Generator().manual_seed(seed + 1000)
