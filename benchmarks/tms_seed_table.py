@@ -1,10 +1,11 @@
 """Per-seed table of finished TMS runs (issue 28's acceptance tables): the verdict and the
 numbers that explain a miss, read from each run's `summary.json`.
 
-    python benchmarks/tms_seed_table.py RUN_DIR [RUN_DIR ...] [--json OUT.json] [--note TEXT]
+    python benchmarks/tms_seed_table.py RUN_DIR [RUN_DIR ...] [--module M] [--json OUT.json]
+        [--note TEXT]
 
 A row per run: MMCS and ML2R of the first module, non-negligible subcomponents per module, the
-final total loss, and for the last module how many features have 1, 2, ... subcomponents on
+final total loss, and for one module (`--module`, default the last) how many features have 1, 2, ... subcomponents on
 (CI > 0.5 at the one-hot input) and the most features one subcomponent is on for. The last two
 show the `tms_40-10` failure (a few dense subcomponents that each fire for many features), which
 MMCS alone hides. Prints a markdown table; `--json` writes the rows too.
@@ -22,12 +23,13 @@ import numpy as np
 ON = 0.5  # a subcomponent is "on" for a feature when its CI at that one-hot input is above this
 
 
-def seed_row(run: Path) -> dict[str, Any]:
-    """One run's row; `summary.json` must exist (the run finished or was evaluated)."""
+def seed_row(run: Path, module: str | None = None) -> dict[str, Any]:
+    """One run's row; `summary.json` must exist (the run finished or was evaluated). The
+    per-feature counts are of `module` (default: the last decomposed module)."""
     summary = json.loads((run / "summary.json").read_text())
     config_seed = _seed(run)
     match = summary["feature_match"]
-    last = list(summary["ci_one_hot"]["ci"])[-1]
+    last = module or list(summary["ci_one_hot"]["ci"])[-1]
     on = np.asarray(summary["ci_one_hot"]["ci"][last]) > ON  # [features, C]
     per_feature = on.sum(axis=1)
     return {
@@ -76,12 +78,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--module", help="count features per subcomponent here (default: last)")
     parser.add_argument("--note", default="", help="a line stored with the rows")
     args = parser.parse_args()
     missing = [str(r) for r in args.runs if not (r / "summary.json").is_file()]
     if missing:
         parser.error(f"no summary.json (not finished or not evaluated): {', '.join(missing)}")
-    rows = [seed_row(r) for r in args.runs]
+    rows = [seed_row(r, args.module) for r in args.runs]
     print(markdown(rows))
     if args.json:
         payload = {"note": args.note, "rows": rows}
