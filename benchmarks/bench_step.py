@@ -63,8 +63,7 @@ def time_config(
     times = [timed(trainer.train_step, device) for _ in range(steps)]
     plain_times = []
     if reference:  # after the fast steps: alternating with them, the plain step's [B, C, d_gate]
-        # tensors evicted the fast step's data from the caches (tms_5-2 measured 6.9 ms per
-        # step alternating, 4.2-5.3 ms in runs of the fast step alone)
+        # tensors evicted the fast step's data from the caches (docs/benchmarks.md)
         plain_step = reference_step(trainer)
         for _ in range(warmup):
             plain_step()
