@@ -5,7 +5,8 @@ numbers that explain a miss, read from each run's `summary.json`.
         [--note TEXT]
 
 A row per run: MMCS and ML2R of the first module, non-negligible subcomponents per module, the
-final total loss, and for one module (`--module`, default the last) how many features have 1, 2, ... subcomponents on
+final total loss, each start's total at the selection step where the run had several
+(`training.candidates`), and for one module (`--module`, default the last) how many features have 1, 2, ... subcomponents on
 (CI > 0.5 at the one-hot input) and the most features one subcomponent is on for. The last two
 show the `tms_40-10` failure (a few dense subcomponents that each fire for many features), which
 MMCS alone hides. Prints a markdown table; `--json` writes the rows too.
@@ -43,6 +44,19 @@ def seed_row(run: Path, module: str | None = None) -> dict[str, Any]:
         f"{last}_features_by_active_subcomponents": np.bincount(per_feature).tolist(),
         f"{last}_most_features_on_one_subcomponent": int(on.sum(axis=0).max()),
         "ms_per_step": summary["timing"]["ms_per_step"],
+        **_candidates(run),
+    }
+
+
+def _candidates(run: Path) -> dict[str, Any]:
+    """With `training.candidates`: each start's total at the selection step and the choice."""
+    path = run / "candidates.json"
+    if not path.is_file():
+        return {}
+    record = json.loads(path.read_text())
+    return {
+        "candidate_totals": [c["total"] for c in record["candidates"]],
+        "chosen": record["chosen"],
     }
 
 
@@ -60,8 +74,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     module = last.removesuffix("_features_by_active_subcomponents")
     lines = [
         f"| run | seed | MMCS | ML2R | non-negligible | total | `{module}`: features with 0 / 1 / 2 "
-        f"/ … subcomponents on | most features on one | ground truth |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"/ … subcomponents on | most features on one | starts at selection (chosen) | "
+        "ground truth |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         counts = " / ".join(str(n) for n in r[last])
@@ -69,9 +84,17 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['run']} | {r['seed']} | {r['mmcs']:.5f} | {r['ml2r']:.4f} | {nn} | "
             f"{r['total']:.6f} | {counts} | {r[f'{module}_most_features_on_one_subcomponent']} | "
-            f"{'**yes**' if r['ground_truth'] else 'no'} |"
+            f"{_starts(r)} | {'**yes**' if r['ground_truth'] else 'no'} |"
         )
     return "\n".join(lines)
+
+
+def _starts(row: dict[str, Any]) -> str:
+    if "chosen" not in row:
+        return "one start"
+    totals = [f"{t:.6f}" for t in row["candidate_totals"]]
+    totals[row["chosen"]] = f"**{totals[row['chosen']]}**"
+    return " / ".join(totals)
 
 
 def main() -> None:
