@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 ON = 0.5  # a subcomponent is "on" for a feature when its CI at that one-hot input is above this
 
@@ -61,10 +62,7 @@ def _candidates(run: Path) -> dict[str, Any]:
 
 
 def _seed(run: Path) -> int | None:
-    for line in (run / "config.yaml").read_text().splitlines():
-        if line.startswith("seed:"):
-            return int(line.split(":", 1)[1])
-    return None
+    return yaml.safe_load((run / "config.yaml").read_text()).get("seed")
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
