@@ -146,6 +146,28 @@ def test_faithfulness_warmup_runs_before_the_first_step_and_fits_W():
         assert torch.equal(a, b)
 
 
+def test_faithfulness_warmup_weight_decay_seeks_the_smallest_norm_factorisation():
+    """‖U‖² + ‖V‖² ≥ 2‖W‖_* for every U V = W; weight decay in the warm-up moves the fit
+    towards that bound, without weight decay the fit keeps its larger norm."""
+
+    def excess(weight_decay: float) -> tuple[float, float]:
+        torch.manual_seed(0)
+        warmup = {"steps": 2000, "lr": 1e-2, "weight_decay": weight_decay}
+        t = tiny_trainer(component_init="normal", faithfulness_warmup=warmup)
+        fit = t.faithfulness_warmup()
+        total, bound = 0.0, 0.0
+        for n in t.model.module_names:
+            comp = t.model.components(n)
+            total += float(comp.U.detach().square().sum() + comp.V.detach().square().sum())
+            bound += 2 * float(torch.linalg.matrix_norm(t.model.target_weight(n), ord="nuc"))
+        return total / bound - 1, fit
+
+    plain, plain_fit = excess(0.0)
+    decayed, decayed_fit = excess(0.1)
+    assert plain_fit < 1e-4 and decayed_fit < 1e-2  # both fit W
+    assert 0 <= decayed < plain / 4
+
+
 def test_an_ignored_sigint_stays_ignored_during_training():
     """A shell's background job starts with SIGINT ignored: training leaves it so, as target
     training and evaluation do; SIGTERM still stops it at the next step."""

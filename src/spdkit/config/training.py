@@ -30,11 +30,15 @@ class GradClipConfig(StrictModel):
 
 
 class FaithfulnessWarmupConfig(StrictModel):
-    """Before SPD's first step, `steps` steps of L_faithfulness alone on U, V (AdamW, weight
-    decay 0, constant `lr`), so training starts with U V ≈ W (VPD: 400 steps at 1e-3)."""
+    """Before SPD's first step, `steps` steps of L_faithfulness alone on U, V (AdamW, constant
+    `lr`), so training starts with U V ≈ W (VPD: 400 steps at 1e-3, no weight decay). Weight
+    decay pulls U V = W towards its smallest-norm factorisation, ‖U‖² + ‖V‖² → 2‖W‖_*, which
+    spreads W's singular directions evenly over the C subcomponents (the reference
+    implementation's TMS configs: 200 steps at 1e-2, weight decay 0.1)."""
 
     steps: int = Field(default=0, ge=0, description="warm-up steps (0: none)")
     lr: float = Field(default=1e-3, gt=0, description="its learning rate")
+    weight_decay: float = Field(default=0.0, ge=0, description="its AdamW weight decay")
 
 
 class TrainingConfig(StrictModel):

@@ -169,13 +169,13 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(list(self.model.ci.parameters()), clip.ci_fn)
 
     def faithfulness_warmup(self) -> float:
-        """`faithfulness_warmup.steps` AdamW steps (constant lr, no weight decay) on L_faithfulness
+        """`faithfulness_warmup.steps` AdamW steps (constant lr and weight decay) on L_faithfulness
         alone over U, V, before SPD's first step (VPD notes §5): SPD then starts from
         U V ≈ W. It needs no data or random numbers, so it is a pure function of the init and
         a run resumed from any checkpoint (step ≥ 1) has it already; returns the final loss."""
         warm = self.config.training.faithfulness_warmup
         params = self.model.component_parameters()
-        opt = torch.optim.AdamW(params, lr=warm.lr, weight_decay=0.0)
+        opt = torch.optim.AdamW(params, lr=warm.lr, weight_decay=warm.weight_decay)
         names = self.model.module_names
         targets = [self.model.target_weight(n) for n in names]
         loss = torch.zeros(())
