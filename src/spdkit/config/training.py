@@ -32,9 +32,10 @@ class GradClipConfig(StrictModel):
 class FaithfulnessWarmupConfig(StrictModel):
     """Before SPD's first step, `steps` steps of L_faithfulness alone on U, V (AdamW, constant
     `lr`), so training starts with U V ≈ W (VPD: 400 steps at 1e-3, no weight decay). Weight
-    decay pulls U V = W towards its smallest-norm factorisation, ‖U‖² + ‖V‖² → 2‖W‖_*, which
-    spreads W's singular directions evenly over the C subcomponents (the reference
-    implementation's TMS configs: 200 steps at 1e-2, weight decay 0.1)."""
+    decay pulls U V = W towards its smallest-norm factorisation, ‖U‖² + ‖V‖² → 2‖W‖_*, whose
+    subcomponents are mixtures of W's singular directions (the reference implementation's TMS
+    configs: 200 steps at 1e-2, weight decay 0.1; on tms_40-10 it led to dense pieces,
+    docs/ground_truth.md)."""
 
     steps: int = Field(default=0, ge=0, description="warm-up steps (0: none)")
     lr: float = Field(default=1e-3, gt=0, description="its learning rate")
